@@ -1,0 +1,2 @@
+//! `agent`: the membrane sidecar.
+#![forbid(unsafe_code)]

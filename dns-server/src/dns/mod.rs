@@ -1,0 +1,1 @@
+//! Authoritative DNS for every namespace, answered from registry snapshots.

@@ -1,0 +1,2 @@
+//! `dns-server` binary.
+fn main() {}
