@@ -5,4 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dns;
+pub mod metrics;
+pub mod registry;
 pub mod snapshot;
+pub mod store;
