@@ -21,8 +21,9 @@ pub struct NamespaceSnapshot {
     pub name: NamespaceName,
     /// TTLs: `record_ttl` for records, `negative_ttl` as SOA minimum.
     pub settings: NamespaceSettings,
-    /// Passing membranes only, sorted by id.
-    pub instances: Vec<Instance>,
+    /// Passing membranes only, sorted by id. Shared with the registry: building a snapshot
+    /// copies pointers, not registrations.
+    pub instances: Vec<Arc<Instance>>,
     /// Bumped on every change of this namespace: usable as the SOA serial.
     pub serial: u32,
 }

@@ -19,21 +19,21 @@ use tokio::sync::broadcast::error::RecvError;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{self, P};
-use crate::registry::events::Sequenced;
+use crate::registry::events::{Published, Sequenced};
 
 fn to_sse((seq, ev): &Sequenced) -> SseEvent {
     SseEvent::default()
         .id(seq.to_string())
         .event(ev.kind())
-        .data(serde_json::to_string(&**ev).unwrap_or_default())
+        .data(ev.json())
 }
 
 fn resync(ns: &NamespaceName, seq: u64) -> SseEvent {
     to_sse(&(
         seq,
-        Arc::new(Event::Resync {
+        Arc::new(Published::new(&Event::Resync {
             namespace: ns.clone(),
-        }),
+        })),
     ))
 }
 

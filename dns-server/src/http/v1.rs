@@ -69,6 +69,7 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
     s.metrics
         .store_failed
         .set(i64::from(s.registry.store_failed()));
+    s.registry.update_gauges();
     (
         [(
             header::CONTENT_TYPE,

@@ -2,7 +2,7 @@
 //!
 //! Every event gets a sequence number, increasing across the whole server and across
 //! restarts (it starts from the wall clock in microseconds), so a client's `Last-Event-ID`
-//! either resumes from the per-namespace ring buffer or, when that history is gone (too old,
+//! either resumes from the bounded history or, when that history is gone (too old,
 //! or from before a restart), gets a `resync` telling it to refetch the list.
 
 use std::collections::{HashMap, VecDeque};
@@ -11,27 +11,55 @@ use std::sync::{Arc, Mutex};
 use shared::{Event, NamespaceName};
 use tokio::sync::broadcast;
 
-/// Events kept per namespace for resumption.
-const RING: usize = 4096;
+/// Events kept (across all namespaces) for resumption.
+const RING: usize = 16_384;
+/// Live buffer per subscribed namespace; a subscriber further behind gets `resync`.
+const LIVE: usize = 1024;
+
+/// An event as sent: its type and its JSON, serialised once at publication (so history
+/// costs a few hundred bytes per event, and subscribers share the text).
+#[derive(Debug)]
+pub struct Published {
+    kind: &'static str,
+    json: Box<str>,
+}
+
+impl Published {
+    /// Serialises `event`.
+    pub fn new(event: &Event) -> Self {
+        Published {
+            kind: event.kind(),
+            json: serde_json::to_string(event)
+                .unwrap_or_default()
+                .into_boxed_str(),
+        }
+    }
+    /// The SSE `event:` name.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+    /// The SSE `data:` JSON.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+}
 
 /// A sequenced event.
-pub type Sequenced = (u64, Arc<Event>);
-
-struct NsLog {
-    ring: VecDeque<Sequenced>,
-    /// Every event with a sequence number up to this one is no longer in `ring`.
-    dropped_upto: u64,
-    tx: broadcast::Sender<Sequenced>,
-}
+pub type Sequenced = (u64, Arc<Published>);
 
 struct Inner {
     last_seq: u64,
     /// Sequence number before the first event of this process.
     start_seq: u64,
-    logs: HashMap<NamespaceName, NsLog>,
+    /// Recent events of every namespace, oldest first; bounded by [`RING`].
+    ring: VecDeque<(NamespaceName, Sequenced)>,
+    /// Per namespace: events up to this sequence number have left `ring`.
+    dropped_upto: HashMap<NamespaceName, u64>,
+    /// Live channels, created by the first subscriber of a namespace.
+    live: HashMap<NamespaceName, broadcast::Sender<Sequenced>>,
 }
 
-/// Fan-out of registry events to subscribers, with per-namespace history.
+/// Fan-out of registry events to subscribers, with a bounded history for resumption.
 pub struct EventHub {
     inner: Mutex<Inner>,
 }
@@ -53,18 +81,11 @@ impl EventHub {
             inner: Mutex::new(Inner {
                 last_seq: start_seq,
                 start_seq,
-                logs: HashMap::new(),
+                ring: VecDeque::new(),
+                dropped_upto: HashMap::new(),
+                live: HashMap::new(),
             }),
         }
-    }
-
-    fn log<'a>(inner: &'a mut Inner, ns: &NamespaceName) -> &'a mut NsLog {
-        let start = inner.last_seq;
-        inner.logs.entry(ns.clone()).or_insert_with(|| NsLog {
-            ring: VecDeque::new(),
-            dropped_upto: start,
-            tx: broadcast::channel(RING).0,
-        })
     }
 
     /// Numbers and publishes `event` for `ns`; returns its sequence number.
@@ -72,16 +93,19 @@ impl EventHub {
         let mut inner = self.inner.lock().unwrap();
         inner.last_seq += 1;
         let seq = inner.last_seq;
-        let log = Self::log(&mut inner, ns);
-        let item = (seq, Arc::new(event));
-        if log.ring.len() == RING
-            && let Some((old, _)) = log.ring.pop_front()
+        let item = (seq, Arc::new(Published::new(&event)));
+        if inner.ring.len() == RING
+            && let Some((old_ns, (old, _))) = inner.ring.pop_front()
         {
-            log.dropped_upto = old;
+            inner.dropped_upto.insert(old_ns, old);
         }
-        log.ring.push_back(item.clone());
-        // No receivers is fine.
-        let _ = log.tx.send(item);
+        if let Some(tx) = inner.live.get(ns) {
+            // No receivers left: drop the channel.
+            if tx.send(item.clone()).is_err() {
+                inner.live.remove(ns);
+            }
+        }
+        inner.ring.push_back((ns.clone(), item));
         seq
     }
 
@@ -93,9 +117,11 @@ impl EventHub {
     /// Subscribes to `ns`, replaying what came after `last_id`.
     pub fn subscribe(&self, ns: &NamespaceName, last_id: Option<u64>) -> Subscription {
         let mut inner = self.inner.lock().unwrap();
-        let (last_seq, start_seq) = (inner.last_seq, inner.start_seq);
-        let log = Self::log(&mut inner, ns);
-        let live = log.tx.subscribe();
+        let live = inner
+            .live
+            .entry(ns.clone())
+            .or_insert_with(|| broadcast::channel(LIVE).0)
+            .subscribe();
         let Some(last_id) = last_id else {
             return Subscription {
                 replay: Vec::new(),
@@ -103,8 +129,9 @@ impl EventHub {
                 live,
             };
         };
-        // An id from the future, or from before this process, or older than the ring.
-        let lost = last_id > last_seq || last_id < start_seq || last_id < log.dropped_upto;
+        let dropped = inner.dropped_upto.get(ns).copied().unwrap_or(0);
+        // An id from the future, from before this process, or older than the history.
+        let lost = last_id > inner.last_seq || last_id < inner.start_seq || last_id < dropped;
         if lost {
             return Subscription {
                 replay: Vec::new(),
@@ -112,11 +139,11 @@ impl EventHub {
                 live,
             };
         }
-        let replay = log
+        let replay = inner
             .ring
             .iter()
-            .filter(|(seq, _)| *seq > last_id)
-            .cloned()
+            .filter(|(n, (seq, _))| n == ns && *seq > last_id)
+            .map(|(_, item)| item.clone())
             .collect();
         Subscription {
             replay,

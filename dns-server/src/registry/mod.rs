@@ -138,7 +138,8 @@ pub struct Counts {
 }
 
 struct Entry {
-    reg: Arc<Registration>,
+    /// Id and registration, shared with DNS snapshots.
+    inst: Arc<Instance>,
     secret_hash: [u8; 32],
     registered_at: SystemTime,
     last_heartbeat_wall: SystemTime,
@@ -268,9 +269,12 @@ impl Registry {
         for m in loaded.membranes {
             if let Some(ns) = namespaces.get_mut(&m.namespace) {
                 ns.membranes.insert(
-                    m.id,
+                    m.id.clone(),
                     Entry {
-                        reg: Arc::new(m.registration),
+                        inst: Arc::new(Instance {
+                            id: m.id,
+                            registration: m.registration,
+                        }),
                         secret_hash: m.secret_hash,
                         registered_at: from_ms(m.registered_at_ms),
                         last_heartbeat_wall: wall,
@@ -294,7 +298,6 @@ impl Registry {
             metrics,
             failed: Arc::new(AtomicBool::new(false)),
         };
-        reg.update_gauges(&reg.state.lock().unwrap());
         reg
     }
 
@@ -308,8 +311,10 @@ impl Registry {
         self.failed.load(Ordering::Relaxed)
     }
 
-    fn update_gauges(&self, st: &State) {
-        let c = counts(st);
+    /// Refreshes the count gauges; called when metrics are scraped, never on a write path
+    /// (counting is O(membranes)).
+    pub fn update_gauges(&self) {
+        let c = self.counts();
         self.metrics.set_counts(c.namespaces, c.passing, c.stale);
     }
 
@@ -422,7 +427,6 @@ impl Registry {
                 vec![req.name.clone()],
             );
             st.namespaces.insert(req.name, ns);
-            self.update_gauges(&st);
             (rx, view)
         };
         Self::durable(rx).await?;
@@ -490,7 +494,6 @@ impl Registry {
                     )
                 })
                 .collect();
-            self.update_gauges(&st);
             self.submit(
                 vec![Op::DeleteNamespace(name.clone())],
                 events,
@@ -556,7 +559,10 @@ impl Registry {
             let registered_at = existing.map(|e| e.registered_at).unwrap_or(now);
             let was_passing = existing.map(|e| e.state == HealthState::Passing);
             let entry = Entry {
-                reg: reg.clone(),
+                inst: Arc::new(Instance {
+                    id: id.clone(),
+                    registration: reg.clone(),
+                }),
                 secret_hash: hash_secret(&secret),
                 registered_at,
                 last_heartbeat_wall: now,
@@ -567,7 +573,7 @@ impl Registry {
             ops.push(Op::PutMembrane(Box::new(StoredMembrane {
                 namespace: ns_name.clone(),
                 id: id.clone(),
-                registration: (*reg).clone(),
+                registration: reg,
                 secret_hash: entry.secret_hash,
                 registered_at_ms: to_ms(registered_at),
             })));
@@ -590,7 +596,6 @@ impl Registry {
                 ));
             }
             self.metrics.registrations.inc();
-            self.update_gauges(&st);
             let rx = self.submit(ops, events, vec![ns_name.clone()]);
             (
                 rx,
@@ -643,7 +648,7 @@ impl Registry {
             .get(id)
             .ok_or_else(|| RegistryError::MembraneNotFound(ns_name.clone(), id.clone()))?;
         Self::check_secret(caller, ns_name, id, e)?;
-        let ttl = ttl_of(&ns.settings, &e.reg).as_secs();
+        let ttl = ttl_of(&ns.settings, &e.inst.registration).as_secs();
         let e = ns.membranes.get_mut(id).expect("present");
         e.last_heartbeat = Instant::now();
         e.last_heartbeat_wall = SystemTime::now();
@@ -652,7 +657,6 @@ impl Registry {
             e.state = HealthState::Passing;
             ns.serial = ns.serial.wrapping_add(1);
             self.metrics.state_change(HealthState::Passing);
-            self.update_gauges(&st);
             // No ops: ordering through the writer only, so this event follows any pending
             // registration event of the same membrane.
             drop(self.submit(
@@ -688,7 +692,6 @@ impl Registry {
             ns.membranes.remove(id);
             ns.serial = ns.serial.wrapping_add(1);
             self.metrics.deregistrations.inc();
-            self.update_gauges(&st);
             self.submit(
                 vec![Op::DeleteMembrane(ns_name.clone(), id.clone())],
                 vec![(
@@ -717,8 +720,8 @@ impl Registry {
             let mut evict = Vec::new();
             let mut changed = false;
             for (id, e) in ns.membranes.iter_mut() {
-                let ttl = ttl_of(&ns.settings, &e.reg);
-                let eviction = eviction_of(&ns.settings, &e.reg);
+                let ttl = ttl_of(&ns.settings, &e.inst.registration);
+                let eviction = eviction_of(&ns.settings, &e.inst.registration);
                 let silent = now.saturating_duration_since(e.last_heartbeat);
                 if silent >= ttl + eviction {
                     evict.push(id.clone());
@@ -757,7 +760,6 @@ impl Registry {
             }
         }
         if !events.is_empty() {
-            self.update_gauges(&st);
             drop(self.submit(ops, events, dirty));
         }
     }
@@ -786,11 +788,22 @@ impl Registry {
         shutdown: tokio_util::sync::CancellationToken,
     ) {
         loop {
+            let started = Instant::now();
             let batch: Vec<NamespaceName> = self.dirty.set.lock().unwrap().drain().collect();
             for ns in batch {
                 match self.snapshot(&ns) {
                     Some(snap) => sink.update(&snap),
                     None => sink.remove(&ns),
+                }
+            }
+            // A lone change is served at once. Under a storm of changes, rebuilding large
+            // zones after every commit would starve the API: pace rebuilds so they use at
+            // most about a third of one core; changes arriving meanwhile are coalesced.
+            let spent = started.elapsed();
+            if spent > Duration::from_micros(500) {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(spent * 2) => {}
                 }
             }
             tokio::select! {
@@ -812,10 +825,7 @@ impl Registry {
                 .membranes
                 .iter()
                 .filter(|(_, e)| e.state == HealthState::Passing)
-                .map(|(id, e)| Instance {
-                    id: id.clone(),
-                    registration: e.reg.clone(),
-                })
+                .map(|(_, e)| e.inst.clone())
                 .collect(),
         })
     }
@@ -917,11 +927,11 @@ impl Registry {
         let mut children: BTreeMap<&MembraneId, Vec<&MembraneId>> = BTreeMap::new();
         let mut roots = Vec::new();
         for (id, e) in &ns.membranes {
-            match &e.reg.parent {
+            match &e.inst.registration.parent {
                 Some(p) if p != id && ns.membranes.contains_key(p) => {
                     children.entry(p).or_default().push(id)
                 }
-                _ => roots.push((id, e.reg.parent.is_some())),
+                _ => roots.push((id, e.inst.registration.parent.is_some())),
             }
         }
         let mut seen = HashSet::new();
@@ -1007,7 +1017,7 @@ fn counts(st: &State) -> Counts {
 }
 
 fn matches(e: &Entry, f: &ListFilter) -> bool {
-    let r = &e.reg;
+    let r = &e.inst.registration;
     f.service
         .as_deref()
         .is_none_or(|s| r.services.iter().any(|x| x.name.as_str() == s))
@@ -1027,7 +1037,7 @@ fn membrane_view(ns: &NamespaceName, id: &MembraneId, e: &Entry) -> MembraneView
     MembraneView {
         id: id.clone(),
         namespace: ns.clone(),
-        registration: (*e.reg).clone(),
+        registration: (*e.inst.registration).clone(),
         state: e.state,
         registered_at: rfc3339(e.registered_at),
         last_heartbeat: rfc3339(e.last_heartbeat_wall),

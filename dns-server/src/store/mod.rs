@@ -31,7 +31,7 @@ pub struct StoredMembrane {
     /// Membrane id.
     pub id: MembraneId,
     /// The registration as accepted.
-    pub registration: Registration,
+    pub registration: std::sync::Arc<Registration>,
     /// SHA-256 of the instance secret.
     pub secret_hash: [u8; 32],
     /// First registration time, milliseconds since the Unix epoch.

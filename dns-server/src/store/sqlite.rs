@@ -153,7 +153,9 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         out.membranes.push(StoredMembrane {
             namespace: NamespaceName::new(&ns).map_err(|e| corrupt("membranes", e))?,
             id: MembraneId::new(&id).map_err(|e| corrupt("membranes", e))?,
-            registration: serde_json::from_str(&reg).map_err(|e| corrupt("membranes", e))?,
+            registration: std::sync::Arc::new(
+                serde_json::from_str(&reg).map_err(|e| corrupt("membranes", e))?,
+            ),
             secret_hash: hash32("membranes", row.get(3)?)?,
             registered_at_ms: row.get(4)?,
         });
@@ -186,7 +188,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error>
                 .execute([name.as_str()])?;
         }
         Op::PutMembrane(m) => {
-            let reg = serde_json::to_string(&m.registration).unwrap_or_default();
+            let reg = serde_json::to_string(&*m.registration).unwrap_or_default();
             tx.prepare_cached(
                 "INSERT INTO membranes (namespace, id, registration, secret_hash, registered_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)
@@ -249,7 +251,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Submission>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::{NamespaceSettings, Registration};
+    use shared::NamespaceSettings;
     use std::sync::{Arc, Mutex};
 
     fn ns(name: &str) -> StoredNamespace {
@@ -266,7 +268,7 @@ mod tests {
         Op::PutMembrane(Box::new(StoredMembrane {
             namespace: NamespaceName::new(ns).unwrap(),
             id: MembraneId::new(id).unwrap(),
-            registration: Registration::default(),
+            registration: Default::default(),
             secret_hash: [1; 32],
             registered_at_ms: 2,
         }))

@@ -1,0 +1,7 @@
+//! Process tests: the real `dns-server` binary on port 0 with a temporary data dir.
+
+mod process {
+    mod cli;
+    mod durability;
+    pub mod harness;
+}
