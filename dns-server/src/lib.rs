@@ -2,7 +2,282 @@
 //!
 //! Keeps namespaces and registered membranes on a durable embedded store, tracks their
 //! heartbeats, answers DNS per namespace and serves the HTTP admin API.
+//!
+//! - [`config`]: command line and validated configuration;
+//! - [`registry`]: namespaces, membranes, health, events (the core);
+//! - [`store`]: durable storage (SQLite, group commit);
+//! - [`dns`]: authoritative DNS from registry snapshots;
+//! - [`http`]: the admin API, SSE, metrics and web page;
+//! - [`client`]: the client subcommands.
 #![forbid(unsafe_code)]
 
+pub mod client;
+pub mod config;
 pub mod dns;
+pub mod http;
+pub mod metrics;
+pub mod registry;
 pub mod snapshot;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use config::{Config, StoreKind};
+use metrics::Metrics;
+use registry::Registry;
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Invalid configuration (exit 64).
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
+    /// A socket failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
+    move |source| RunError::Io {
+        context: context.into(),
+        source,
+    }
+}
+
+/// The server's bound sockets.
+pub struct Listeners {
+    /// HTTP admin API.
+    pub http: TcpListener,
+    /// DNS over UDP.
+    pub dns_udp: Vec<UdpSocket>,
+    /// DNS over TCP.
+    pub dns_tcp: Vec<TcpListener>,
+}
+
+impl Listeners {
+    /// The HTTP address actually bound.
+    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
+        self.http.local_addr()
+    }
+}
+
+/// Binds every configured address and logs each one (`listening http 127.0.0.1:8765`).
+/// For a DNS address with port 0, UDP picks the port and TCP binds the same one.
+pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
+    let http = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(io_err(format!("binding http {}", config.http_listen)))?;
+    tracing::info!(
+        "listening http {}",
+        http.local_addr().map_err(io_err("http"))?
+    );
+    let mut dns_udp = Vec::new();
+    let mut dns_tcp = Vec::new();
+    for addr in &config.dns_listen {
+        let hint = if addr.port() < 1024 {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE; try --dns-listen 127.0.0.1:5353)"
+        } else {
+            ""
+        };
+        let mut attempt = 0;
+        let (udp, tcp) = loop {
+            let udp = dns::bind_udp(*addr, udp_sockets())
+                .map_err(io_err(format!("binding dns udp {addr}{hint}")))?;
+            let port = udp[0].local_addr().map_err(io_err("dns udp"))?.port();
+            match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
+                Ok(tcp) => break (udp, tcp),
+                // Port 0: the UDP port may be taken on TCP; pick another.
+                Err(e) if addr.port() == 0 && attempt < 10 => {
+                    tracing::debug!(error = %e, "dns tcp port taken, retrying");
+                    attempt += 1;
+                }
+                Err(e) => return Err(io_err(format!("binding dns tcp {addr}{hint}"))(e)),
+            }
+        };
+        tracing::info!(
+            "listening dns udp {}",
+            udp[0].local_addr().map_err(io_err("dns"))?
+        );
+        tracing::info!(
+            "listening dns tcp {}",
+            tcp.local_addr().map_err(io_err("dns"))?
+        );
+        dns_udp.extend(udp);
+        dns_tcp.push(tcp);
+    }
+    Ok(Listeners {
+        http,
+        dns_udp,
+        dns_tcp,
+    })
+}
+
+/// UDP sockets per DNS address (SO_REUSEPORT group): one per core.
+fn udp_sockets() -> usize {
+    std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(1)
+        .clamp(1, 8)
+}
+
+fn open_data_dir(config: &Config) -> Result<std::path::PathBuf, RunError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = &config.data_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(format!("creating data dir {}", dir.display())))?;
+    Ok(dir.join("registry.sqlite3"))
+}
+
+fn notify_systemd(state: sd_notify::NotifyState<'_>) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some()
+        && let Err(e) = sd_notify::notify(&[state])
+    {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Runs the server on already-bound sockets until `shutdown` is cancelled, then drains
+/// in-flight requests within the configured grace time and flushes the store.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    if let StoreKind::Etcd(_) = config.store {
+        return Err(config::ConfigError::Invalid(
+            "--store etcd://... is not available in this build yet; use the embedded store (sqlite)"
+                .into(),
+        )
+        .into());
+    }
+    let db = open_data_dir(&config)?;
+    let (loaded, writer, writer_thread) = store::sqlite::open(&db)?;
+    tracing::info!(
+        path = %db.display(),
+        namespaces = loaded.namespaces.len(),
+        membranes = loaded.membranes.len(),
+        "store opened"
+    );
+    let metrics = Arc::new(Metrics::new());
+    let registry = Arc::new(Registry::new(loaded, writer, metrics.clone()));
+
+    let dns_config = dns::DnsConfig {
+        domain_suffix: config.domain_suffix.clone(),
+        ..dns::DnsConfig::default()
+    };
+    let catalog = Arc::new(
+        dns::Catalog::new(dns_config.clone())
+            .map_err(|e| config::ConfigError::Invalid(e.to_string()))?,
+    );
+    let exporter_config = dns_config.clone();
+    let state = http::AppState {
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        admin_token_hash: config.admin_token.as_deref().map(registry::hash_secret),
+        max_body: config.max_body_bytes,
+        started: Instant::now(),
+        store_kind: "sqlite",
+        shutdown: shutdown.clone(),
+        zone_exporter: Some(Arc::new(move |snap| {
+            dns::export_zone(snap, &exporter_config)
+        })),
+    };
+    if config.admin_token.is_none() {
+        tracing::warn!("no admin token: the admin API is open (no checks at all)");
+    }
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(
+        registry
+            .clone()
+            .run_health(config.sweep_interval, shutdown.clone()),
+    );
+    tasks.spawn(
+        registry
+            .clone()
+            .run_zone_updates(catalog.clone(), shutdown.clone()),
+    );
+    {
+        let shutdown = shutdown.clone();
+        let (udp, tcp) = (listeners.dns_udp, listeners.dns_tcp);
+        let catalog = catalog.clone();
+        tasks.spawn(async move {
+            if let Err(e) = dns::serve(udp, tcp, catalog, shutdown.clone()).await {
+                tracing::error!(error = %e, "dns server failed");
+                shutdown.cancel();
+            }
+        });
+    }
+    {
+        let shutdown = shutdown.clone();
+        let router = http::router(state);
+        tasks.spawn(async move {
+            if let Err(e) = http::serve(listeners.http, router, shutdown.clone()).await {
+                tracing::error!(error = %e, "http server failed");
+                shutdown.cancel();
+            }
+        });
+    }
+    notify_systemd(sd_notify::NotifyState::Ready);
+    tracing::info!("ready");
+
+    shutdown.cancelled().await;
+    notify_systemd(sd_notify::NotifyState::Stopping);
+    tracing::info!("shutting down");
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown grace expired; aborting remaining tasks");
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    // Last reference to the store's queue: the writer flushes and exits.
+    drop(registry);
+    drop(catalog);
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+impl registry::ZoneSink for dns::Catalog {
+    fn update(&self, snap: &snapshot::NamespaceSnapshot) {
+        dns::Catalog::update(self, snap)
+    }
+    fn remove(&self, ns: &shared::NamespaceName) {
+        dns::Catalog::remove(self, ns)
+    }
+}

@@ -1,0 +1,462 @@
+//! Command line (`Cli`, clap) and the validated server [`Config`] built from it.
+//!
+//! Every flag can also come from a `MEMBRANE_*` environment variable. [`Config`] is built by
+//! `TryFrom<ServerArgs>`, so every rule here is unit-tested without starting a process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Default HTTP admin API address.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8765";
+/// Default DNS address (UDP and TCP).
+pub const DEFAULT_DNS: &str = "0.0.0.0:53";
+
+/// The membrane registry: durable store, heartbeats, authoritative DNS, HTTP admin API.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dns-server",
+    version,
+    about = "Membrane registry: keeps namespaces and membranes, answers DNS for them, serves the admin API",
+    long_about = "Membrane registry: keeps namespaces and registered membranes on a durable \
+embedded store, tracks their heartbeats, answers DNS per namespace \
+(dig SRV _perception._tcp.cognitive-system) and serves the HTTP admin API and web page.\n\n\
+With no subcommand it runs the server. The other subcommands are clients of a running \
+server's HTTP API (--url).",
+    after_help = "Examples:\n  dns-server --data-dir ./data --dns-listen 127.0.0.1:5353\n  \
+dns-server namespace create cognitive-system \"AI cognitive architecture\"\n  \
+dig @127.0.0.1 -p 5353 SRV _perception._tcp.cognitive-system"
+)]
+pub struct Cli {
+    /// Client subcommand; without one, the server runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Server options.
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of the server itself.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Directory of the embedded store [default: $STATE_DIRECTORY, else /var/lib/membrane]
+    #[arg(long, env = "MEMBRANE_DATA_DIR", value_name = "DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+
+    /// DNS address, UDP and TCP; repeat or comma-separate for several. Port 0 picks a free port.
+    #[arg(long, env = "MEMBRANE_DNS_LISTEN", value_name = "ADDR", value_delimiter = ',',
+          default_value = DEFAULT_DNS)]
+    pub dns_listen: Vec<SocketAddr>,
+
+    /// HTTP admin API address. A non-loopback address needs an admin token (or --insecure).
+    #[arg(long, env = "MEMBRANE_HTTP_LISTEN", value_name = "ADDR", default_value = DEFAULT_HTTP)]
+    pub http_listen: SocketAddr,
+
+    /// Admin token (Authorization: Bearer TOKEN). Without one the server runs open: no checks at all.
+    #[arg(
+        long,
+        env = "MEMBRANE_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        conflicts_with = "admin_token_file"
+    )]
+    pub admin_token: Option<String>,
+
+    /// Read the admin token from this file (first line), e.g. a systemd credential.
+    #[arg(long, env = "MEMBRANE_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Allow an open (tokenless) admin API on a non-loopback address.
+    #[arg(long, env = "MEMBRANE_INSECURE")]
+    pub insecure: bool,
+
+    /// Serve namespace NS as the zone NS.SUFFIX. instead of NS.
+    #[arg(long, env = "MEMBRANE_DOMAIN_SUFFIX", value_name = "SUFFIX")]
+    pub domain_suffix: Option<String>,
+
+    /// Registry store: `sqlite` (embedded, default) or etcd://HOST:PORT[,HOST:PORT...]
+    #[arg(
+        long,
+        env = "MEMBRANE_STORE",
+        value_name = "STORE",
+        default_value = "sqlite"
+    )]
+    pub store: String,
+
+    /// Log format.
+    #[arg(
+        long,
+        env = "MEMBRANE_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    /// Largest accepted HTTP request body, in bytes (larger: 413).
+    #[arg(long, env = "MEMBRANE_MAX_BODY_BYTES", value_name = "BYTES", default_value_t = crate::http::DEFAULT_MAX_BODY)]
+    pub max_body_bytes: usize,
+
+    /// How often membrane health (stale, eviction) is checked, e.g. 1s or 500ms.
+    #[arg(long, env = "MEMBRANE_SWEEP_INTERVAL", value_name = "DURATION", default_value = "1s",
+          value_parser = humantime::parse_duration)]
+    pub sweep_interval: Duration,
+
+    /// Time allowed for in-flight requests at shutdown, e.g. 10s.
+    #[arg(long, env = "MEMBRANE_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Client subcommands: they talk to a running server over HTTP.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, list or delete namespaces.
+    #[command(subcommand)]
+    Namespace(NamespaceCommand),
+    /// Show the server's status.
+    Status(ClientArgs),
+    /// Show registry statistics.
+    Stats(ClientArgs),
+    /// Print a namespace as a zone file (zone), docker-compose (compose) or Kubernetes (k8s) manifest.
+    Export {
+        /// Namespace to export.
+        #[arg(long, short)]
+        namespace: String,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "zone")]
+        format: ExportFormat,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Export formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// RFC 1035 master file.
+    Zone,
+    /// docker-compose.yml.
+    Compose,
+    /// Kubernetes manifests.
+    K8s,
+}
+
+/// `dns-server namespace ...`.
+#[derive(Debug, Subcommand)]
+pub enum NamespaceCommand {
+    /// Create a namespace; prints it with its join token.
+    Create {
+        /// Name (a DNS label).
+        name: String,
+        /// Free-text description.
+        description: Option<String>,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List namespaces.
+    List(ClientArgs),
+    /// Delete a namespace (refused while it has membranes, unless --force).
+    Delete {
+        /// Name.
+        name: String,
+        /// Delete even with membranes registered.
+        #[arg(long)]
+        force: bool,
+        /// Connection options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// How a client subcommand reaches the server.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Server URL (the first of a comma-separated list is used).
+    #[arg(
+        long,
+        env = "MEMBRANE_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8765"
+    )]
+    pub url: String,
+    /// Admin token to send.
+    #[arg(long, env = "MEMBRANE_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// A configuration problem; the binary exits 64.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Explained in the message.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// Which store backs the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// Embedded SQLite in the data dir.
+    Sqlite,
+    /// etcd endpoints.
+    Etcd(Vec<String>),
+}
+
+/// The validated server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Store directory.
+    pub data_dir: PathBuf,
+    /// DNS addresses (UDP and TCP each).
+    pub dns_listen: Vec<SocketAddr>,
+    /// HTTP address.
+    pub http_listen: SocketAddr,
+    /// Admin token; `None`: open.
+    pub admin_token: Option<String>,
+    /// Zone suffix, lowercase, without leading or trailing dot.
+    pub domain_suffix: Option<String>,
+    /// Store.
+    pub store: StoreKind,
+    /// Body limit.
+    pub max_body_bytes: usize,
+    /// Health check period.
+    pub sweep_interval: Duration,
+    /// Shutdown grace.
+    pub shutdown_grace: Duration,
+}
+
+/// Shortest accepted admin token.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+fn default_data_dir() -> PathBuf {
+    // systemd's StateDirectory= may list several, colon-separated.
+    std::env::var("STATE_DIRECTORY")
+        .ok()
+        .and_then(|s| s.split(':').next().map(PathBuf::from))
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/membrane"))
+}
+
+/// Validates a domain suffix (`svc.example`, dots allowed, each label a DNS label).
+pub fn parse_suffix(s: &str) -> Result<String, ConfigError> {
+    let t = s.trim_matches('.');
+    if t.is_empty() {
+        return Err(invalid("--domain-suffix must not be empty"));
+    }
+    let mut out = Vec::new();
+    for label in t.split('.') {
+        out.push(
+            shared::name::validate_label("domain suffix label", label)
+                .map_err(|e| invalid(format!("--domain-suffix {s:?}: {e}")))?,
+        );
+    }
+    if t.len() > 200 {
+        return Err(invalid(
+            "--domain-suffix is too long (200 characters at most)",
+        ));
+    }
+    Ok(out.join("."))
+}
+
+impl TryFrom<ServerArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: ServerArgs) -> Result<Self, ConfigError> {
+        let admin_token = match (&a.admin_token, &a.admin_token_file) {
+            (Some(t), _) => Some(t.trim().to_string()),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| invalid(format!("--admin-token-file {}: {e}", f.display())))?;
+                Some(text.lines().next().unwrap_or("").trim().to_string())
+            }
+            (None, None) => None,
+        };
+        if let Some(t) = &admin_token {
+            if t.len() < MIN_TOKEN_LEN {
+                return Err(invalid(format!(
+                    "the admin token must be at least {MIN_TOKEN_LEN} characters \
+                     (try: head -c 32 /dev/urandom | base64)"
+                )));
+            }
+            if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    "the admin token must not contain spaces or control characters",
+                ));
+            }
+        }
+        if admin_token.is_none() && !a.http_listen.ip().is_loopback() && !a.insecure {
+            return Err(invalid(format!(
+                "refusing to serve the admin API on {} without an admin token: anyone on the \
+                 network could change the registry. Set --admin-token (or MEMBRANE_ADMIN_TOKEN), \
+                 or pass --insecure on a closed network",
+                a.http_listen
+            )));
+        }
+        if a.dns_listen.is_empty() {
+            return Err(invalid("--dns-listen needs at least one address"));
+        }
+        let store = match a.store.trim() {
+            "sqlite" | "" => StoreKind::Sqlite,
+            s if s.starts_with("etcd://") => {
+                let eps: Vec<String> = s["etcd://".len()..]
+                    .split(',')
+                    .map(|e| e.trim().to_string())
+                    .collect();
+                for e in &eps {
+                    let ok = e
+                        .rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                    if !ok {
+                        return Err(invalid(format!(
+                            "--store {s:?}: endpoint {e:?} must be HOST:PORT"
+                        )));
+                    }
+                }
+                StoreKind::Etcd(eps)
+            }
+            s => {
+                return Err(invalid(format!(
+                    "--store {s:?} is not known: use sqlite or etcd://HOST:PORT[,HOST:PORT...]"
+                )));
+            }
+        };
+        if a.max_body_bytes < 1024 {
+            return Err(invalid("--max-body-bytes must be at least 1024"));
+        }
+        if a.sweep_interval < Duration::from_millis(10)
+            || a.sweep_interval > Duration::from_secs(60)
+        {
+            return Err(invalid("--sweep-interval must be between 10ms and 60s"));
+        }
+        Ok(Config {
+            data_dir: a.data_dir.unwrap_or_else(default_data_dir),
+            dns_listen: a.dns_listen,
+            http_listen: a.http_listen,
+            admin_token,
+            domain_suffix: a.domain_suffix.as_deref().map(parse_suffix).transpose()?,
+            store,
+            max_body_bytes: a.max_body_bytes,
+            sweep_interval: a.sweep_interval,
+            shutdown_grace: a.shutdown_grace,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> ServerArgs {
+        let mut v = vec!["dns-server"];
+        v.extend_from_slice(extra);
+        Cli::try_parse_from(v).unwrap().server
+    }
+
+    fn err(extra: &[&str]) -> String {
+        Config::try_from(args(extra)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::try_from(args(&["--data-dir", "/tmp/x"])).unwrap();
+        assert_eq!(c.http_listen.to_string(), DEFAULT_HTTP);
+        assert_eq!(c.dns_listen[0].to_string(), DEFAULT_DNS);
+        assert_eq!(c.store, StoreKind::Sqlite);
+        assert!(c.admin_token.is_none());
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn open_api_refused_off_loopback() {
+        let e = err(&["--http-listen", "0.0.0.0:8765"]);
+        assert!(e.contains("without an admin token"), "{e}");
+        assert!(Config::try_from(args(&["--http-listen", "0.0.0.0:8765", "--insecure"])).is_ok());
+        assert!(
+            Config::try_from(args(&[
+                "--http-listen",
+                "0.0.0.0:8765",
+                "--admin-token",
+                "0123456789abcdef0123"
+            ]))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn token_rules_and_file() {
+        assert!(err(&["--admin-token", "short"]).contains("at least"));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tok");
+        std::fs::write(&f, "0123456789abcdef-token\n").unwrap();
+        let c = Config::try_from(args(&["--admin-token-file", f.to_str().unwrap()])).unwrap();
+        assert_eq!(c.admin_token.as_deref(), Some("0123456789abcdef-token"));
+        let e = err(&["--admin-token-file", "/nonexistent/tok"]);
+        assert!(e.contains("/nonexistent/tok"), "{e}");
+        assert!(
+            Cli::try_parse_from([
+                "dns-server",
+                "--admin-token",
+                "a",
+                "--admin-token-file",
+                "b"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn store_and_suffix() {
+        let c = Config::try_from(args(&["--store", "etcd://127.0.0.1:2379,h2:2380"])).unwrap();
+        assert_eq!(
+            c.store,
+            StoreKind::Etcd(vec!["127.0.0.1:2379".into(), "h2:2380".into()])
+        );
+        assert!(err(&["--store", "etcd://nohost"]).contains("HOST:PORT"));
+        assert!(err(&["--store", "redis"]).contains("not known"));
+        let c = Config::try_from(args(&["--domain-suffix", "Svc.Example."])).unwrap();
+        assert_eq!(c.domain_suffix.as_deref(), Some("svc.example"));
+        assert!(err(&["--domain-suffix", "bad_label.x"]).contains("domain-suffix"));
+    }
+
+    #[test]
+    fn several_dns_addresses() {
+        let c = Config::try_from(args(&["--dns-listen", "127.0.0.1:0,[::1]:0"])).unwrap();
+        assert_eq!(c.dns_listen.len(), 2);
+        assert!(Cli::try_parse_from(["dns-server", "--dns-listen", "nope"]).is_err());
+    }
+
+    #[test]
+    fn subcommands_parse() {
+        let cli = Cli::try_parse_from(["dns-server", "namespace", "create", "ns", "desc"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Namespace(NamespaceCommand::Create { .. }))
+        ));
+        let cli = Cli::try_parse_from([
+            "dns-server",
+            "export",
+            "--namespace",
+            "a",
+            "--format",
+            "zone",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Some(Command::Export { .. })));
+    }
+}

@@ -1,0 +1,669 @@
+//! Router tests: every route through `oneshot`, every kind of bad input with its status and
+//! JSON error, and proof that a rejected request changes nothing.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::*;
+use crate::registry::hash_secret;
+use crate::store::sqlite;
+
+const ADMIN: &str = "admin-token-0123456789";
+
+struct Harness {
+    router: Router,
+    _dir: tempfile::TempDir,
+    _thread: sqlite::WriterThread,
+}
+
+fn harness(admin: Option<&str>) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let (loaded, writer, thread) = sqlite::open(&dir.path().join("db")).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let registry = Arc::new(Registry::new(loaded, writer, metrics.clone()));
+    let state = AppState {
+        registry,
+        metrics,
+        admin_token_hash: admin.map(hash_secret),
+        max_body: 4096,
+        started: Instant::now(),
+        store_kind: "sqlite",
+        shutdown: CancellationToken::new(),
+        zone_exporter: Some(Arc::new(|s| format!("zone {}", s.name))),
+    };
+    Harness {
+        router: router(state),
+        _dir: dir,
+        _thread: thread,
+    }
+}
+
+impl Harness {
+    async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(body.map(|b| Body::from(b.to_string())).unwrap_or_default())
+            .unwrap();
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, v)
+    }
+    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, uri, None, &[]).await
+    }
+}
+
+fn reg_body(port: u16) -> String {
+    json!({"parent": "perception", "addresses": ["10.0.0.7"],
+           "services": [{"name": "visual", "proto": "tcp", "port": port, "priority": 0, "weight": 10}],
+           "capabilities": ["vision"], "tags": ["gpu"], "metadata": {"version": "1.2"},
+           "endpoint": {"mode": "shared-volume", "path": "/var/lib/membrane/shared"},
+           "ttl_seconds": 30})
+    .to_string()
+}
+
+fn assert_error(resp: &(StatusCode, Value), status: StatusCode, code: &str) {
+    assert_eq!(resp.0, status, "{}", resp.1);
+    assert_eq!(resp.1["error"]["code"], code, "{}", resp.1);
+    assert!(
+        resp.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{}",
+        resp.1
+    );
+}
+
+const M: &str = "/v1/namespaces/cognitive-system/membranes/visual-worker-1";
+
+#[tokio::test]
+async fn register_get_list_heartbeat_deregister() {
+    let h = harness(None);
+    let (s, v) = h.call(Method::PUT, M, Some(&reg_body(7100)), &[]).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["created"], true);
+    assert_eq!(v["membrane"]["state"], "passing");
+    assert_eq!(v["membrane"]["namespace"], "cognitive-system");
+    assert!(v["instance_secret"].as_str().unwrap().len() >= 32);
+    // Idempotent upsert.
+    let (s, v) = h.call(Method::PUT, M, Some(&reg_body(7101)), &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["created"], false);
+    let (s, v) = h.get(M).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["services"][0]["port"], 7101);
+    assert_eq!(v["metadata"]["version"], "1.2");
+
+    let (s, v) = h
+        .get("/v1/namespaces/cognitive-system/membranes?capability=vision&state=passing")
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["membranes"].as_array().unwrap().len(), 1);
+    assert!(v["revision"].as_u64().is_some());
+    let (_, v) = h
+        .get("/v1/namespaces/cognitive-system/membranes?service=other")
+        .await;
+    assert!(v["membranes"].as_array().unwrap().is_empty());
+
+    let (s, v) = h
+        .call(Method::POST, &format!("{M}/heartbeat"), None, &[])
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v, json!({"state": "passing", "ttl_seconds": 30}));
+
+    let (s, v) = h.get("/v1/namespaces/cognitive-system/tree").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["roots"][0]["id"], "visual-worker-1");
+    assert_eq!(v["roots"][0]["orphan"], true);
+
+    let (s, _) = h.call(Method::DELETE, M, None, &[]).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_error(&h.get(M).await, StatusCode::NOT_FOUND, "membrane_not_found");
+    // Heartbeat for an unknown membrane: 404, so the agent re-registers.
+    assert_error(
+        &h.call(Method::POST, &format!("{M}/heartbeat"), None, &[])
+            .await,
+        StatusCode::NOT_FOUND,
+        "membrane_not_found",
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_its_own_error_and_changes_nothing() {
+    let h = harness(None);
+    let put = |uri: &'static str, body: String| {
+        let h = &h;
+        async move { h.call(Method::PUT, uri, Some(&body), &[]).await }
+    };
+    assert_error(
+        &put("/v1/namespaces/Bad_NS/membranes/x", reg_body(1)).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_name",
+    );
+    assert_error(
+        &put("/v1/namespaces/ns/membranes/-x", reg_body(1)).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_name",
+    );
+    assert_error(
+        &put("/v1/namespaces/ns/membranes/x", "{not json".into()).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    );
+    assert_error(
+        &put("/v1/namespaces/ns/membranes/x", String::new()).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    );
+    let unknown = put(
+        "/v1/namespaces/ns/membranes/x",
+        r#"{"services":[],"colour":"red"}"#.into(),
+    )
+    .await;
+    assert_error(&unknown, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field");
+    assert!(
+        unknown.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("colour")
+    );
+    assert_error(
+        &put(
+            "/v1/namespaces/ns/membranes/x",
+            r#"{"services":[{"name":"a","port":"eighty"}]}"#.into(),
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    let limit = put(
+        "/v1/namespaces/ns/membranes/x",
+        r#"{"services":[],"ttl_seconds":0}"#.into(),
+    )
+    .await;
+    assert_error(&limit, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field");
+    assert!(
+        limit.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ttl_seconds")
+    );
+    let big = format!(
+        r#"{{"services":[],"metadata":{{"k":"{}"}}}}"#,
+        "x".repeat(5000)
+    );
+    assert_error(
+        &put("/v1/namespaces/ns/membranes/x", big).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+    );
+    assert_error(
+        &h.get("/v1/namespaces/ns/membranes?bogus=1").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    );
+    assert_error(
+        &h.get("/v1/namespaces/ns/membranes?state=dead").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    );
+    assert_error(
+        &h.get("/nope").await,
+        StatusCode::NOT_FOUND,
+        "no_such_route",
+    );
+    assert_error(
+        &h.call(Method::PATCH, M, None, &[]).await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
+    // None of that created anything.
+    let (_, v) = h.get("/v1/namespaces").await;
+    assert_eq!(v, json!({"namespaces": []}));
+}
+
+#[tokio::test]
+async fn namespaces_create_conflict_delete() {
+    let h = harness(None);
+    let body = r#"{"name":"cognitive-system","description":"AI cognitive architecture","settings":{"instance_ttl":10}}"#;
+    let (s, v) = h
+        .call(Method::POST, "/v1/namespaces", Some(body), &[])
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert!(v["join_token"].as_str().is_some());
+    assert_eq!(v["settings"]["instance_ttl"], 10);
+    assert_eq!(v["settings"]["record_ttl"], 5);
+    assert_error(
+        &h.call(Method::POST, "/v1/namespaces", Some(body), &[])
+            .await,
+        StatusCode::CONFLICT,
+        "namespace_exists",
+    );
+    assert_error(
+        &h.call(
+            Method::POST,
+            "/v1/namespaces",
+            Some(r#"{"name":"x","settings":{"instance_ttl":0}}"#),
+            &[],
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    let (s, v) = h.get("/v1/namespaces/cognitive-system").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        v.get("join_token").is_none(),
+        "token only shown at creation"
+    );
+    h.call(
+        Method::PUT,
+        "/v1/namespaces/cognitive-system/membranes/a",
+        Some(&reg_body(1)),
+        &[],
+    )
+    .await;
+    assert_error(
+        &h.call(Method::DELETE, "/v1/namespaces/cognitive-system", None, &[])
+            .await,
+        StatusCode::CONFLICT,
+        "namespace_not_empty",
+    );
+    assert_eq!(
+        h.get("/v1/namespaces/cognitive-system").await.1["membranes"],
+        1
+    );
+    let (s, _) = h
+        .call(
+            Method::DELETE,
+            "/v1/namespaces/cognitive-system?force=true",
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_error(
+        &h.get("/v1/namespaces/cognitive-system").await,
+        StatusCode::NOT_FOUND,
+        "namespace_not_found",
+    );
+}
+
+#[tokio::test]
+async fn auth_with_admin_token_join_token_and_secret() {
+    let h = harness(Some(ADMIN));
+    let admin_auth = format!("Bearer {ADMIN}");
+    let admin_hdr = [("authorization", admin_auth.as_str())];
+    let create = r#"{"name":"secure"}"#;
+    assert_error(
+        &h.call(Method::POST, "/v1/namespaces", Some(create), &[])
+            .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    assert_error(
+        &h.call(
+            Method::POST,
+            "/v1/namespaces",
+            Some(create),
+            &[("authorization", "Bearer wrong-token-xxxxxxxx")],
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_error(
+        &h.call(
+            Method::POST,
+            "/v1/namespaces",
+            Some(create),
+            &[("authorization", "Basic abc")],
+        )
+        .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    let (s, v) = h
+        .call(Method::POST, "/v1/namespaces", Some(create), &admin_hdr)
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let join = v["join_token"].as_str().unwrap().to_string();
+    let join_hdr = format!("Bearer {join}");
+
+    let uri = "/v1/namespaces/secure/membranes/a";
+    // Register into an unknown namespace: 404, not auto-created.
+    assert_error(
+        &h.call(
+            Method::PUT,
+            "/v1/namespaces/other/membranes/a",
+            Some(&reg_body(1)),
+            &[("authorization", &join_hdr)],
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "namespace_not_found",
+    );
+    assert_error(
+        &h.call(Method::PUT, uri, Some(&reg_body(1)), &[]).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    let (s, v) = h
+        .call(
+            Method::PUT,
+            uri,
+            Some(&reg_body(1)),
+            &[("authorization", &join_hdr)],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let secret = v["instance_secret"].as_str().unwrap().to_string();
+    // Someone else with the join token cannot take the id over.
+    assert_error(
+        &h.call(
+            Method::PUT,
+            uri,
+            Some(&reg_body(2)),
+            &[("authorization", &join_hdr)],
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_eq!(h.get(uri).await.1["services"][0]["port"], 1);
+    // Heartbeat / deregister need the secret.
+    let hb = format!("{uri}/heartbeat");
+    assert_error(
+        &h.call(Method::POST, &hb, None, &[]).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    assert_error(
+        &h.call(Method::POST, &hb, None, &[("x-membrane-secret", "nope")])
+            .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let (s, _) = h
+        .call(Method::POST, &hb, None, &[("x-membrane-secret", &secret)])
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_error(
+        &h.call(Method::DELETE, uri, None, &[("x-membrane-secret", "nope")])
+            .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    // Reads are open.
+    assert_eq!(h.get(uri).await.0, StatusCode::OK);
+    // Rotate: the old join token stops working.
+    let (s, v) = h
+        .call(
+            Method::POST,
+            "/v1/namespaces/secure/join-token",
+            None,
+            &admin_hdr,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_ne!(v["join_token"].as_str().unwrap(), join);
+    assert_error(
+        &h.call(
+            Method::PUT,
+            "/v1/namespaces/secure/membranes/b",
+            Some(&reg_body(1)),
+            &[("authorization", &join_hdr)],
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    // Namespace deletion is admin-only.
+    assert_error(
+        &h.call(
+            Method::DELETE,
+            "/v1/namespaces/secure?force=true",
+            None,
+            &[("authorization", &join_hdr)],
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let (s, _) = h
+        .call(Method::DELETE, uri, None, &[("x-membrane-secret", &secret)])
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn reference_alias_routes() {
+    let h = harness(None);
+    let (s, v) = h
+        .call(
+            Method::POST,
+            "/register",
+            Some(r#"{"membrane_id":"perception","namespace":"cognitive-system","parent_membrane":"cognitive-root","capabilities":["vision"],"mode":"shared-volume","endpoint":"/shared"}"#),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["status"], "registered");
+    let (s, v) = h.get("/discover/perception").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["membrane_id"], "perception");
+    assert_eq!(v["namespace_name"], "cognitive-system");
+    assert_eq!(v["parent_membrane"], "cognitive-root");
+    assert_eq!(v["status"], "active");
+    assert_eq!(v["endpoint"]["mode"], "shared-volume");
+    let (s, v) = h
+        .call(
+            Method::POST,
+            "/heartbeat",
+            Some(r#"{"membrane_id":"perception","namespace":"cognitive-system"}"#),
+            &[],
+        )
+        .await;
+    assert_eq!((s, v["state"].clone()), (StatusCode::OK, json!("passing")));
+    assert_eq!(
+        h.get("/list").await.1["membranes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        h.get("/api/membranes/discover?namespace_id=cognitive-system")
+            .await
+            .1["membranes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Reference 004's registry, into the default namespace.
+    let (s, v) = h
+        .call(
+            Method::POST,
+            "/api/register",
+            Some(r#"{"id":"hello-service","name":"Hello Service","version":"1.0.0","capabilities":["greet","farewell"],"location":"http://localhost:3000","mode":"http"}"#),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["service_id"], "hello-service");
+    let (_, v) = h.get("/api/capabilities/greet").await;
+    assert_eq!(v["id"], "hello-service");
+    assert_eq!(v["status"], "healthy");
+    assert_eq!(v["location"], "http://localhost:3000");
+    assert_eq!(v["name"], "Hello Service");
+    assert_error(
+        &h.get("/api/capabilities/fly").await,
+        StatusCode::NOT_FOUND,
+        "capability_not_found",
+    );
+    assert_eq!(
+        h.get("/api/services").await.1["services"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        h.get("/api/services/hello-service").await.1["version"],
+        "1.0.0"
+    );
+    let (s, _) = h
+        .call(Method::DELETE, "/api/services/hello-service", None, &[])
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_error(
+        &h.get("/api/services/hello-service").await,
+        StatusCode::NOT_FOUND,
+        "membrane_not_found",
+    );
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/deregister",
+            Some(r#"{"membrane_id":"perception","namespace":"cognitive-system"}"#),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_error(
+        &h.call(
+            Method::POST,
+            "/register",
+            Some(r#"{"membrane_id":"x","bogus":1}"#),
+            &[],
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert_eq!(h.get("/list").await.1["membranes"], json!([]));
+}
+
+#[tokio::test]
+async fn health_status_stats_metrics_page_zone() {
+    let h = harness(None);
+    h.call(Method::PUT, M, Some(&reg_body(1)), &[]).await;
+    assert_eq!(h.get("/health").await.1["status"], "ok");
+    let (_, v) = h.get("/status").await;
+    assert_eq!(
+        (v["membranes"].clone(), v["auth"].clone()),
+        (json!(1), json!("open"))
+    );
+    let (_, v) = h.get("/v1/stats").await;
+    assert_eq!(v["counters"]["registrations"], 1);
+    assert_eq!(v["namespaces"]["cognitive-system"]["passing"], 1);
+    let (s, v) = h.get("/metrics").await;
+    assert_eq!(s, StatusCode::OK);
+    let text = v.as_str().unwrap();
+    assert!(text.contains("membrane_registrations_total 1"), "{text}");
+    assert!(
+        text.contains("route=\"/v1/namespaces/{ns}/membranes/{id}\""),
+        "{text}"
+    );
+    let (s, v) = h.get("/").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        v.as_str()
+            .unwrap()
+            .contains("<title>membrane registry</title>")
+    );
+    let (s, v) = h.get("/v1/namespaces/cognitive-system/zone").await;
+    assert_eq!((s, v), (StatusCode::OK, json!("zone cognitive-system")));
+    assert_error(
+        &h.get("/v1/namespaces/none/zone").await,
+        StatusCode::NOT_FOUND,
+        "namespace_not_found",
+    );
+}
+
+#[tokio::test]
+async fn events_stream_replays_after_last_event_id() {
+    let h = harness(None);
+    h.call(Method::PUT, M, Some(&reg_body(1)), &[]).await;
+    assert_error(
+        &h.get("/v1/namespaces/unknown/events").await,
+        StatusCode::NOT_FOUND,
+        "namespace_not_found",
+    );
+    // Subscribe live, then cause two events.
+    let req = Request::builder()
+        .uri("/v1/namespaces/cognitive-system/events")
+        .body(Body::empty())
+        .unwrap();
+    let resp = h.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    h.call(Method::POST, &format!("{M}/heartbeat"), None, &[])
+        .await;
+    h.call(Method::DELETE, M, None, &[]).await;
+    let frame = body.frame().await.unwrap().unwrap();
+    let text = String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap();
+    assert!(text.contains("event: deregistered"), "{text}");
+    let id: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Resume from before the deregistration: it is replayed.
+    let req = Request::builder()
+        .uri("/v1/namespaces/cognitive-system/events")
+        .header("last-event-id", (id - 1).to_string())
+        .body(Body::empty())
+        .unwrap();
+    let mut body = h.router.clone().oneshot(req).await.unwrap().into_body();
+    let text = String::from_utf8(
+        body.frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(text.contains(&format!("id: {id}")), "{text}");
+    // A position from before this process: resync.
+    let req = Request::builder()
+        .uri("/v1/namespaces/cognitive-system/events")
+        .header("last-event-id", "3")
+        .body(Body::empty())
+        .unwrap();
+    let mut body = h.router.clone().oneshot(req).await.unwrap().into_body();
+    let text = String::from_utf8(
+        body.frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(text.contains("event: resync"), "{text}");
+}

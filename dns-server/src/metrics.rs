@@ -1,0 +1,197 @@
+//! Prometheus metrics (`GET /metrics`), with the `prometheus-client` crate.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use shared::HealthState;
+
+/// Labels of the HTTP latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// HTTP method.
+    pub method: String,
+    /// Matched route pattern (`/v1/namespaces/{ns}/membranes/{id}`), not the raw path.
+    pub route: String,
+    /// Status code.
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+/// Labels of the DNS query counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    /// udp or tcp.
+    pub transport: String,
+    /// Response code.
+    pub rcode: String,
+}
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// Accepted registrations.
+    pub registrations: Counter,
+    /// Deregistrations.
+    pub deregistrations: Counter,
+    /// Accepted heartbeats.
+    pub heartbeats: Counter,
+    /// Membranes removed after their eviction delay.
+    pub evictions: Counter,
+    state_changes: Family<StateLabels, Counter>,
+    membranes: Family<StateLabels, Gauge>,
+    namespaces: Gauge,
+    /// HTTP request latency, seconds.
+    pub http: Family<HttpLabels, Histogram>,
+    /// 1 while the store refuses writes.
+    pub store_failed: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 us .. ~1.6 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers all metrics.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("membrane");
+        let m = Metrics {
+            registrations: Counter::default(),
+            deregistrations: Counter::default(),
+            heartbeats: Counter::default(),
+            evictions: Counter::default(),
+            state_changes: Family::default(),
+            membranes: Family::default(),
+            namespaces: Gauge::default(),
+            http: Family::new_with_constructor(latency_histogram),
+            store_failed: Gauge::default(),
+            registry: Mutex::new(Registry::default()),
+        };
+        r.register(
+            "registrations",
+            "Accepted registrations (new and updated)",
+            m.registrations.clone(),
+        );
+        r.register(
+            "deregistrations",
+            "Membranes deregistered by their agent or an admin",
+            m.deregistrations.clone(),
+        );
+        r.register("heartbeats", "Accepted heartbeats", m.heartbeats.clone());
+        r.register(
+            "evictions",
+            "Membranes removed after staying stale for their eviction delay",
+            m.evictions.clone(),
+        );
+        r.register(
+            "state_changes",
+            "Health state transitions, by new state",
+            m.state_changes.clone(),
+        );
+        r.register(
+            "membranes",
+            "Registered membranes, by state",
+            m.membranes.clone(),
+        );
+        r.register("namespaces", "Namespaces", m.namespaces.clone());
+        r.register(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            m.http.clone(),
+        );
+        r.register(
+            "store_failed",
+            "1 when the store failed and writes are refused",
+            m.store_failed.clone(),
+        );
+        *m.registry.lock().unwrap() = r;
+        m
+    }
+
+    /// Counts a health transition.
+    pub fn state_change(&self, to: HealthState) {
+        self.state_changes
+            .get_or_create(&StateLabels {
+                state: to.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// Sets the gauges.
+    pub fn set_counts(&self, namespaces: usize, passing: usize, stale: usize) {
+        self.namespaces.set(namespaces as i64);
+        for (s, n) in [("passing", passing), ("stale", stale)] {
+            self.membranes
+                .get_or_create(&StateLabels { state: s.into() })
+                .set(n as i64);
+        }
+    }
+
+    /// Registers an extra collector-style metric (e.g. DNS counters) under the prefix.
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry.lock().unwrap().register(name, help, metric);
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock().unwrap();
+        if prometheus_client::encoding::text::encode(&mut out, &r).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_and_values() {
+        let m = Metrics::new();
+        m.registrations.inc();
+        m.state_change(HealthState::Stale);
+        m.set_counts(2, 5, 1);
+        m.http
+            .get_or_create(&HttpLabels {
+                method: "PUT".into(),
+                route: "/x".into(),
+                status: 200,
+            })
+            .observe(0.001);
+        let t = m.encode();
+        assert!(t.contains("membrane_registrations_total 1"), "{t}");
+        assert!(
+            t.contains("membrane_state_changes_total{state=\"stale\"} 1"),
+            "{t}"
+        );
+        assert!(t.contains("membrane_membranes{state=\"passing\"} 5"), "{t}");
+        assert!(t.contains("membrane_namespaces 2"), "{t}");
+        assert!(
+            t.contains("membrane_http_request_duration_seconds_bucket"),
+            "{t}"
+        );
+        assert!(t.ends_with("# EOF\n"), "{t}");
+    }
+}

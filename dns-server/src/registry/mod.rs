@@ -1,0 +1,1055 @@
+//! The registry: namespaces and membranes in memory, kept durable through the store.
+//!
+//! Every change is validated and applied under one lock and queued to the store writer in
+//! that same order; the caller is answered only after the store has committed it. Events and
+//! DNS updates are published by the writer's completion callbacks, so they follow commit
+//! order and never announce something that is not on disk. Heartbeats and health states are
+//! soft state: they never touch the store.
+//!
+//! Health runs on tokio's monotonic clock: `passing` while heartbeats arrive within the
+//! instance TTL, `stale` after it, removed once stale for the eviction delay.
+
+pub mod events;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use shared::model::InvalidField;
+use shared::{
+    CreateNamespace, Event, HealthState, MembraneId, MembraneView, NamespaceName,
+    NamespaceSettings, NamespaceView, RegisterResponse, Registration,
+};
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use crate::snapshot::{Instance, NamespaceSnapshot};
+use crate::store::sqlite::{Submission, Writer};
+use crate::store::{Loaded, Op, StoreError, StoredMembrane, StoredNamespace};
+use events::EventHub;
+
+/// Why a registry operation was refused. Messages are safe to show to clients.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No such namespace.
+    #[error("namespace {0} does not exist")]
+    NamespaceNotFound(NamespaceName),
+    /// No such membrane.
+    #[error("membrane {1} is not registered in namespace {0}")]
+    MembraneNotFound(NamespaceName, MembraneId),
+    /// Namespace already exists.
+    #[error("namespace {0} already exists")]
+    NamespaceExists(NamespaceName),
+    /// Namespace still has membranes.
+    #[error("namespace {0} still has {1} membranes; delete them first or pass ?force=true")]
+    NamespaceNotEmpty(NamespaceName, usize),
+    /// No credentials where some are needed.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Credentials that do not grant this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A field breaks a limit.
+    #[error("invalid {0}")]
+    Invalid(#[from] InvalidField),
+    /// The store failed; writes are refused until a restart.
+    #[error("the registry store is unavailable; writes are refused (see the server log)")]
+    Unavailable,
+}
+
+/// Who is asking, as the HTTP layer established it.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The server runs without an admin token: no checks at all.
+    pub open: bool,
+    /// The caller presented the admin token.
+    pub admin: bool,
+    /// The bearer token presented, if any and not the admin token.
+    pub bearer: Option<String>,
+    /// The `X-Membrane-Secret` header, if any.
+    pub secret: Option<String>,
+}
+
+impl Caller {
+    /// A caller with every right (tests, internal use).
+    pub fn admin() -> Self {
+        Caller {
+            admin: true,
+            ..Default::default()
+        }
+    }
+    fn privileged(&self) -> bool {
+        self.open || self.admin
+    }
+}
+
+/// Where namespace snapshots go when they change (the DNS catalog).
+pub trait ZoneSink: Send + Sync {
+    /// The namespace changed: serve this snapshot.
+    fn update(&self, snap: &NamespaceSnapshot);
+    /// The namespace is gone.
+    fn remove(&self, ns: &NamespaceName);
+}
+
+/// Filters of `GET /v1/namespaces/{ns}/membranes`.
+#[derive(Debug, Default, Clone)]
+pub struct ListFilter {
+    /// Offers this service.
+    pub service: Option<String>,
+    /// Has this capability.
+    pub capability: Option<String>,
+    /// Has this tag.
+    pub tag: Option<String>,
+    /// Has this parent.
+    pub parent: Option<String>,
+    /// Is in this state.
+    pub state: Option<HealthState>,
+}
+
+/// One node of `GET /v1/namespaces/{ns}/tree`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TreeNode {
+    /// Membrane id.
+    pub id: MembraneId,
+    /// Health state.
+    pub state: HealthState,
+    /// The registered parent is not (or no longer) registered, or part of a cycle.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub orphan: bool,
+    /// Children, sorted by id.
+    pub children: Vec<TreeNode>,
+}
+
+/// Counts for `/status` and `/v1/stats`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Counts {
+    /// Namespaces.
+    pub namespaces: usize,
+    /// Membranes.
+    pub membranes: usize,
+    /// Passing membranes.
+    pub passing: usize,
+    /// Stale membranes.
+    pub stale: usize,
+}
+
+struct Entry {
+    reg: Arc<Registration>,
+    secret_hash: [u8; 32],
+    registered_at: SystemTime,
+    last_heartbeat_wall: SystemTime,
+    last_heartbeat: Instant,
+    state: HealthState,
+}
+
+struct Ns {
+    description: String,
+    settings: NamespaceSettings,
+    created_at: SystemTime,
+    join_token_hash: Option<[u8; 32]>,
+    membranes: BTreeMap<MembraneId, Entry>,
+    serial: u32,
+}
+
+impl Ns {
+    fn stored(&self, name: &NamespaceName) -> StoredNamespace {
+        StoredNamespace {
+            name: name.clone(),
+            description: self.description.clone(),
+            settings: self.settings,
+            created_at_ms: to_ms(self.created_at),
+            join_token_hash: self.join_token_hash,
+        }
+    }
+}
+
+/// The instance TTL of a registration in a namespace.
+fn ttl_of(settings: &NamespaceSettings, reg: &Registration) -> Duration {
+    Duration::from_secs(u64::from(reg.ttl_seconds.unwrap_or(settings.instance_ttl)))
+}
+
+/// The eviction delay of a registration in a namespace.
+fn eviction_of(settings: &NamespaceSettings, reg: &Registration) -> Duration {
+    Duration::from_secs(u64::from(
+        reg.eviction_seconds.unwrap_or(settings.eviction_delay),
+    ))
+}
+
+struct State {
+    namespaces: HashMap<NamespaceName, Ns>,
+}
+
+/// Namespaces whose DNS snapshot must be rebuilt.
+#[derive(Default)]
+struct Dirty {
+    set: Mutex<HashSet<NamespaceName>>,
+    notify: Notify,
+}
+
+impl Dirty {
+    fn mark(&self, ns: impl IntoIterator<Item = NamespaceName>) {
+        self.set.lock().unwrap().extend(ns);
+        self.notify.notify_one();
+    }
+}
+
+/// The registry. Share it as `Arc<Registry>`.
+pub struct Registry {
+    state: Mutex<State>,
+    writer: Writer,
+    events: Arc<EventHub>,
+    dirty: Arc<Dirty>,
+    metrics: Arc<Metrics>,
+    failed: Arc<AtomicBool>,
+}
+
+fn to_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn from_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// SHA-256 of a token or secret.
+pub fn hash_secret(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// A fresh random token: 32 bytes, hex.
+pub fn new_token() -> String {
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unix_serial() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(1)
+}
+
+impl Registry {
+    /// Builds the registry from what the store loaded. Every membrane starts `passing` with
+    /// one fresh TTL to heartbeat again.
+    pub fn new(loaded: Loaded, writer: Writer, metrics: Arc<Metrics>) -> Self {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let serial = unix_serial();
+        let mut namespaces: HashMap<NamespaceName, Ns> = loaded
+            .namespaces
+            .into_iter()
+            .map(|n| {
+                (
+                    n.name,
+                    Ns {
+                        description: n.description,
+                        settings: n.settings,
+                        created_at: from_ms(n.created_at_ms),
+                        join_token_hash: n.join_token_hash,
+                        membranes: BTreeMap::new(),
+                        serial,
+                    },
+                )
+            })
+            .collect();
+        for m in loaded.membranes {
+            if let Some(ns) = namespaces.get_mut(&m.namespace) {
+                ns.membranes.insert(
+                    m.id,
+                    Entry {
+                        reg: Arc::new(m.registration),
+                        secret_hash: m.secret_hash,
+                        registered_at: from_ms(m.registered_at_ms),
+                        last_heartbeat_wall: wall,
+                        last_heartbeat: now,
+                        state: HealthState::Passing,
+                    },
+                );
+            }
+        }
+        let start_seq = wall
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let dirty = Arc::new(Dirty::default());
+        dirty.mark(namespaces.keys().cloned());
+        let reg = Registry {
+            state: Mutex::new(State { namespaces }),
+            writer,
+            events: Arc::new(EventHub::new(start_seq)),
+            dirty,
+            metrics,
+            failed: Arc::new(AtomicBool::new(false)),
+        };
+        reg.update_gauges(&reg.state.lock().unwrap());
+        reg
+    }
+
+    /// The event hub (for SSE).
+    pub fn events(&self) -> &EventHub {
+        &self.events
+    }
+
+    /// Whether the store has failed (writes refused).
+    pub fn store_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    fn update_gauges(&self, st: &State) {
+        let c = counts(st);
+        self.metrics.set_counts(c.namespaces, c.passing, c.stale);
+    }
+
+    /// Queues `ops` (in lock order: call with the state lock held) and returns a receiver
+    /// that resolves once they are durable and `events` are published.
+    fn submit(
+        &self,
+        ops: Vec<Op>,
+        events: Vec<(NamespaceName, Event)>,
+        dirty: Vec<NamespaceName>,
+    ) -> oneshot::Receiver<Result<(), ()>> {
+        let (tx, rx) = oneshot::channel();
+        let hub = self.events.clone();
+        let dirty_set = self.dirty.clone();
+        let failed = self.failed.clone();
+        let done = Box::new(move |r: Result<(), &StoreError>| {
+            match r {
+                Ok(()) => {
+                    for (ns, ev) in events {
+                        hub.publish(&ns, ev);
+                    }
+                    if !dirty.is_empty() {
+                        dirty_set.mark(dirty);
+                    }
+                    let _ = tx.send(Ok(()));
+                }
+                Err(_) => {
+                    // Memory now holds a change the disk does not: refuse further writes
+                    // until an operator restarts the server, which reloads from disk.
+                    failed.store(true, Ordering::Relaxed);
+                    let _ = tx.send(Err(()));
+                }
+            }
+        });
+        if self.writer.submit(Submission { ops, done }).is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        rx
+    }
+
+    async fn durable(rx: oneshot::Receiver<Result<(), ()>>) -> Result<(), RegistryError> {
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(RegistryError::Unavailable),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), RegistryError> {
+        if self.store_failed() {
+            Err(RegistryError::Unavailable)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn require_admin(caller: &Caller) -> Result<(), RegistryError> {
+        if caller.privileged() {
+            Ok(())
+        } else if caller.bearer.is_none() {
+            Err(RegistryError::Unauthorized(
+                "this needs the admin token: send Authorization: Bearer TOKEN".into(),
+            ))
+        } else {
+            Err(RegistryError::Forbidden(
+                "this needs the admin token; the token sent is not it".into(),
+            ))
+        }
+    }
+
+    fn new_ns(description: String, settings: NamespaceSettings) -> (Ns, String) {
+        let token = new_token();
+        let ns = Ns {
+            description,
+            settings,
+            created_at: SystemTime::now(),
+            join_token_hash: Some(hash_secret(&token)),
+            membranes: BTreeMap::new(),
+            serial: unix_serial(),
+        };
+        (ns, token)
+    }
+
+    /// Creates a namespace; the answer carries its join token.
+    pub async fn create_namespace(
+        &self,
+        caller: &Caller,
+        req: CreateNamespace,
+    ) -> Result<NamespaceView, RegistryError> {
+        Self::require_admin(caller)?;
+        req.settings.validate()?;
+        if req.description.len() > 1024 {
+            return Err(InvalidField {
+                field: "description".into(),
+                message: "at most 1024 bytes".into(),
+            }
+            .into());
+        }
+        let (rx, view) = {
+            let mut st = self.state.lock().unwrap();
+            self.check_writable()?;
+            if st.namespaces.contains_key(&req.name) {
+                return Err(RegistryError::NamespaceExists(req.name));
+            }
+            let (ns, token) = Self::new_ns(req.description, req.settings);
+            let mut view = ns_view(&req.name, &ns);
+            view.join_token = Some(token);
+            let rx = self.submit(
+                vec![Op::PutNamespace(ns.stored(&req.name))],
+                vec![],
+                vec![req.name.clone()],
+            );
+            st.namespaces.insert(req.name, ns);
+            self.update_gauges(&st);
+            (rx, view)
+        };
+        Self::durable(rx).await?;
+        Ok(view)
+    }
+
+    /// Replaces a namespace's join token; the old one stops working.
+    pub async fn rotate_join_token(
+        &self,
+        caller: &Caller,
+        name: &NamespaceName,
+    ) -> Result<NamespaceView, RegistryError> {
+        Self::require_admin(caller)?;
+        let (rx, view) = {
+            let mut st = self.state.lock().unwrap();
+            self.check_writable()?;
+            let ns = st
+                .namespaces
+                .get_mut(name)
+                .ok_or_else(|| RegistryError::NamespaceNotFound(name.clone()))?;
+            let token = new_token();
+            ns.join_token_hash = Some(hash_secret(&token));
+            let mut view = ns_view(name, ns);
+            view.join_token = Some(token);
+            let rx = self.submit(vec![Op::PutNamespace(ns.stored(name))], vec![], vec![]);
+            (rx, view)
+        };
+        Self::durable(rx).await?;
+        Ok(view)
+    }
+
+    /// Deletes a namespace; with membranes only when `force`.
+    pub async fn delete_namespace(
+        &self,
+        caller: &Caller,
+        name: &NamespaceName,
+        force: bool,
+    ) -> Result<(), RegistryError> {
+        Self::require_admin(caller)?;
+        let rx = {
+            let mut st = self.state.lock().unwrap();
+            self.check_writable()?;
+            let ns = st
+                .namespaces
+                .get(name)
+                .ok_or_else(|| RegistryError::NamespaceNotFound(name.clone()))?;
+            if !ns.membranes.is_empty() && !force {
+                return Err(RegistryError::NamespaceNotEmpty(
+                    name.clone(),
+                    ns.membranes.len(),
+                ));
+            }
+            let ns = st.namespaces.remove(name).expect("checked above");
+            let events = ns
+                .membranes
+                .keys()
+                .map(|id| {
+                    (
+                        name.clone(),
+                        Event::Deregistered {
+                            namespace: name.clone(),
+                            id: id.clone(),
+                            reason: "namespace_deleted".into(),
+                        },
+                    )
+                })
+                .collect();
+            self.update_gauges(&st);
+            self.submit(
+                vec![Op::DeleteNamespace(name.clone())],
+                events,
+                vec![name.clone()],
+            )
+        };
+        Self::durable(rx).await
+    }
+
+    /// Registers (or updates) a membrane: idempotent upsert keyed by (namespace, id).
+    pub async fn register(
+        &self,
+        caller: &Caller,
+        ns_name: &NamespaceName,
+        id: &MembraneId,
+        reg: Registration,
+    ) -> Result<RegisterResponse, RegistryError> {
+        reg.validate()?;
+        let reg = Arc::new(reg);
+        let (rx, resp) = {
+            let mut st = self.state.lock().unwrap();
+            self.check_writable()?;
+            let mut ops = Vec::with_capacity(2);
+            if !st.namespaces.contains_key(ns_name) {
+                if !caller.open {
+                    return Err(RegistryError::NamespaceNotFound(ns_name.clone()));
+                }
+                // Open mode: registering into an unknown namespace creates it.
+                let (ns, _token) = Self::new_ns(String::new(), NamespaceSettings::default());
+                ops.push(Op::PutNamespace(ns.stored(ns_name)));
+                st.namespaces.insert(ns_name.clone(), ns);
+            }
+            let ns = st.namespaces.get_mut(ns_name).expect("present");
+            if !caller.privileged() {
+                match &caller.bearer {
+                    None => {
+                        return Err(RegistryError::Unauthorized(format!(
+                            "registering in {ns_name} needs its join token or the admin token: \
+                             send Authorization: Bearer TOKEN"
+                        )));
+                    }
+                    Some(t) if ns.join_token_hash != Some(hash_secret(t)) => {
+                        return Err(RegistryError::Forbidden(format!(
+                            "the token sent is not the join token of namespace {ns_name}"
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+            let existing = ns.membranes.get(id);
+            let secret = match (existing, &caller.secret) {
+                (Some(e), Some(s)) if e.secret_hash == hash_secret(s) => s.clone(),
+                (Some(_), _) if !caller.privileged() => {
+                    return Err(RegistryError::Forbidden(format!(
+                        "membrane {id} is already registered in {ns_name} by another instance; \
+                         send its X-Membrane-Secret to update it"
+                    )));
+                }
+                _ => new_token(),
+            };
+            let now = SystemTime::now();
+            let created = existing.is_none();
+            let registered_at = existing.map(|e| e.registered_at).unwrap_or(now);
+            let was_passing = existing.map(|e| e.state == HealthState::Passing);
+            let entry = Entry {
+                reg: reg.clone(),
+                secret_hash: hash_secret(&secret),
+                registered_at,
+                last_heartbeat_wall: now,
+                last_heartbeat: Instant::now(),
+                state: HealthState::Passing,
+            };
+            let view = membrane_view(ns_name, id, &entry);
+            ops.push(Op::PutMembrane(Box::new(StoredMembrane {
+                namespace: ns_name.clone(),
+                id: id.clone(),
+                registration: (*reg).clone(),
+                secret_hash: entry.secret_hash,
+                registered_at_ms: to_ms(registered_at),
+            })));
+            ns.membranes.insert(id.clone(), entry);
+            ns.serial = ns.serial.wrapping_add(1);
+            let mut events = vec![(
+                ns_name.clone(),
+                Event::Registered {
+                    membrane: Box::new(view.clone()),
+                },
+            )];
+            if was_passing == Some(false) {
+                events.push((
+                    ns_name.clone(),
+                    Event::StateChanged {
+                        namespace: ns_name.clone(),
+                        id: id.clone(),
+                        state: HealthState::Passing,
+                    },
+                ));
+            }
+            self.metrics.registrations.inc();
+            self.update_gauges(&st);
+            let rx = self.submit(ops, events, vec![ns_name.clone()]);
+            (
+                rx,
+                RegisterResponse {
+                    membrane: view,
+                    instance_secret: secret,
+                    created,
+                },
+            )
+        };
+        Self::durable(rx).await?;
+        Ok(resp)
+    }
+
+    fn check_secret(
+        caller: &Caller,
+        ns: &NamespaceName,
+        id: &MembraneId,
+        e: &Entry,
+    ) -> Result<(), RegistryError> {
+        if caller.privileged() {
+            return Ok(());
+        }
+        match &caller.secret {
+            None => Err(RegistryError::Unauthorized(format!(
+                "membrane {id} in {ns}: send the X-Membrane-Secret its registration answered"
+            ))),
+            Some(s) if hash_secret(s) != e.secret_hash => Err(RegistryError::Forbidden(format!(
+                "membrane {id} in {ns}: X-Membrane-Secret does not match its registration"
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Records a heartbeat. Soft state: nothing is written to disk. Returns the state and
+    /// the TTL in seconds.
+    pub fn heartbeat(
+        &self,
+        caller: &Caller,
+        ns_name: &NamespaceName,
+        id: &MembraneId,
+    ) -> Result<(HealthState, u64), RegistryError> {
+        let mut st = self.state.lock().unwrap();
+        let ns = st
+            .namespaces
+            .get_mut(ns_name)
+            .ok_or_else(|| RegistryError::MembraneNotFound(ns_name.clone(), id.clone()))?;
+        let e = ns
+            .membranes
+            .get(id)
+            .ok_or_else(|| RegistryError::MembraneNotFound(ns_name.clone(), id.clone()))?;
+        Self::check_secret(caller, ns_name, id, e)?;
+        let ttl = ttl_of(&ns.settings, &e.reg).as_secs();
+        let e = ns.membranes.get_mut(id).expect("present");
+        e.last_heartbeat = Instant::now();
+        e.last_heartbeat_wall = SystemTime::now();
+        self.metrics.heartbeats.inc();
+        if e.state == HealthState::Stale {
+            e.state = HealthState::Passing;
+            ns.serial = ns.serial.wrapping_add(1);
+            self.metrics.state_change(HealthState::Passing);
+            self.update_gauges(&st);
+            // No ops: ordering through the writer only, so this event follows any pending
+            // registration event of the same membrane.
+            drop(self.submit(
+                vec![],
+                vec![(
+                    ns_name.clone(),
+                    Event::StateChanged {
+                        namespace: ns_name.clone(),
+                        id: id.clone(),
+                        state: HealthState::Passing,
+                    },
+                )],
+                vec![ns_name.clone()],
+            ));
+        }
+        Ok((HealthState::Passing, ttl))
+    }
+
+    /// Removes a membrane at once (graceful agent stop).
+    pub async fn deregister(
+        &self,
+        caller: &Caller,
+        ns_name: &NamespaceName,
+        id: &MembraneId,
+    ) -> Result<(), RegistryError> {
+        let rx = {
+            let mut st = self.state.lock().unwrap();
+            self.check_writable()?;
+            let not_found = || RegistryError::MembraneNotFound(ns_name.clone(), id.clone());
+            let ns = st.namespaces.get_mut(ns_name).ok_or_else(not_found)?;
+            let e = ns.membranes.get(id).ok_or_else(not_found)?;
+            Self::check_secret(caller, ns_name, id, e)?;
+            ns.membranes.remove(id);
+            ns.serial = ns.serial.wrapping_add(1);
+            self.metrics.deregistrations.inc();
+            self.update_gauges(&st);
+            self.submit(
+                vec![Op::DeleteMembrane(ns_name.clone(), id.clone())],
+                vec![(
+                    ns_name.clone(),
+                    Event::Deregistered {
+                        namespace: ns_name.clone(),
+                        id: id.clone(),
+                        reason: "deregistered".into(),
+                    },
+                )],
+                vec![ns_name.clone()],
+            )
+        };
+        Self::durable(rx).await
+    }
+
+    /// Moves membranes past their TTL to `stale` and removes those stale for longer than
+    /// their eviction delay. Called periodically by [`Registry::run_health`].
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut st = self.state.lock().unwrap();
+        let mut ops = Vec::new();
+        let mut events = Vec::new();
+        let mut dirty = Vec::new();
+        for (ns_name, ns) in st.namespaces.iter_mut() {
+            let mut evict = Vec::new();
+            let mut changed = false;
+            for (id, e) in ns.membranes.iter_mut() {
+                let ttl = ttl_of(&ns.settings, &e.reg);
+                let eviction = eviction_of(&ns.settings, &e.reg);
+                let silent = now.saturating_duration_since(e.last_heartbeat);
+                if silent >= ttl + eviction {
+                    evict.push(id.clone());
+                } else if silent >= ttl && e.state == HealthState::Passing {
+                    e.state = HealthState::Stale;
+                    changed = true;
+                    self.metrics.state_change(HealthState::Stale);
+                    events.push((
+                        ns_name.clone(),
+                        Event::StateChanged {
+                            namespace: ns_name.clone(),
+                            id: id.clone(),
+                            state: HealthState::Stale,
+                        },
+                    ));
+                }
+            }
+            for id in evict {
+                ns.membranes.remove(&id);
+                changed = true;
+                self.metrics.evictions.inc();
+                tracing::info!(namespace = %ns_name, id = %id, "evicted after eviction delay");
+                ops.push(Op::DeleteMembrane(ns_name.clone(), id.clone()));
+                events.push((
+                    ns_name.clone(),
+                    Event::Deregistered {
+                        namespace: ns_name.clone(),
+                        id,
+                        reason: "evicted".into(),
+                    },
+                ));
+            }
+            if changed {
+                ns.serial = ns.serial.wrapping_add(1);
+                dirty.push(ns_name.clone());
+            }
+        }
+        if !events.is_empty() {
+            self.update_gauges(&st);
+            drop(self.submit(ops, events, dirty));
+        }
+    }
+
+    /// Runs [`Registry::sweep`] every `interval` until `shutdown`.
+    pub async fn run_health(
+        self: Arc<Self>,
+        interval: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => self.sweep(),
+            }
+        }
+    }
+
+    /// Pushes a fresh snapshot of every changed namespace to `sink`, as changes commit,
+    /// until `shutdown`.
+    pub async fn run_zone_updates(
+        self: Arc<Self>,
+        sink: Arc<dyn ZoneSink>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let batch: Vec<NamespaceName> = self.dirty.set.lock().unwrap().drain().collect();
+            for ns in batch {
+                match self.snapshot(&ns) {
+                    Some(snap) => sink.update(&snap),
+                    None => sink.remove(&ns),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.dirty.notify.notified() => {}
+            }
+        }
+    }
+
+    /// The DNS view of a namespace: settings and passing membranes.
+    pub fn snapshot(&self, name: &NamespaceName) -> Option<NamespaceSnapshot> {
+        let st = self.state.lock().unwrap();
+        let ns = st.namespaces.get(name)?;
+        Some(NamespaceSnapshot {
+            name: name.clone(),
+            settings: ns.settings,
+            serial: ns.serial,
+            instances: ns
+                .membranes
+                .iter()
+                .filter(|(_, e)| e.state == HealthState::Passing)
+                .map(|(id, e)| Instance {
+                    id: id.clone(),
+                    registration: e.reg.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Names of all namespaces.
+    pub fn namespace_names(&self) -> Vec<NamespaceName> {
+        let st = self.state.lock().unwrap();
+        let mut v: Vec<_> = st.namespaces.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// All namespaces, sorted by name.
+    pub fn list_namespaces(&self) -> Vec<NamespaceView> {
+        let st = self.state.lock().unwrap();
+        let mut v: Vec<_> = st.namespaces.iter().map(|(n, ns)| ns_view(n, ns)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// One namespace.
+    pub fn get_namespace(&self, name: &NamespaceName) -> Result<NamespaceView, RegistryError> {
+        let st = self.state.lock().unwrap();
+        st.namespaces
+            .get(name)
+            .map(|ns| ns_view(name, ns))
+            .ok_or_else(|| RegistryError::NamespaceNotFound(name.clone()))
+    }
+
+    /// One membrane.
+    pub fn get(&self, ns: &NamespaceName, id: &MembraneId) -> Result<MembraneView, RegistryError> {
+        let st = self.state.lock().unwrap();
+        st.namespaces
+            .get(ns)
+            .and_then(|n| n.membranes.get(id))
+            .map(|e| membrane_view(ns, id, e))
+            .ok_or_else(|| RegistryError::MembraneNotFound(ns.clone(), id.clone()))
+    }
+
+    /// Membranes of a namespace matching `filter`, sorted by id, and the event revision
+    /// they include.
+    pub fn list(
+        &self,
+        ns_name: &NamespaceName,
+        filter: &ListFilter,
+    ) -> Result<(Vec<MembraneView>, u64), RegistryError> {
+        let st = self.state.lock().unwrap();
+        let revision = self.events.revision();
+        let ns = st
+            .namespaces
+            .get(ns_name)
+            .ok_or_else(|| RegistryError::NamespaceNotFound(ns_name.clone()))?;
+        let v = ns
+            .membranes
+            .iter()
+            .filter(|(_, e)| matches(e, filter))
+            .map(|(id, e)| membrane_view(ns_name, id, e))
+            .collect();
+        Ok((v, revision))
+    }
+
+    /// Membranes of every namespace matching `filter` (for the alias routes).
+    pub fn list_all(&self, filter: &ListFilter) -> Vec<MembraneView> {
+        let st = self.state.lock().unwrap();
+        let mut names: Vec<_> = st.namespaces.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .flat_map(|n| {
+                st.namespaces[n]
+                    .membranes
+                    .iter()
+                    .filter(|(_, e)| matches(e, filter))
+                    .map(move |(id, e)| membrane_view(n, id, e))
+            })
+            .collect()
+    }
+
+    /// Namespaces in which `id` is registered.
+    pub fn find_id(&self, id: &MembraneId) -> Vec<NamespaceName> {
+        let st = self.state.lock().unwrap();
+        let mut v: Vec<_> = st
+            .namespaces
+            .iter()
+            .filter(|(_, ns)| ns.membranes.contains_key(id))
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The hierarchy of a namespace: roots are membranes without a registered parent.
+    pub fn tree(&self, ns_name: &NamespaceName) -> Result<Vec<TreeNode>, RegistryError> {
+        let st = self.state.lock().unwrap();
+        let ns = st
+            .namespaces
+            .get(ns_name)
+            .ok_or_else(|| RegistryError::NamespaceNotFound(ns_name.clone()))?;
+        let mut children: BTreeMap<&MembraneId, Vec<&MembraneId>> = BTreeMap::new();
+        let mut roots = Vec::new();
+        for (id, e) in &ns.membranes {
+            match &e.reg.parent {
+                Some(p) if p != id && ns.membranes.contains_key(p) => {
+                    children.entry(p).or_default().push(id)
+                }
+                _ => roots.push((id, e.reg.parent.is_some())),
+            }
+        }
+        let mut seen = HashSet::new();
+        fn build<'a>(
+            id: &'a MembraneId,
+            orphan: bool,
+            ns: &'a Ns,
+            children: &BTreeMap<&'a MembraneId, Vec<&'a MembraneId>>,
+            seen: &mut HashSet<&'a MembraneId>,
+        ) -> TreeNode {
+            seen.insert(id);
+            let mut kids = Vec::new();
+            for k in children.get(id).into_iter().flatten() {
+                if !seen.contains(*k) {
+                    kids.push(build(k, false, ns, children, seen));
+                }
+            }
+            TreeNode {
+                id: id.clone(),
+                state: ns.membranes[id].state,
+                orphan,
+                children: kids,
+            }
+        }
+        let mut out: Vec<TreeNode> = roots
+            .into_iter()
+            .map(|(id, orphan)| build(id, orphan, ns, &children, &mut seen))
+            .collect();
+        // Parent cycles have no root: show each cycle from its smallest id.
+        for id in ns.membranes.keys() {
+            if !seen.contains(id) {
+                out.push(build(id, true, ns, &children, &mut seen));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Totals.
+    pub fn counts(&self) -> Counts {
+        counts(&self.state.lock().unwrap())
+    }
+
+    /// Totals per namespace.
+    pub fn counts_by_namespace(&self) -> BTreeMap<NamespaceName, Counts> {
+        let st = self.state.lock().unwrap();
+        st.namespaces
+            .iter()
+            .map(|(n, ns)| {
+                let passing = ns
+                    .membranes
+                    .values()
+                    .filter(|e| e.state == HealthState::Passing)
+                    .count();
+                (
+                    n.clone(),
+                    Counts {
+                        namespaces: 1,
+                        membranes: ns.membranes.len(),
+                        passing,
+                        stale: ns.membranes.len() - passing,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+fn counts(st: &State) -> Counts {
+    let mut c = Counts {
+        namespaces: st.namespaces.len(),
+        ..Default::default()
+    };
+    for ns in st.namespaces.values() {
+        c.membranes += ns.membranes.len();
+        c.passing += ns
+            .membranes
+            .values()
+            .filter(|e| e.state == HealthState::Passing)
+            .count();
+    }
+    c.stale = c.membranes - c.passing;
+    c
+}
+
+fn matches(e: &Entry, f: &ListFilter) -> bool {
+    let r = &e.reg;
+    f.service
+        .as_deref()
+        .is_none_or(|s| r.services.iter().any(|x| x.name.as_str() == s))
+        && f.capability
+            .as_deref()
+            .is_none_or(|c| r.capabilities.iter().any(|x| x.as_str() == c))
+        && f.tag
+            .as_deref()
+            .is_none_or(|t| r.tags.iter().any(|x| x.as_str() == t))
+        && f.parent
+            .as_deref()
+            .is_none_or(|p| r.parent.as_ref().is_some_and(|x| x.as_str() == p))
+        && f.state.is_none_or(|s| s == e.state)
+}
+
+fn membrane_view(ns: &NamespaceName, id: &MembraneId, e: &Entry) -> MembraneView {
+    MembraneView {
+        id: id.clone(),
+        namespace: ns.clone(),
+        registration: (*e.reg).clone(),
+        state: e.state,
+        registered_at: rfc3339(e.registered_at),
+        last_heartbeat: rfc3339(e.last_heartbeat_wall),
+    }
+}
+
+fn ns_view(name: &NamespaceName, ns: &Ns) -> NamespaceView {
+    let passing = ns
+        .membranes
+        .values()
+        .filter(|e| e.state == HealthState::Passing)
+        .count();
+    NamespaceView {
+        name: name.clone(),
+        description: ns.description.clone(),
+        settings: ns.settings,
+        created_at: rfc3339(ns.created_at),
+        membranes: ns.membranes.len(),
+        passing,
+        join_token: None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

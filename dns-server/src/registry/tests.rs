@@ -1,0 +1,363 @@
+//! Registry unit tests: state transitions under paused tokio time, auth rules, durability.
+
+use super::*;
+use crate::store::sqlite;
+use shared::{Endpoint, ServiceSpec};
+use std::path::Path;
+
+fn open(path: &Path) -> (Arc<Registry>, sqlite::WriterThread) {
+    let (loaded, writer, thread) = sqlite::open(path).unwrap();
+    (
+        Arc::new(Registry::new(loaded, writer, Arc::new(Metrics::new()))),
+        thread,
+    )
+}
+
+fn ns(s: &str) -> NamespaceName {
+    NamespaceName::new(s).unwrap()
+}
+fn id(s: &str) -> MembraneId {
+    MembraneId::new(s).unwrap()
+}
+
+fn reg(ttl: Option<u32>) -> Registration {
+    Registration {
+        services: vec!["visual:tcp:7100".parse::<ServiceSpec>().unwrap()],
+        addresses: vec!["10.0.0.7".parse().unwrap()],
+        endpoint: Some(Endpoint::SharedVolume {
+            path: "/shared".into(),
+        }),
+        ttl_seconds: ttl,
+        eviction_seconds: Some(60),
+        ..Default::default()
+    }
+}
+
+fn open_caller() -> Caller {
+    Caller {
+        open: true,
+        ..Default::default()
+    }
+}
+
+fn secured(bearer: Option<&str>, secret: Option<&str>) -> Caller {
+    Caller {
+        open: false,
+        admin: false,
+        bearer: bearer.map(Into::into),
+        secret: secret.map(Into::into),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn passing_stale_passing_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let (n, m) = (ns("cognitive-system"), id("perception"));
+    let resp = r
+        .register(&open_caller(), &n, &m, reg(Some(30)))
+        .await
+        .unwrap();
+    assert!(resp.created);
+    assert_eq!(resp.membrane.state, HealthState::Passing);
+    assert_eq!(r.snapshot(&n).unwrap().instances.len(), 1);
+
+    tokio::time::advance(Duration::from_secs(29)).await;
+    r.sweep();
+    assert_eq!(r.get(&n, &m).unwrap().state, HealthState::Passing);
+    r.heartbeat(&open_caller(), &n, &m).unwrap();
+
+    tokio::time::advance(Duration::from_secs(30)).await;
+    r.sweep();
+    assert_eq!(r.get(&n, &m).unwrap().state, HealthState::Stale);
+    assert!(
+        r.snapshot(&n).unwrap().instances.is_empty(),
+        "stale leaves DNS"
+    );
+    assert_eq!(r.counts().stale, 1);
+
+    // A heartbeat brings it back.
+    let (state, ttl) = r.heartbeat(&open_caller(), &n, &m).unwrap();
+    assert_eq!((state, ttl), (HealthState::Passing, 30));
+    assert_eq!(r.snapshot(&n).unwrap().instances.len(), 1);
+
+    // Silent for TTL + eviction (30 + 60): removed, durably.
+    tokio::time::advance(Duration::from_secs(45)).await;
+    r.sweep();
+    assert_eq!(r.get(&n, &m).unwrap().state, HealthState::Stale);
+    tokio::time::advance(Duration::from_secs(45)).await;
+    r.sweep();
+    assert!(matches!(
+        r.get(&n, &m),
+        Err(RegistryError::MembraneNotFound(..))
+    ));
+    assert!(matches!(
+        r.heartbeat(&open_caller(), &n, &m),
+        Err(RegistryError::MembraneNotFound(..))
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn namespace_ttl_applies_when_membrane_has_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let n = ns("fast");
+    r.create_namespace(
+        &Caller::admin(),
+        CreateNamespace {
+            name: n.clone(),
+            description: String::new(),
+            settings: NamespaceSettings {
+                instance_ttl: 5,
+                ..Default::default()
+            },
+        },
+    )
+    .await
+    .unwrap();
+    r.register(&open_caller(), &n, &id("a"), reg(None))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(4)).await;
+    r.sweep();
+    assert_eq!(r.get(&n, &id("a")).unwrap().state, HealthState::Passing);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    r.sweep();
+    assert_eq!(r.get(&n, &id("a")).unwrap().state, HealthState::Stale);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reregistration_after_stale_is_passing_and_keeps_registered_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let (n, m) = (ns("a"), id("x"));
+    let first = r
+        .register(&open_caller(), &n, &m, reg(Some(10)))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(11)).await;
+    r.sweep();
+    assert_eq!(r.get(&n, &m).unwrap().state, HealthState::Stale);
+    let mut caller = open_caller();
+    caller.secret = Some(first.instance_secret.clone());
+    let again = r.register(&caller, &n, &m, reg(Some(10))).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.instance_secret, first.instance_secret);
+    assert_eq!(again.membrane.state, HealthState::Passing);
+    assert_eq!(again.membrane.registered_at, first.membrane.registered_at);
+    assert_eq!(r.counts().membranes, 1);
+}
+
+#[tokio::test]
+async fn secured_mode_checks_tokens_and_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let n = ns("secure");
+    // Unknown namespace is not auto-created when secured.
+    let e = r
+        .register(&secured(Some("x"), None), &n, &id("a"), reg(None))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::NamespaceNotFound(_)));
+    // Creating needs the admin token.
+    let create = CreateNamespace {
+        name: n.clone(),
+        description: "d".into(),
+        settings: Default::default(),
+    };
+    assert!(matches!(
+        r.create_namespace(&secured(None, None), create.clone())
+            .await,
+        Err(RegistryError::Unauthorized(_))
+    ));
+    assert!(matches!(
+        r.create_namespace(&secured(Some("nope"), None), create.clone())
+            .await,
+        Err(RegistryError::Forbidden(_))
+    ));
+    let view = r
+        .create_namespace(&Caller::admin(), create.clone())
+        .await
+        .unwrap();
+    let join = view.join_token.unwrap();
+    assert!(matches!(
+        r.create_namespace(&Caller::admin(), create).await,
+        Err(RegistryError::NamespaceExists(_))
+    ));
+
+    assert!(matches!(
+        r.register(&secured(None, None), &n, &id("a"), reg(None))
+            .await,
+        Err(RegistryError::Unauthorized(_))
+    ));
+    assert!(matches!(
+        r.register(&secured(Some("wrong"), None), &n, &id("a"), reg(None))
+            .await,
+        Err(RegistryError::Forbidden(_))
+    ));
+    let ok = r
+        .register(&secured(Some(&join), None), &n, &id("a"), reg(None))
+        .await
+        .unwrap();
+    let secret = ok.instance_secret;
+
+    // Another instance cannot take over the id.
+    assert!(matches!(
+        r.register(&secured(Some(&join), None), &n, &id("a"), reg(None))
+            .await,
+        Err(RegistryError::Forbidden(_))
+    ));
+    assert!(matches!(
+        r.register(&secured(Some(&join), Some("bad")), &n, &id("a"), reg(None))
+            .await,
+        Err(RegistryError::Forbidden(_))
+    ));
+    // Heartbeat and deregister need the secret.
+    assert!(matches!(
+        r.heartbeat(&secured(None, None), &n, &id("a")),
+        Err(RegistryError::Unauthorized(_))
+    ));
+    assert!(matches!(
+        r.heartbeat(&secured(None, Some("bad")), &n, &id("a")),
+        Err(RegistryError::Forbidden(_))
+    ));
+    r.heartbeat(&secured(None, Some(&secret)), &n, &id("a"))
+        .unwrap();
+    assert!(matches!(
+        r.deregister(&secured(None, Some("bad")), &n, &id("a"))
+            .await,
+        Err(RegistryError::Forbidden(_))
+    ));
+    assert_eq!(r.counts().membranes, 1, "rejected requests change nothing");
+    // Rotating the join token invalidates the old one.
+    let rotated = r.rotate_join_token(&Caller::admin(), &n).await.unwrap();
+    assert_ne!(rotated.join_token.as_deref(), Some(join.as_str()));
+    assert!(matches!(
+        r.register(&secured(Some(&join), None), &n, &id("b"), reg(None))
+            .await,
+        Err(RegistryError::Forbidden(_))
+    ));
+    r.deregister(&secured(None, Some(&secret)), &n, &id("a"))
+        .await
+        .unwrap();
+    assert_eq!(r.counts().membranes, 0);
+}
+
+#[tokio::test]
+async fn delete_namespace_needs_force_when_not_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let n = ns("a");
+    r.register(&open_caller(), &n, &id("x"), reg(None))
+        .await
+        .unwrap();
+    assert!(matches!(
+        r.delete_namespace(&open_caller(), &n, false).await,
+        Err(RegistryError::NamespaceNotEmpty(_, 1))
+    ));
+    assert_eq!(r.counts().membranes, 1);
+    r.delete_namespace(&open_caller(), &n, true).await.unwrap();
+    assert_eq!(r.counts().namespaces, 0);
+    assert!(r.snapshot(&n).is_none());
+}
+
+#[tokio::test]
+async fn restart_reloads_everything_passing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let mut secret = String::new();
+    {
+        let (r, t) = open(&path);
+        for i in 0..50 {
+            let resp = r
+                .register(&open_caller(), &ns("a"), &id(&format!("m{i}")), reg(None))
+                .await
+                .unwrap();
+            if i == 7 {
+                secret = resp.instance_secret;
+            }
+        }
+        r.register(&open_caller(), &ns("b"), &id("gone"), reg(None))
+            .await
+            .unwrap();
+        r.deregister(&open_caller(), &ns("b"), &id("gone"))
+            .await
+            .unwrap();
+        drop(r);
+        t.join();
+    }
+    let (r, _t) = open(&path);
+    let c = r.counts();
+    assert_eq!((c.namespaces, c.membranes, c.passing), (2, 50, 50));
+    let m = r.get(&ns("a"), &id("m7")).unwrap();
+    assert_eq!(m.registration, reg(None));
+    // The stored secret hash still authenticates.
+    r.heartbeat(&secured(None, Some(&secret)), &ns("a"), &id("m7"))
+        .unwrap();
+}
+
+#[tokio::test]
+async fn events_follow_commit_order_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let n = ns("a");
+    let mut sub = r.events().subscribe(&n, None);
+    r.register(&open_caller(), &n, &id("x"), reg(None))
+        .await
+        .unwrap();
+    r.deregister(&open_caller(), &n, &id("x")).await.unwrap();
+    let (s1, e1) = sub.live.recv().await.unwrap();
+    let (s2, e2) = sub.live.recv().await.unwrap();
+    assert!(s2 > s1);
+    assert_eq!((e1.kind(), e2.kind()), ("registered", "deregistered"));
+    let resumed = r.events().subscribe(&n, Some(s1));
+    assert_eq!(resumed.replay.len(), 1);
+    assert_eq!(resumed.replay[0].0, s2);
+}
+
+#[tokio::test]
+async fn tree_and_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let n = ns("cognitive-system");
+    let mk = |parent: Option<&str>, cap: &str| Registration {
+        parent: parent.map(id),
+        capabilities: vec![shared::Tag::new(cap).unwrap()],
+        ..reg(None)
+    };
+    for (m, p, c) in [
+        ("cognitive-root", None, "root"),
+        ("perception", Some("cognitive-root"), "see"),
+        ("visual-worker-1", Some("perception"), "vision"),
+        ("visual-worker-2", Some("perception"), "vision"),
+        ("action", Some("cognitive-root"), "act"),
+        ("motor-worker", Some("action"), "motor"),
+        ("lost", Some("nobody"), "x"),
+    ] {
+        r.register(&open_caller(), &n, &id(m), mk(p, c))
+            .await
+            .unwrap();
+    }
+    let tree = r.tree(&n).unwrap();
+    let roots: Vec<_> = tree.iter().map(|t| (t.id.as_str(), t.orphan)).collect();
+    assert_eq!(roots, vec![("cognitive-root", false), ("lost", true)]);
+    let kids: Vec<_> = tree[0].children.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(kids, vec!["action", "perception"]);
+    assert_eq!(tree[0].children[1].children.len(), 2);
+
+    let f = ListFilter {
+        capability: Some("vision".into()),
+        ..Default::default()
+    };
+    assert_eq!(r.list(&n, &f).unwrap().0.len(), 2);
+    let f = ListFilter {
+        parent: Some("cognitive-root".into()),
+        ..Default::default()
+    };
+    assert_eq!(r.list(&n, &f).unwrap().0.len(), 2);
+    let f = ListFilter {
+        service: Some("nope".into()),
+        ..Default::default()
+    };
+    assert!(r.list(&n, &f).unwrap().0.is_empty());
+}
