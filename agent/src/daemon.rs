@@ -73,6 +73,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
         started: SystemTime::now(),
     });
     tasks.spawn(control::serve(listener, handler, cancel.clone()));
+    let registered = CancellationToken::new();
     tasks.spawn(sync::run(
         client.clone(),
         cfg.namespace.clone(),
@@ -82,6 +83,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
             max_backoff: cfg.max_backoff,
             ..Default::default()
         },
+        registered.clone(),
         cancel.clone(),
     ));
     if let Some(period) = systemd::watchdog_period() {
@@ -91,6 +93,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
     tasks.spawn(async move {
         if ready_rx.await.is_ok() {
             systemd::ready(&ready_line);
+            registered.cancel();
         }
     });
 

@@ -54,15 +54,21 @@ pub enum SyncError {
     Stream(String),
 }
 
-/// Runs until `cancel`.
+/// Waits for `start` (the first registration: the registry only streams events of a
+/// namespace that exists), then synchronises until `cancel`.
 pub async fn run(
     client: Arc<HttpRegistry>,
     namespace: NamespaceName,
     cache: Arc<Cache>,
     activity: Arc<Activity>,
     cfg: SyncConfig,
+    start: CancellationToken,
     cancel: CancellationToken,
 ) {
+    tokio::select! {
+        _ = cancel.cancelled() => return,
+        _ = start.cancelled() => {}
+    }
     let mut backoff = Backoff::new(cfg.min_backoff, cfg.max_backoff);
     let mut jitter = Jitter::new(0.2);
     let mut was_live = false;
