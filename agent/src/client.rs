@@ -73,14 +73,24 @@ impl ClientError {
     /// A hint naming the flag to check, for errors a user can fix.
     pub fn hint(&self) -> Option<&'static str> {
         match self {
-            ClientError::Api { status: 401, .. } => {
-                Some("check --token / MEMBRANE_TOKEN (the admin or the namespace's join token)")
-            }
-            ClientError::Api { status: 403, .. } => Some(
+            ClientError::Api {
+                status: 401 | 403,
+                message,
+                ..
+            } if message.to_ascii_lowercase().contains("secret") => Some(
                 "the registry holds this membrane under another instance secret: another agent \
                  owns this --id, or this agent's --state-dir was lost (wait for its eviction or \
                  remove it with the admin token)",
             ),
+            ClientError::Api {
+                status: 401 | 403, ..
+            } => Some("check --token / MEMBRANE_TOKEN (the admin or the namespace's join token)"),
+            ClientError::Api { code, .. } if code == "namespace_not_found" => {
+                Some("check --namespace, or create it first: dns-server namespace create NAME")
+            }
+            ClientError::Api { status: 422, .. } => {
+                Some("check the registration flags (--service, --address, --meta, ...)")
+            }
             ClientError::NotRegistry { .. } => Some("check --registry-url / MEMBRANE_REGISTRY_URL"),
             ClientError::Unreachable { .. } => {
                 Some("check --registry-url / MEMBRANE_REGISTRY_URL and that dns-server runs")
@@ -564,6 +574,17 @@ mod tests {
         assert_eq!(api.status(), Some(401));
         assert!(api.explain().contains("bad token"), "{}", api.explain());
         assert!(api.explain().contains("--token"), "{}", api.explain());
+        let secret = ClientError::Api {
+            url: "u".into(),
+            status: 403,
+            code: "forbidden".into(),
+            message: "X-Membrane-Secret does not match".into(),
+        };
+        assert!(
+            secret.explain().contains("--state-dir"),
+            "{}",
+            secret.explain()
+        );
         let proxy = classify(&url(), StatusCode::BAD_GATEWAY, false, Bytes::new()).unwrap_err();
         assert!(proxy.is_unreachable());
         let nf = classify(
