@@ -13,7 +13,9 @@ use crate::activity;
 use crate::cache::{CACHE_FILE, CacheData};
 use crate::cli::Command;
 use crate::client::{HttpRegistry, ListFilter};
-use crate::config::{DiscoverConfig, ListConfig, LocalConfig, QueryConfig, RunConfig};
+use crate::config::{
+    DiscoverConfig, ListConfig, LocalConfig, QueryConfig, RegisterConfig, RunConfig,
+};
 use crate::control::{self, ControlError, Request, Response};
 use crate::daemon;
 use crate::state;
@@ -23,21 +25,12 @@ pub async fn dispatch(cmd: Command) -> Result<(), AgentError> {
     match cmd {
         Command::Run(a) => daemon::run(RunConfig::try_from(*a)?).await,
         Command::Register(a) => {
-            let parent = match a.parent.as_deref() {
-                Some(p) => Some(shared::name::MembraneId::new(p).map_err(|e| {
-                    crate::config::ConfigError::Invalid {
-                        flag: "--parent",
-                        message: e.to_string(),
-                    }
-                })?),
-                None => None,
-            };
-            let cfg = LocalConfig::try_from(a.local)?;
+            let c = RegisterConfig::try_from(a)?;
             let req = Request::Register {
-                parent,
-                clear_parent: a.no_parent,
+                parent: c.parent.clone().flatten(),
+                clear_parent: c.parent == Some(None),
             };
-            agent_call(&cfg, &req).await
+            agent_call(&c.local, &req).await
         }
         Command::Deregister(a) => agent_call(&a.try_into()?, &Request::Deregister).await,
         Command::Heartbeat(a) => agent_call(&a.try_into()?, &Request::Heartbeat).await,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use shared::model::{Endpoint, Registration, ServiceSpec, limits};
 use shared::name::{MembraneId, NamespaceName, ServiceName, Tag};
 
-use crate::cli::{DiscoverArgs, ListArgs, LocalArgs, Mode, QueryArgs, RunArgs};
+use crate::cli::{DiscoverArgs, ListArgs, LocalArgs, Mode, QueryArgs, RegisterArgs, RunArgs};
 use crate::lifecycle::LifecycleConfig;
 use crate::url::RegistryUrl;
 
@@ -397,6 +397,32 @@ impl TryFrom<LocalArgs> for LocalConfig {
         Ok(LocalConfig {
             state_dir: state_dir(&a.state_dir, id.as_ref())?,
             timeout: duration("--timeout", &a.timeout)?,
+        })
+    }
+}
+
+/// `agent register`, validated.
+#[derive(Debug, Clone)]
+pub struct RegisterConfig {
+    /// The agent.
+    pub local: LocalConfig,
+    /// `Some(Some(p))`: new parent `p`; `Some(None)`: no parent; `None`: unchanged.
+    pub parent: Option<Option<MembraneId>>,
+}
+
+impl TryFrom<RegisterArgs> for RegisterConfig {
+    type Error = ConfigError;
+    fn try_from(a: RegisterArgs) -> Result<Self, ConfigError> {
+        let parent = match (a.parent.as_deref(), a.no_parent) {
+            (_, true) => Some(None),
+            (Some(p), false) => Some(Some(
+                MembraneId::new(p).map_err(|e| invalid("--parent", e.to_string()))?,
+            )),
+            (None, false) => None,
+        };
+        Ok(RegisterConfig {
+            local: a.local.try_into()?,
+            parent,
         })
     }
 }

@@ -299,3 +299,28 @@ fn local_and_query_configs() {
     };
     assert!(DiscoverConfig::try_from(a).is_err());
 }
+
+#[test]
+fn register_parent_choices() {
+    let parse = |args: &[&str]| {
+        let mut argv = vec!["agent", "register", "--state-dir", "/tmp/x"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Register(a) => RegisterConfig::try_from(a),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(parse(&[]).unwrap().parent, None);
+    assert_eq!(parse(&["--no-parent"]).unwrap().parent, Some(None));
+    assert_eq!(
+        parse(&["--parent", "Root"]).unwrap().parent,
+        Some(Some(MembraneId::new("root").unwrap()))
+    );
+    assert!(
+        parse(&["--parent", "a b"])
+            .unwrap_err()
+            .to_string()
+            .starts_with("--parent")
+    );
+    assert!(Cli::try_parse_from(["agent", "register", "--parent", "a", "--no-parent"]).is_err());
+}

@@ -601,7 +601,6 @@ impl<R: RegistryApi> Lifecycle<R> {
     }
 
     /// Handles a control command; returns a new schedule when it changes.
-    #[allow(clippy::option_option)]
     async fn command(&mut self, cmd: Command) -> Option<Option<(Instant, Due)>> {
         match cmd {
             Command::Register { parent, reply } => {

@@ -44,18 +44,30 @@ fn build_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Logs to stderr; `RUST_LOG` overrides the default (`info` for `run`, `warn` otherwise).
+/// Logs to stderr; `RUST_LOG` (`LEVEL` or `target=LEVEL,...`) overrides the default (`info`
+/// for `run`, `warn` otherwise). A plain target filter rather than `EnvFilter` keeps the
+/// regex engine out of the binary.
 fn init_tracing(format: LogFormat, daemon: bool) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
     let default = if daemon { "info" } else { "warn" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| default.parse().expect("valid default filter"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(ansi)
         .with_target(false);
     match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
+        LogFormat::Text => tracing_subscriber::registry()
+            .with(layer)
+            .with(filter)
+            .init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(layer.json())
+            .with(filter)
+            .init(),
     }
 }

@@ -274,3 +274,48 @@ fn control_commands_deregister_register_and_heartbeat() {
             .is_none()
     );
 }
+
+#[test]
+fn log_follow_prints_new_activity() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data"), 0, &[]);
+    let agent = Agent::start(
+        &quick("w1", "cog", &server.url()),
+        &tmp.path().join("a"),
+        &[],
+    );
+    agent.wait_registered();
+    let mut follower = std::process::Command::new(agent_bin())
+        .args(["log", "--follow", "-n", "1", "--state-dir"])
+        .arg(&agent.state_dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("last line first");
+    assert!(!first.contains("\"deregistered\""), "{first}");
+    assert!(agent.cli(&["deregister"]).status.success());
+    let t0 = Instant::now();
+    let line = loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a new line while following");
+        if l.contains("\"deregistered\"") {
+            break l;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["event"], "deregistered");
+    let _ = follower.kill();
+    let _ = follower.wait();
+}
