@@ -499,6 +499,8 @@ impl<R: RegistryApi> Lifecycle<R> {
     ) -> Result<(), LifecycleError> {
         let mut due = Some((Instant::now(), Due::Register));
         let mut commands_open = true;
+        let mut deadline = None;
+        let grace = self.cfg.shutdown_grace;
         let result = loop {
             let sleep = async {
                 match &due {
@@ -523,9 +525,17 @@ impl<R: RegistryApi> Lifecycle<R> {
                 },
                 _ = sleep => {
                     let (_, what) = due.take().expect("sleeping on a due action");
+                    let step = self.step(what);
+                    tokio::pin!(step);
                     let next = tokio::select! {
-                        _ = cancel.cancelled() => break Ok(()),
-                        n = self.step(what) => n,
+                        n = &mut step => n,
+                        _ = cancel.cancelled() => {
+                            // Let the request in flight finish within the grace time: a
+                            // registration the registry accepted must be known to be removed.
+                            deadline = Some(Instant::now() + grace);
+                            let _ = tokio::time::timeout(grace, &mut step).await;
+                            break Ok(());
+                        }
                     };
                     match next {
                         Ok(n) => due = Some(n),
@@ -535,8 +545,9 @@ impl<R: RegistryApi> Lifecycle<R> {
             }
         };
         self.set_status(|s| s.phase = Phase::Stopping);
+        let deadline = deadline.unwrap_or_else(|| Instant::now() + self.cfg.shutdown_grace);
         if result.is_ok() && self.on_server {
-            match tokio::time::timeout(self.cfg.shutdown_grace, self.deregister()).await {
+            match tokio::time::timeout_at(deadline, self.deregister()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e.explain(), "could not deregister on shutdown")

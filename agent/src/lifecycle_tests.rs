@@ -25,6 +25,7 @@ struct Fake {
     calls: Mutex<Vec<Call>>,
     script: Mutex<Script>,
     hang_deregister: bool,
+    register_delay: Duration,
 }
 
 impl Fake {
@@ -36,6 +37,7 @@ impl Fake {
             calls: Mutex::new(Vec::new()),
             script: Mutex::new(Box::new(script)),
             hang_deregister: false,
+            register_delay: Duration::ZERO,
         })
     }
 
@@ -80,6 +82,7 @@ impl RegistryApi for Fake {
     ) -> Result<RegisterResponse, ClientError> {
         let parent = reg.parent.as_ref().map(|p| p.to_string());
         self.record(Kind::Register, secret, parent)?;
+        tokio::time::sleep(self.register_delay).await;
         Ok(RegisterResponse {
             membrane: view(ns.as_str(), id.as_str(), "svc", "cap"),
             instance_secret: "s1".into(),
@@ -480,4 +483,41 @@ async fn route_address_fills_missing_addresses_and_tcp_endpoint() {
             address: "192.0.2.7:7000".into()
         })
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_registration_in_flight_at_shutdown_is_finished_then_removed() {
+    let mut fake = Fake::new(|_, _| Ok(()));
+    Arc::get_mut(&mut fake).unwrap().register_delay = Duration::from_secs(2);
+    let r = start(&fake, config(0.0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = Instant::now();
+    stop(r).await.unwrap();
+    assert_eq!(fake.times(Kind::Register), [0]);
+    assert_eq!(
+        fake.times(Kind::Deregister),
+        [2],
+        "deregistered once the registration landed"
+    );
+    assert_eq!(t0.elapsed(), Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn grace_time_bounds_the_request_in_flight_and_the_deregistration_together() {
+    let mut fake = Fake::new(|_, _| Ok(()));
+    {
+        let f = Arc::get_mut(&mut fake).unwrap();
+        f.register_delay = Duration::from_secs(4);
+        f.hang_deregister = true;
+    }
+    let r = start(&fake, config(0.0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = Instant::now();
+    stop(r).await.unwrap();
+    assert_eq!(
+        t0.elapsed(),
+        Duration::from_secs(5),
+        "one grace time in all"
+    );
+    assert_eq!(fake.times(Kind::Deregister), [4]);
 }
