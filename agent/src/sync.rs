@@ -174,3 +174,207 @@ async fn round(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheData;
+    use crate::cache::tests::view;
+    use shared::model::HealthState;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn sse(id: u64, ev: &Event) -> String {
+        format!(
+            "id: {id}\nevent: {}\ndata: {}\n\n",
+            ev.kind(),
+            serde_json::to_string(ev).unwrap()
+        )
+    }
+
+    /// A raw HTTP/1.1 registry: the list answers `lists` in turn, the events route streams
+    /// `stream` then closes.
+    async fn fake_registry(lists: Vec<String>, stream: String) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let calls2 = calls.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap() == 0 {
+                        break;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let resp = if head.contains("/events") {
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n: ok\n\n{stream}"
+                    )
+                } else {
+                    let n = calls2.fetch_add(1, Ordering::SeqCst);
+                    let body = &lists[n.min(lists.len() - 1)];
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
+                s.write_all(resp.as_bytes()).await.unwrap();
+                let _ = s.shutdown().await;
+            }
+        });
+        (url, calls)
+    }
+
+    #[tokio::test]
+    async fn applies_only_events_after_the_list_revision_and_refreshes_on_resync() {
+        let ns = NamespaceName::new("cog").unwrap();
+        let list = |ms: Vec<shared::model::MembraneView>, rev: u64| {
+            serde_json::json!({"membranes": ms, "revision": rev}).to_string()
+        };
+        let lists = vec![
+            list(vec![view("cog", "a", "s", "x")], 5),
+            list(
+                vec![view("cog", "b", "s", "x"), view("cog", "c", "s", "x")],
+                9,
+            ),
+        ];
+        let id = |s: &str| shared::name::MembraneId::new(s).unwrap();
+        let mut stream = String::new();
+        stream += &sse(
+            4,
+            &Event::Deregistered {
+                namespace: ns.clone(),
+                id: id("a"),
+                reason: "deregistered".into(),
+            },
+        );
+        stream += &sse(
+            6,
+            &Event::Registered {
+                membrane: Box::new(view("cog", "b", "s", "x")),
+            },
+        );
+        stream += &sse(
+            7,
+            &Event::Resync {
+                namespace: ns.clone(),
+            },
+        );
+        stream += &sse(
+            8,
+            &Event::Registered {
+                membrane: Box::new(view("cog", "d", "s", "x")),
+            },
+        );
+        stream += &sse(
+            10,
+            &Event::StateChanged {
+                namespace: ns.clone(),
+                id: id("c"),
+                state: HealthState::Stale,
+            },
+        );
+        let (url, calls) = fake_registry(lists, stream).await;
+
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), ns.clone());
+        let client = HttpRegistry::new(vec![url.parse().unwrap()], None);
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+        backoff.next_delay();
+        let mut was_live = false;
+        let r = round(
+            &client,
+            &ns,
+            &cache,
+            &Activity::disabled(),
+            &SyncConfig::default(),
+            &mut backoff,
+            &mut was_live,
+        )
+        .await;
+        assert!(r.is_ok(), "the stream ended normally: {r:?}");
+        assert!(was_live);
+        assert_eq!(
+            backoff.next_delay(),
+            Duration::from_secs(1),
+            "a successful list resets the backoff"
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "one list per connection plus one per resync"
+        );
+        let (data, _) = cache.snapshot();
+        let ids: Vec<&str> = data.membranes.keys().map(String::as_str).collect();
+        assert_eq!(
+            ids,
+            ["b", "c"],
+            "the resync list replaced a; d (event 8 <= revision 9) was skipped"
+        );
+        assert_eq!(data.membranes["c"].state, HealthState::Stale);
+        assert_eq!(data.revision, Some(10));
+        // Persisted.
+        let on_disk = CacheData::load(&dir.path().join(crate::cache::CACHE_FILE))
+            .unwrap()
+            .unwrap();
+        assert_eq!(on_disk, data);
+    }
+
+    #[tokio::test]
+    async fn a_silent_stream_is_dropped_after_the_idle_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 2048];
+                let n = s.read(&mut buf).await.unwrap();
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                if head.contains("/events") {
+                    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+                        .await
+                        .unwrap();
+                    held.push(s); // never a byte more
+                } else {
+                    let body = r#"{"membranes":[],"revision":1}"#;
+                    let r = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    s.write_all(r.as_bytes()).await.unwrap();
+                }
+            }
+        });
+        let ns = NamespaceName::new("cog").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), ns.clone());
+        let client = HttpRegistry::new(vec![url.parse().unwrap()], None);
+        let cfg = SyncConfig {
+            idle_timeout: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+        let t0 = std::time::Instant::now();
+        let r = round(
+            &client,
+            &ns,
+            &cache,
+            &Activity::disabled(),
+            &cfg,
+            &mut backoff,
+            &mut false,
+        )
+        .await;
+        assert!(
+            matches!(r, Err(SyncError::Stream(ref m)) if m.contains("silent")),
+            "{r:?}"
+        );
+        assert!(t0.elapsed() >= Duration::from_millis(300));
+    }
+}
