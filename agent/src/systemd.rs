@@ -1,5 +1,5 @@
 //! systemd integration: `READY=1` after the first registration, `STOPPING=1` on shutdown,
-//! `STATUS=` lines, and `WATCHDOG=1` pings at half the `WATCHDOG_USEC` period when the
+//! a `STATUS=` line with each, and `WATCHDOG=1` pings at half the `WATCHDOG_USEC` period when the
 //! service manager asks for them. Without `NOTIFY_SOCKET` every call is a no-op.
 
 use std::time::Duration;
@@ -21,11 +21,6 @@ pub fn ready(status: &str) {
 /// `STOPPING=1`.
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
-}
-
-/// A `STATUS=` line.
-pub fn status(line: &str) {
-    send(&[NotifyState::Status(line)]);
 }
 
 /// The watchdog ping period (half of `WATCHDOG_USEC`), if the watchdog is enabled.
