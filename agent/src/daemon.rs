@@ -31,11 +31,9 @@ use crate::{state, sync, systemd, util};
 /// Runs the agent until SIGTERM/SIGINT; an error when the registry refuses the first
 /// registration or the state directory is unusable.
 pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
-    state::prepare_dir(&cfg.state_dir).map_err(|e| {
-        AgentError::runtime(format!(
-            "cannot create the state directory {}: {e} (set --state-dir)",
-            cfg.state_dir.display()
-        ))
+    state::prepare_dir(&cfg.state_dir).map_err(|e| crate::config::ConfigError::Invalid {
+        flag: "--state-dir",
+        message: format!("cannot create {}: {e}", cfg.state_dir.display()),
     })?;
     let socket = state::control_socket(&cfg.state_dir);
     let listener = control::bind(&socket).await.map_err(AgentError::runtime)?;

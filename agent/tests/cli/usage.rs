@@ -106,9 +106,23 @@ fn usage_errors_exit_64_and_name_the_flag() {
             "--service",
         ),
         (vec!["frobnicate"], "frobnicate"),
+        (
+            vec![
+                "run",
+                "--id",
+                "w",
+                "--namespace",
+                "cog",
+                "--registry-url",
+                "http://r:1",
+                "--state-dir",
+                "/proc/no/such/dir",
+            ],
+            "--state-dir",
+        ),
     ] {
         let mut a = args.clone();
-        if a[0] == "run" {
+        if a[0] == "run" && !a.contains(&"--state-dir") {
             a.extend(["--state-dir", "/tmp/agent-usage-test"]);
         }
         let out = run_agent(&a);
