@@ -290,3 +290,44 @@ fn subcommands_without_an_agent_fail_clearly() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("--registry-url"), "{}", stderr(&out));
 }
+
+#[test]
+fn control_socket_refuses_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "*** control_socket_refuses_other_users needs root to run a client as another uid; skipped ***"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let agent = Agent::start(&quick("w1", "cog", "http://127.0.0.1:1"), &dir, &[]);
+    let sock = dir.join("control.sock");
+    wait_for("control socket", Duration::from_secs(10), || {
+        sock.exists().then_some(())
+    });
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Open the file permissions so that only the SO_PEERCRED check stands in the way.
+    for p in [tmp.path(), dir.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = std::process::Command::new(agent_bin())
+        .args(["status", "--state-dir"])
+        .arg(&dir)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not the agent's user"),
+        "{}",
+        stderr(&out)
+    );
+    // The agent's own user is still served.
+    assert!(agent.status().is_some());
+}
