@@ -1,0 +1,338 @@
+//! The local cache of the namespace's membranes, kept current from the registry's event
+//! stream (see [`crate::sync`]) and persisted to `cache.json` in the state directory so that
+//! `agent discover` and `agent list` answer from it, marked as cached, while the registry is
+//! down, even after the agent restarts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use shared::model::{Event, MembraneView};
+use shared::name::NamespaceName;
+
+use crate::client::ListFilter;
+use crate::util;
+
+/// File name of the cache in the state directory.
+pub const CACHE_FILE: &str = "cache.json";
+
+/// The cache as stored on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheData {
+    /// The namespace cached.
+    pub namespace: NamespaceName,
+    /// Id of the last registry event applied (or the list's revision).
+    pub revision: Option<u64>,
+    /// When the cache was last confirmed or changed (ms since the Unix epoch); 0 = never.
+    pub updated_at_ms: u64,
+    /// Membranes by id.
+    pub membranes: BTreeMap<String, MembraneView>,
+}
+
+/// What [`CacheData::apply`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The cache changed.
+    Changed,
+    /// Already included (id at or below the revision) or about another namespace.
+    Skipped,
+    /// The registry asks for a full refresh.
+    Resync,
+}
+
+impl CacheData {
+    /// An empty cache of `namespace`.
+    pub fn empty(namespace: NamespaceName) -> Self {
+        CacheData {
+            namespace,
+            revision: None,
+            updated_at_ms: 0,
+            membranes: BTreeMap::new(),
+        }
+    }
+
+    /// Replaces the content by a full list taken at `revision`.
+    pub fn replace(
+        &mut self,
+        membranes: Vec<MembraneView>,
+        revision: Option<u64>,
+        now: SystemTime,
+    ) {
+        self.membranes = membranes
+            .into_iter()
+            .filter(|m| m.namespace == self.namespace)
+            .map(|m| (m.id.to_string(), m))
+            .collect();
+        self.revision = revision;
+        self.updated_at_ms = util::unix_millis(now);
+    }
+
+    /// Applies one stream event with sequence number `id`.
+    pub fn apply(&mut self, id: Option<u64>, ev: &Event, now: SystemTime) -> Applied {
+        if let (Some(id), Some(rev)) = (id, self.revision)
+            && id <= rev
+        {
+            return Applied::Skipped;
+        }
+        let changed = match ev {
+            Event::Resync { .. } => return Applied::Resync,
+            Event::Registered { membrane } => {
+                if membrane.namespace != self.namespace {
+                    return Applied::Skipped;
+                }
+                self.membranes
+                    .insert(membrane.id.to_string(), (**membrane).clone());
+                true
+            }
+            Event::Deregistered { namespace, id, .. } => {
+                if *namespace != self.namespace {
+                    return Applied::Skipped;
+                }
+                self.membranes.remove(id.as_str());
+                true
+            }
+            Event::StateChanged {
+                namespace,
+                id,
+                state,
+            } => {
+                if *namespace != self.namespace {
+                    return Applied::Skipped;
+                }
+                if let Some(m) = self.membranes.get_mut(id.as_str()) {
+                    m.state = *state;
+                }
+                true
+            }
+        };
+        if id.is_some() {
+            self.revision = id;
+        }
+        self.updated_at_ms = util::unix_millis(now);
+        if changed {
+            Applied::Changed
+        } else {
+            Applied::Skipped
+        }
+    }
+
+    /// The membranes matching `filter`, by id.
+    pub fn select(&self, filter: &ListFilter) -> Vec<MembraneView> {
+        self.membranes
+            .values()
+            .filter(|m| matches(m, filter))
+            .cloned()
+            .collect()
+    }
+
+    /// Age in whole seconds of the last confirmation, if any.
+    pub fn age_seconds(&self, now: SystemTime) -> Option<u64> {
+        (self.updated_at_ms > 0)
+            .then(|| util::unix_millis(now).saturating_sub(self.updated_at_ms) / 1000)
+    }
+
+    /// Reads a cache file; `Ok(None)` when there is none.
+    pub fn load(path: &Path) -> std::io::Result<Option<CacheData>> {
+        match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes the cache file atomically (mode 0600).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(self).expect("cache serialises");
+        util::write_atomic(path, &bytes, 0o600)
+    }
+}
+
+/// Whether a membrane matches a list filter (same semantics as the registry's query).
+pub fn matches(m: &MembraneView, f: &ListFilter) -> bool {
+    let svc_ok = f
+        .service
+        .as_deref()
+        .is_none_or(|s| m.registration.services.iter().any(|x| x.name.as_str() == s));
+    let cap_ok = f
+        .capability
+        .as_deref()
+        .is_none_or(|c| m.registration.capabilities.iter().any(|x| x.as_str() == c));
+    svc_ok && cap_ok
+}
+
+/// The agent's shared cache: the data, whether the event stream is live, and its file.
+#[derive(Debug)]
+pub struct Cache {
+    path: PathBuf,
+    inner: Mutex<(CacheData, bool)>,
+}
+
+impl Cache {
+    /// Opens the cache file of `namespace` in `state_dir` (empty when missing, unreadable or
+    /// of another namespace).
+    pub fn open(state_dir: &Path, namespace: NamespaceName) -> Self {
+        let path = state_dir.join(CACHE_FILE);
+        let data = match CacheData::load(&path) {
+            Ok(Some(d)) if d.namespace == namespace => d,
+            Ok(_) => CacheData::empty(namespace),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable cache");
+                CacheData::empty(namespace)
+            }
+        };
+        Cache {
+            path,
+            inner: Mutex::new((data, false)),
+        }
+    }
+
+    fn persist(&self, data: &CacheData) {
+        if let Err(e) = data.save(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot write the cache");
+        }
+    }
+
+    /// Replaces the content with a full list and marks the cache live.
+    pub fn replace(&self, membranes: Vec<MembraneView>, revision: Option<u64>) {
+        let mut g = self.inner.lock().unwrap();
+        g.0.replace(membranes, revision, SystemTime::now());
+        g.1 = true;
+        self.persist(&g.0);
+    }
+
+    /// Applies a stream event (persisting a change).
+    pub fn apply(&self, id: Option<u64>, ev: &Event) -> Applied {
+        let mut g = self.inner.lock().unwrap();
+        let r = g.0.apply(id, ev, SystemTime::now());
+        if r == Applied::Changed {
+            self.persist(&g.0);
+        }
+        r
+    }
+
+    /// Marks whether the event stream is connected (the cache is then current).
+    pub fn set_live(&self, live: bool) {
+        let mut g = self.inner.lock().unwrap();
+        if g.1 && !live {
+            // Remember when it was last known current.
+            g.0.updated_at_ms = util::unix_millis(SystemTime::now());
+            self.persist(&g.0);
+        }
+        g.1 = live;
+    }
+
+    /// A copy of the data and the live flag.
+    pub fn snapshot(&self) -> (CacheData, bool) {
+        self.inner.lock().unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use shared::model::{HealthState, Registration};
+    use shared::name::MembraneId;
+
+    pub(crate) fn view(ns: &str, id: &str, svc: &str, cap: &str) -> MembraneView {
+        let reg: Registration = serde_json::from_value(serde_json::json!({
+            "services": [{"name": svc, "port": 7100}],
+            "capabilities": [cap],
+            "addresses": ["10.0.0.7"],
+        }))
+        .unwrap();
+        MembraneView {
+            id: MembraneId::new(id).unwrap(),
+            namespace: NamespaceName::new(ns).unwrap(),
+            registration: reg,
+            state: HealthState::Passing,
+            registered_at: "2026-01-01T00:00:00Z".into(),
+            last_heartbeat: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    fn ns() -> NamespaceName {
+        NamespaceName::new("cog").unwrap()
+    }
+
+    #[test]
+    fn list_then_events_after_revision() {
+        let now = SystemTime::now();
+        let mut c = CacheData::empty(ns());
+        c.replace(
+            vec![view("cog", "a", "s", "x"), view("other", "z", "s", "x")],
+            Some(10),
+            now,
+        );
+        assert_eq!(c.membranes.len(), 1, "other namespaces are not cached");
+        // An event the list already included is skipped, even a removal.
+        let gone = Event::Deregistered {
+            namespace: ns(),
+            id: MembraneId::new("a").unwrap(),
+            reason: "deregistered".into(),
+        };
+        assert_eq!(c.apply(Some(9), &gone, now), Applied::Skipped);
+        assert!(c.membranes.contains_key("a"));
+        let b = Event::Registered {
+            membrane: Box::new(view("cog", "b", "t", "y")),
+        };
+        assert_eq!(c.apply(Some(11), &b, now), Applied::Changed);
+        assert_eq!(c.revision, Some(11));
+        let stale = Event::StateChanged {
+            namespace: ns(),
+            id: MembraneId::new("b").unwrap(),
+            state: HealthState::Stale,
+        };
+        assert_eq!(c.apply(Some(12), &stale, now), Applied::Changed);
+        assert_eq!(c.membranes["b"].state, HealthState::Stale);
+        assert_eq!(c.apply(Some(13), &gone, now), Applied::Changed);
+        assert!(!c.membranes.contains_key("a"));
+        assert_eq!(
+            c.apply(Some(14), &Event::Resync { namespace: ns() }, now),
+            Applied::Resync
+        );
+    }
+
+    #[test]
+    fn filters_like_the_registry() {
+        let mut c = CacheData::empty(ns());
+        c.replace(
+            vec![
+                view("cog", "a", "visual", "vision"),
+                view("cog", "b", "motor", "act"),
+            ],
+            None,
+            SystemTime::now(),
+        );
+        let f = |s: Option<&str>, k: Option<&str>| ListFilter {
+            service: s.map(Into::into),
+            capability: k.map(Into::into),
+        };
+        assert_eq!(c.select(&f(None, None)).len(), 2);
+        assert_eq!(c.select(&f(Some("visual"), None))[0].id.as_str(), "a");
+        assert_eq!(c.select(&f(None, Some("act")))[0].id.as_str(), "b");
+        assert!(c.select(&f(Some("visual"), Some("act"))).is_empty());
+    }
+
+    #[test]
+    fn persisted_cache_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), ns());
+        cache.replace(vec![view("cog", "a", "s", "x")], Some(3));
+        drop(cache);
+        let again = Cache::open(dir.path(), ns());
+        let (data, live) = again.snapshot();
+        assert!(
+            !live,
+            "a reopened cache is not live until the stream connects"
+        );
+        assert_eq!(data.revision, Some(3));
+        assert!(data.membranes.contains_key("a"));
+        // Another namespace does not reuse it.
+        let other = Cache::open(dir.path(), NamespaceName::new("zz").unwrap());
+        assert!(other.snapshot().0.membranes.is_empty());
+    }
+}

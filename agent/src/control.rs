@@ -1,0 +1,388 @@
+//! The control socket: how `agent status|register|deregister|heartbeat|discover|list` talk to
+//! the running `agent run`.
+//!
+//! A Unix stream socket `control.sock` in the state directory, mode 0600, and every peer's
+//! uid is checked with `SO_PEERCRED` (only the agent's own user, or root, is served).
+//! Protocol: newline-delimited JSON, any number of exchanges per connection. A request is an
+//! object tagged by `cmd` (`{"cmd":"list","service":"visual"}`); the answer is
+//! `{"ok":true,"result":...}` or `{"ok":false,"error":{"code":"...","message":"..."}}`.
+//! New commands (`send`, `recv`, ...) are new `cmd` variants; an agent that does not know a
+//! command answers `unknown_command`, so old agents fail clearly with new clients.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shared::model::ErrorDetail;
+use shared::name::{MembraneId, ServiceName, Tag};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+/// Longest request line accepted.
+const MAX_LINE: u64 = 64 * 1024;
+/// An idle connection is closed after this long.
+const IDLE: Duration = Duration::from_secs(60);
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Registration, heartbeat, registry and cache state.
+    Status,
+    /// Register now (optionally with a new parent, or none).
+    Register {
+        /// New parent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent: Option<MembraneId>,
+        /// Remove the parent.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        clear_parent: bool,
+    },
+    /// Deregister now; heartbeats stop until the next `register`.
+    Deregister,
+    /// Heartbeat now.
+    Heartbeat,
+    /// One membrane (or all when `id` is absent).
+    Discover {
+        /// Membrane id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<MembraneId>,
+    },
+    /// Membranes of the namespace, filtered.
+    List {
+        /// Only those offering this service.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service: Option<ServiceName>,
+        /// Only those with this capability.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        capability: Option<Tag>,
+    },
+}
+
+/// A control answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// Success.
+    pub ok: bool,
+    /// The result on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The error otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+impl Response {
+    /// A success.
+    pub fn ok(result: Value) -> Self {
+        Response {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    /// A failure.
+    pub fn err(code: &str, message: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+/// Serves requests.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request.
+    fn handle(&self, req: Request) -> impl Future<Output = Response> + Send;
+}
+
+/// Control socket errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No agent listens on the socket.
+    #[error("no agent is running with state directory {} (no answer on {})", .dir.display(), .socket.display())]
+    NotRunning {
+        /// State directory.
+        dir: PathBuf,
+        /// Socket path.
+        socket: PathBuf,
+    },
+    /// Another agent already serves this state directory.
+    #[error("another agent is already running with control socket {}", .0.display())]
+    AlreadyRunning(PathBuf),
+    /// I/O failure.
+    #[error("control socket {}: {source}", .path.display())]
+    Io {
+        /// Socket path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The peer spoke something else.
+    #[error("control socket protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Binds the control socket at `path` (mode 0600), replacing a stale socket file but
+/// refusing when a live agent answers on it.
+pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(ControlError::AlreadyRunning(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Whether the peer runs as our effective user (or root).
+fn peer_allowed(stream: &UnixStream) -> Result<bool, std::io::Error> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let cred = getsockopt(stream, PeerCredentials).map_err(std::io::Error::from)?;
+    let me = nix::unistd::geteuid().as_raw();
+    Ok(cred.uid() == me || cred.uid() == 0)
+}
+
+/// Accepts connections until `cancel`.
+pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, cancel: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let handler = handler.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                r = connection(stream, handler) => if let Err(e) = r {
+                    tracing::debug!(error = %e, "control connection ended");
+                },
+            }
+        });
+    }
+}
+
+async fn connection<H: Handler>(stream: UnixStream, handler: Arc<H>) -> std::io::Result<()> {
+    let allowed = peer_allowed(&stream)?;
+    let (r, mut w) = stream.into_split();
+    if !allowed {
+        tracing::warn!("control connection from another user refused");
+        write_line(
+            &mut w,
+            &Response::err("forbidden", "peer user is not the agent's user"),
+        )
+        .await?;
+        return Ok(());
+    }
+    let mut reader = BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = match tokio::time::timeout(
+            IDLE,
+            (&mut reader)
+                .take(MAX_LINE + 1)
+                .read_until(b'\n', &mut line),
+        )
+        .await
+        {
+            Ok(r) => r?,
+            Err(_) => return Ok(()),
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() as u64 > MAX_LINE {
+            write_line(
+                &mut w,
+                &Response::err("bad_request", "request line too long"),
+            )
+            .await?;
+            return Ok(());
+        }
+        let resp = match parse_request(&line) {
+            Ok(req) => handler.handle(req).await,
+            Err(resp) => resp,
+        };
+        write_line(&mut w, &resp).await?;
+    }
+}
+
+/// Parses one request line, or the error answer for it.
+pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
+    let v: Value = serde_json::from_slice(line)
+        .map_err(|e| Response::err("bad_request", format!("not JSON: {e}")))?;
+    let cmd = v.get("cmd").and_then(Value::as_str).map(str::to_string);
+    serde_json::from_value::<Request>(v).map_err(|e| match cmd {
+        Some(c)
+            if !matches!(
+                c.as_str(),
+                "status" | "register" | "deregister" | "heartbeat" | "discover" | "list"
+            ) =>
+        {
+            Response::err(
+                "unknown_command",
+                format!("this agent does not know the command {c:?}; upgrade it"),
+            )
+        }
+        _ => Response::err("bad_request", e.to_string()),
+    })
+}
+
+async fn write_line<W: AsyncWriteExt + Unpin, T: Serialize>(
+    w: &mut W,
+    v: &T,
+) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(v).expect("json");
+    bytes.push(b'\n');
+    w.write_all(&bytes).await?;
+    w.flush().await
+}
+
+/// Sends one request to the agent of `state_dir` and waits up to `timeout` for the answer.
+pub async fn call(
+    state_dir: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, ControlError> {
+    let path = crate::state::control_socket(state_dir);
+    let io = |source| ControlError::Io {
+        path: path.clone(),
+        source,
+    };
+    let stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(ControlError::NotRunning {
+                dir: state_dir.to_path_buf(),
+                socket: path.clone(),
+            });
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let (r, mut w) = stream.into_split();
+    write_line(&mut w, req).await.map_err(io)?;
+    let mut line = Vec::new();
+    let n = tokio::time::timeout(timeout, BufReader::new(r).read_until(b'\n', &mut line))
+        .await
+        .map_err(|_| {
+            ControlError::Protocol(format!("no answer from the agent within {timeout:?}"))
+        })?
+        .map_err(io)?;
+    if n == 0 {
+        return Err(ControlError::Protocol(
+            "the agent closed the connection".into(),
+        ));
+    }
+    serde_json::from_slice(&line).map_err(|e| ControlError::Protocol(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+    impl Handler for Echo {
+        async fn handle(&self, req: Request) -> Response {
+            Response::ok(serde_json::to_value(req).unwrap())
+        }
+    }
+
+    #[test]
+    fn request_wire_format() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"list","service":"Visual"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::List {
+                service: Some(ServiceName::new("visual").unwrap()),
+                capability: None
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"cmd":"status"}"#
+        );
+        let e = parse_request(br#"{"cmd":"send","to":"x"}"#).unwrap_err();
+        assert_eq!(e.error.unwrap().code, "unknown_command");
+        let e = parse_request(br#"{"cmd":"discover","id":"bad id"}"#).unwrap_err();
+        assert_eq!(e.error.as_ref().unwrap().code, "bad_request");
+        assert!(parse_request(b"nope").is_err());
+    }
+
+    #[tokio::test]
+    async fn socket_is_private_and_answers() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::state::control_socket(dir.path());
+        let listener = bind(&path).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, Arc::new(Echo), cancel.clone()));
+        let resp = call(dir.path(), &Request::Heartbeat, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(resp.ok);
+        assert_eq!(resp.result.unwrap()["cmd"], "heartbeat");
+        // A second agent on the same state dir is refused.
+        assert!(matches!(
+            bind(&path).await,
+            Err(ControlError::AlreadyRunning(_))
+        ));
+        // Raw protocol: two requests on one connection, one bad.
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"{\"cmd\":\"bogus\"}\n{\"cmd\":\"status\"}\n")
+            .await
+            .unwrap();
+        let mut r = BufReader::new(s);
+        let mut l = String::new();
+        r.read_line(&mut l).await.unwrap();
+        assert!(l.contains("unknown_command"), "{l}");
+        l.clear();
+        r.read_line(&mut l).await.unwrap();
+        assert!(l.contains("\"ok\":true"), "{l}");
+        cancel.cancel();
+        task.await.unwrap();
+        // A stale socket file (no listener) is replaced.
+        assert!(bind(&path).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn no_agent_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = call(dir.path(), &Request::Status, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ControlError::NotRunning { .. }));
+        assert!(e.to_string().contains("no agent is running"), "{e}");
+    }
+}

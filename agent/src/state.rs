@@ -1,0 +1,106 @@
+//! The agent's state directory: its layout, and the persisted instance secret (mode 0600)
+//! that lets a restarted agent re-register, heartbeat and deregister its membrane.
+//!
+//! Layout: `secret.json` (instance secret), `cache.json` (namespace cache), `control.sock`
+//! (control socket, 0600), `activity.log` (+ `activity.log.1`, JSON lines).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use shared::name::{MembraneId, NamespaceName};
+
+use crate::util;
+
+/// Instance secret file.
+pub const SECRET_FILE: &str = "secret.json";
+/// Control socket.
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// Activity log (JSON lines).
+pub const ACTIVITY_LOG: &str = "activity.log";
+
+/// The control socket path in `dir`.
+pub fn control_socket(dir: &Path) -> PathBuf {
+    dir.join(CONTROL_SOCKET)
+}
+
+/// Creates the state directory (mode 0700 when created here).
+pub fn prepare_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// The stored instance secret of one membrane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSecret {
+    /// Namespace of the registration.
+    pub namespace: NamespaceName,
+    /// Membrane id.
+    pub id: MembraneId,
+    /// `X-Membrane-Secret` value.
+    pub secret: String,
+}
+
+/// The secret stored for `ns`/`id` in `dir`, if any (a secret of another membrane is ignored).
+pub fn load_secret(dir: &Path, ns: &NamespaceName, id: &MembraneId) -> Option<String> {
+    let bytes = std::fs::read(dir.join(SECRET_FILE)).ok()?;
+    let s: StoredSecret = serde_json::from_slice(&bytes).ok()?;
+    (s.namespace == *ns && s.id == *id).then_some(s.secret)
+}
+
+/// Stores the secret (atomically, mode 0600).
+pub fn save_secret(
+    dir: &Path,
+    ns: &NamespaceName,
+    id: &MembraneId,
+    secret: &str,
+) -> std::io::Result<()> {
+    let s = StoredSecret {
+        namespace: ns.clone(),
+        id: id.clone(),
+        secret: secret.to_string(),
+    };
+    util::write_atomic(
+        &dir.join(SECRET_FILE),
+        &serde_json::to_vec(&s).expect("secret serialises"),
+        0o600,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_round_trip_is_private_and_scoped() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ns = NamespaceName::new("cog").unwrap();
+        let id = MembraneId::new("a").unwrap();
+        assert_eq!(load_secret(dir.path(), &ns, &id), None);
+        save_secret(dir.path(), &ns, &id, "s3cret").unwrap();
+        assert_eq!(load_secret(dir.path(), &ns, &id).as_deref(), Some("s3cret"));
+        let other = MembraneId::new("b").unwrap();
+        assert_eq!(load_secret(dir.path(), &ns, &other), None);
+        let mode = std::fs::metadata(dir.path().join(SECRET_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn prepare_dir_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("a/b");
+        prepare_dir(&sub).unwrap();
+        let mode = std::fs::metadata(&sub).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+}
