@@ -290,15 +290,14 @@ impl Registry {
             .unwrap_or(0);
         let dirty = Arc::new(Dirty::default());
         dirty.mark(namespaces.keys().cloned());
-        let reg = Registry {
+        Registry {
             state: Mutex::new(State { namespaces }),
             writer,
             events: Arc::new(EventHub::new(start_seq)),
             dirty,
             metrics,
             failed: Arc::new(AtomicBool::new(false)),
-        };
-        reg
+        }
     }
 
     /// The event hub (for SSE).
