@@ -138,6 +138,8 @@ pub struct Counts {
 }
 
 struct Entry {
+    /// Store row holding this registration.
+    seq: i64,
     /// Id and registration, shared with DNS snapshots.
     inst: Arc<Instance>,
     secret_hash: [u8; 32],
@@ -182,6 +184,8 @@ fn eviction_of(settings: &NamespaceSettings, reg: &Registration) -> Duration {
 
 struct State {
     namespaces: HashMap<NamespaceName, Ns>,
+    /// Next store row sequence number.
+    next_seq: i64,
 }
 
 /// Namespaces whose DNS snapshot must be rebuilt.
@@ -249,6 +253,7 @@ impl Registry {
         let now = Instant::now();
         let wall = SystemTime::now();
         let serial = unix_serial();
+        let next_seq = loaded.next_seq;
         let mut namespaces: HashMap<NamespaceName, Ns> = loaded
             .namespaces
             .into_iter()
@@ -275,6 +280,7 @@ impl Registry {
                             id: m.id,
                             registration: m.registration,
                         }),
+                        seq: m.seq,
                         secret_hash: m.secret_hash,
                         registered_at: from_ms(m.registered_at_ms),
                         last_heartbeat_wall: wall,
@@ -291,7 +297,10 @@ impl Registry {
         let dirty = Arc::new(Dirty::default());
         dirty.mark(namespaces.keys().cloned());
         Registry {
-            state: Mutex::new(State { namespaces }),
+            state: Mutex::new(State {
+                namespaces,
+                next_seq,
+            }),
             writer,
             events: Arc::new(EventHub::new(start_seq)),
             dirty,
@@ -557,7 +566,12 @@ impl Registry {
             let created = existing.is_none();
             let registered_at = existing.map(|e| e.registered_at).unwrap_or(now);
             let was_passing = existing.map(|e| e.state == HealthState::Passing);
+            let supersedes = existing.map(|e| e.seq);
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            let ns = st.namespaces.get_mut(ns_name).expect("present");
             let entry = Entry {
+                seq,
                 inst: Arc::new(Instance {
                     id: id.clone(),
                     registration: reg.clone(),
@@ -569,13 +583,17 @@ impl Registry {
                 state: HealthState::Passing,
             };
             let view = membrane_view(ns_name, id, &entry);
-            ops.push(Op::PutMembrane(Box::new(StoredMembrane {
-                namespace: ns_name.clone(),
-                id: id.clone(),
-                registration: reg,
-                secret_hash: entry.secret_hash,
-                registered_at_ms: to_ms(registered_at),
-            })));
+            ops.push(Op::PutMembrane {
+                row: Box::new(StoredMembrane {
+                    seq,
+                    namespace: ns_name.clone(),
+                    id: id.clone(),
+                    registration: reg,
+                    secret_hash: entry.secret_hash,
+                    registered_at_ms: to_ms(registered_at),
+                }),
+                supersedes,
+            });
             ns.membranes.insert(id.clone(), entry);
             ns.serial = ns.serial.wrapping_add(1);
             let mut events = vec![(
@@ -688,11 +706,19 @@ impl Registry {
             let ns = st.namespaces.get_mut(ns_name).ok_or_else(not_found)?;
             let e = ns.membranes.get(id).ok_or_else(not_found)?;
             Self::check_secret(caller, ns_name, id, e)?;
+            let supersedes = e.seq;
             ns.membranes.remove(id);
             ns.serial = ns.serial.wrapping_add(1);
+            let seq = st.next_seq;
+            st.next_seq += 1;
             self.metrics.deregistrations.inc();
             self.submit(
-                vec![Op::DeleteMembrane(ns_name.clone(), id.clone())],
+                vec![Op::DeleteMembrane {
+                    seq,
+                    namespace: ns_name.clone(),
+                    id: id.clone(),
+                    supersedes,
+                }],
                 vec![(
                     ns_name.clone(),
                     Event::Deregistered {
@@ -715,7 +741,11 @@ impl Registry {
         let mut ops = Vec::new();
         let mut events = Vec::new();
         let mut dirty = Vec::new();
-        for (ns_name, ns) in st.namespaces.iter_mut() {
+        let State {
+            namespaces,
+            next_seq,
+        } = &mut *st;
+        for (ns_name, ns) in namespaces.iter_mut() {
             let mut evict = Vec::new();
             let mut changed = false;
             for (id, e) in ns.membranes.iter_mut() {
@@ -739,11 +769,19 @@ impl Registry {
                 }
             }
             for id in evict {
-                ns.membranes.remove(&id);
+                let Some(e) = ns.membranes.remove(&id) else {
+                    continue;
+                };
                 changed = true;
                 self.metrics.evictions.inc();
                 tracing::info!(namespace = %ns_name, id = %id, "evicted after eviction delay");
-                ops.push(Op::DeleteMembrane(ns_name.clone(), id.clone()));
+                ops.push(Op::DeleteMembrane {
+                    seq: *next_seq,
+                    namespace: ns_name.clone(),
+                    id: id.clone(),
+                    supersedes: e.seq,
+                });
+                *next_seq += 1;
                 events.push((
                     ns_name.clone(),
                     Event::Deregistered {
@@ -797,12 +835,12 @@ impl Registry {
             }
             // A lone change is served at once. Under a storm of changes, rebuilding large
             // zones after every commit would starve the API: pace rebuilds so they use at
-            // most about a third of one core; changes arriving meanwhile are coalesced.
+            // most about a quarter of one core; changes arriving meanwhile are coalesced.
             let spent = started.elapsed();
-            if spent > Duration::from_micros(500) {
+            if spent > Duration::from_micros(100) {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(spent * 2) => {}
+                    _ = tokio::time::sleep(spent * 3) => {}
                 }
             }
             tokio::select! {

@@ -3,6 +3,12 @@
 //! The registry never writes the store directly: it sends [`Op`]s, in the order it applied
 //! them in memory, to one writer that commits them in batches (group commit) and acknowledges
 //! each only once its batch is on disk. Heartbeat times are soft state and never stored.
+//!
+//! Membrane rows are append-only: every registration, update and removal writes a new row
+//! with the next sequence number (a removal writes a tombstone), so a commit touches the last
+//! page or two of the table instead of one random page per membrane. On load the newest row
+//! of each membrane wins; superseded rows and tombstones are deleted later, in sequence order,
+//! which keeps every intermediate state (and every crash) loading correctly.
 
 pub mod sqlite;
 
@@ -26,6 +32,8 @@ pub struct StoredNamespace {
 /// A stored registration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMembrane {
+    /// Row sequence number (assigned by the registry, increasing).
+    pub seq: i64,
     /// Namespace.
     pub namespace: NamespaceName,
     /// Membrane id.
@@ -45,10 +53,24 @@ pub enum Op {
     PutNamespace(StoredNamespace),
     /// Delete a namespace and every membrane in it.
     DeleteNamespace(NamespaceName),
-    /// Insert or replace a registration.
-    PutMembrane(Box<StoredMembrane>),
-    /// Delete a registration.
-    DeleteMembrane(NamespaceName, MembraneId),
+    /// Append a registration; `supersedes` is the membrane's previous row, if any.
+    PutMembrane {
+        /// The new row.
+        row: Box<StoredMembrane>,
+        /// The row it replaces.
+        supersedes: Option<i64>,
+    },
+    /// Append a tombstone for a membrane whose newest row is `supersedes`.
+    DeleteMembrane {
+        /// The tombstone's sequence number.
+        seq: i64,
+        /// Namespace.
+        namespace: NamespaceName,
+        /// Membrane id.
+        id: MembraneId,
+        /// The row it removes.
+        supersedes: i64,
+    },
 }
 
 /// Everything the store holds, read once at start-up.
@@ -56,8 +78,10 @@ pub enum Op {
 pub struct Loaded {
     /// All namespaces.
     pub namespaces: Vec<StoredNamespace>,
-    /// All registrations.
+    /// All live registrations (newest row of each membrane).
     pub membranes: Vec<StoredMembrane>,
+    /// The next free row sequence number.
+    pub next_seq: i64,
 }
 
 /// A store failure. Its message is logged, never sent to clients.

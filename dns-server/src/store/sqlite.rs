@@ -4,6 +4,7 @@
 //! With 16 clients registering at once, each commit carries about 16 registrations, so one
 //! fsync serves all of them: durability without a throughput cap of one fsync per request.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -60,26 +61,30 @@ CREATE TABLE IF NOT EXISTS namespaces (
     created_at_ms INTEGER NOT NULL,
     join_token_hash BLOB
 ) STRICT;
+-- Append-only: seq increases with every write; registration NULL marks a tombstone.
 CREATE TABLE IF NOT EXISTS membranes (
-    namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+    seq INTEGER PRIMARY KEY,
+    namespace TEXT NOT NULL,
     id TEXT NOT NULL,
-    registration TEXT NOT NULL,
-    secret_hash BLOB NOT NULL,
-    registered_at_ms INTEGER NOT NULL,
-    PRIMARY KEY (namespace, id)
-) STRICT, WITHOUT ROWID;
+    registration TEXT,
+    secret_hash BLOB,
+    registered_at_ms INTEGER NOT NULL
+) STRICT;
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
 ";
+
+/// Superseded rows deleted per garbage-collection transaction.
+const GC_CHUNK: usize = 2048;
 
 /// Opens (creating if needed) the database at `path`, reads everything, and starts the
 /// writer thread.
 pub fn open(path: &Path) -> Result<(Loaded, Writer, WriterThread), StoreError> {
     let conn = connect(path)?;
-    let loaded = load(&conn)?;
+    let (loaded, garbage) = load(&conn)?;
     let (tx, rx) = mpsc::channel::<Submission>();
     let handle = std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || writer_loop(conn, rx))
+        .spawn(move || writer_loop(conn, rx, garbage))
         .map_err(|e| StoreError::Io {
             path: path.display().to_string(),
             source: e,
@@ -124,7 +129,8 @@ fn hash32(table: &'static str, v: Vec<u8>) -> Result<[u8; 32], StoreError> {
         .map_err(|_| corrupt(table, "hash is not 32 bytes"))
 }
 
-fn load(conn: &Connection) -> Result<Loaded, StoreError> {
+/// Reads everything; returns the live state and the rows to garbage-collect.
+fn load(conn: &Connection) -> Result<(Loaded, BTreeSet<i64>), StoreError> {
     let mut out = Loaded::default();
     let mut stmt = conn.prepare(
         "SELECT name, description, settings, created_at_ms, join_token_hash FROM namespaces",
@@ -142,28 +148,68 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
             join_token_hash: hash.map(|h| hash32("namespaces", h)).transpose()?,
         });
     }
+    let known: HashSet<String> = out.namespaces.iter().map(|n| n.name.to_string()).collect();
+    let mut garbage = BTreeSet::new();
+    // Newest row per membrane; `None` for a tombstone.
+    let mut latest: HashMap<(String, String), (i64, Option<StoredMembrane>)> = HashMap::new();
     let mut stmt = conn.prepare(
-        "SELECT namespace, id, registration, secret_hash, registered_at_ms FROM membranes",
+        "SELECT seq, namespace, id, registration, secret_hash, registered_at_ms
+         FROM membranes ORDER BY seq",
     )?;
     let mut rows = stmt.query([])?;
+    let mut max_seq = 0;
     while let Some(row) = rows.next()? {
-        let ns: String = row.get(0)?;
-        let id: String = row.get(1)?;
-        let reg: String = row.get(2)?;
-        out.membranes.push(StoredMembrane {
-            namespace: NamespaceName::new(&ns).map_err(|e| corrupt("membranes", e))?,
-            id: MembraneId::new(&id).map_err(|e| corrupt("membranes", e))?,
-            registration: std::sync::Arc::new(
-                serde_json::from_str(&reg).map_err(|e| corrupt("membranes", e))?,
-            ),
-            secret_hash: hash32("membranes", row.get(3)?)?,
-            registered_at_ms: row.get(4)?,
-        });
+        let seq: i64 = row.get(0)?;
+        max_seq = max_seq.max(seq);
+        let ns: String = row.get(1)?;
+        let id: String = row.get(2)?;
+        if !known.contains(&ns) {
+            garbage.insert(seq);
+            continue;
+        }
+        let reg: Option<String> = row.get(3)?;
+        let value = match reg {
+            None => None,
+            Some(reg) => {
+                let hash: Option<Vec<u8>> = row.get(4)?;
+                Some(StoredMembrane {
+                    seq,
+                    namespace: NamespaceName::new(&ns).map_err(|e| corrupt("membranes", e))?,
+                    id: MembraneId::new(&id).map_err(|e| corrupt("membranes", e))?,
+                    registration: std::sync::Arc::new(
+                        serde_json::from_str(&reg).map_err(|e| corrupt("membranes", e))?,
+                    ),
+                    secret_hash: hash32("membranes", hash.unwrap_or_default())?,
+                    registered_at_ms: row.get(5)?,
+                })
+            }
+        };
+        if let Some((old, _)) = latest.insert((ns, id), (seq, value)) {
+            garbage.insert(old);
+        }
     }
-    Ok(out)
+    for (seq, value) in latest.into_values() {
+        match value {
+            Some(m) => out.membranes.push(m),
+            None => {
+                garbage.insert(seq);
+            }
+        }
+    }
+    out.membranes.sort_by_key(|m| m.seq);
+    out.next_seq = max_seq + 1;
+    Ok((out, garbage))
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
+const INSERT_ROW: &str = "INSERT INTO membranes
+    (seq, namespace, id, registration, secret_hash, registered_at_ms)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+fn apply(
+    tx: &rusqlite::Transaction<'_>,
+    op: &Op,
+    garbage: &mut BTreeSet<i64>,
+) -> Result<(), rusqlite::Error> {
     match op {
         Op::PutNamespace(ns) => {
             let settings = serde_json::to_string(&ns.settings).unwrap_or_default();
@@ -182,49 +228,101 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error>
             ])?;
         }
         Op::DeleteNamespace(name) => {
+            // Rare: a scan is fine, and keeps every membrane write an append.
             tx.prepare_cached("DELETE FROM membranes WHERE namespace = ?1")?
                 .execute([name.as_str()])?;
             tx.prepare_cached("DELETE FROM namespaces WHERE name = ?1")?
                 .execute([name.as_str()])?;
         }
-        Op::PutMembrane(m) => {
-            let reg = serde_json::to_string(&*m.registration).unwrap_or_default();
-            tx.prepare_cached(
-                "INSERT INTO membranes (namespace, id, registration, secret_hash, registered_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (namespace, id) DO UPDATE SET registration = excluded.registration,
-                   secret_hash = excluded.secret_hash",
-            )?
-            .execute(params![
-                m.namespace.as_str(),
-                m.id.as_str(),
+        Op::PutMembrane { row, supersedes } => {
+            let reg = serde_json::to_string(&*row.registration).unwrap_or_default();
+            tx.prepare_cached(INSERT_ROW)?.execute(params![
+                row.seq,
+                row.namespace.as_str(),
+                row.id.as_str(),
                 reg,
-                &m.secret_hash[..],
-                m.registered_at_ms,
+                &row.secret_hash[..],
+                row.registered_at_ms,
             ])?;
+            garbage.extend(*supersedes);
         }
-        Op::DeleteMembrane(ns, id) => {
-            tx.prepare_cached("DELETE FROM membranes WHERE namespace = ?1 AND id = ?2")?
-                .execute([ns.as_str(), id.as_str()])?;
+        Op::DeleteMembrane {
+            seq,
+            namespace,
+            id,
+            supersedes,
+        } => {
+            tx.prepare_cached(INSERT_ROW)?.execute(params![
+                seq,
+                namespace.as_str(),
+                id.as_str(),
+                None::<String>,
+                None::<Vec<u8>>,
+                0,
+            ])?;
+            garbage.insert(*supersedes);
+            garbage.insert(*seq);
         }
     }
     Ok(())
 }
 
-fn commit(conn: &mut Connection, batch: &[Submission]) -> Result<(), StoreError> {
+/// Deletes up to [`GC_CHUNK`] of the oldest garbage rows. Oldest first: a tombstone is
+/// always newer than the rows it removes, so it is never deleted before them, and a crash
+/// between chunks still loads the right state.
+fn collect_garbage(conn: &mut Connection, garbage: &mut BTreeSet<i64>) -> Result<(), StoreError> {
+    let chunk: Vec<i64> = garbage.iter().take(GC_CHUNK).copied().collect();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    for sub in batch {
-        for op in &sub.ops {
-            apply(&tx, op)?;
+    {
+        let mut del = tx.prepare_cached("DELETE FROM membranes WHERE seq = ?1")?;
+        for seq in &chunk {
+            del.execute([seq])?;
         }
     }
     tx.commit()?;
+    for seq in chunk {
+        garbage.remove(&seq);
+    }
     Ok(())
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Submission>) {
+fn commit(
+    conn: &mut Connection,
+    batch: &[Submission],
+    garbage: &mut BTreeSet<i64>,
+) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut new_garbage = BTreeSet::new();
+    for sub in batch {
+        for op in &sub.ops {
+            apply(&tx, op, &mut new_garbage)?;
+        }
+    }
+    tx.commit()?;
+    garbage.append(&mut new_garbage);
+    Ok(())
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Submission>, mut garbage: BTreeSet<i64>) {
     let mut batch = Vec::with_capacity(64);
-    while let Ok(first) = rx.recv() {
+    loop {
+        // Collect garbage only while no write is waiting.
+        let first = match rx.try_recv() {
+            Ok(sub) => sub,
+            Err(mpsc::TryRecvError::Empty) if !garbage.is_empty() => {
+                if let Err(e) = collect_garbage(&mut conn, &mut garbage) {
+                    // Harmless to keep: superseded rows only cost space until next start.
+                    tracing::warn!(error = %e, "store garbage collection failed");
+                    garbage.clear();
+                }
+                continue;
+            }
+            Err(mpsc::TryRecvError::Empty) => match rx.recv() {
+                Ok(sub) => sub,
+                Err(_) => break,
+            },
+            Err(mpsc::TryRecvError::Disconnected) => break,
+        };
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -234,7 +332,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Submission>) {
         }
         let has_ops = batch.iter().any(|s| !s.ops.is_empty());
         let result = if has_ops {
-            commit(&mut conn, &batch)
+            commit(&mut conn, &batch, &mut garbage)
         } else {
             Ok(())
         };
@@ -264,14 +362,27 @@ mod tests {
         }
     }
 
-    fn mem(ns: &str, id: &str) -> Op {
-        Op::PutMembrane(Box::new(StoredMembrane {
+    fn put(seq: i64, ns: &str, id: &str, supersedes: Option<i64>) -> Op {
+        Op::PutMembrane {
+            row: Box::new(StoredMembrane {
+                seq,
+                namespace: NamespaceName::new(ns).unwrap(),
+                id: MembraneId::new(id).unwrap(),
+                registration: Default::default(),
+                secret_hash: [seq as u8; 32],
+                registered_at_ms: 2,
+            }),
+            supersedes,
+        }
+    }
+
+    fn del(seq: i64, ns: &str, id: &str, supersedes: i64) -> Op {
+        Op::DeleteMembrane {
+            seq,
             namespace: NamespaceName::new(ns).unwrap(),
             id: MembraneId::new(id).unwrap(),
-            registration: Default::default(),
-            secret_hash: [1; 32],
-            registered_at_ms: 2,
-        }))
+            supersedes,
+        }
     }
 
     fn submit_wait(w: &Writer, ops: Vec<Op>) -> Result<(), String> {
@@ -286,27 +397,46 @@ mod tests {
         rx.recv().unwrap()
     }
 
+    fn rows(path: &Path) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM membranes", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Garbage is collected while the writer is idle: wait for it.
+    fn wait_rows(path: &Path, want: i64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while rows(path) != want {
+            assert!(std::time::Instant::now() < deadline, "rows: {}", rows(path));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     #[test]
-    fn round_trip_and_cascade() {
+    fn newest_row_wins_tombstones_remove_and_garbage_is_collected() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.db");
         {
             let (loaded, w, t) = open(&path).unwrap();
             assert!(loaded.namespaces.is_empty());
+            assert_eq!(loaded.next_seq, 1);
             submit_wait(
                 &w,
                 vec![Op::PutNamespace(ns("a")), Op::PutNamespace(ns("b"))],
             )
             .unwrap();
-            submit_wait(&w, vec![mem("a", "x"), mem("a", "y"), mem("b", "z")]).unwrap();
             submit_wait(
                 &w,
-                vec![Op::DeleteMembrane(
-                    NamespaceName::new("a").unwrap(),
-                    MembraneId::new("y").unwrap(),
-                )],
+                vec![
+                    put(1, "a", "x", None),
+                    put(2, "a", "y", None),
+                    put(3, "b", "z", None),
+                ],
             )
             .unwrap();
+            // x updated, y removed, namespace b deleted.
+            submit_wait(&w, vec![put(4, "a", "x", Some(1)), del(5, "a", "y", 2)]).unwrap();
             submit_wait(
                 &w,
                 vec![Op::DeleteNamespace(NamespaceName::new("b").unwrap())],
@@ -315,21 +445,63 @@ mod tests {
             drop(w);
             t.join();
         }
-        let (loaded, _w, _t) = open(&path).unwrap();
+        let (loaded, w, t) = open(&path).unwrap();
         assert_eq!(loaded.namespaces, vec![ns("a")]);
-        let ids: Vec<_> = loaded.membranes.iter().map(|m| m.id.as_str()).collect();
-        assert_eq!(ids, vec!["x"]);
-        assert_eq!(loaded.membranes[0].secret_hash, [1; 32]);
+        let live: Vec<_> = loaded
+            .membranes
+            .iter()
+            .map(|m| (m.id.as_str(), m.seq))
+            .collect();
+        assert_eq!(live, vec![("x", 4)]);
+        assert_eq!(loaded.membranes[0].secret_hash, [4; 32]);
+        assert_eq!(loaded.next_seq, 6);
+        wait_rows(&path, 1);
+        drop(w);
+        t.join();
     }
 
     #[test]
-    fn failed_batch_reports_error_and_changes_nothing() {
+    fn crash_before_collection_still_loads_the_newest_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        // Write rows directly as a crash would leave them: nothing collected.
+        {
+            let (_, w, t) = open(&path).unwrap();
+            drop(w);
+            t.join();
+            let conn = connect(&path).unwrap();
+            conn.execute_batch(
+                "INSERT INTO namespaces VALUES ('a', '', '{}', 0, NULL);
+                 INSERT INTO membranes VALUES (1, 'a', 'x', '{\"services\":[]}', zeroblob(32), 0);
+                 INSERT INTO membranes VALUES (2, 'a', 'x', NULL, NULL, 0);
+                 INSERT INTO membranes VALUES (3, 'a', 'y', '{\"services\":[]}', zeroblob(32), 0);
+                 INSERT INTO membranes VALUES (4, 'a', 'y', '{\"services\":[],\"ttl_seconds\":9}', zeroblob(32), 0);
+                 INSERT INTO membranes VALUES (5, 'gone', 'q', '{\"services\":[]}', zeroblob(32), 0);",
+            )
+            .unwrap();
+        }
+        let (loaded, w, t) = open(&path).unwrap();
+        let live: Vec<_> = loaded
+            .membranes
+            .iter()
+            .map(|m| (m.id.as_str(), m.seq))
+            .collect();
+        assert_eq!(live, vec![("y", 4)]);
+        assert_eq!(loaded.membranes[0].registration.ttl_seconds, Some(9));
+        wait_rows(&path, 1);
+        drop(w);
+        t.join();
+    }
+
+    #[test]
+    fn failed_batch_reports_error() {
         let dir = tempfile::tempdir().unwrap();
         let (_, w, _t) = open(&dir.path().join("r.db")).unwrap();
-        // Foreign key: membrane in a namespace that does not exist.
-        let err = submit_wait(&w, vec![mem("nope", "x")]).unwrap_err();
-        assert!(err.contains("FOREIGN KEY"), "{err}");
-        submit_wait(&w, vec![Op::PutNamespace(ns("a"))]).unwrap();
+        submit_wait(&w, vec![Op::PutNamespace(ns("a")), put(1, "a", "x", None)]).unwrap();
+        // A reused sequence number violates the primary key.
+        let err = submit_wait(&w, vec![put(1, "a", "y", None)]).unwrap_err();
+        assert!(err.contains("UNIQUE"), "{err}");
+        submit_wait(&w, vec![put(2, "a", "y", None)]).unwrap();
     }
 
     #[test]
@@ -341,7 +513,7 @@ mod tests {
         for i in 0..200 {
             let order = order.clone();
             w.submit(Submission {
-                ops: vec![mem("a", &format!("m{i}"))],
+                ops: vec![put(i + 1, "a", &format!("m{i}"), None)],
                 done: Box::new(move |r| {
                     assert!(r.is_ok());
                     order.lock().unwrap().push(i);
