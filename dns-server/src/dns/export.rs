@@ -41,6 +41,18 @@ pub(crate) fn master_file(z: &ZoneData) -> String {
     let mut s = String::new();
     let apex = name_to_text(&z.apex);
     let _ = writeln!(s, "; zone {apex} exported by dns-server");
+    if let RData::Soa { mname, .. } = &z.soa
+        && super::records::is_within(mname, &z.apex)
+        && z.rrset(mname, rtype::A).is_none()
+        && z.rrset(mname, rtype::AAAA).is_none()
+    {
+        let _ = writeln!(
+            s,
+            "; WARNING: the NS host {} has no address (no NS addresses configured); \
+             named-checkzone rejects a zone whose in-zone NS host has no A/AAAA",
+            name_to_text(mname)
+        );
+    }
     let _ = writeln!(s, "$ORIGIN {apex}");
     let _ = writeln!(s, "$TTL {}", z.ttl);
     let mut nodes: Vec<_> = z.nodes.iter().collect();
