@@ -141,17 +141,28 @@ fn main() {
     }
     let build = t.elapsed();
     let rss_catalog = rss_kib();
-    // Rebuild cost of one namespace (what every registry change of it pays).
-    let reps = 20;
+    // What one registry change costs: one membrane of the first namespace changes its
+    // registration (a new port), alternately, then the full rebuild when settings change.
+    let mut changed = snaps[0].clone();
+    let mut reg = (*changed.instances[0].registration).clone();
+    reg.services[0].port += 1;
+    changed.instances[0].registration = Arc::new(reg);
+    changed.serial += 1;
+    let reps = 200;
     let t = std::time::Instant::now();
-    for _ in 0..reps {
-        catalog.update(&snaps[0]);
+    for r in 0..reps {
+        catalog.update(if r % 2 == 0 { &changed } else { &snaps[0] });
     }
-    println!(
-        "update of one namespace of {} membranes: {:.0} us (mean of {reps})",
-        a.services * a.instances,
-        t.elapsed().as_secs_f64() * 1e6 / reps as f64
-    );
+    let one_change = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+    let mut resettled = snaps[0].clone();
+    let reps_full = 10;
+    let t = std::time::Instant::now();
+    for r in 0..reps_full {
+        resettled.settings.record_ttl = 5 + (r % 2) as u32;
+        catalog.update(&resettled);
+    }
+    let full = t.elapsed().as_secs_f64() * 1e6 / reps_full as f64;
+    catalog.update(&snaps[0]);
     let membranes = a.namespaces * a.services * a.instances;
     println!(
         "membranes {membranes} ({} namespaces x {} services x {} instances); catalog built in {:?} ({:.1} us per namespace update)",
@@ -165,6 +176,10 @@ fn main() {
         "rss_kib start {rss0} with_snapshots {rss_snaps} with_catalog {rss_catalog} (catalog alone ~{} KiB, {:.0} B per membrane)",
         rss_catalog.saturating_sub(rss_snaps),
         (rss_catalog.saturating_sub(rss_snaps) * 1024) as f64 / membranes as f64
+    );
+    println!(
+        "update after one membrane of a {}-membrane namespace changed: {one_change:.1} us (mean of {reps}); full rebuild of that namespace: {full:.0} us",
+        a.services * a.instances
     );
     if let Some(dir) = &a.zone_dir {
         for s in &snaps {

@@ -18,7 +18,7 @@ mod zone;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Mutex, RwLock};
 
 use shared::NamespaceName;
 
@@ -28,7 +28,7 @@ pub use server::{bind_udp, serve};
 pub use stats::DnsStats;
 
 use records::{Naming, label_offsets, parse_text_name};
-use zone::Zone;
+use zone::{NsState, Zone};
 
 /// DNS settings shared by every zone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -96,8 +96,10 @@ pub struct Catalog {
     naming: Naming,
     /// Labels in the suffix (0 without one).
     suffix_labels: usize,
-    /// Namespace label -> zone.
-    zones: RwLock<HashMap<Box<[u8]>, Arc<Zone>>>,
+    /// Namespace label -> zone, read by every query.
+    zones: RwLock<HashMap<Box<[u8]>, Zone>>,
+    /// Namespace label -> what the incremental rebuild remembers; also serialises updates.
+    states: Mutex<HashMap<Box<[u8]>, NsState>>,
     stats: stats::Stats,
 }
 
@@ -118,32 +120,55 @@ impl Catalog {
             suffix_labels: label_offsets(&naming.suffix).len(),
             naming,
             zones: RwLock::new(HashMap::new()),
+            states: Mutex::new(HashMap::new()),
             stats: stats::Stats::default(),
         })
     }
 
-    /// (Re)builds the zone of `snap.name` from the snapshot; visible to the next query.
+    /// Brings the zone of `snap.name` up to the snapshot; visible to the next query. Only
+    /// the answers of membranes whose registration changed (and of their service types)
+    /// are rendered again.
     pub fn update(&self, snap: &NamespaceSnapshot) {
-        let data = records::zone_data(snap, &self.naming);
-        let zone = Arc::new(Zone::build(&data));
         let key: Box<[u8]> = snap.name.as_str().as_bytes().into();
-        let old = self
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        let delta = states
+            .entry(key.clone())
+            .or_default()
+            .update(snap, &self.naming);
+        // Zones are only added and removed with `states` held: no race with this check.
+        let exists = self
             .zones
-            .write()
+            .read()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key, zone);
-        // The old zone is freed here, outside the lock.
-        drop(old);
+            .contains_key(&key);
+        if exists {
+            let old = {
+                let mut zones = self.zones.write().unwrap_or_else(|e| e.into_inner());
+                zones.get_mut(&key).map(|z| delta.apply(z))
+            };
+            // Replaced answers are freed here, outside the lock.
+            drop(old);
+        } else {
+            let zone = delta.into_zone();
+            self.zones
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, zone);
+        }
     }
 
     /// Removes the zone of `ns`: its names are then REFUSED.
     pub fn remove(&self, ns: &NamespaceName) {
+        let key = ns.as_str().as_bytes();
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        let state = states.remove(key);
         let old = self
             .zones
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(ns.as_str().as_bytes());
-        drop(old);
+            .remove(key);
+        drop(states);
+        drop((state, old));
     }
 
     /// Number of zones served.
@@ -172,4 +197,122 @@ pub fn export_zone(snap: &NamespaceSnapshot, config: &DnsConfig) -> String {
         ns_addresses: config.ns_addresses.clone(),
     });
     export::master_file(&records::zone_data(snap, &naming))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use shared::model::{Proto, Registration, ServiceSpec};
+    use shared::{MembraneId, NamespaceSettings, ServiceName, Tag};
+
+    use super::*;
+    use crate::snapshot::Instance;
+
+    /// Every name with, per type, the rendered body and counts, sorted.
+    type Dump = Vec<(Vec<u8>, Vec<(u16, Vec<u8>, u16, u16)>)>;
+
+    fn dump(c: &Catalog, ns: &str) -> Option<(Dump, Vec<u8>)> {
+        let zones = c.zones.read().unwrap();
+        let z = zones.get(ns.as_bytes())?;
+        let mut d: Dump = z
+            .nodes
+            .iter()
+            .map(|(k, n)| {
+                let mut sets: Vec<_> = n
+                    .rrsets
+                    .iter()
+                    .map(|(t, r)| (*t, r.body.to_vec(), r.ancount, r.arcount))
+                    .collect();
+                sets.sort();
+                (k.to_vec(), sets)
+            })
+            .collect();
+        d.sort();
+        Some((d, z.nxdomain.body.to_vec()))
+    }
+
+    fn inst(id: &str, svcs: &[(&str, u16)], caps: &[&str], addr: u8) -> Instance {
+        Instance {
+            id: MembraneId::new(id).unwrap(),
+            registration: Arc::new(Registration {
+                addresses: vec![std::net::IpAddr::from([10, 0, 0, addr])],
+                services: svcs
+                    .iter()
+                    .map(|(n, port)| ServiceSpec {
+                        name: ServiceName::new(n).unwrap(),
+                        proto: if *port % 2 == 0 {
+                            Proto::Tcp
+                        } else {
+                            Proto::Udp
+                        },
+                        port: *port,
+                        priority: 0,
+                        weight: 10,
+                    })
+                    .collect(),
+                capabilities: caps.iter().map(|c| Tag::new(c).unwrap()).collect(),
+                metadata: BTreeMap::from([("k".to_string(), id.to_string())]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn snap(serial: u32, ttl: u32, mut instances: Vec<Instance>) -> NamespaceSnapshot {
+        instances.sort_by(|a, b| a.id.cmp(&b.id));
+        NamespaceSnapshot {
+            name: NamespaceName::new("ns").unwrap(),
+            settings: NamespaceSettings {
+                record_ttl: ttl,
+                ..Default::default()
+            },
+            instances,
+            serial,
+        }
+    }
+
+    #[test]
+    fn incremental_updates_equal_a_fresh_build() {
+        let config = DnsConfig {
+            ns_addresses: vec!["192.0.2.1".parse().unwrap()],
+            ..Default::default()
+        };
+        let live = Catalog::new(config.clone()).unwrap();
+        // A pseudo-random walk of registrations, changes and removals.
+        let mut state: Vec<Instance> = Vec::new();
+        let mut x: u64 = 7;
+        for step in 0..300u32 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let r = (x >> 33) as usize;
+            let id = format!("m{}", r % 23);
+            state.retain(|i| i.id.as_str() != id);
+            match r % 5 {
+                0 => {} // removed
+                1 => state.push(inst(&id, &[], &[], (r % 200) as u8)),
+                2 => state.push(inst(&id, &[("a", 80)], &["x"], (r % 200) as u8)),
+                3 => state.push(inst(&id, &[("a", 80), ("b", 53)], &["y", "x"], 1)),
+                _ => state.push(inst(&id, &[("b", 53), ("c", 100)], &[], (r % 7) as u8)),
+            }
+            // Sometimes the settings change, which renders everything again.
+            let ttl = if step % 97 == 96 { 9 } else { 5 };
+            let s = snap(step, ttl, state.clone());
+            live.update(&s);
+            if step % 10 == 0 || step > 290 {
+                let fresh = Catalog::new(config.clone()).unwrap();
+                fresh.update(&s);
+                assert_eq!(dump(&live, "ns"), dump(&fresh, "ns"), "step {step}");
+            }
+        }
+        live.remove(&NamespaceName::new("ns").unwrap());
+        assert!(dump(&live, "ns").is_none());
+        // Served again after removal: from scratch.
+        let s = snap(1000, 5, state.clone());
+        live.update(&s);
+        let fresh = Catalog::new(config).unwrap();
+        fresh.update(&s);
+        assert_eq!(dump(&live, "ns"), dump(&fresh, "ns"));
+    }
 }

@@ -4,7 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::snapshot::NamespaceSnapshot;
+use shared::Registration;
+use shared::model::Proto;
+
+use crate::snapshot::{Instance, NamespaceSnapshot};
 
 /// Record type codes used here.
 pub(crate) mod rtype {
@@ -177,8 +180,6 @@ pub(crate) struct ZoneData {
     pub apex: WireName,
     /// TTL of every record.
     pub ttl: u32,
-    /// Negative TTL (SOA minimum).
-    pub negative_ttl: u32,
     /// The SOA record data (also in `nodes` at the apex).
     pub soa: RData,
     /// Owner name -> RRsets (includes empty non-terminals).
@@ -186,41 +187,6 @@ pub(crate) struct ZoneData {
 }
 
 impl ZoneData {
-    fn add(&mut self, owner: WireName, rdata: RData) {
-        let node = self.nodes.entry(owner).or_default();
-        let t = rdata.rtype();
-        match node.iter_mut().find(|(ty, _)| *ty == t) {
-            Some((_, set)) => {
-                if !set.contains(&rdata) {
-                    set.push(rdata);
-                }
-            }
-            None => node.push((t, vec![rdata])),
-        }
-    }
-
-    /// Adds an empty node for every missing ancestor of every owner, up to the apex.
-    fn add_empty_non_terminals(&mut self) {
-        let mut missing = BTreeSet::new();
-        for owner in self.nodes.keys() {
-            let mut cur: &[u8] = owner;
-            while cur.len() > self.apex.len() {
-                match parent(cur) {
-                    Some(p) => {
-                        cur = p;
-                        if !self.nodes.contains_key(cur) {
-                            missing.insert(cur.to_vec());
-                        }
-                    }
-                    None => break,
-                }
-            }
-        }
-        for m in missing {
-            self.nodes.entry(m).or_default();
-        }
-    }
-
     /// The RRset of `t` at `owner`, if any.
     pub(crate) fn rrset(&self, owner: &[u8], t: u16) -> Option<&[RData]> {
         self.nodes
@@ -288,113 +254,270 @@ impl Naming {
     }
 }
 
-/// Builds every record of a namespace zone.
-pub(crate) fn zone_data(snap: &NamespaceSnapshot, naming: &Naming) -> ZoneData {
+/// The names of one part of a zone with their RRsets (empty: an empty non-terminal).
+pub(crate) type NodeList = Vec<(WireName, NodeData)>;
+
+fn push(nodes: &mut NodeList, owner: &[u8], rdata: RData) {
+    let i = match nodes.iter().rposition(|(o, _)| o == owner) {
+        Some(i) => i,
+        None => {
+            nodes.push((owner.to_vec(), Vec::new()));
+            nodes.len() - 1
+        }
+    };
+    let node = &mut nodes[i].1;
+    let t = rdata.rtype();
+    match node.iter_mut().find(|(ty, _)| *ty == t) {
+        Some((_, set)) => set.push(rdata),
+        None => node.push((t, vec![rdata])),
+    }
+}
+
+fn touch(nodes: &mut NodeList, owner: &[u8]) {
+    if !nodes.iter().any(|(o, _)| o == owner) {
+        nodes.push((owner.to_vec(), Vec::new()));
+    }
+}
+
+/// The records at the apex: SOA, NS, the NS host's addresses (and its empty ancestors).
+pub(crate) fn apex_group(snap: &NamespaceSnapshot, naming: &Naming) -> NodeList {
     let apex = naming.apex(snap.name.as_str());
     let ns_target = naming.ns_target(&apex);
-    let soa = RData::Soa {
-        mname: ns_target.clone(),
+    let mut n = NodeList::new();
+    push(&mut n, &apex, soa_of(snap, naming));
+    push(&mut n, &apex, RData::Ns(ns_target.clone()));
+    if is_within(&ns_target, &apex) && ns_target != apex {
+        touch(&mut n, &ns_target);
+        let addrs: BTreeSet<IpAddr> = naming.ns_addresses.iter().copied().collect();
+        for a in addrs {
+            push(&mut n, &ns_target, addr_rdata(a));
+        }
+        let mut cur = parent(&ns_target);
+        while let Some(p) = cur {
+            if p.len() <= apex.len() {
+                break;
+            }
+            touch(&mut n, p);
+            cur = parent(p);
+        }
+    }
+    n
+}
+
+/// The SOA of a zone.
+pub(crate) fn soa_of(snap: &NamespaceSnapshot, naming: &Naming) -> RData {
+    let apex = naming.apex(snap.name.as_str());
+    RData::Soa {
+        mname: naming.ns_target(&apex),
         rname: name_with(&["hostmaster"], &apex),
         serial: snap.serial,
         minimum: snap.settings.negative_ttl,
-    };
-    let mut z = ZoneData {
-        apex: apex.clone(),
-        ttl: snap.settings.record_ttl,
-        negative_ttl: snap.settings.negative_ttl,
-        soa: soa.clone(),
-        nodes: BTreeMap::new(),
-    };
-    z.add(apex.clone(), soa);
-    z.add(apex.clone(), RData::Ns(ns_target.clone()));
-    if is_within(&ns_target, &apex) && ns_target != apex {
-        z.nodes.entry(ns_target.clone()).or_default();
-        for a in &naming.ns_addresses {
-            z.add(ns_target.clone(), addr_rdata(*a));
+    }
+}
+
+/// A service type of a zone: `_svc._proto.<apex>`, with its two labels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct ServiceType {
+    pub name: WireName,
+    pub svc_label: String,
+    pub proto_label: &'static str,
+}
+
+/// The distinct service types of a registration, in order.
+pub(crate) fn service_types(apex: &[u8], reg: &Registration) -> Vec<ServiceType> {
+    let mut v: Vec<ServiceType> = Vec::new();
+    for s in &reg.services {
+        let svc_label = format!("_{}", s.name.as_str());
+        let proto_label = proto_label(s.proto);
+        if !v
+            .iter()
+            .any(|t| t.svc_label == svc_label && t.proto_label == proto_label)
+        {
+            v.push(ServiceType {
+                name: name_with(&[&svc_label, proto_label], apex),
+                svc_label,
+                proto_label,
+            });
         }
     }
+    v
+}
 
-    let mut service_types: BTreeSet<(String, &'static str)> = BTreeSet::new();
-    for inst in &snap.instances {
+fn proto_label(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "_tcp",
+        Proto::Udp => "_udp",
+    }
+}
+
+/// DNS-SD TXT of an instance: `id=<id>` first, then key=value metadata.
+fn sd_txt(id: &str, reg: &Registration) -> RData {
+    let mut t = Vec::new();
+    txt_strings(&mut t, &format!("id={id}"));
+    for (k, v) in &reg.metadata {
+        txt_strings(&mut t, &format!("{k}={v}"));
+    }
+    RData::Txt(t)
+}
+
+/// The records owned by one membrane: `id.<apex>` (A, AAAA, TXT) and, per service type,
+/// `id._svc._proto.<apex>` (SRV, TXT).
+pub(crate) fn instance_group(apex: &[u8], inst: &Instance) -> NodeList {
+    let id = inst.id.as_str();
+    let reg = &inst.registration;
+    let host = name_with(&[id], apex);
+    let mut n = NodeList::new();
+    touch(&mut n, &host);
+    let addrs: BTreeSet<IpAddr> = reg.addresses.iter().copied().collect();
+    for a in addrs {
+        push(&mut n, &host, addr_rdata(a));
+    }
+    let mut txt = Vec::new();
+    if let Some(p) = &reg.parent {
+        txt_strings(&mut txt, &format!("parent={p}"));
+    }
+    if let Some(ep) = &reg.endpoint {
+        txt_strings(&mut txt, &format!("mode={}", ep.mode()));
+        txt_strings(&mut txt, &format!("endpoint={}", ep.target()));
+    }
+    if !reg.capabilities.is_empty() {
+        let caps: Vec<&str> = reg.capabilities.iter().map(|c| c.as_str()).collect();
+        txt_list(&mut txt, "capabilities", &caps);
+    }
+    if !reg.tags.is_empty() {
+        let tags: Vec<&str> = reg.tags.iter().map(|c| c.as_str()).collect();
+        txt_list(&mut txt, "tags", &tags);
+    }
+    txt.push(b"state=passing".to_vec());
+    push(&mut n, &host, RData::Txt(txt));
+    for st in service_types(apex, reg) {
+        let inst_name = name_with(&[id], &st.name);
+        for s in &reg.services {
+            if format!("_{}", s.name.as_str()) == st.svc_label
+                && proto_label(s.proto) == st.proto_label
+            {
+                push(
+                    &mut n,
+                    &inst_name,
+                    RData::Srv {
+                        priority: s.priority,
+                        weight: s.weight,
+                        port: s.port,
+                        target: host.clone(),
+                    },
+                );
+            }
+        }
+        push(&mut n, &inst_name, sd_txt(id, reg));
+    }
+    n
+}
+
+/// The records of one service type, over its member instances (those offering it):
+/// `_svc._proto` SRV/PTR/TXT, the subtype PTRs, and the empty `_sub` and `_proto` names.
+pub(crate) fn service_group(apex: &[u8], st: &ServiceType, members: &[&Instance]) -> NodeList {
+    let mut n = NodeList::new();
+    touch(&mut n, &st.name);
+    let mut subtypes: BTreeMap<String, Vec<WireName>> = BTreeMap::new();
+    for inst in members {
         let id = inst.id.as_str();
         let reg = &inst.registration;
-        let host = name_with(&[id], &apex);
-        z.nodes.entry(host.clone()).or_default();
-        for a in &reg.addresses {
-            z.add(host.clone(), addr_rdata(*a));
+        let host = name_with(&[id], apex);
+        let inst_name = name_with(&[id], &st.name);
+        for s in &reg.services {
+            if format!("_{}", s.name.as_str()) == st.svc_label
+                && proto_label(s.proto) == st.proto_label
+            {
+                push(
+                    &mut n,
+                    &st.name,
+                    RData::Srv {
+                        priority: s.priority,
+                        weight: s.weight,
+                        port: s.port,
+                        target: host.clone(),
+                    },
+                );
+            }
         }
-        // id.ns. TXT: parent, mode, endpoint, capabilities, tags, state.
-        let mut txt = Vec::new();
-        if let Some(p) = &reg.parent {
-            txt_strings(&mut txt, &format!("parent={p}"));
-        }
-        if let Some(ep) = &reg.endpoint {
-            txt_strings(&mut txt, &format!("mode={}", ep.mode()));
-            txt_strings(&mut txt, &format!("endpoint={}", ep.target()));
-        }
-        if !reg.capabilities.is_empty() {
-            let caps: Vec<&str> = reg.capabilities.iter().map(|c| c.as_str()).collect();
-            txt_list(&mut txt, "capabilities", &caps);
-        }
-        if !reg.tags.is_empty() {
-            let tags: Vec<&str> = reg.tags.iter().map(|c| c.as_str()).collect();
-            txt_list(&mut txt, "tags", &tags);
-        }
-        txt.push(b"state=passing".to_vec());
-        z.add(host.clone(), RData::Txt(txt));
-
-        // DNS-SD TXT: id=<id> first, then key=value metadata.
-        let mut sd_txt = Vec::new();
-        txt_strings(&mut sd_txt, &format!("id={id}"));
-        for (k, v) in &reg.metadata {
-            txt_strings(&mut sd_txt, &format!("{k}={v}"));
-        }
-        let subtypes: BTreeSet<&str> = reg
+        push(&mut n, &st.name, RData::Ptr(inst_name.clone()));
+        push(&mut n, &st.name, sd_txt(id, reg));
+        let labels: BTreeSet<&str> = reg
             .capabilities
             .iter()
             .chain(reg.tags.iter())
             .map(|t| t.as_str())
             .collect();
+        for l in labels {
+            subtypes
+                .entry(format!("_{l}"))
+                .or_default()
+                .push(inst_name.clone());
+        }
+    }
+    if !subtypes.is_empty() {
+        let sub = name_with(&["_sub"], &st.name);
+        touch(&mut n, &sub);
+        for (label, insts) in subtypes {
+            let owner = name_with(&[&label], &sub);
+            for i in insts {
+                push(&mut n, &owner, RData::Ptr(i));
+            }
+        }
+    }
+    touch(&mut n, &name_with(&[st.proto_label], apex));
+    n
+}
 
-        let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
-        for s in &reg.services {
-            let svc_label = format!("_{}", s.name.as_str());
-            let proto_label = match s.proto {
-                shared::model::Proto::Tcp => "_tcp",
-                shared::model::Proto::Udp => "_udp",
-            };
-            let stype = name_with(&[&svc_label, proto_label], &apex);
-            let inst_name = name_with(&[id, &svc_label, proto_label], &apex);
-            let srv = RData::Srv {
-                priority: s.priority,
-                weight: s.weight,
-                port: s.port,
-                target: host.clone(),
-            };
-            z.add(stype.clone(), srv.clone());
-            z.add(inst_name.clone(), srv);
-            if seen.insert((s.name.as_str(), proto_label)) {
-                service_types.insert((svc_label.clone(), proto_label));
-                z.add(stype.clone(), RData::Ptr(inst_name.clone()));
-                z.add(stype.clone(), RData::Txt(sd_txt.clone()));
-                z.add(inst_name.clone(), RData::Txt(sd_txt.clone()));
-                for st in &subtypes {
-                    let sub = name_with(&[&format!("_{st}"), "_sub"], &stype);
-                    z.add(sub, RData::Ptr(inst_name.clone()));
+/// `_services._dns-sd._udp.<apex>`: one PTR per service type (none: no names at all).
+pub(crate) fn enumeration_group<'a>(
+    apex: &[u8],
+    types: impl Iterator<Item = &'a WireName>,
+) -> NodeList {
+    let mut n = NodeList::new();
+    let owner = name_with(&["_services", "_dns-sd", "_udp"], apex);
+    for t in types {
+        push(&mut n, &owner, RData::Ptr(t.clone()));
+    }
+    if !n.is_empty() {
+        touch(&mut n, &name_with(&["_dns-sd", "_udp"], apex));
+        touch(&mut n, &name_with(&["_udp"], apex));
+    }
+    n
+}
+
+/// Every part of a zone, merged: what [`export`](super::export) writes.
+pub(crate) fn zone_data(snap: &NamespaceSnapshot, naming: &Naming) -> ZoneData {
+    let apex = naming.apex(snap.name.as_str());
+    let mut z = ZoneData {
+        apex: apex.clone(),
+        ttl: snap.settings.record_ttl,
+        soa: soa_of(snap, naming),
+        nodes: BTreeMap::new(),
+    };
+    let mut types: BTreeMap<ServiceType, Vec<&Instance>> = BTreeMap::new();
+    let mut parts = vec![apex_group(snap, naming)];
+    for inst in &snap.instances {
+        parts.push(instance_group(&apex, inst));
+        for st in service_types(&apex, &inst.registration) {
+            types.entry(st).or_default().push(inst);
+        }
+    }
+    for (st, members) in &types {
+        parts.push(service_group(&apex, st, members));
+    }
+    parts.push(enumeration_group(&apex, types.keys().map(|t| &t.name)));
+    for part in parts {
+        for (owner, data) in part {
+            let node = z.nodes.entry(owner).or_default();
+            for (t, set) in data {
+                match node.iter_mut().find(|(ty, _)| *ty == t) {
+                    Some((_, s)) => s.extend(set),
+                    None => node.push((t, set)),
                 }
             }
         }
     }
-    if !service_types.is_empty() {
-        let enumeration = name_with(&["_services", "_dns-sd", "_udp"], &apex);
-        for (svc, proto) in &service_types {
-            z.add(
-                enumeration.clone(),
-                RData::Ptr(name_with(&[svc, proto], &apex)),
-            );
-        }
-    }
-    z.add_empty_non_terminals();
     z
 }
 

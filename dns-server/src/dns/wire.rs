@@ -6,7 +6,7 @@
 //! position independent: records can be copied in any order (the SRV weighted shuffle)
 //! after any question of the same name, and a whole section can be dropped.
 
-use super::records::{RData, WireName, ZoneData, label_offsets, rtype};
+use super::records::{RData, WireName, label_offsets, rtype};
 
 /// Offset of the question name in every message.
 pub(crate) const QNAME_OFFSET: usize = 12;
@@ -62,15 +62,19 @@ impl<'q> Writer<'q> {
 
     /// Writes `name`, ending in a pointer to the longest suffix it shares with the question.
     pub(crate) fn name(&mut self, name: &[u8]) {
-        let offs = label_offsets(name);
-        for &o in &offs {
+        let mut o = 0;
+        while o < name.len() && name[o] != 0 {
             let suffix = &name[o..];
-            if let Some(&qo) = self.qlabels.iter().find(|&&qo| &self.qname[qo..] == suffix) {
-                self.out.extend_from_slice(&name[..o]);
-                let ptr = 0xC000u16 | (QNAME_OFFSET + qo) as u16;
-                self.out.extend_from_slice(&ptr.to_be_bytes());
-                return;
+            if suffix.len() <= self.qname.len() {
+                let qo = self.qname.len() - suffix.len();
+                if &self.qname[qo..] == suffix && self.qlabels.binary_search(&qo).is_ok() {
+                    self.out.extend_from_slice(&name[..o]);
+                    let ptr = 0xC000u16 | (QNAME_OFFSET + qo) as u16;
+                    self.out.extend_from_slice(&ptr.to_be_bytes());
+                    return;
+                }
             }
+            o += 1 + name[o] as usize;
         }
         self.out.extend_from_slice(name);
     }
@@ -131,8 +135,17 @@ impl<'q> Writer<'q> {
     }
 }
 
+/// Where the additional section finds the addresses (`A` or `AAAA` RRset) of a target.
+pub(crate) type AddrLookup<'a> = dyn Fn(&[u8], u16) -> Option<&'a [RData]> + 'a;
+
 /// Renders the positive answer for the RRset `t` at `owner` (the question name).
-pub(crate) fn render_rrset(z: &ZoneData, owner: &[u8], t: u16, set: &[RData]) -> Rendered {
+pub(crate) fn render_rrset(
+    owner: &[u8],
+    t: u16,
+    set: &[RData],
+    ttl: u32,
+    addrs: &AddrLookup<'_>,
+) -> Rendered {
     let mut w = Writer::new(owner);
     let mut set: Vec<&RData> = set.iter().collect();
     if t == rtype::SRV {
@@ -145,7 +158,7 @@ pub(crate) fn render_rrset(z: &ZoneData, owner: &[u8], t: u16, set: &[RData]) ->
     let mut groups: Vec<(u32, u32)> = Vec::new();
     let mut last_prio = None;
     for rd in &set {
-        let (s, e) = w.record(owner, z.ttl, rd);
+        let (s, e) = w.record(owner, ttl, rd);
         if let RData::Srv {
             priority, weight, ..
         } = rd
@@ -177,9 +190,9 @@ pub(crate) fn render_rrset(z: &ZoneData, owner: &[u8], t: u16, set: &[RData]) ->
     let mut arcount = 0u16;
     for tgt in targets {
         for at in [rtype::A, rtype::AAAA] {
-            if let Some(addrs) = z.rrset(tgt, at) {
-                for a in addrs {
-                    w.record(tgt, z.ttl, a);
+            if let Some(found) = addrs(tgt, at) {
+                for a in found {
+                    w.record(tgt, ttl, a);
                     arcount += 1;
                 }
             }
@@ -205,9 +218,13 @@ pub(crate) fn render_rrset(z: &ZoneData, owner: &[u8], t: u16, set: &[RData]) ->
 /// Renders a negative answer (NODATA with rcode 0, NXDOMAIN with rcode 3): the SOA in the
 /// authority section with TTL min(record TTL, SOA minimum) (RFC 2308), names uncompressed so
 /// that it can follow any question.
-pub(crate) fn render_negative(z: &ZoneData, rcode: u8) -> Rendered {
+pub(crate) fn render_negative(apex: &[u8], soa: &RData, ttl: u32, rcode: u8) -> Rendered {
     let mut w = Writer::new(&[]);
-    w.record(&z.apex, z.ttl.min(z.negative_ttl), &z.soa);
+    let minimum = match soa {
+        RData::Soa { minimum, .. } => *minimum,
+        _ => ttl,
+    };
+    w.record(apex, ttl.min(minimum), soa);
     Rendered {
         rcode,
         ancount: 0,
