@@ -323,6 +323,14 @@ pub(crate) struct ServiceType {
     pub proto_label: &'static str,
 }
 
+impl ServiceType {
+    /// Whether `spec` is an offer of this service type.
+    pub(crate) fn offered_by(&self, spec: &shared::model::ServiceSpec) -> bool {
+        self.svc_label.get(1..) == Some(spec.name.as_str())
+            && self.proto_label == proto_label(spec.proto)
+    }
+}
+
 /// The distinct service types of a registration, in order.
 pub(crate) fn service_types(apex: &[u8], reg: &Registration) -> Vec<ServiceType> {
     let mut v: Vec<ServiceType> = Vec::new();
@@ -393,9 +401,7 @@ pub(crate) fn instance_group(apex: &[u8], inst: &Instance) -> NodeList {
     for st in service_types(apex, reg) {
         let inst_name = name_with(&[id], &st.name);
         for s in &reg.services {
-            if format!("_{}", s.name.as_str()) == st.svc_label
-                && proto_label(s.proto) == st.proto_label
-            {
+            if st.offered_by(s) {
                 push(
                     &mut n,
                     &inst_name,
@@ -425,9 +431,7 @@ pub(crate) fn service_group(apex: &[u8], st: &ServiceType, members: &[&Instance]
         let host = name_with(&[id], apex);
         let inst_name = name_with(&[id], &st.name);
         for s in &reg.services {
-            if format!("_{}", s.name.as_str()) == st.svc_label
-                && proto_label(s.proto) == st.proto_label
-            {
+            if st.offered_by(s) {
                 push(
                     &mut n,
                     &st.name,

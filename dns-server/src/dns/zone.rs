@@ -162,7 +162,7 @@ pub(crate) struct NsState {
     ttl: u32,
     negative_ttl: u32,
     /// Membrane id -> its registration and service types, as last rendered.
-    membranes: HashMap<Box<str>, (Arc<Registration>, Vec<ServiceType>)>,
+    membranes: HashMap<Box<str>, Arc<Registration>>,
     /// Service types with at least one member.
     types: BTreeMap<WireName, ServiceType>,
     parts: HashMap<PartKey, Part>,
@@ -281,12 +281,12 @@ impl NsState {
             let id = inst.id.as_str();
             present.insert(id);
             let old_types = match self.membranes.get(id) {
-                Some((reg, _))
+                Some(reg)
                     if Arc::ptr_eq(reg, &inst.registration) || **reg == *inst.registration =>
                 {
                     continue;
                 }
-                Some((_, types)) => types.clone(),
+                Some(reg) => service_types(&apex, reg),
                 None => Vec::new(),
             };
             let types = service_types(&apex, &inst.registration);
@@ -295,8 +295,7 @@ impl NsState {
             }
             let part = render_part(&records::instance_group(&apex, inst), ttl, None);
             self.replace(PartKey::Membrane(id.into()), Some(part), &mut changed);
-            self.membranes
-                .insert(id.into(), (inst.registration.clone(), types));
+            self.membranes.insert(id.into(), inst.registration.clone());
         }
         let gone: Vec<Box<str>> = self
             .membranes
@@ -305,8 +304,8 @@ impl NsState {
             .cloned()
             .collect();
         for id in gone {
-            if let Some((_, types)) = self.membranes.remove(&id) {
-                for t in types {
+            if let Some(reg) = self.membranes.remove(&id) {
+                for t in service_types(&apex, &reg) {
                     dirty.insert(t.name.clone(), t);
                 }
             }
@@ -317,11 +316,9 @@ impl NsState {
         if !dirty.is_empty() {
             let mut members: BTreeMap<&WireName, Vec<&Instance>> = BTreeMap::new();
             for inst in &snap.instances {
-                if let Some((_, types)) = self.membranes.get(inst.id.as_str()) {
-                    for t in types {
-                        if let Some((k, _)) = dirty.get_key_value(&t.name) {
-                            members.entry(k).or_default().push(inst);
-                        }
+                for (k, st) in &dirty {
+                    if inst.registration.services.iter().any(|s| st.offered_by(s)) {
+                        members.entry(k).or_default().push(inst);
                     }
                 }
             }
