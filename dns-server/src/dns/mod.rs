@@ -273,6 +273,31 @@ mod tests {
     }
 
     #[test]
+    fn catalog_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Catalog>();
+        check::<Arc<Catalog>>();
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        let bad = |suffix: Option<&str>, ns: Option<&str>| {
+            Catalog::new(DnsConfig {
+                domain_suffix: suffix.map(String::from),
+                ns_host: ns.map(String::from),
+                ns_addresses: vec![],
+            })
+            .is_err()
+        };
+        assert!(bad(Some("a..b"), None));
+        assert!(bad(Some(&"a.".repeat(100)), None));
+        assert!(bad(None, Some(".")));
+        assert!(bad(None, Some("bad host")));
+        assert!(!bad(Some("svc.example."), Some("ns1.example.net")));
+        assert!(!bad(None, None));
+    }
+
+    #[test]
     fn incremental_updates_equal_a_fresh_build() {
         let config = DnsConfig {
             ns_addresses: vec!["192.0.2.1".parse().unwrap()],
