@@ -602,6 +602,97 @@ mod tests {
     use super::*;
     use crate::dns::wire::SrvSlot;
 
+    /// Mutated and random packets never panic the parser, and every answer is a message
+    /// hickory-proto can parse, with the request's id.
+    #[test]
+    fn garbage_never_panics() {
+        use std::sync::Arc;
+
+        use shared::model::{Proto, Registration, ServiceSpec};
+        use shared::{MembraneId, NamespaceName, NamespaceSettings, ServiceName};
+
+        use crate::dns::{Catalog, DnsConfig};
+        use crate::snapshot::{Instance, NamespaceSnapshot};
+
+        let catalog = Catalog::new(DnsConfig::default()).unwrap();
+        catalog.update(&NamespaceSnapshot {
+            name: NamespaceName::new("ns").unwrap(),
+            settings: NamespaceSettings::default(),
+            instances: (0..40)
+                .map(|i| Instance {
+                    id: MembraneId::new(&format!("m{i}")).unwrap(),
+                    registration: Arc::new(Registration {
+                        addresses: vec![std::net::IpAddr::from([10, 0, 0, i as u8])],
+                        services: vec![ServiceSpec {
+                            name: ServiceName::new("web").unwrap(),
+                            proto: Proto::Tcp,
+                            port: 80,
+                            priority: (i % 3) as u16,
+                            weight: i as u16,
+                        }],
+                        ..Default::default()
+                    }),
+                })
+                .collect(),
+            serial: 1,
+        });
+        let valid: Vec<Vec<u8>> = [
+            ("_web._tcp.ns.", hickory_proto::rr::RecordType::SRV),
+            ("m1.ns.", hickory_proto::rr::RecordType::A),
+            ("nope.ns.", hickory_proto::rr::RecordType::TXT),
+        ]
+        .iter()
+        .map(|(n, t)| {
+            let mut m = hickory_proto::op::Message::query();
+            m.add_query(hickory_proto::op::Query::query(
+                hickory_proto::rr::Name::from_ascii(n).unwrap(),
+                *t,
+            ));
+            m.set_edns(hickory_proto::op::Edns::new());
+            m.to_vec().unwrap()
+        })
+        .collect();
+        let shard = Shard::default();
+        let mut s = Scratch::new();
+        let mut rng = Rng::seeded(9);
+        let mut out = Vec::new();
+        let mut answered = 0;
+        for round in 0..60_000 {
+            let mut pkt = valid[round % valid.len()].clone();
+            match rng.below(4) {
+                0 => {
+                    // Flip a few bytes.
+                    for _ in 0..=rng.below(4) {
+                        let i = rng.below(pkt.len() as u64) as usize;
+                        pkt[i] = rng.next() as u8;
+                    }
+                }
+                1 => pkt.truncate(rng.below(pkt.len() as u64 + 1) as usize),
+                2 => {
+                    let n = rng.below(80) as usize;
+                    pkt = (0..n).map(|_| rng.next() as u8).collect();
+                }
+                _ => {
+                    let i = rng.below(pkt.len() as u64) as usize;
+                    pkt[i] = 0xC0 | (rng.next() as u8 & 0x3F);
+                }
+            }
+            let tcp = round % 2 == 0;
+            if catalog
+                .respond(&pkt, tcp, &mut out, &mut s, &shard)
+                .is_some()
+            {
+                answered += 1;
+                assert!(out.len() >= 12 && out[..2] == pkt[..2], "{pkt:?}");
+                assert!(tcp || out.len() <= 1232, "{pkt:?}");
+                if let Err(e) = hickory_proto::op::Message::from_vec(&out) {
+                    panic!("unparsable answer {out:?} to {pkt:?}: {e}");
+                }
+            }
+        }
+        assert!(answered > 10_000, "{answered}");
+    }
+
     fn shuffle_counts(weights: &[u16], rounds: usize) -> Vec<Vec<usize>> {
         // Body: one byte per record, the byte being its index.
         let body: Vec<u8> = (0..weights.len() as u8).collect();
