@@ -180,9 +180,10 @@ pub(crate) fn render_rrset(
     let an_ns_len = w.out.len() as u32;
     // Additional section: addresses of SRV targets and of the NS host.
     let mut targets: Vec<&WireName> = Vec::new();
+    let mut seen: std::collections::HashSet<&WireName> = std::collections::HashSet::new();
     for rd in &set {
         if let RData::Srv { target, .. } | RData::Ns(target) = rd
-            && !targets.contains(&target)
+            && seen.insert(target)
         {
             targets.push(target);
         }
