@@ -85,6 +85,19 @@ pub struct ServerArgs {
     #[arg(long, env = "MEMBRANE_DOMAIN_SUFFIX", value_name = "SUFFIX")]
     pub domain_suffix: Option<String>,
 
+    /// Host name in every zone's NS and SOA records [default: ns.dns.<zone>.]
+    #[arg(long, env = "MEMBRANE_NS_HOST", value_name = "NAME")]
+    pub ns_host: Option<String>,
+
+    /// Address(es) served for the NS host [default: the specific --dns-listen addresses]
+    #[arg(
+        long,
+        env = "MEMBRANE_NS_ADDRESS",
+        value_name = "IP",
+        value_delimiter = ','
+    )]
+    pub ns_address: Vec<std::net::IpAddr>,
+
     /// Registry store: `sqlite` (embedded, default) or etcd://HOST:PORT[,HOST:PORT...]
     #[arg(
         long,
@@ -231,6 +244,10 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Zone suffix, lowercase, without leading or trailing dot.
     pub domain_suffix: Option<String>,
+    /// NS host name, when not the default.
+    pub ns_host: Option<String>,
+    /// Addresses of the NS host.
+    pub ns_addresses: Vec<std::net::IpAddr>,
     /// Store.
     pub store: StoreKind,
     /// Body limit.
@@ -344,7 +361,29 @@ impl TryFrom<ServerArgs> for Config {
         {
             return Err(invalid("--sweep-interval must be between 10ms and 60s"));
         }
+        let ns_addresses = if a.ns_address.is_empty() {
+            let mut v: Vec<_> = a
+                .dns_listen
+                .iter()
+                .map(|s| s.ip())
+                .filter(|ip| !ip.is_unspecified())
+                .collect();
+            v.dedup();
+            v
+        } else {
+            a.ns_address.clone()
+        };
+        let dns_check = crate::dns::DnsConfig {
+            domain_suffix: a.domain_suffix.as_deref().map(parse_suffix).transpose()?,
+            ns_host: a.ns_host.clone(),
+            ns_addresses: ns_addresses.clone(),
+        };
+        dns_check
+            .validate()
+            .map_err(|e| invalid(format!("DNS settings: {e}")))?;
         Ok(Config {
+            ns_host: a.ns_host,
+            ns_addresses,
             data_dir: a.data_dir.unwrap_or_else(default_data_dir),
             dns_listen: a.dns_listen,
             http_listen: a.http_listen,

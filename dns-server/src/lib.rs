@@ -180,12 +180,14 @@ pub async fn run(
 
     let dns_config = dns::DnsConfig {
         domain_suffix: config.domain_suffix.clone(),
-        ..dns::DnsConfig::default()
+        ns_host: config.ns_host.clone(),
+        ns_addresses: config.ns_addresses.clone(),
     };
     let catalog = Arc::new(
         dns::Catalog::new(dns_config.clone())
             .map_err(|e| config::ConfigError::Invalid(e.to_string()))?,
     );
+    metrics.register_collector(metrics::DnsCollector(catalog.clone()));
     let exporter_config = dns_config.clone();
     let state = http::AppState {
         registry: registry.clone(),

@@ -35,6 +35,64 @@ pub struct DnsLabels {
     pub rcode: String,
 }
 
+/// Exports the DNS server's counters at each scrape.
+pub struct DnsCollector(pub std::sync::Arc<crate::dns::Catalog>);
+
+impl std::fmt::Debug for DnsCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DnsCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for DnsCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::TypedMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        let s = self.0.stats();
+        let mut family = |name: &str, help: &str, rows: &[(&[(&str, &str)], u64)]| {
+            let mut m = encoder.encode_descriptor(name, help, None, ConstCounter::<u64>::TYPE)?;
+            for (labels, v) in rows {
+                let labels: Vec<(String, String)> = labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
+            }
+            Ok::<_, std::fmt::Error>(())
+        };
+        family(
+            "dns_queries",
+            "DNS queries received, by transport",
+            &[
+                (&[("transport", "udp")], s.queries_udp),
+                (&[("transport", "tcp")], s.queries_tcp),
+            ],
+        )?;
+        let rcodes: Vec<([(&str, &str); 1], u64)> = s
+            .by_rcode()
+            .iter()
+            .map(|(rcode, v)| ([("rcode", *rcode)], *v))
+            .collect();
+        let rows: Vec<(&[(&str, &str)], u64)> = rcodes.iter().map(|(l, v)| (&l[..], *v)).collect();
+        family("dns_responses", "DNS responses, by response code", &rows)?;
+        family(
+            "dns_truncated",
+            "UDP responses sent truncated (TC)",
+            &[(&[], s.truncated)],
+        )?;
+        family(
+            "dns_dropped",
+            "DNS packets dropped without an answer",
+            &[(&[], s.dropped)],
+        )?;
+        Ok(())
+    }
+}
+
 /// Every metric the server exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -142,14 +200,12 @@ impl Metrics {
         }
     }
 
-    /// Registers an extra collector-style metric (e.g. DNS counters) under the prefix.
-    pub fn register(
-        &self,
-        name: &str,
-        help: &str,
-        metric: impl prometheus_client::registry::Metric,
-    ) {
-        self.registry.lock().unwrap().register(name, help, metric);
+    /// Adds a collector (e.g. [`DnsCollector`]) read at each scrape.
+    pub fn register_collector(&self, c: impl prometheus_client::collector::Collector) {
+        self.registry
+            .lock()
+            .unwrap()
+            .register_collector(Box::new(c));
     }
 
     /// The text exposition format.

@@ -2,6 +2,7 @@
 
 mod process {
     mod cli;
+    mod dig;
     mod durability;
     pub mod harness;
 }

@@ -1,0 +1,778 @@
+//! The query path: a minimal parse of the header, question and OPT record, a lookup in the
+//! pre-rendered zone, and a response assembled by copying bytes into a reusable buffer.
+//! Anything the minimal parser does not handle (a compressed question name) goes through
+//! hickory-proto's full parser and is re-encoded in the plain form.
+
+use super::Catalog;
+use super::records::rtype;
+use super::stats::{Counter, Shard};
+use super::wire::{Rendered, Shuffle};
+
+/// Our advertised (and maximal) UDP payload size.
+pub(crate) const EDNS_PAYLOAD: u16 = 1232;
+/// Largest DNS message over TCP.
+pub(crate) const TCP_MAX: usize = 65_535;
+
+pub(crate) mod rcode {
+    pub const FORMERR: u16 = 1;
+    pub const NOTIMP: u16 = 4;
+    pub const REFUSED: u16 = 5;
+    pub const BADVERS: u16 = 16;
+}
+
+/// Small fast PRNG (wyrand) for the SRV order; one per receive loop, seeded from the OS.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new() -> Self {
+        Rng(rand::random())
+    }
+    #[cfg(test)]
+    pub(crate) fn seeded(s: u64) -> Self {
+        Rng(s)
+    }
+    #[inline]
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
+        let t = u128::from(self.0) * u128::from(self.0 ^ 0xe703_7ed1_a0b4_28db);
+        ((t >> 64) as u64) ^ (t as u64)
+    }
+    /// Uniform in `0..n` (n > 0); bias below 2^-32 for the n used here.
+    #[inline]
+    fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
+    }
+    /// Uniform in (0, 1].
+    #[inline]
+    fn unit(&mut self) -> f64 {
+        ((self.next() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Per-loop reusable state: no allocation per query once warmed up.
+pub(crate) struct Scratch {
+    pub rng: Rng,
+    order: Vec<u32>,
+    keys: Vec<(bool, f64, u32)>,
+}
+
+impl Scratch {
+    pub(crate) fn new() -> Self {
+        Scratch {
+            rng: Rng::new(),
+            order: Vec::with_capacity(64),
+            keys: Vec::with_capacity(256),
+        }
+    }
+}
+
+/// What was sent, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    pub rcode: u16,
+    pub truncated: bool,
+}
+
+#[derive(Clone, Copy)]
+struct ReqEdns {
+    payload: u16,
+    version: u8,
+}
+
+/// A query as the minimal parser sees it.
+struct Parsed<'a> {
+    id: u16,
+    flags: u16,
+    /// Raw question (name as sent, type, class).
+    question: &'a [u8],
+    /// Lowercase question name.
+    lower: [u8; 255],
+    qname_len: usize,
+    /// Offsets of the labels in the name.
+    labels: [u8; 128],
+    nlabels: usize,
+    qtype: u16,
+    qclass: u16,
+    edns: Option<ReqEdns>,
+}
+
+enum ParseError {
+    /// Too broken to answer.
+    Drop,
+    /// Answer with this rcode, echoing the question if there is one.
+    Fail { rcode: u16, question: Option<usize> },
+    /// Needs the full parser.
+    Slow,
+}
+
+#[inline]
+fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+/// Skips a (possibly compressed) name; returns the offset after it.
+fn skip_name(b: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        let l = *b.get(i)?;
+        match l & 0xC0 {
+            0x00 if l == 0 => return Some(i + 1),
+            0x00 => i += 1 + l as usize,
+            0xC0 => return (i + 2 <= b.len()).then_some(i + 2),
+            _ => return None,
+        }
+    }
+}
+
+fn parse(req: &[u8]) -> Result<Parsed<'_>, ParseError> {
+    if req.len() < 12 {
+        return Err(ParseError::Drop);
+    }
+    let flags = be16(req, 2);
+    if flags & 0x8000 != 0 {
+        // A response: never answer it (no reflection loops).
+        return Err(ParseError::Drop);
+    }
+    let opcode = (flags >> 11) & 0xF;
+    let (qd, an, ns, ar) = (be16(req, 4), be16(req, 6), be16(req, 8), be16(req, 10));
+    if qd != 1 {
+        let rcode = if opcode != 0 {
+            rcode::NOTIMP
+        } else {
+            rcode::FORMERR
+        };
+        return Err(ParseError::Fail {
+            rcode,
+            question: None,
+        });
+    }
+    let mut p = Parsed {
+        id: be16(req, 0),
+        flags,
+        question: &[],
+        lower: [0; 255],
+        qname_len: 0,
+        labels: [0; 128],
+        nlabels: 0,
+        qtype: 0,
+        qclass: 0,
+        edns: None,
+    };
+    let formerr = ParseError::Fail {
+        rcode: rcode::FORMERR,
+        question: None,
+    };
+    let mut i = 12;
+    loop {
+        let Some(&l) = req.get(i) else {
+            return Err(formerr);
+        };
+        let pos = i - 12;
+        if l == 0 {
+            p.lower[pos] = 0;
+            i += 1;
+            break;
+        }
+        match l & 0xC0 {
+            0x00 => {}
+            0xC0 => return Err(ParseError::Slow),
+            _ => return Err(formerr),
+        }
+        let l = l as usize;
+        if pos + 1 + l + 1 > 255 || i + 1 + l > req.len() {
+            return Err(formerr);
+        }
+        p.labels[p.nlabels] = pos as u8;
+        p.nlabels += 1;
+        p.lower[pos] = l as u8;
+        for (d, s) in p.lower[pos + 1..pos + 1 + l]
+            .iter_mut()
+            .zip(&req[i + 1..i + 1 + l])
+        {
+            *d = s.to_ascii_lowercase();
+        }
+        i += 1 + l;
+    }
+    p.qname_len = i - 12;
+    if i + 4 > req.len() {
+        return Err(formerr);
+    }
+    p.qtype = be16(req, i);
+    p.qclass = be16(req, i + 2);
+    i += 4;
+    p.question = &req[12..i];
+    let qlen = i - 12;
+    if opcode != 0 {
+        return Err(ParseError::Fail {
+            rcode: rcode::NOTIMP,
+            question: Some(qlen),
+        });
+    }
+    if an != 0 || ns != 0 {
+        return Err(ParseError::Fail {
+            rcode: rcode::FORMERR,
+            question: Some(qlen),
+        });
+    }
+    for _ in 0..ar {
+        let start = i;
+        let Some(j) = skip_name(req, i) else {
+            return Err(ParseError::Fail {
+                rcode: rcode::FORMERR,
+                question: Some(qlen),
+            });
+        };
+        if j + 10 > req.len() {
+            return Err(ParseError::Fail {
+                rcode: rcode::FORMERR,
+                question: Some(qlen),
+            });
+        }
+        let (t, class) = (be16(req, j), be16(req, j + 2));
+        let ttl = u32::from_be_bytes([req[j + 4], req[j + 5], req[j + 6], req[j + 7]]);
+        let rdlen = be16(req, j + 8) as usize;
+        i = j + 10 + rdlen;
+        if i > req.len() {
+            return Err(ParseError::Fail {
+                rcode: rcode::FORMERR,
+                question: Some(qlen),
+            });
+        }
+        match t {
+            rtype::OPT => {
+                if p.edns.is_some() || j != start + 1 {
+                    // RFC 6891: more than one OPT, or an OPT not owned by the root.
+                    return Err(ParseError::Fail {
+                        rcode: rcode::FORMERR,
+                        question: Some(qlen),
+                    });
+                }
+                p.edns = Some(ReqEdns {
+                    payload: class,
+                    version: (ttl >> 16) as u8,
+                });
+            }
+            // TSIG and SIG(0): signed requests are not supported.
+            250 | 24 => {
+                return Err(ParseError::Fail {
+                    rcode: rcode::NOTIMP,
+                    question: Some(qlen),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(p)
+}
+
+/// Re-encodes a request the minimal parser could not read (a compressed question name) in
+/// plain form, using hickory-proto's full parser. None: not a valid single-question message.
+fn canonicalize(req: &[u8]) -> Option<Vec<u8>> {
+    use hickory_proto::op::Message;
+    let msg = Message::from_vec(req).ok()?;
+    let [q] = msg.queries.as_slice() else {
+        return None;
+    };
+    let mut out = Vec::with_capacity(req.len());
+    out.extend_from_slice(&req[..4]);
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(msg.edns.is_some())]);
+    for label in q.name().iter() {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label);
+    }
+    out.push(0);
+    out.extend_from_slice(&u16::from(q.query_type()).to_be_bytes());
+    out.extend_from_slice(&u16::from(q.query_class()).to_be_bytes());
+    if let Some(e) = &msg.edns {
+        out.extend_from_slice(&[0, 0, 41]);
+        out.extend_from_slice(&e.max_payload().to_be_bytes());
+        out.extend_from_slice(&[e.rcode_high(), e.version(), 0, 0, 0, 0]);
+    }
+    Some(out)
+}
+
+#[inline]
+fn push16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+/// Header of a response to a request with `req_flags`: QR, opcode, RD and CD echoed, RA clear.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn header(
+    out: &mut Vec<u8>,
+    id: u16,
+    req_flags: u16,
+    aa: bool,
+    tc: bool,
+    rcode: u16,
+    qd: u16,
+    counts: [u16; 3],
+) {
+    let flags = 0x8000
+        | (req_flags & 0x7800)
+        | if aa { 0x0400 } else { 0 }
+        | if tc { 0x0200 } else { 0 }
+        | (req_flags & 0x0100)
+        | (req_flags & 0x0010)
+        | (rcode & 0xF);
+    push16(out, id);
+    push16(out, flags);
+    push16(out, qd);
+    for c in counts {
+        push16(out, c);
+    }
+}
+
+/// Our OPT record: payload 1232, version 0, DO clear, no options.
+#[inline]
+fn opt(out: &mut Vec<u8>, rcode: u16) {
+    out.extend_from_slice(&[0, 0, 41]);
+    push16(out, EDNS_PAYLOAD);
+    out.extend_from_slice(&[(rcode >> 4) as u8, 0, 0, 0, 0, 0]);
+}
+
+/// Writes the answer records of `r` in RFC 2782 order: by priority, then a weighted random
+/// order within each priority.
+fn write_shuffled(out: &mut Vec<u8>, body: &[u8], sh: &Shuffle, s: &mut Scratch) {
+    for &(gs, ge) in sh.groups.iter() {
+        let slots = &sh.slots[gs as usize..ge as usize];
+        let copy = |out: &mut Vec<u8>, k: usize| {
+            let sl = slots[k];
+            out.extend_from_slice(&body[sl.off as usize..(sl.off + sl.len) as usize]);
+        };
+        if slots.len() == 1 {
+            copy(out, 0);
+        } else if slots.len() <= 64 {
+            // RFC 2782's selection: pick the first record whose running weight sum reaches
+            // a uniform random number. The RFC draws it from [0, total], which favours the
+            // first record by one unit and lets zero weights win with chance 1/(total+1);
+            // drawing from [1, total] gives exactly weight/total, with zero weights after
+            // all the others (in uniform random order among themselves).
+            s.order.clear();
+            s.order.extend(0..slots.len() as u32);
+            let mut total: u64 = slots.iter().map(|x| u64::from(x.weight)).sum();
+            while !s.order.is_empty() {
+                let pick = if total == 0 {
+                    s.rng.below(s.order.len() as u64) as usize
+                } else {
+                    let r = 1 + s.rng.below(total);
+                    let mut run = 0u64;
+                    let mut pick = s.order.len() - 1;
+                    for (pos, &k) in s.order.iter().enumerate() {
+                        run += u64::from(slots[k as usize].weight);
+                        if run >= r {
+                            pick = pos;
+                            break;
+                        }
+                    }
+                    pick
+                };
+                let k = s.order.remove(pick) as usize;
+                total -= u64::from(slots[k].weight);
+                copy(out, k);
+            }
+        } else {
+            // Large groups: Efraimidis-Spirakis sampling (exponential keys of rate weight),
+            // the same distribution as repeated weighted selection, in O(n log n); zero
+            // weights last, in uniform random order.
+            s.keys.clear();
+            for (k, sl) in slots.iter().enumerate() {
+                let u = s.rng.unit();
+                let key = if sl.weight == 0 {
+                    (true, u)
+                } else {
+                    (false, -u.ln() / f64::from(sl.weight))
+                };
+                s.keys.push((key.0, key.1, k as u32));
+            }
+            s.keys.sort_unstable_by(|a, b| {
+                a.0.cmp(&b.0)
+                    .then(a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))
+            });
+            for i in 0..s.keys.len() {
+                let k = s.keys[i].2 as usize;
+                copy(out, k);
+            }
+        }
+    }
+}
+
+impl Catalog {
+    /// Answers the request `req` into `out` (cleared first). None: send nothing.
+    pub(crate) fn respond(
+        &self,
+        req: &[u8],
+        tcp: bool,
+        out: &mut Vec<u8>,
+        s: &mut Scratch,
+        shard: &Shard,
+    ) -> Option<Outcome> {
+        out.clear();
+        let res = match parse(req) {
+            Ok(p) => Some(self.answer(&p, tcp, out, s)),
+            Err(ParseError::Drop) => None,
+            Err(ParseError::Fail { rcode, question }) => {
+                let q = question.map(|l| &req[12..12 + l]);
+                header(
+                    out,
+                    be16(req, 0),
+                    be16(req, 2),
+                    false,
+                    false,
+                    rcode,
+                    u16::from(q.is_some()),
+                    [0; 3],
+                );
+                if let Some(q) = q {
+                    out.extend_from_slice(q);
+                }
+                Some(Outcome {
+                    rcode,
+                    truncated: false,
+                })
+            }
+            Err(ParseError::Slow) => match canonicalize(req) {
+                Some(c) => match parse(&c) {
+                    Ok(p) => Some(self.answer(&p, tcp, out, s)),
+                    Err(_) => None,
+                },
+                None => {
+                    header(
+                        out,
+                        be16(req, 0),
+                        be16(req, 2),
+                        false,
+                        false,
+                        rcode::FORMERR,
+                        0,
+                        [0; 3],
+                    );
+                    Some(Outcome {
+                        rcode: rcode::FORMERR,
+                        truncated: false,
+                    })
+                }
+            },
+        };
+        shard.add(if tcp {
+            Counter::QueriesTcp
+        } else {
+            Counter::QueriesUdp
+        });
+        match res {
+            Some(o) => {
+                shard.add(Counter::for_rcode(o.rcode));
+                if o.truncated {
+                    shard.add(Counter::Truncated);
+                }
+            }
+            None => shard.add(Counter::Dropped),
+        }
+        res
+    }
+
+    fn answer(&self, p: &Parsed<'_>, tcp: bool, out: &mut Vec<u8>, s: &mut Scratch) -> Outcome {
+        let edns = p.edns.is_some();
+        let fail = |out: &mut Vec<u8>, rcode: u16, aa: bool| {
+            header(
+                out,
+                p.id,
+                p.flags,
+                aa,
+                false,
+                rcode,
+                1,
+                [0, 0, u16::from(edns)],
+            );
+            out.extend_from_slice(p.question);
+            if edns {
+                opt(out, rcode);
+            }
+            Outcome {
+                rcode,
+                truncated: false,
+            }
+        };
+        if let Some(e) = p.edns
+            && e.version > 0
+        {
+            return fail(out, rcode::BADVERS, false);
+        }
+        if p.qclass != 1 {
+            return fail(out, rcode::REFUSED, false);
+        }
+        match p.qtype {
+            0 => return fail(out, rcode::FORMERR, false),
+            rtype::IXFR | rtype::AXFR | rtype::MAILA | rtype::MAILB => {
+                return fail(out, rcode::NOTIMP, false);
+            }
+            _ => {}
+        }
+        // Zone: the label just before the suffix.
+        let k = self.suffix_labels;
+        if p.nlabels <= k {
+            return fail(out, rcode::REFUSED, false);
+        }
+        let suffix_at = if k == 0 {
+            p.qname_len - 1
+        } else {
+            p.labels[p.nlabels - k] as usize
+        };
+        if p.lower[suffix_at..p.qname_len] != self.naming.suffix[..] {
+            return fail(out, rcode::REFUSED, false);
+        }
+        let zl = p.labels[p.nlabels - k - 1] as usize;
+        let zone_label = &p.lower[zl + 1..zl + 1 + p.lower[zl] as usize];
+        let zones = self.zones.read().unwrap_or_else(|e| e.into_inner());
+        let Some(zone) = zones.get(zone_label) else {
+            drop(zones);
+            return fail(out, rcode::REFUSED, false);
+        };
+        let r: &Rendered = match zone.nodes.get(&p.lower[..p.qname_len]) {
+            Some(node) => {
+                let found = if p.qtype == rtype::ANY {
+                    node.any()
+                } else {
+                    node.get(p.qtype)
+                };
+                found.unwrap_or(&zone.nodata)
+            }
+            None => &zone.nxdomain,
+        };
+        let limit = if tcp {
+            TCP_MAX
+        } else if let Some(e) = p.edns {
+            usize::from(e.payload.clamp(512, EDNS_PAYLOAD))
+        } else {
+            512
+        };
+        let base = 12 + p.question.len() + if edns { 11 } else { 0 };
+        let (with_additional, tc) = if base + r.body.len() <= limit {
+            (true, false)
+        } else if base + r.an_ns_len as usize <= limit {
+            (false, false)
+        } else {
+            (false, true)
+        };
+        let rcode = u16::from(r.rcode);
+        let opt_count = u16::from(edns);
+        let counts = if tc {
+            [0, 0, opt_count]
+        } else {
+            [
+                r.ancount,
+                r.nscount,
+                if with_additional { r.arcount } else { 0 } + opt_count,
+            ]
+        };
+        header(out, p.id, p.flags, true, tc, rcode, 1, counts);
+        out.extend_from_slice(p.question);
+        if !tc {
+            let an_ns = r.an_ns_len as usize;
+            match &r.shuffle {
+                Some(sh) => {
+                    write_shuffled(out, &r.body, sh, s);
+                    let end = sh
+                        .slots
+                        .iter()
+                        .map(|x| (x.off + x.len) as usize)
+                        .max()
+                        .unwrap_or(0);
+                    out.extend_from_slice(&r.body[end..an_ns]);
+                }
+                None => out.extend_from_slice(&r.body[..an_ns]),
+            }
+            if with_additional {
+                out.extend_from_slice(&r.body[an_ns..]);
+            }
+        }
+        drop(zones);
+        if edns {
+            opt(out, rcode);
+        }
+        Outcome {
+            rcode,
+            truncated: tc,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::wire::SrvSlot;
+
+    /// Mutated and random packets never panic the parser, and every answer is a message
+    /// hickory-proto can parse, with the request's id.
+    #[test]
+    fn garbage_never_panics() {
+        use std::sync::Arc;
+
+        use shared::model::{Proto, Registration, ServiceSpec};
+        use shared::{MembraneId, NamespaceName, NamespaceSettings, ServiceName};
+
+        use crate::dns::{Catalog, DnsConfig};
+        use crate::snapshot::{Instance, NamespaceSnapshot};
+
+        let catalog = Catalog::new(DnsConfig::default()).unwrap();
+        catalog.update(&NamespaceSnapshot {
+            name: NamespaceName::new("ns").unwrap(),
+            settings: NamespaceSettings::default(),
+            instances: (0..40)
+                .map(|i| Instance {
+                    id: MembraneId::new(&format!("m{i}")).unwrap(),
+                    registration: Arc::new(Registration {
+                        addresses: vec![std::net::IpAddr::from([10, 0, 0, i as u8])],
+                        services: vec![ServiceSpec {
+                            name: ServiceName::new("web").unwrap(),
+                            proto: Proto::Tcp,
+                            port: 80,
+                            priority: (i % 3) as u16,
+                            weight: i as u16,
+                        }],
+                        ..Default::default()
+                    }),
+                })
+                .map(Arc::new)
+                .collect(),
+            serial: 1,
+        });
+        let valid: Vec<Vec<u8>> = [
+            ("_web._tcp.ns.", hickory_proto::rr::RecordType::SRV),
+            ("m1.ns.", hickory_proto::rr::RecordType::A),
+            ("nope.ns.", hickory_proto::rr::RecordType::TXT),
+        ]
+        .iter()
+        .map(|(n, t)| {
+            let mut m = hickory_proto::op::Message::query();
+            m.add_query(hickory_proto::op::Query::query(
+                hickory_proto::rr::Name::from_ascii(n).unwrap(),
+                *t,
+            ));
+            m.set_edns(hickory_proto::op::Edns::new());
+            m.to_vec().unwrap()
+        })
+        .collect();
+        let shard = Shard::default();
+        let mut s = Scratch::new();
+        let mut rng = Rng::seeded(9);
+        let mut out = Vec::new();
+        let mut answered = 0;
+        for round in 0..60_000 {
+            let mut pkt = valid[round % valid.len()].clone();
+            match rng.below(4) {
+                0 => {
+                    // Flip a few bytes.
+                    for _ in 0..=rng.below(4) {
+                        let i = rng.below(pkt.len() as u64) as usize;
+                        pkt[i] = rng.next() as u8;
+                    }
+                }
+                1 => pkt.truncate(rng.below(pkt.len() as u64 + 1) as usize),
+                2 => {
+                    let n = rng.below(80) as usize;
+                    pkt = (0..n).map(|_| rng.next() as u8).collect();
+                }
+                _ => {
+                    let i = rng.below(pkt.len() as u64) as usize;
+                    pkt[i] = 0xC0 | (rng.next() as u8 & 0x3F);
+                }
+            }
+            let tcp = round % 2 == 0;
+            if catalog
+                .respond(&pkt, tcp, &mut out, &mut s, &shard)
+                .is_some()
+            {
+                answered += 1;
+                assert!(out.len() >= 12 && out[..2] == pkt[..2], "{pkt:?}");
+                assert!(tcp || out.len() <= 1232, "{pkt:?}");
+                if let Err(e) = hickory_proto::op::Message::from_vec(&out) {
+                    panic!("unparsable answer {out:?} to {pkt:?}: {e}");
+                }
+            }
+        }
+        assert!(answered > 10_000, "{answered}");
+    }
+
+    fn shuffle_counts(weights: &[u16], rounds: usize) -> Vec<Vec<usize>> {
+        // Body: one byte per record, the byte being its index.
+        let body: Vec<u8> = (0..weights.len() as u8).collect();
+        let sh = Shuffle {
+            slots: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| SrvSlot {
+                    off: i as u32,
+                    len: 1,
+                    weight: w,
+                })
+                .collect(),
+            groups: vec![(0, weights.len() as u32)].into_boxed_slice(),
+        };
+        let mut s = Scratch::new();
+        s.rng = Rng::seeded(42);
+        // counts[record][position]
+        let mut counts = vec![vec![0usize; weights.len()]; weights.len()];
+        let mut out = Vec::new();
+        for _ in 0..rounds {
+            out.clear();
+            write_shuffled(&mut out, &body, &sh, &mut s);
+            let mut seen = out.clone();
+            seen.sort();
+            assert_eq!(seen, body, "every record exactly once");
+            for (pos, &rec) in out.iter().enumerate() {
+                counts[rec as usize][pos] += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn weighted_order_small_group() {
+        // Weights 10:30:60: the first position follows the weights (RFC 2782).
+        let n = 60_000;
+        let c = shuffle_counts(&[10, 30, 60], n);
+        for (rec, w) in [(0, 0.1), (1, 0.3), (2, 0.6)] {
+            let got = c[rec][0] as f64 / n as f64;
+            assert!((got - w).abs() < 0.01, "record {rec} first {got}, want {w}");
+        }
+        // Zero weight: after the weighted ones.
+        let c = shuffle_counts(&[0, 50, 50], 20_000);
+        assert_eq!(c[0][2], 20_000, "{:?}", c[0]);
+        let f = c[1][0] as f64 / 20_000.0;
+        assert!((f - 0.5).abs() < 0.02, "{f}");
+        // Only zero weights: uniform.
+        let c = shuffle_counts(&[0, 0, 0], 30_000);
+        for rec in &c {
+            for &cnt in rec {
+                assert!((cnt as f64 / 30_000.0 - 1.0 / 3.0).abs() < 0.02, "{c:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_order_large_group() {
+        // 100 records: 99 of weight 1 and one of weight 99: the heavy one first half the time.
+        let mut w = vec![1u16; 100];
+        w[7] = 99;
+        let n = 20_000;
+        let c = shuffle_counts(&w, n);
+        let first = c[7][0] as f64 / n as f64;
+        assert!((first - 0.5).abs() < 0.02, "{first}");
+        // A weight-1 record is first about 1/198 of the time and spread over positions.
+        let light_first = c[3][0] as f64 / n as f64;
+        assert!(light_first < 0.02, "{light_first}");
+    }
+
+    #[test]
+    fn equal_weights_are_uniform() {
+        let n = 40_000;
+        let c = shuffle_counts(&[10, 10, 10, 10], n);
+        for rec in c.iter() {
+            for &cnt in rec {
+                let f = cnt as f64 / n as f64;
+                assert!((f - 0.25).abs() < 0.015, "{c:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Pre-rendered answers: the answer, authority and additional sections of a response in
+//! wire format, ready to follow a header and the question.
+//!
+//! Every name is compressed only against the question name, which always sits at offset 12
+//! and has the same length whatever the case the client used, so each rendered record is
+//! position independent: records can be copied in any order (the SRV weighted shuffle)
+//! after any question of the same name, and a whole section can be dropped.
+
+use super::records::{RData, WireName, label_offsets, rtype};
+
+/// Offset of the question name in every message.
+pub(crate) const QNAME_OFFSET: usize = 12;
+
+/// One SRV record of a shuffled answer: where it lies in the body and its weight.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SrvSlot {
+    pub off: u32,
+    pub len: u32,
+    pub weight: u16,
+}
+
+/// The SRV answer records grouped by priority (ascending), for the RFC 2782 order.
+#[derive(Debug, Clone)]
+pub(crate) struct Shuffle {
+    pub slots: Box<[SrvSlot]>,
+    /// `[start, end)` ranges of `slots`, one per priority, in ascending priority.
+    pub groups: Box<[(u32, u32)]>,
+}
+
+/// A pre-rendered response body.
+#[derive(Debug, Clone)]
+pub(crate) struct Rendered {
+    /// RCODE (0 or 3).
+    pub rcode: u8,
+    pub ancount: u16,
+    pub nscount: u16,
+    pub arcount: u16,
+    /// Answer, authority, then additional records.
+    pub body: Box<[u8]>,
+    /// Bytes of answer + authority: the additional records start here.
+    pub an_ns_len: u32,
+    /// Present when the answer is an SRV RRset of more than one record.
+    pub shuffle: Option<Box<Shuffle>>,
+}
+
+/// Writes records whose names are compressed against a question name.
+pub(crate) struct Writer<'q> {
+    /// Lowercase question name (empty: no compression at all).
+    qname: &'q [u8],
+    qlabels: Vec<usize>,
+    pub out: Vec<u8>,
+}
+
+impl<'q> Writer<'q> {
+    pub(crate) fn new(qname: &'q [u8]) -> Self {
+        Writer {
+            qname,
+            qlabels: label_offsets(qname),
+            out: Vec::new(),
+        }
+    }
+
+    /// Writes `name`, ending in a pointer to the longest suffix it shares with the question.
+    pub(crate) fn name(&mut self, name: &[u8]) {
+        let mut o = 0;
+        while o < name.len() && name[o] != 0 {
+            let suffix = &name[o..];
+            if suffix.len() <= self.qname.len() {
+                let qo = self.qname.len() - suffix.len();
+                if &self.qname[qo..] == suffix && self.qlabels.binary_search(&qo).is_ok() {
+                    self.out.extend_from_slice(&name[..o]);
+                    let ptr = 0xC000u16 | (QNAME_OFFSET + qo) as u16;
+                    self.out.extend_from_slice(&ptr.to_be_bytes());
+                    return;
+                }
+            }
+            o += 1 + name[o] as usize;
+        }
+        self.out.extend_from_slice(name);
+    }
+
+    /// Writes one resource record; returns its byte range in `out`.
+    pub(crate) fn record(&mut self, owner: &[u8], ttl: u32, rd: &RData) -> (usize, usize) {
+        let start = self.out.len();
+        self.name(owner);
+        self.out.extend_from_slice(&rd.rtype().to_be_bytes());
+        self.out.extend_from_slice(&1u16.to_be_bytes()); // IN
+        self.out.extend_from_slice(&ttl.to_be_bytes());
+        let len_at = self.out.len();
+        self.out.extend_from_slice(&[0, 0]);
+        match rd {
+            RData::A(a) => self.out.extend_from_slice(&a.octets()),
+            RData::Aaaa(a) => self.out.extend_from_slice(&a.octets()),
+            RData::Ns(n) | RData::Ptr(n) => self.name(n),
+            RData::Soa {
+                mname,
+                rname,
+                serial,
+                minimum,
+            } => {
+                self.name(mname);
+                self.name(rname);
+                for v in [
+                    *serial,
+                    super::records::SOA_REFRESH,
+                    super::records::SOA_RETRY,
+                    super::records::SOA_EXPIRE,
+                    *minimum,
+                ] {
+                    self.out.extend_from_slice(&v.to_be_bytes());
+                }
+            }
+            RData::Srv {
+                priority,
+                weight,
+                port,
+                target,
+            } => {
+                self.out.extend_from_slice(&priority.to_be_bytes());
+                self.out.extend_from_slice(&weight.to_be_bytes());
+                self.out.extend_from_slice(&port.to_be_bytes());
+                // RFC 2782: "name compression is not to be used for this field".
+                self.out.extend_from_slice(target);
+            }
+            RData::Txt(strings) => {
+                for s in strings {
+                    self.out.push(s.len() as u8);
+                    self.out.extend_from_slice(s);
+                }
+            }
+        }
+        let rdlen = (self.out.len() - len_at - 2) as u16;
+        self.out[len_at..len_at + 2].copy_from_slice(&rdlen.to_be_bytes());
+        (start, self.out.len())
+    }
+}
+
+/// Where the additional section finds the addresses (`A` or `AAAA` RRset) of a target.
+pub(crate) type AddrLookup<'a> = dyn Fn(&[u8], u16) -> Option<&'a [RData]> + 'a;
+
+/// Renders the positive answer for the RRset `t` at `owner` (the question name).
+pub(crate) fn render_rrset(
+    owner: &[u8],
+    t: u16,
+    set: &[RData],
+    ttl: u32,
+    addrs: &AddrLookup<'_>,
+) -> Rendered {
+    let mut w = Writer::new(owner);
+    let mut set: Vec<&RData> = set.iter().collect();
+    if t == rtype::SRV {
+        set.sort_by_key(|r| match r {
+            RData::Srv { priority, .. } => *priority,
+            _ => 0,
+        });
+    }
+    let mut slots = Vec::new();
+    let mut groups: Vec<(u32, u32)> = Vec::new();
+    let mut last_prio = None;
+    for rd in &set {
+        let (s, e) = w.record(owner, ttl, rd);
+        if let RData::Srv {
+            priority, weight, ..
+        } = rd
+        {
+            if last_prio != Some(*priority) {
+                groups.push((slots.len() as u32, slots.len() as u32));
+                last_prio = Some(*priority);
+            }
+            slots.push(SrvSlot {
+                off: s as u32,
+                len: (e - s) as u32,
+                weight: *weight,
+            });
+            if let Some(g) = groups.last_mut() {
+                g.1 = slots.len() as u32;
+            }
+        }
+    }
+    let an_ns_len = w.out.len() as u32;
+    // Additional section: addresses of SRV targets and of the NS host.
+    let mut targets: Vec<&WireName> = Vec::new();
+    let mut seen: std::collections::HashSet<&WireName> = std::collections::HashSet::new();
+    for rd in &set {
+        if let RData::Srv { target, .. } | RData::Ns(target) = rd
+            && seen.insert(target)
+        {
+            targets.push(target);
+        }
+    }
+    let mut arcount = 0u16;
+    for tgt in targets {
+        for at in [rtype::A, rtype::AAAA] {
+            if let Some(found) = addrs(tgt, at) {
+                for a in found {
+                    w.record(tgt, ttl, a);
+                    arcount += 1;
+                }
+            }
+        }
+    }
+    let shuffle = (slots.len() > 1).then(|| {
+        Box::new(Shuffle {
+            slots: slots.into_boxed_slice(),
+            groups: groups.into_boxed_slice(),
+        })
+    });
+    Rendered {
+        rcode: 0,
+        ancount: set.len() as u16,
+        nscount: 0,
+        arcount,
+        body: w.out.into_boxed_slice(),
+        an_ns_len,
+        shuffle,
+    }
+}
+
+/// Renders a negative answer (NODATA with rcode 0, NXDOMAIN with rcode 3): the SOA in the
+/// authority section with TTL min(record TTL, SOA minimum) (RFC 2308), names uncompressed so
+/// that it can follow any question.
+pub(crate) fn render_negative(apex: &[u8], soa: &RData, ttl: u32, rcode: u8) -> Rendered {
+    let mut w = Writer::new(&[]);
+    let minimum = match soa {
+        RData::Soa { minimum, .. } => *minimum,
+        _ => ttl,
+    };
+    w.record(apex, ttl.min(minimum), soa);
+    Rendered {
+        rcode,
+        ancount: 0,
+        nscount: 1,
+        arcount: 0,
+        an_ns_len: w.out.len() as u32,
+        body: w.out.into_boxed_slice(),
+        shuffle: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::records::name_with;
+
+    #[test]
+    fn compression_against_question() {
+        let apex = name_with(&["ns"], &[0]);
+        let q = name_with(&["_svc", "_tcp"], &apex);
+        let mut w = Writer::new(&q);
+        w.name(&q);
+        assert_eq!(w.out, [0xC0, 12]);
+        w.out.clear();
+        w.name(&name_with(&["web-1"], &apex));
+        // "web-1" then a pointer to "ns." inside the question (offset 12 + 10).
+        assert_eq!(w.out, [&[5u8][..], b"web-1", &[0xC0, 22]].concat());
+        w.out.clear();
+        w.name(&name_with(&["other"], &[0]));
+        assert_eq!(w.out, name_with(&["other"], &[0]));
+        let mut none = Writer::new(&[]);
+        none.name(&q);
+        assert_eq!(none.out, q);
+    }
+}
