@@ -1,0 +1,4 @@
+//! End-to-end: `dns-server` and `agent` processes together on loopback.
+
+mod harness;
+mod sidecar;
