@@ -95,7 +95,7 @@ QUERIES=$WORK/queries.txt
 if [[ $MODE == inproc ]]; then
     (cd "$ROOT" && CARGO_TARGET_DIR=$TARGET cargo bench -p dns-server --bench dns_serve --no-run) >&2
     BIN=$(ls -t "$TARGET"/release/deps/dns_serve-* | grep -v '\.d$' | head -1)
-    "$BIN" --services "$SERVICES" --instances "$INSTANCES" --sockets "$SOCKETS" \
+    "$BIN" --bench --services "$SERVICES" --instances "$INSTANCES" --sockets "$SOCKETS" \
         --zone-dir "$WORK" --queries "$QUERIES" >"$WORK/ours.log" 2>&1 &
     OURS_PID=$!
     PIDS+=("$OURS_PID")

@@ -40,6 +40,8 @@ struct Args {
     zone_dir: Option<String>,
     queries: Option<String>,
     rss_only: bool,
+    /// `--bench` (cargo bench, dns.sh): serve; without it (cargo test) build and exit.
+    serve: bool,
 }
 
 fn args() -> Args {
@@ -53,6 +55,7 @@ fn args() -> Args {
         zone_dir: None,
         queries: None,
         rss_only: false,
+        serve: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -67,7 +70,7 @@ fn args() -> Args {
             "--zone-dir" => a.zone_dir = Some(v()),
             "--queries" => a.queries = Some(v()),
             "--rss-only" => a.rss_only = true,
-            "--bench" => {} // passed by `cargo bench`
+            "--bench" => a.serve = true, // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
         }
     }
@@ -198,6 +201,10 @@ fn main() {
             }
         }
         std::fs::write(q, text).unwrap();
+    }
+    if !a.serve && !a.rss_only {
+        println!("smoke run (no --bench): catalog built; not serving");
+        return;
     }
     if a.rss_only {
         drop(snaps);
