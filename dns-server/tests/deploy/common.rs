@@ -144,3 +144,69 @@ pub async fn register_cognitive(http: &Http) {
         assert_eq!(status, 201, "{v}");
     }
 }
+
+/// Whether `program` is found on PATH (or is an existing path).
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", "command -v \"$1\" >/dev/null", "sh", program])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Makes sure `program` exists: when missing and running as root with apt-get, installs
+/// Debian package `package` (loudly). Returns whether `program` is available afterwards.
+pub fn ensure(program: &str, package: &str) -> bool {
+    if have(program) {
+        return true;
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if !root || !have("apt-get") {
+        return false;
+    }
+    // One apt-get at a time (tests run in parallel threads).
+    static APT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = APT.lock().unwrap_or_else(|e| e.into_inner());
+    if have(program) {
+        return true;
+    }
+    eprintln!("{program} missing: apt-get install {package}");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+        install();
+    }
+    have(program)
+}
+
+/// The `agent` binary: `$AGENT_BIN`, else beside `dns-server` in the target dir, built with
+/// `cargo build -p agent` when missing.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let path = PathBuf::from(crate::harness::bin()).with_file_name("agent");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "agent"]).current_dir(workspace());
+        if path.parent().and_then(|p| p.file_name()) == Some(std::ffi::OsStr::new("release")) {
+            cmd.arg("--release");
+        }
+        let ok = cmd.status().is_ok_and(|s| s.success());
+        assert!(
+            ok && path.exists(),
+            "cannot build the agent binary at {}",
+            path.display()
+        );
+    }
+    path
+}
