@@ -9,6 +9,7 @@
 mod deploy {
     pub mod common;
     pub mod export;
+    pub mod run_local;
     pub mod systemd;
 }
 

@@ -423,23 +423,27 @@ pub fn kubernetes(membranes: &[MembraneView], opts: &ExportOptions) -> String {
                 ),
                 (
                     "volumeMounts",
-                    Yaml::Seq(vec![map([
-                        ("name", s("data")),
-                        ("mountPath", s(REGISTRY_DATA_DIR)),
-                    ])]),
+                    Yaml::Seq(vec![
+                        map([("name", s("data")), ("mountPath", s(REGISTRY_DATA_DIR))]),
+                        // SQLite's temporary files; the root file system is read-only.
+                        map([("name", s("tmp")), ("mountPath", s("/tmp"))]),
+                    ]),
                 ),
                 ("securityContext", container_security()),
             ])]),
         ),
         (
             "volumes",
-            Yaml::Seq(vec![map([
-                ("name", s("data")),
-                (
-                    "persistentVolumeClaim",
-                    map([("claimName", s("dns-server-data"))]),
-                ),
-            ])]),
+            Yaml::Seq(vec![
+                map([
+                    ("name", s("data")),
+                    (
+                        "persistentVolumeClaim",
+                        map([("claimName", s("dns-server-data"))]),
+                    ),
+                ]),
+                map([("name", s("tmp")), ("emptyDir", Yaml::Map(vec![]))]),
+            ]),
         ),
     ]);
     let mut registry = deployment(opts, "dns-server", "registry", registry_pod);
