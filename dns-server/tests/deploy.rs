@@ -7,6 +7,7 @@
 //! where it fails.
 
 mod deploy {
+    pub mod browser;
     pub mod common;
     pub mod export;
     pub mod run_local;
