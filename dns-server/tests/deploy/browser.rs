@@ -411,7 +411,8 @@ async fn web_page_is_live_in_headless_chromium() {
         .keep();
     let path = keep.join("web-page.png");
     std::fs::write(&path, &png).unwrap();
-    eprintln!("screenshot: {}", path.display());
+    // Straight to stderr (not captured by the harness): the path is the point.
+    let _ = writeln!(std::io::stderr(), "screenshot: {}", path.display());
 
     // Deregistration leaves the table and the tree, still without a reload.
     let (status, v) = http
