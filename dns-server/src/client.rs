@@ -9,6 +9,8 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
 use crate::config::{ClientArgs, Command, ExportFormat, NamespaceCommand};
+use crate::export::{self, ExportOptions};
+use shared::model::MembraneView;
 
 /// A failed client call; the binary exits 1 (64 for [`ClientError::Usage`]).
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +137,22 @@ impl Http {
     }
 }
 
+/// The namespace's membranes (404 when the namespace does not exist).
+async fn fetch_membranes(http: &Http, ns: &str) -> Result<Vec<MembraneView>, ClientError> {
+    #[derive(serde::Deserialize)]
+    struct List {
+        membranes: Vec<MembraneView>,
+    }
+    let bytes = http
+        .call(Method::GET, &format!("/v1/namespaces/{ns}/membranes"), None)
+        .await?;
+    let list: List = serde_json::from_slice(&bytes).map_err(|e| ClientError::Unreachable {
+        url: http.base.clone(),
+        message: format!("unexpected membrane list: {e}"),
+    })?;
+    Ok(list.membranes)
+}
+
 fn print(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -195,6 +213,9 @@ pub async fn run(cmd: Command) -> Result<(), ClientError> {
         Command::Export {
             namespace,
             format,
+            image,
+            app_image,
+            shared_claim,
             client,
         } => {
             let ns = label("namespace", &namespace)?;
@@ -207,10 +228,19 @@ pub async fn run(cmd: Command) -> Result<(), ClientError> {
                     print!("{}", String::from_utf8_lossy(&bytes));
                 }
                 ExportFormat::Compose | ExportFormat::K8s => {
-                    return Err(ClientError::Usage(
-                        "export --format compose|k8s is not implemented yet; use --format zone"
-                            .into(),
-                    ));
+                    let opts = ExportOptions {
+                        namespace: ns.clone(),
+                        image,
+                        app_image,
+                        shared_claim,
+                    };
+                    let membranes = fetch_membranes(&http, &ns).await?;
+                    let out = if format == ExportFormat::Compose {
+                        export::compose(&membranes, &opts)
+                    } else {
+                        export::kubernetes(&membranes, &opts)
+                    };
+                    print!("{out}");
                 }
             }
         }

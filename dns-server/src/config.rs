@@ -150,6 +150,18 @@ pub enum Command {
         /// Output format.
         #[arg(long, short, value_enum, default_value = "zone")]
         format: ExportFormat,
+        /// compose/k8s: image holding `dns-server` and `agent`
+        /// (examples/cognitive-system/Dockerfile).
+        #[arg(long, value_name = "IMAGE", default_value = crate::export::DEFAULT_IMAGE)]
+        image: String,
+        /// compose/k8s: image of the application containers [default: IMAGE running a
+        /// `sleep infinity` placeholder]
+        #[arg(long, value_name = "IMAGE")]
+        app_image: Option<String>,
+        /// k8s: existing ReadWriteMany PersistentVolumeClaim for the shared volume, so that
+        /// shared-volume messages cross pods [default: an emptyDir per pod]
+        #[arg(long, value_name = "CLAIM")]
+        shared_claim: Option<String>,
         /// Connection options.
         #[command(flatten)]
         client: ClientArgs,
@@ -497,5 +509,30 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(cli.command, Some(Command::Export { .. })));
+        let cli = Cli::try_parse_from([
+            "dns-server",
+            "export",
+            "--namespace",
+            "a",
+            "--format",
+            "k8s",
+            "--image",
+            "reg.example/membrane:1.0",
+        ])
+        .unwrap();
+        let Some(Command::Export {
+            format,
+            image,
+            app_image,
+            shared_claim,
+            ..
+        }) = cli.command
+        else {
+            panic!("not export")
+        };
+        assert_eq!(format, ExportFormat::K8s);
+        assert_eq!(image, "reg.example/membrane:1.0");
+        assert_eq!((app_image, shared_claim), (None, None));
+        assert!(Cli::try_parse_from(["dns-server", "export", "-n", "a", "-f", "helm"]).is_err());
     }
 }

@@ -14,6 +14,7 @@
 pub mod client;
 pub mod config;
 pub mod dns;
+pub mod export;
 pub mod http;
 pub mod metrics;
 pub mod registry;
