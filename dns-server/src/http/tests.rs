@@ -600,6 +600,29 @@ async fn health_status_stats_metrics_page_zone() {
     );
 }
 
+/// Opens the events stream of `cognitive-system` (optionally resuming) and returns its body.
+async fn events(h: &Harness, last_id: Option<String>) -> Body {
+    let mut req = Request::builder().uri("/v1/namespaces/cognitive-system/events");
+    if let Some(id) = last_id {
+        req = req.header("last-event-id", id);
+    }
+    let resp = h
+        .router
+        .clone()
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    resp.into_body()
+}
+
+/// The next chunk of an SSE body, as text.
+async fn next_frame(body: &mut Body) -> String {
+    let frame = body.frame().await.unwrap().unwrap();
+    String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap()
+}
+
 #[tokio::test]
 async fn events_stream_replays_after_last_event_id() {
     let h = harness(None);
@@ -609,20 +632,12 @@ async fn events_stream_replays_after_last_event_id() {
         StatusCode::NOT_FOUND,
         "namespace_not_found",
     );
-    // Subscribe live, then cause two events.
-    let req = Request::builder()
-        .uri("/v1/namespaces/cognitive-system/events")
-        .body(Body::empty())
-        .unwrap();
-    let resp = h.router.clone().oneshot(req).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    let mut body = resp.into_body();
+    // Subscribe live, then cause an event (a heartbeat of a passing membrane causes none).
+    let mut body = events(&h, None).await;
     h.call(Method::POST, &format!("{M}/heartbeat"), None, &[])
         .await;
     h.call(Method::DELETE, M, None, &[]).await;
-    let frame = body.frame().await.unwrap().unwrap();
-    let text = String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap();
+    let text = next_frame(&mut body).await;
     assert!(text.contains("event: deregistered"), "{text}");
     let id: u64 = text
         .lines()
@@ -631,39 +646,9 @@ async fn events_stream_replays_after_last_event_id() {
         .parse()
         .unwrap();
     // Resume from before the deregistration: it is replayed.
-    let req = Request::builder()
-        .uri("/v1/namespaces/cognitive-system/events")
-        .header("last-event-id", (id - 1).to_string())
-        .body(Body::empty())
-        .unwrap();
-    let mut body = h.router.clone().oneshot(req).await.unwrap().into_body();
-    let text = String::from_utf8(
-        body.frame()
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data()
-            .unwrap()
-            .to_vec(),
-    )
-    .unwrap();
+    let text = next_frame(&mut events(&h, Some((id - 1).to_string())).await).await;
     assert!(text.contains(&format!("id: {id}")), "{text}");
     // A position from before this process: resync.
-    let req = Request::builder()
-        .uri("/v1/namespaces/cognitive-system/events")
-        .header("last-event-id", "3")
-        .body(Body::empty())
-        .unwrap();
-    let mut body = h.router.clone().oneshot(req).await.unwrap().into_body();
-    let text = String::from_utf8(
-        body.frame()
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data()
-            .unwrap()
-            .to_vec(),
-    )
-    .unwrap();
+    let text = next_frame(&mut events(&h, Some("3".into())).await).await;
     assert!(text.contains("event: resync"), "{text}");
 }
