@@ -355,7 +355,7 @@ impl TryFrom<RunArgs> for RunConfig {
             services,
             capabilities,
             tags,
-            metadata,
+            metadata: metadata.into(),
             endpoint: Some(endpoint),
             ttl_seconds: Some(ttl_secs as u32),
             eviction_seconds: None,

@@ -100,7 +100,7 @@ fn snapshot(ns: &str, services: usize, instances: usize, ns_index: usize) -> Nam
                     priority: 0,
                     weight: 10,
                 }],
-                metadata,
+                metadata: metadata.into(),
                 ..Default::default()
             };
             list.push(Instance {

@@ -177,6 +177,148 @@ impl Endpoint {
     }
 }
 
+/// A membrane's metadata: string key/values, served as TXT `key=value`.
+///
+/// Kept as a vector sorted by key: registrations carry a handful of entries, and a
+/// `BTreeMap` allocates a ~550-byte node even for one — at 100,000 membranes that is tens of
+/// megabytes. Serialised as a JSON object; a key given twice is rejected.
+///
+/// ```
+/// use shared::model::Metadata;
+/// let mut m: Metadata = serde_json::from_str(r#"{"version":"1.2","zone":"a"}"#).unwrap();
+/// assert_eq!(m.get("version").map(String::as_str), Some("1.2"));
+/// m.insert("arch".into(), "x86".into());
+/// assert_eq!(m.keys().collect::<Vec<_>>(), ["arch", "version", "zone"]);
+/// assert!(serde_json::from_str::<Metadata>(r#"{"a":"1","a":"2"}"#).is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Metadata(Vec<(String, String)>);
+
+impl Metadata {
+    /// An empty map.
+    pub fn new() -> Self {
+        Metadata(Vec::new())
+    }
+    /// Inserts or replaces `key`; returns the previous value.
+    pub fn insert(&mut self, key: String, value: String) -> Option<String> {
+        match self.0.binary_search_by(|(k, _)| k.as_str().cmp(&key)) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                self.0.insert(i, (key, value));
+                None
+            }
+        }
+    }
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+    /// Whether `key` is present.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+    /// Entries in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+    /// Keys in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(k, _)| k.as_str())
+    }
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(String, String)> for Metadata {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        let mut m = Metadata::new();
+        for (k, v) in iter {
+            m.insert(k, v);
+        }
+        m.0.shrink_to_fit();
+        m
+    }
+}
+
+impl std::ops::Index<&str> for Metadata {
+    type Output = String;
+    /// Like `BTreeMap`'s: panics when `key` is absent.
+    fn index(&self, key: &str) -> &String {
+        self.get(key)
+            .unwrap_or_else(|| panic!("no metadata key {key:?}"))
+    }
+}
+
+impl From<BTreeMap<String, String>> for Metadata {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        // Already sorted and unique.
+        Metadata(map.into_iter().collect())
+    }
+}
+
+impl<'a> IntoIterator for &'a Metadata {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, String)>,
+        fn(&'a (String, String)) -> (&'a String, &'a String),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl Serialize for Metadata {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Metadata;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of string values")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Metadata, A::Error> {
+                let mut v: Vec<(String, String)> =
+                    Vec::with_capacity(a.size_hint().unwrap_or(0).min(64));
+                while let Some((k, val)) = a.next_entry::<String, String>()? {
+                    v.push((k, val));
+                }
+                v.sort_by(|x, y| x.0.cmp(&y.0));
+                if let Some(w) = v.windows(2).find(|w| w[0].0 == w[1].0) {
+                    return Err(serde::de::Error::custom(format!(
+                        "metadata key {:?} given twice",
+                        w[0].0
+                    )));
+                }
+                v.shrink_to_fit();
+                Ok(Metadata(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// The body of `PUT /v1/namespaces/{ns}/membranes/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,7 +339,7 @@ pub struct Registration {
     pub tags: Vec<Tag>,
     /// Free key/values, served as TXT `key=value`.
     #[serde(default)]
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
     /// Message endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<Endpoint>,

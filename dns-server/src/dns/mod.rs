@@ -253,7 +253,7 @@ mod tests {
                     })
                     .collect(),
                 capabilities: caps.iter().map(|c| Tag::new(c).unwrap()).collect(),
-                metadata: BTreeMap::from([("k".to_string(), id.to_string())]),
+                metadata: BTreeMap::from([("k".to_string(), id.to_string())]).into(),
                 ..Default::default()
             }),
         }

@@ -151,7 +151,7 @@ impl LegacyRegister {
             services,
             capabilities: tags(self.capabilities, "capabilities")?,
             tags: tags(self.tags, "tags")?,
-            metadata,
+            metadata: metadata.into(),
             endpoint,
             ttl_seconds: self.ttl_seconds,
             eviction_seconds: None,

@@ -60,7 +60,7 @@ pub fn cog_instances() -> Vec<Instance> {
                 services: vec![svc("visual", Proto::Tcp, 7100, 0, 10)],
                 capabilities: vec![Tag::new("vision").unwrap()],
                 tags: vec![Tag::new("gpu").unwrap()],
-                metadata: meta,
+                metadata: meta.into(),
                 endpoint: Some(Endpoint::SharedVolume {
                     path: "/var/lib/membrane/shared".into(),
                 }),

@@ -82,7 +82,7 @@ fn named_checkzone_and_nsd_accept_the_export() {
         shared::model::Registration {
             addresses: vec!["10.9.9.9".parse().unwrap()],
             services: vec![svc("visual", shared::model::Proto::Tcp, 1, 0, 0)],
-            metadata: meta,
+            metadata: meta.into(),
             ..Default::default()
         },
     ));
