@@ -17,7 +17,7 @@ use shared::name::MembraneId;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::maildir::Maildir;
+use super::maildir::{Maildir, Stored};
 use super::wire::{Addr, FrameConn};
 use crate::activity::Activity;
 use crate::util::{self, Backoff};
@@ -56,7 +56,7 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 
 struct SpoolReq {
     msgs: Vec<(MessageId, Vec<u8>)>,
-    reply: oneshot::Sender<Result<(), String>>,
+    reply: oneshot::Sender<Result<Vec<Stored>, String>>,
 }
 
 /// The outbox of a running agent.
@@ -148,10 +148,11 @@ impl<R: Routes> Outbox<R> {
             .send(SpoolReq { msgs, reply })
             .await
             .map_err(|_| "the agent is shutting down".to_string())?;
-        rx.await
+        let stored = rx
+            .await
             .map_err(|_| "the agent is shutting down".to_string())??;
         let mut rxs = Vec::new();
-        for e in envs {
+        for (e, st) in envs.into_iter().zip(stored) {
             self.activity.record(
                 "sent",
                 &format!("message queued for {}", e.to),
@@ -162,7 +163,10 @@ impl<R: Routes> Outbox<R> {
                 self.waiters.lock().unwrap().insert(e.id, tx);
                 rxs.push(rx);
             }
-            self.enqueue(e);
+            // Already in the spool (a client's retry with the same id): already queued.
+            if st == Stored::New {
+                self.enqueue(e);
+            }
         }
         Ok(rxs)
     }
@@ -196,23 +200,30 @@ impl<R: Routes> Outbox<R> {
 
     async fn worker(self: Arc<Self>, to: MembraneId, mut rx: mpsc::UnboundedReceiver<Envelope>) {
         let mut queue: VecDeque<Envelope> = VecDeque::new();
+        let mut queued: std::collections::HashSet<MessageId> = std::collections::HashSet::new();
         let mut conn: Option<FrameConn> = None;
         let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
         loop {
             if queue.is_empty() {
                 tokio::select! {
                     _ = self.cancel.cancelled() => return,
-                    m = rx.recv() => match m { Some(e) => queue.push_back(e), None => return },
+                    m = rx.recv() => match m {
+                        Some(e) => if queued.insert(e.id) { queue.push_back(e) },
+                        None => return,
+                    },
                 }
             }
             while let Ok(e) = rx.try_recv() {
-                queue.push_back(e);
+                if queued.insert(e.id) {
+                    queue.push_back(e);
+                }
             }
             let now = self.now_ms();
             queue.retain(|e| {
                 let expired = e.expires_at.is_some_and(|t| t <= now);
                 if expired {
                     self.dead_letter(e, "expired before the receiver acknowledged it");
+                    queued.remove(&e.id);
                 }
                 !expired
             });
@@ -230,6 +241,7 @@ impl<R: Routes> Outbox<R> {
             match result {
                 Ok(outcomes) => {
                     backoff.reset();
+                    let mut transient = None;
                     let mut done = std::collections::HashSet::new();
                     for e in queue.iter() {
                         match outcomes.get(&e.id) {
@@ -243,6 +255,9 @@ impl<R: Routes> Outbox<R> {
                                 self.finish(e.id, Ok(()));
                                 done.insert(e.id);
                             }
+                            Some(Err(refusal)) if refusal.code == "unavailable" => {
+                                transient = Some(refusal.message.clone());
+                            }
                             Some(Err(refusal)) => {
                                 self.dead_letter(
                                     e,
@@ -254,6 +269,17 @@ impl<R: Routes> Outbox<R> {
                         }
                     }
                     queue.retain(|e| !done.contains(&e.id));
+                    for id in &done {
+                        queued.remove(id);
+                    }
+                    if let Some(why) = transient {
+                        let delay = backoff.next_delay();
+                        tracing::debug!(to = %to, error = %why, retry_in = ?delay, "receiver cannot store now");
+                        tokio::select! {
+                            _ = self.cancel.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
                 }
                 Err(err) => {
                     conn = None;
@@ -289,16 +315,24 @@ async fn spooler(spool: Maildir, mut rx: mpsc::Receiver<SpoolReq>) {
                 .iter()
                 .flat_map(|r| r.msgs.iter().map(|(id, b)| (*id, &b[..])))
                 .collect();
-            let r = md
-                .store_batch(&all)
-                .map(|_| ())
-                .map_err(|e| format!("outbox: {e}"));
+            let r = md.store_batch(&all).map_err(|e| format!("outbox: {e}"));
             (reqs, r)
         })
         .await
         .expect("spool task");
-        for q in reqs {
-            let _ = q.reply.send(r.clone());
+        match r {
+            Ok(stored) => {
+                let mut it = stored.into_iter();
+                for q in reqs {
+                    let mine = it.by_ref().take(q.msgs.len()).collect();
+                    let _ = q.reply.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                for q in reqs {
+                    let _ = q.reply.send(Err(e.clone()));
+                }
+            }
         }
     }
 }
@@ -429,6 +463,26 @@ mod tests {
         let log = std::fs::read_to_string(dir.path().join("activity.log")).unwrap();
         assert_eq!(log.matches("\"event\":\"delivered\"").count(), 3);
         assert!(log.contains("\"event\":\"retry\""));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resubmitted_id_is_queued_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, md, es) = setup(dir.path(), None);
+        ob.submit(es.clone(), false).await.unwrap();
+        // A client retrying with the same ids (its first answer was lost).
+        ob.submit(es.clone(), false).await.unwrap();
+        md.create().unwrap();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while ob.pending() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(md.list_new().unwrap().len(), 3);
+        let log = std::fs::read_to_string(dir.path().join("activity.log")).unwrap();
+        assert_eq!(log.matches("\"event\":\"delivered\"").count(), 3, "{log}");
     }
 
     #[tokio::test(start_paused = true)]

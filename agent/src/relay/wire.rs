@@ -133,6 +133,7 @@ async fn committer(
             }
         }
         let md = maildir.clone();
+        let t0 = std::time::Instant::now();
         let (reqs, result) = tokio::task::spawn_blocking(move || {
             let all: Vec<(MessageId, &[u8])> = reqs
                 .iter()
@@ -143,6 +144,13 @@ async fn committer(
         })
         .await
         .expect("store task");
+        tracing::debug!(
+            messages = n,
+            requests = reqs.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            ok = result.is_ok(),
+            "inbox commit"
+        );
         match result {
             Ok(stored) => {
                 let mut it = stored.into_iter();
@@ -369,6 +377,7 @@ where
         }
     }
     drop(tx);
+    tracing::debug!("relay connection closed by the sender");
     let _ = writer.await;
 }
 
@@ -430,12 +439,17 @@ impl FrameConn {
             envelope::encode_frame(envelope::FrameKind::Msg, b, &mut out);
         }
         let mut answers = HashMap::with_capacity(msgs.len());
+        let distinct = msgs
+            .iter()
+            .map(|m| m.0)
+            .collect::<std::collections::HashSet<_>>()
+            .len();
         let work = async {
             self.stream.write_all(&out).await?;
             self.stream.flush().await?;
             let mut chunk = vec![0u8; 16 * 1024];
             let mut unknown_nacks = Vec::new();
-            while answers.len() < msgs.len() {
+            while answers.len() < distinct {
                 while let Some(f) = Frame::take(&mut self.buf, 1 << 20)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?
                 {
@@ -452,7 +466,7 @@ impl FrameConn {
                         Frame::Msg(_) => {}
                     }
                 }
-                if answers.len() >= msgs.len() {
+                if answers.len() >= distinct {
                     break;
                 }
                 if let Some(r) = unknown_nacks.first() {
@@ -530,6 +544,13 @@ mod tests {
         for e in &es {
             assert_eq!(answers[&e.id].is_ok(), stored.contains(&e.id));
         }
+        // The same id twice in one batch: answered once, the batch completes.
+        let dup = [msgs[0], msgs[0], msgs[1]];
+        let a = conn
+            .send_batch(&dup, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(a.len(), 2);
         // Sending again on the same connection: duplicates acked, nothing new stored.
         let again = conn
             .send_batch(&msgs[..10], Duration::from_secs(10))
