@@ -161,7 +161,13 @@ pub fn matches(m: &MembraneView, f: &ListFilter) -> bool {
         .capability
         .as_deref()
         .is_none_or(|c| m.registration.capabilities.iter().any(|x| x.as_str() == c));
-    svc_ok && cap_ok
+    let parent_ok = f.parent.as_deref().is_none_or(|p| {
+        m.registration
+            .parent
+            .as_ref()
+            .is_some_and(|x| x.as_str() == p)
+    });
+    svc_ok && cap_ok && parent_ok
 }
 
 /// The agent's shared cache: the data, whether the event stream is live, and its file.
@@ -310,6 +316,7 @@ pub(crate) mod tests {
         let f = |s: Option<&str>, k: Option<&str>| ListFilter {
             service: s.map(Into::into),
             capability: k.map(Into::into),
+            parent: None,
         };
         assert_eq!(c.select(&f(None, None)).len(), 2);
         assert_eq!(c.select(&f(Some("visual"), None))[0].id.as_str(), "a");

@@ -65,6 +65,12 @@ pub enum Command {
     List(ListArgs),
     /// Print the agent's activity log (JSON lines).
     Log(LogArgs),
+    /// Send a message to a membrane (id), `parent`, `children` or a service (`_svc._tcp`,
+    /// one instance by weight, or all with --all). Hands it to the running agent, which
+    /// stores it durably and retries until acknowledged; without one, delivers directly.
+    Send(SendArgs),
+    /// Print the messages this membrane received, oldest first, and acknowledge them.
+    Recv(RecvArgs),
 }
 
 /// Message endpoint mode.
@@ -169,6 +175,69 @@ pub struct RunArgs {
     #[arg(long, env = "MEMBRANE_STATE_DIR", help = STATE_DIR_HELP)]
     /// State directory.
     pub state_dir: Option<PathBuf>,
+    /// Largest message body sent or accepted, in bytes (suffixes K, KiB, M, MiB; at most
+    /// 16 MiB). Larger messages are refused (exit 64 for `agent send`).
+    #[arg(long, env = "MEMBRANE_MAX_MESSAGE_SIZE", default_value = "1MiB")]
+    pub max_message_size: String,
+    /// How long the outbox retries a message before moving it to the dead-letter folder.
+    #[arg(long, env = "MEMBRANE_MESSAGE_TTL", default_value = "1h")]
+    pub message_ttl: String,
+    /// Longest delay between delivery retries (exponential from 100ms).
+    #[arg(long, env = "MEMBRANE_RETRY_MAX_BACKOFF", default_value = "30s")]
+    pub retry_max_backoff: String,
+    /// What `agent recv` does with a message once printed: keep it in cur/, or delete its
+    /// content (an empty file keeps the id, so late retries are still dropped, for 24 h).
+    #[arg(long, env = "MEMBRANE_AFTER_RECV", value_enum, default_value_t = crate::relay::AfterRecv::Keep)]
+    pub after_recv: crate::relay::AfterRecv,
+}
+
+/// `agent send`.
+#[derive(Debug, Clone, Args)]
+pub struct SendArgs {
+    /// A membrane id, `parent`, `children` (each child) or a service `_NAME._tcp`.
+    pub target: String,
+    /// The message text, or `-` to read the body from standard input.
+    pub message: String,
+    /// Send to every passing instance of the service (not just one chosen by weight).
+    #[arg(long)]
+    pub all: bool,
+    /// Return only once the receiving agent acknowledged (stored) the message.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print how the target was resolved and the route taken (stderr).
+    #[arg(long)]
+    pub debug: bool,
+    /// MIME type of the body. Default: text/plain; charset=utf-8 (application/octet-stream
+    /// for a body read from stdin that is not UTF-8).
+    #[arg(long, value_name = "TYPE")]
+    pub content_type: Option<String>,
+    /// The id of the message this one answers.
+    #[arg(long, value_name = "MESSAGE_ID")]
+    pub reply_to: Option<String>,
+    /// Use this message id (32 hex digits) instead of a new one: sending again with the
+    /// same id never delivers twice (single recipient only).
+    #[arg(long, value_name = "MESSAGE_ID")]
+    pub message_id: Option<String>,
+    /// Largest body, in bytes (default: the running agent's setting, else 1MiB).
+    #[arg(long, env = "MEMBRANE_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<String>,
+    #[command(flatten)]
+    /// Where the agent is (and the registry, for direct delivery without an agent).
+    pub query: QueryArgs,
+}
+
+/// `agent recv`.
+#[derive(Debug, Clone, Args)]
+pub struct RecvArgs {
+    #[command(flatten)]
+    /// Where the agent is.
+    pub local: LocalArgs,
+    /// Keep waiting for new messages.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// One JSON object per message and line (body as text, or body_base64).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of the subcommands that talk to a running agent (or read its state directory).

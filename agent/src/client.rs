@@ -136,6 +136,8 @@ pub struct ListFilter {
     pub service: Option<String>,
     /// Only membranes with this capability.
     pub capability: Option<String>,
+    /// Only children of this membrane.
+    pub parent: Option<String>,
 }
 
 /// The registry client.
@@ -389,6 +391,7 @@ impl HttpRegistry {
         for (k, v) in [
             ("service", &filter.service),
             ("capability", &filter.capability),
+            ("parent", &filter.parent),
         ] {
             if let Some(v) = v {
                 path.push(sep);

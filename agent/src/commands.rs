@@ -14,11 +14,17 @@ use crate::cache::{CACHE_FILE, CacheData};
 use crate::cli::Command;
 use crate::client::{HttpRegistry, ListFilter};
 use crate::config::{
-    DiscoverConfig, ListConfig, LocalConfig, QueryConfig, RegisterConfig, RunConfig,
+    ConfigError, DiscoverConfig, ListConfig, LocalConfig, QueryConfig, RegisterConfig, RunConfig,
+    SendConfig,
 };
 use crate::control::{self, ControlError, Request, Response};
 use crate::daemon;
+use crate::relay::maildir::Maildir;
+use crate::relay::resolve::Resolver;
+use crate::relay::{self, RelayInfo};
 use crate::state;
+use crate::util;
+use shared::envelope::{self, Envelope, MessageId};
 
 /// Runs one subcommand.
 pub async fn dispatch(cmd: Command) -> Result<(), AgentError> {
@@ -45,6 +51,7 @@ pub async fn dispatch(cmd: Command) -> Result<(), AgentError> {
             let filter = ListFilter {
                 service: c.service.as_ref().map(ToString::to_string),
                 capability: c.capability.as_ref().map(ToString::to_string),
+                parent: None,
             };
             let req = Request::List {
                 service: c.service,
@@ -56,6 +63,316 @@ pub async fn dispatch(cmd: Command) -> Result<(), AgentError> {
             let cfg = LocalConfig::try_from(a.local)?;
             log(&cfg.state_dir, a.lines, a.follow).await
         }
+        Command::Send(a) => {
+            let c = SendConfig::from_args(a, std::io::stdin().lock())?;
+            send(c).await
+        }
+        Command::Recv(a) => {
+            let cfg = LocalConfig::try_from(a.local)?;
+            recv(&cfg, a.follow, a.json).await
+        }
+    }
+}
+
+/// `agent send`: through the running agent (durable outbox), else directly.
+async fn send(c: SendConfig) -> Result<(), AgentError> {
+    let (body, body_base64) = match std::str::from_utf8(&c.body) {
+        Ok(t) => (Some(t.to_string()), None),
+        Err(_) => (None, Some(envelope::base64_encode(&c.body))),
+    };
+    let req = Request::Send {
+        to: c.target.to_string(),
+        body,
+        body_base64,
+        content_type: Some(c.content_type.clone()),
+        all: c.all,
+        wait: c.wait,
+        reply_to: c.reply_to,
+        id: c.message_id,
+    };
+    match control::call(&c.query.local.state_dir, &req, c.query.local.timeout).await {
+        Ok(resp) if resp.ok => {
+            let mut v = resp.result.unwrap_or(Value::Null);
+            print_debug(c.debug, &v);
+            if let Some(o) = v.as_object_mut() {
+                o.remove("debug");
+            }
+            print(&v);
+            Ok(())
+        }
+        Ok(resp) => {
+            let e = resp.error.unwrap_or(shared::model::ErrorDetail {
+                code: "failed".into(),
+                message: "the agent gave no reason".into(),
+            });
+            match e.code.as_str() {
+                "bad_target" | "too_large" => Err(ConfigError::Invalid {
+                    flag: if e.code == "too_large" {
+                        "MESSAGE"
+                    } else {
+                        "TARGET"
+                    },
+                    message: e.message,
+                }
+                .into()),
+                _ => Err(AgentError::runtime(e.message)),
+            }
+        }
+        Err(ControlError::NotRunning { .. }) => send_direct(c).await,
+        Err(e) => Err(AgentError::runtime(e)),
+    }
+}
+
+fn print_debug(debug: bool, v: &Value) {
+    if !debug {
+        return;
+    }
+    let mut err = std::io::stderr().lock();
+    for l in v["debug"].as_array().into_iter().flatten() {
+        let _ = writeln!(err, "debug: {}", l.as_str().unwrap_or_default());
+    }
+    let _ = writeln!(
+        err,
+        "debug: via {}",
+        if v["route"] == "direct" {
+            "direct delivery (no agent running)"
+        } else {
+            "the running agent's outbox"
+        }
+    );
+}
+
+/// Without a running agent: resolve and deliver once, failing loudly.
+async fn send_direct(c: SendConfig) -> Result<(), AgentError> {
+    let dir = &c.query.local.state_dir;
+    let info = RelayInfo::load(dir).ok();
+    let cache = CacheData::load(&dir.join(CACHE_FILE)).ok().flatten();
+    let from = c
+        .from
+        .clone()
+        .or_else(|| info.as_ref().map(|i| i.id.clone()))
+        .ok_or(ConfigError::Missing {
+            flag: "--id",
+            env: "MEMBRANE_ID",
+        })?;
+    let namespace = c
+        .query
+        .namespace
+        .clone()
+        .or_else(|| info.as_ref().map(|i| i.namespace.clone()))
+        .or_else(|| cache.as_ref().map(|c| c.namespace.clone()))
+        .ok_or(ConfigError::Missing {
+            flag: "--namespace",
+            env: "MEMBRANE_NAMESPACE",
+        })?;
+    let max = c
+        .max_body
+        .or(info.as_ref().map(|i| i.max_message_bytes))
+        .unwrap_or(envelope::DEFAULT_MAX_BODY);
+    crate::config::check_size(c.body.len(), max)?;
+    let client = (!c.query.registry_urls.is_empty()).then(|| {
+        HttpRegistry::new(c.query.registry_urls.clone(), c.query.token.clone())
+            .with_timeouts(Duration::from_secs(3), Duration::from_secs(10))
+    });
+    if client.is_none() && cache.is_none() {
+        return Err(AgentError::runtime(format!(
+            "no agent is running with state directory {} and no registry to resolve {} \
+             (pass --registry-url and --namespace, or start `agent run`)",
+            dir.display(),
+            c.target
+        )));
+    }
+    let resolver = Resolver {
+        namespace: &namespace,
+        self_id: &from,
+        self_parent: None,
+        cache,
+        client: client.as_ref(),
+    };
+    let r = (relay::next_id().as_u128() as u64 >> 11) as f64 / (1u64 << 53) as f64;
+    let res = resolver
+        .resolve(&c.target, c.all, r)
+        .await
+        .map_err(AgentError::runtime)?;
+    let ttl = Duration::from_millis(info.as_ref().map_or(3_600_000, |i| i.message_ttl_ms));
+    let draft = relay::Draft {
+        from,
+        namespace,
+        content_type: c.content_type.clone(),
+        body: c.body.clone(),
+        reply_to: c.reply_to,
+        ttl,
+        id: c.message_id,
+    };
+    let to: Vec<_> = res.membranes.iter().map(|m| m.id.clone()).collect();
+    let now = util::unix_millis(SystemTime::now());
+    let envs = draft.envelopes(&to, now).map_err(AgentError::runtime)?;
+    let activity = activity::Activity::new(dir.join(state::ACTIVITY_LOG));
+    let mut failures = Vec::new();
+    let mut conn = None;
+    for (e, m) in envs.iter().zip(&res.membranes) {
+        let outcome = match &m.registration.endpoint {
+            None => Err(format!("{} registered no message endpoint", m.id)),
+            Some(ep) => relay::outbox::deliver(ep, &[e], &mut conn, Duration::from_secs(10))
+                .await
+                .and_then(|mut o| match o.remove(&e.id) {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(r)) => Err(format!("refused ({}): {}", r.code, r.message)),
+                    None => Err("no answer from the receiver".into()),
+                }),
+        };
+        match outcome {
+            Ok(()) => activity.record(
+                "sent",
+                &format!("message delivered directly to {}", e.to),
+                json!({"id": e.id.to_string(), "to": e.to, "bytes": e.body.len(), "route": "direct"}),
+            ),
+            Err(err) => {
+                activity.record(
+                    "send_failed",
+                    &format!("direct delivery to {} failed: {err}", e.to),
+                    json!({"id": e.id.to_string(), "to": e.to}),
+                );
+                failures.push(format!("{}: {err}", e.to));
+            }
+        }
+    }
+    let v = json!({
+        "ids": envs.iter().map(|e| e.id.to_string()).collect::<Vec<_>>(),
+        "to": to,
+        "status": "delivered",
+        "route": "direct",
+        "debug": res.debug,
+    });
+    print_debug(c.debug, &v);
+    if !failures.is_empty() {
+        return Err(AgentError::runtime(format!(
+            "delivery failed (no agent is running to retry): {}",
+            failures.join("; ")
+        )));
+    }
+    let mut v = v;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("debug");
+    }
+    print(&v);
+    Ok(())
+}
+
+/// `agent recv`: prints the messages of the membrane's Maildir `new/`, oldest first, then
+/// moves them to `cur/`. One `recv` at a time per Maildir (an exclusive lock).
+async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), AgentError> {
+    let info = RelayInfo::load(&cfg.state_dir).map_err(|e| {
+        AgentError::runtime(format!(
+            "no relay settings in {} ({e}); has `agent run` started with this --state-dir?",
+            cfg.state_dir.join(relay::RELAY_FILE).display()
+        ))
+    })?;
+    let md = Maildir::new(&info.maildir);
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(info.maildir.join(".recv.lock"))
+        .map_err(|e| AgentError::runtime(format!("{}: {e}", info.maildir.display())))?;
+    let _lock = tokio::task::spawn_blocking(move || {
+        nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+    })
+    .await
+    .map_err(AgentError::runtime)?
+    .map_err(|(_, e)| AgentError::runtime(format!("cannot lock the Maildir: {e}")))?;
+    let activity = activity::Activity::new(cfg.state_dir.join(state::ACTIVITY_LOG));
+    let delete = info.after_recv == relay::AfterRecv::Delete;
+    loop {
+        let m = md.clone();
+        let (batch, full) = tokio::task::spawn_blocking(move || take_batch(&m, 512))
+            .await
+            .map_err(AgentError::runtime)?
+            .map_err(|e| AgentError::runtime(format!("{}: {e}", info.maildir.display())))?;
+        if !batch.is_empty() {
+            {
+                let mut out = std::io::stdout().lock();
+                for e in &batch {
+                    let r = if as_json {
+                        writeln!(out, "{}", relay::message_json(e))
+                    } else {
+                        write_text(&mut out, e)
+                    };
+                    if r.is_err() {
+                        return Ok(()); // stdout closed: nothing taken from this batch
+                    }
+                }
+                if out.flush().is_err() {
+                    return Ok(());
+                }
+            }
+            let ids: Vec<MessageId> = batch.iter().map(|e| e.id).collect();
+            let m = md.clone();
+            tokio::task::spawn_blocking(move || m.take(&ids, delete))
+                .await
+                .map_err(AgentError::runtime)?
+                .map_err(|e| AgentError::runtime(format!("cannot move messages to cur/: {e}")))?;
+            for e in &batch {
+                activity.record(
+                    "taken",
+                    &format!("message from {} taken by the membrane", e.from),
+                    json!({"id": e.id.to_string(), "from": e.from}),
+                );
+            }
+        }
+        if full {
+            continue;
+        }
+        if !follow {
+            return Ok(());
+        }
+        if batch.is_empty() {
+            let req = Request::RecvWait { timeout_ms: 25_000 };
+            match control::call(&cfg.state_dir, &req, Duration::from_secs(30)).await {
+                Ok(r) if r.ok => {}
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+}
+
+/// Up to `max` readable messages of `new/`, oldest first; duplicates of taken messages are
+/// removed and unreadable files moved to `bad/`. `true` when more may be waiting.
+fn take_batch(md: &Maildir, max: usize) -> std::io::Result<(Vec<Envelope>, bool)> {
+    let ids = md.list_new()?;
+    let full = ids.len() > max;
+    let mut out = Vec::new();
+    for id in ids.into_iter().take(max) {
+        if md.cur_dir().join(id.to_string()).exists() {
+            let _ = md.remove_new(id);
+            continue;
+        }
+        match md.read_new(id) {
+            Ok(e) => out.push(e),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let to = md.quarantine(id);
+                tracing::warn!(id = %id, error = %e, moved_to = ?to.ok(), "unreadable message set aside");
+            }
+        }
+    }
+    Ok((out, full))
+}
+
+fn write_text(out: &mut impl Write, e: &Envelope) -> std::io::Result<()> {
+    let sent = util::rfc3339(util::from_unix_millis(e.sent_at));
+    write!(
+        out,
+        "--- {} from {} at {sent} ({})",
+        e.id, e.from, e.content_type
+    )?;
+    if let Some(r) = e.reply_to {
+        write!(out, " reply to {r}")?;
+    }
+    writeln!(out)?;
+    match e.body_text() {
+        Some(t) => writeln!(out, "{t}"),
+        None => writeln!(out, "<{} bytes of binary body; use --json>", e.body.len()),
     }
 }
 

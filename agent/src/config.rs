@@ -65,6 +65,44 @@ pub struct RunConfig {
     pub shutdown_grace: Duration,
     /// State directory.
     pub state_dir: PathBuf,
+    /// Message relay settings.
+    pub relay: RelaySettings,
+}
+
+/// Message relay settings of `agent run`.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// Largest body sent or accepted.
+    pub max_body: usize,
+    /// How long the outbox retries.
+    pub message_ttl: Duration,
+    /// Longest delay between delivery retries.
+    pub retry_max_backoff: Duration,
+    /// What `agent recv` does after printing.
+    pub after_recv: crate::relay::AfterRecv,
+}
+
+/// Parses a byte size: `1048576`, `64K`, `64KiB`, `1M`, `1MiB` (K and M are binary).
+pub fn parse_size(flag: &'static str, s: &str) -> Result<usize, ConfigError> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("MiB").or_else(|| t.strip_suffix('M')) {
+        (n, 1024 * 1024)
+    } else if let Some(n) = t.strip_suffix("KiB").or_else(|| t.strip_suffix('K')) {
+        (n, 1024)
+    } else {
+        (t.strip_suffix('B').unwrap_or(t), 1)
+    };
+    let n: usize = num.trim().parse().map_err(|_| {
+        invalid(
+            flag,
+            format!("{s:?} is not a size like 1048576, 64KiB or 1MiB"),
+        )
+    })?;
+    let v = n.saturating_mul(mult);
+    if v == 0 || v > crate::relay::MAX_BODY_LIMIT {
+        return Err(invalid(flag, format!("{s:?} must be from 1 byte to 16MiB")));
+    }
+    Ok(v)
 }
 
 impl RunConfig {
@@ -349,6 +387,12 @@ impl TryFrom<RunArgs> for RunConfig {
             }
         };
 
+        let relay = RelaySettings {
+            max_body: parse_size("--max-message-size", &a.max_message_size)?,
+            message_ttl: duration("--message-ttl", &a.message_ttl)?,
+            retry_max_backoff: duration("--retry-max-backoff", &a.retry_max_backoff)?,
+            after_recv: a.after_recv,
+        };
         let registration = Registration {
             parent,
             addresses,
@@ -374,6 +418,7 @@ impl TryFrom<RunArgs> for RunConfig {
             max_backoff,
             shutdown_grace,
             state_dir,
+            relay,
         })
     }
 }
@@ -514,3 +559,120 @@ impl TryFrom<ListArgs> for ListConfig {
 #[cfg(test)]
 #[path = "config_tests.rs"]
 mod tests;
+
+/// `agent send`, validated.
+#[derive(Debug, Clone)]
+pub struct SendConfig {
+    /// Where the agent (and registry) is.
+    pub query: QueryConfig,
+    /// The target.
+    pub target: crate::relay::resolve::Target,
+    /// The body.
+    pub body: Vec<u8>,
+    /// MIME type.
+    pub content_type: String,
+    /// Every instance of a service.
+    pub all: bool,
+    /// Wait for the ack.
+    pub wait: bool,
+    /// Print the resolution.
+    pub debug: bool,
+    /// Answered message.
+    pub reply_to: Option<shared::envelope::MessageId>,
+    /// Caller-chosen id.
+    pub message_id: Option<shared::envelope::MessageId>,
+    /// Explicit size limit.
+    pub max_body: Option<usize>,
+    /// Membrane id given with --id (the sender, for direct delivery).
+    pub from: Option<MembraneId>,
+}
+
+impl SendConfig {
+    /// Validates `a`, reading the body from `stdin` when the message is `-`.
+    pub fn from_args(
+        a: crate::cli::SendArgs,
+        stdin: impl std::io::Read,
+    ) -> Result<Self, ConfigError> {
+        use crate::relay::resolve::Target;
+        let target = Target::parse(&a.target).map_err(|m| invalid("TARGET", m))?;
+        if a.all && !matches!(target, Target::Service(_) | Target::Children) {
+            return Err(invalid(
+                "--all",
+                "only applies to a service target (_NAME._tcp)",
+            ));
+        }
+        let from = match a.query.local.id.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) => Some(MembraneId::new(s).map_err(|e| invalid("--id", e.to_string()))?),
+        };
+        let max_body = a
+            .max_message_size
+            .as_deref()
+            .map(|s| parse_size("--max-message-size", s))
+            .transpose()?;
+        let msg_id = |flag: &'static str, v: &Option<String>| {
+            v.as_deref()
+                .map(|s| {
+                    s.trim()
+                        .parse()
+                        .map_err(|e: shared::envelope::BadMessageId| invalid(flag, e.to_string()))
+                })
+                .transpose()
+        };
+        let reply_to = msg_id("--reply-to", &a.reply_to)?;
+        let message_id = msg_id("--message-id", &a.message_id)?;
+        let (body, from_stdin) = if a.message == "-" {
+            let limit = max_body.unwrap_or(crate::relay::MAX_BODY_LIMIT) as u64;
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut stdin.take(limit + 1), &mut b)
+                .map_err(|e| invalid("MESSAGE", format!("cannot read standard input: {e}")))?;
+            (b, true)
+        } else {
+            (a.message.into_bytes(), false)
+        };
+        let content_type = match a.content_type.as_deref().map(str::trim) {
+            Some(t) if !t.is_empty() => {
+                if t.len() > 255 || t.chars().any(|c| c.is_control()) {
+                    return Err(invalid(
+                        "--content-type",
+                        "must be a printable MIME type up to 255 characters",
+                    ));
+                }
+                t.to_string()
+            }
+            _ if from_stdin && std::str::from_utf8(&body).is_err() => {
+                "application/octet-stream".into()
+            }
+            _ => "text/plain; charset=utf-8".into(),
+        };
+        if let Some(max) = max_body {
+            check_size(body.len(), max)?;
+        }
+        Ok(SendConfig {
+            query: a.query.try_into()?,
+            target,
+            body,
+            content_type,
+            all: a.all,
+            wait: a.wait,
+            debug: a.debug,
+            reply_to,
+            message_id,
+            max_body,
+            from,
+        })
+    }
+}
+
+/// The "message too large" usage error.
+pub fn check_size(len: usize, max: usize) -> Result<(), ConfigError> {
+    if len > max {
+        return Err(invalid(
+            "MESSAGE",
+            format!(
+                "the message is {len} bytes, over the limit of {max} bytes (--max-message-size)"
+            ),
+        ));
+    }
+    Ok(())
+}

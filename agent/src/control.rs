@@ -22,8 +22,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-/// Longest request line accepted.
-const MAX_LINE: u64 = 64 * 1024;
+/// Longest request line accepted (a `send` carries up to 16 MiB of body in base64).
+const MAX_LINE: u64 = 24 * 1024 * 1024;
 /// An idle connection is closed after this long.
 const IDLE: Duration = Duration::from_secs(60);
 
@@ -60,6 +60,40 @@ pub enum Request {
         /// Only those with this capability.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         capability: Option<Tag>,
+    },
+    /// Send a message: spool it durably, then deliver (answer once spooled, or once
+    /// acknowledged with `wait`). Errors: `bad_target`, `too_large` (usage), `not_found`,
+    /// `failed`.
+    Send {
+        /// Target: an id, `parent`, `children`, `_svc._tcp`.
+        to: String,
+        /// Body as text.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body: Option<String>,
+        /// Body as base64 (binary).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body_base64: Option<String>,
+        /// MIME type.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content_type: Option<String>,
+        /// Every instance of a service.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        all: bool,
+        /// Answer once acknowledged by the receiver.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        wait: bool,
+        /// Answered message.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<shared::envelope::MessageId>,
+        /// Caller-chosen id (idempotent retries).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<shared::envelope::MessageId>,
+    },
+    /// Wait up to `timeout_ms` until the inbox's `new/` holds a message; answers
+    /// `{"pending": N}` (for `agent recv --follow`).
+    RecvWait {
+        /// Longest wait.
+        timeout_ms: u64,
     },
 }
 
@@ -241,7 +275,14 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
         Some(c)
             if !matches!(
                 c.as_str(),
-                "status" | "register" | "deregister" | "heartbeat" | "discover" | "list"
+                "status"
+                    | "register"
+                    | "deregister"
+                    | "heartbeat"
+                    | "discover"
+                    | "list"
+                    | "send"
+                    | "recv_wait"
             ) =>
         {
             Response::err(
@@ -331,7 +372,7 @@ mod tests {
             serde_json::to_string(&Request::Status).unwrap(),
             r#"{"cmd":"status"}"#
         );
-        let e = parse_request(br#"{"cmd":"send","to":"x"}"#).unwrap_err();
+        let e = parse_request(br#"{"cmd":"teleport","to":"x"}"#).unwrap_err();
         assert_eq!(e.error.unwrap().code, "unknown_command");
         let e = parse_request(br#"{"cmd":"discover","id":"bad id"}"#).unwrap_err();
         assert_eq!(e.error.as_ref().unwrap().code, "bad_request");

@@ -60,6 +60,24 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
 
     let mut tasks = JoinSet::new();
     tasks.spawn(signals(cancel.clone(), activity.clone()));
+    let relay = match crate::relay::service::start(
+        &cfg,
+        cache.clone(),
+        client.clone(),
+        status.clone(),
+        activity.clone(),
+        cancel.clone(),
+        &mut tasks,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            cancel.cancel();
+            let _ = std::fs::remove_file(&socket);
+            return Err(AgentError::runtime(format!("message relay: {e}")));
+        }
+    };
     let handler = Arc::new(DaemonHandler {
         commands: cmd_tx,
         status: status.clone(),
@@ -69,6 +87,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
         id: cfg.id.clone(),
         state_dir: cfg.state_dir.clone(),
         started: SystemTime::now(),
+        relay,
     });
     tasks.spawn(control::serve(listener, handler, cancel.clone()));
     let registered = CancellationToken::new();
@@ -161,6 +180,7 @@ struct DaemonHandler {
     id: MembraneId,
     state_dir: PathBuf,
     started: SystemTime,
+    relay: Arc<crate::relay::service::RelayService>,
 }
 
 impl DaemonHandler {
@@ -193,6 +213,7 @@ impl DaemonHandler {
             "uptime_seconds": now.duration_since(self.started).map(|d| d.as_secs()).unwrap_or(0),
             "registration": reg,
             "cache": cache_json(&data, live, now),
+            "relay": self.relay.status_json(),
         })
     }
 }
@@ -244,10 +265,35 @@ impl Handler for DaemonHandler {
                 let filter = ListFilter {
                     service: service.map(|s| s.to_string()),
                     capability: capability.map(|c| c.to_string()),
+                    parent: None,
                 };
                 let cache = || Some(self.cache.snapshot().0);
                 query(Some(&self.client), &self.namespace, None, &filter, cache).await
             }
+            Request::Send {
+                to,
+                body,
+                body_base64,
+                content_type,
+                all,
+                wait,
+                reply_to,
+                id,
+            } => {
+                self.relay
+                    .send(crate::relay::service::SendRequest {
+                        to,
+                        body,
+                        body_base64,
+                        content_type,
+                        all,
+                        wait,
+                        reply_to,
+                        id,
+                    })
+                    .await
+            }
+            Request::RecvWait { timeout_ms } => self.relay.recv_wait(timeout_ms).await,
         }
     }
 }

@@ -12,6 +12,7 @@
 //! - [`cache`], [`sync`]: the namespace cache and its event-stream synchronisation;
 //! - [`control`]: the control socket protocol, server and client;
 //! - [`daemon`]: `agent run` wiring; [`commands`]: the client subcommands;
+//! - [`relay`]: the message relay (`send`, `recv`): Maildir, frames, outbox, targets;
 //! - [`activity`], [`state`], [`systemd`], [`output`], [`util`]: supporting pieces.
 #![forbid(unsafe_code)]
 
@@ -25,6 +26,7 @@ pub mod control;
 pub mod daemon;
 pub mod lifecycle;
 pub mod output;
+pub mod relay;
 pub mod sse;
 pub mod state;
 pub mod sync;

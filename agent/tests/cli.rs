@@ -15,3 +15,6 @@ mod cache;
 
 #[path = "cli/usage.rs"]
 mod usage;
+
+#[path = "cli/relay.rs"]
+mod relay;

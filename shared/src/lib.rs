@@ -2,9 +2,11 @@
 //!
 //! Nothing here opens a socket: this crate is the contract between the two binaries.
 //! - [`name`]: validated DNS-label newtypes (namespace, membrane id, service, tag);
+//! - [`envelope`]: the relay's message envelope, its Maildir file format and socket frames;
 //! - [`model`]: registration, membrane and namespace views, events, the JSON error shape.
 #![forbid(unsafe_code)]
 
+pub mod envelope;
 pub mod model;
 pub mod name;
 

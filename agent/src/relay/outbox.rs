@@ -1,0 +1,537 @@
+//! The sender's outbox: a durable spool (`<state-dir>/outbox/{tmp,new}`, the Maildir file
+//! format, group-committed) and one delivery worker per destination membrane, which retries
+//! with exponential backoff until the receiver acknowledges, or moves the message to
+//! `<state-dir>/deadletter/` once it expired (default 1 h) or was refused for good.
+//! Also the one-shot direct delivery used by `agent send` when no agent runs.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use shared::envelope::{Envelope, MessageId};
+use shared::model::Endpoint;
+use shared::name::MembraneId;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::maildir::{Maildir, Stored};
+use super::wire::{Addr, FrameConn};
+use crate::activity::Activity;
+use crate::util::{self, Backoff};
+
+/// Where messages to a membrane go.
+pub trait Routes: Send + Sync + 'static {
+    /// The current endpoint of membrane `id` (the cache first, the registry next).
+    fn endpoint(&self, id: &MembraneId) -> impl Future<Output = Result<Endpoint, String>> + Send;
+}
+
+/// Outbox settings.
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// First retry delay.
+    pub min_backoff: Duration,
+    /// Longest retry delay.
+    pub max_backoff: Duration,
+    /// How long to wait for a receiver's acks.
+    pub ack_timeout: Duration,
+    /// Most messages in one delivery batch.
+    pub batch: usize,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            ack_timeout: Duration::from_secs(10),
+            batch: 1024,
+        }
+    }
+}
+
+type Waiter = oneshot::Sender<Result<(), String>>;
+
+struct SpoolReq {
+    msgs: Vec<(MessageId, Vec<u8>)>,
+    reply: oneshot::Sender<Result<Vec<Stored>, String>>,
+}
+
+/// The outbox of a running agent.
+pub struct Outbox<R: Routes> {
+    spool: Maildir,
+    dead: PathBuf,
+    routes: Arc<R>,
+    cfg: OutboxConfig,
+    activity: Arc<Activity>,
+    workers: Mutex<HashMap<MembraneId, mpsc::UnboundedSender<Envelope>>>,
+    waiters: Mutex<HashMap<MessageId, Waiter>>,
+    spool_tx: mpsc::Sender<SpoolReq>,
+    cancel: CancellationToken,
+    clock: (SystemTime, tokio::time::Instant),
+}
+
+impl<R: Routes> Outbox<R> {
+    /// Opens (creating) the spool in `state_dir` and re-queues what it holds.
+    pub fn open(
+        state_dir: &std::path::Path,
+        routes: Arc<R>,
+        cfg: OutboxConfig,
+        activity: Arc<Activity>,
+        cancel: CancellationToken,
+    ) -> std::io::Result<Arc<Self>> {
+        let spool = Maildir::new(state_dir.join("outbox"));
+        spool.create()?;
+        let (spool_tx, spool_rx) = mpsc::channel(1024);
+        let ob = Arc::new(Outbox {
+            spool,
+            dead: state_dir.join("deadletter"),
+            routes,
+            cfg,
+            activity,
+            workers: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(HashMap::new()),
+            spool_tx,
+            cancel,
+            clock: (SystemTime::now(), tokio::time::Instant::now()),
+        });
+        tokio::spawn(spooler(ob.spool.clone(), spool_rx));
+        let mut recovered = 0;
+        for id in ob.spool.list_new()? {
+            match ob.spool.read_new(id) {
+                Ok(e) => {
+                    ob.enqueue(e);
+                    recovered += 1;
+                }
+                Err(err) => {
+                    let _ = ob.spool.move_new_to(id, &ob.dead);
+                    ob.activity.record(
+                        "dead_letter",
+                        &format!("unreadable outbox file moved to the dead-letter folder: {err}"),
+                        json!({"id": id.to_string()}),
+                    );
+                }
+            }
+        }
+        if recovered > 0 {
+            tracing::info!(
+                messages = recovered,
+                "outbox: re-queued undelivered messages"
+            );
+        }
+        Ok(ob)
+    }
+
+    /// Milliseconds since the Unix epoch, on tokio's clock (so paused-time tests work).
+    pub fn now_ms(&self) -> u64 {
+        util::unix_millis(self.clock.0 + self.clock.1.elapsed())
+    }
+
+    /// Number of messages not yet delivered.
+    pub fn pending(&self) -> usize {
+        self.spool.list_new().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// Stores messages durably in the spool (one group commit) and queues them for
+    /// delivery. With `wait`, also returns receivers that complete when each is
+    /// acknowledged (or fails for good).
+    pub async fn submit(
+        self: &Arc<Self>,
+        envs: Vec<Envelope>,
+        wait: bool,
+    ) -> Result<Vec<oneshot::Receiver<Result<(), String>>>, String> {
+        let msgs = envs.iter().map(|e| (e.id, e.encode())).collect();
+        let (reply, rx) = oneshot::channel();
+        self.spool_tx
+            .send(SpoolReq { msgs, reply })
+            .await
+            .map_err(|_| "the agent is shutting down".to_string())?;
+        let stored = rx
+            .await
+            .map_err(|_| "the agent is shutting down".to_string())??;
+        let mut rxs = Vec::new();
+        for (e, st) in envs.into_iter().zip(stored) {
+            self.activity.record(
+                "sent",
+                &format!("message queued for {}", e.to),
+                json!({"id": e.id.to_string(), "to": e.to, "bytes": e.body.len()}),
+            );
+            if wait {
+                let (tx, rx) = oneshot::channel();
+                self.waiters.lock().unwrap().insert(e.id, tx);
+                rxs.push(rx);
+            }
+            // Already in the spool (a client's retry with the same id): already queued.
+            if st == Stored::New {
+                self.enqueue(e);
+            }
+        }
+        Ok(rxs)
+    }
+
+    fn enqueue(self: &Arc<Self>, e: Envelope) {
+        let mut w = self.workers.lock().unwrap();
+        let tx = w.entry(e.to.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(self.clone().worker(e.to.clone(), rx));
+            tx
+        });
+        let _ = tx.send(e);
+    }
+
+    fn finish(&self, id: MessageId, r: Result<(), String>) {
+        if let Some(w) = self.waiters.lock().unwrap().remove(&id) {
+            let _ = w.send(r);
+        }
+    }
+
+    fn dead_letter(&self, e: &Envelope, why: &str) {
+        let path = self.spool.move_new_to(e.id, &self.dead);
+        tracing::warn!(id = %e.id, to = %e.to, reason = why, "message moved to the dead-letter folder");
+        self.activity.record(
+            "dead_letter",
+            &format!("message to {} not delivered: {why}", e.to),
+            json!({"id": e.id.to_string(), "to": e.to, "path": path.ok()}),
+        );
+        self.finish(e.id, Err(format!("not delivered: {why}")));
+    }
+
+    async fn worker(self: Arc<Self>, to: MembraneId, mut rx: mpsc::UnboundedReceiver<Envelope>) {
+        let mut queue: VecDeque<Envelope> = VecDeque::new();
+        let mut queued: std::collections::HashSet<MessageId> = std::collections::HashSet::new();
+        let mut conn: Option<FrameConn> = None;
+        let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
+        loop {
+            if queue.is_empty() {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    m = rx.recv() => match m {
+                        Some(e) => if queued.insert(e.id) { queue.push_back(e) },
+                        None => return,
+                    },
+                }
+            }
+            while let Ok(e) = rx.try_recv() {
+                if queued.insert(e.id) {
+                    queue.push_back(e);
+                }
+            }
+            let now = self.now_ms();
+            queue.retain(|e| {
+                let expired = e.expires_at.is_some_and(|t| t <= now);
+                if expired {
+                    self.dead_letter(e, "expired before the receiver acknowledged it");
+                    queued.remove(&e.id);
+                }
+                !expired
+            });
+            if queue.is_empty() {
+                continue;
+            }
+            let result = match self.routes.endpoint(&to).await {
+                Ok(ep) => {
+                    let n = queue.len().min(self.cfg.batch);
+                    let batch: Vec<&Envelope> = queue.iter().take(n).collect();
+                    deliver(&ep, &batch, &mut conn, self.cfg.ack_timeout).await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(outcomes) => {
+                    backoff.reset();
+                    let mut transient = None;
+                    let mut done = std::collections::HashSet::new();
+                    for e in queue.iter() {
+                        match outcomes.get(&e.id) {
+                            Some(Ok(())) => {
+                                let _ = self.spool.remove_new(e.id);
+                                self.activity.record(
+                                    "delivered",
+                                    &format!("message delivered to {}", e.to),
+                                    json!({"id": e.id.to_string(), "to": e.to}),
+                                );
+                                self.finish(e.id, Ok(()));
+                                done.insert(e.id);
+                            }
+                            Some(Err(refusal)) if refusal.code == "unavailable" => {
+                                transient = Some(refusal.message.clone());
+                            }
+                            Some(Err(refusal)) => {
+                                self.dead_letter(
+                                    e,
+                                    &format!("refused ({}): {}", refusal.code, refusal.message),
+                                );
+                                done.insert(e.id);
+                            }
+                            None => {}
+                        }
+                    }
+                    queue.retain(|e| !done.contains(&e.id));
+                    for id in &done {
+                        queued.remove(id);
+                    }
+                    if let Some(why) = transient {
+                        let delay = backoff.next_delay();
+                        tracing::debug!(to = %to, error = %why, retry_in = ?delay, "receiver cannot store now");
+                        tokio::select! {
+                            _ = self.cancel.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                }
+                Err(err) => {
+                    conn = None;
+                    let delay = backoff.next_delay();
+                    tracing::debug!(to = %to, error = %err, retry_in = ?delay, "delivery failed");
+                    self.activity.record(
+                        "retry",
+                        &format!("delivery to {to} failed: {err}"),
+                        json!({"to": to, "pending": queue.len(), "retry_in_ms": delay.as_millis() as u64}),
+                    );
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn spooler(spool: Maildir, mut rx: mpsc::Receiver<SpoolReq>) {
+    while let Some(first) = rx.recv().await {
+        let mut reqs = vec![first];
+        while let Ok(r) = rx.try_recv() {
+            reqs.push(r);
+            if reqs.len() >= 4096 {
+                break;
+            }
+        }
+        let md = spool.clone();
+        let (reqs, r) = tokio::task::spawn_blocking(move || {
+            let all: Vec<(MessageId, &[u8])> = reqs
+                .iter()
+                .flat_map(|r| r.msgs.iter().map(|(id, b)| (*id, &b[..])))
+                .collect();
+            let r = md.store_batch(&all).map_err(|e| format!("outbox: {e}"));
+            (reqs, r)
+        })
+        .await
+        .expect("spool task");
+        match r {
+            Ok(stored) => {
+                let mut it = stored.into_iter();
+                for q in reqs {
+                    let mine = it.by_ref().take(q.msgs.len()).collect();
+                    let _ = q.reply.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                for q in reqs {
+                    let _ = q.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Delivers one batch to `ep` (reusing `conn` when it goes to the same place): the outcome
+/// per message id, or an error when nothing can be said (retry all).
+pub async fn deliver(
+    ep: &Endpoint,
+    batch: &[&Envelope],
+    conn: &mut Option<FrameConn>,
+    ack_timeout: Duration,
+) -> Result<HashMap<MessageId, super::wire::Outcome>, String> {
+    let Some(first) = batch.first() else {
+        return Ok(HashMap::new());
+    };
+    let addr = match ep {
+        Endpoint::SharedVolume { path } => {
+            let md = Maildir::for_membrane(std::path::Path::new(path), &first.namespace, &first.to);
+            let owned: Vec<(MessageId, Vec<u8>)> =
+                batch.iter().map(|e| (e.id, e.encode())).collect();
+            return tokio::task::spawn_blocking(move || {
+                if !md.exists() {
+                    return Err(format!(
+                        "Maildir {} does not exist (has the receiving agent started?)",
+                        md.root().display()
+                    ));
+                }
+                let refs: Vec<(MessageId, &[u8])> =
+                    owned.iter().map(|(i, b)| (*i, &b[..])).collect();
+                md.store_batch(&refs)
+                    .map_err(|e| format!("writing into {}: {e}", md.root().display()))?;
+                Ok(owned.iter().map(|(id, _)| (*id, Ok(()))).collect())
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        Endpoint::Ipc { path } => Addr::Unix(PathBuf::from(path)),
+        Endpoint::Tcp { address } => Addr::Tcp(address.clone()),
+    };
+    if conn.as_ref().is_none_or(|c| c.addr != addr) {
+        *conn = Some(
+            FrameConn::connect(&addr, Duration::from_secs(5))
+                .await
+                .map_err(|e| format!("cannot connect to {addr:?}: {e}"))?,
+        );
+    }
+    let bytes: Vec<Vec<u8>> = batch.iter().map(|e| e.encode()).collect();
+    let msgs: Vec<(MessageId, &[u8])> = batch
+        .iter()
+        .zip(&bytes)
+        .map(|(e, b)| (e.id, &b[..]))
+        .collect();
+    let c = conn.as_mut().expect("connected");
+    match c.send_batch(&msgs, ack_timeout).await {
+        Ok(a) => Ok(a),
+        Err(e) => {
+            *conn = None;
+            Err(format!("{addr:?}: {e}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::maildir::tests::envelope;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Routes to a shared-volume root; counts lookups.
+    struct Fixed(Endpoint, AtomicUsize);
+    impl Routes for Fixed {
+        async fn endpoint(&self, _id: &MembraneId) -> Result<Endpoint, String> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            Ok(self.0.clone())
+        }
+    }
+
+    fn setup(
+        dir: &std::path::Path,
+        ttl_ms: Option<u64>,
+    ) -> (Arc<Outbox<Fixed>>, Maildir, Vec<Envelope>) {
+        let shared = dir.join("shared");
+        let routes = Arc::new(Fixed(
+            Endpoint::SharedVolume {
+                path: shared.to_string_lossy().into(),
+            },
+            AtomicUsize::new(0),
+        ));
+        let ob = Outbox::open(
+            &dir.join("state"),
+            routes,
+            OutboxConfig::default(),
+            Arc::new(Activity::new(dir.join("activity.log"))),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        let now = ob.now_ms();
+        let es = (0..3)
+            .map(|n| {
+                let mut e = envelope(n, &format!("m{n}"));
+                e.expires_at = ttl_ms.map(|t| now + t);
+                e
+            })
+            .collect();
+        let md = Maildir::for_membrane(&shared, &"ns".parse().unwrap(), &"b".parse().unwrap());
+        (ob, md, es)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_with_backoff_until_the_receiver_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, md, es) = setup(dir.path(), Some(3_600_000));
+        let waits = ob.submit(es.clone(), true).await.unwrap();
+        assert_eq!(ob.pending(), 3);
+        // No Maildir yet: attempts at 0, 0.1, 0.3, 0.7, 1.5, 3.1 s ... (doubling).
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
+        let attempts = ob.routes.1.load(Ordering::SeqCst);
+        assert_eq!(attempts, 5, "attempts within 3 s");
+        md.create().unwrap();
+        for w in waits {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            md.list_new().unwrap(),
+            es.iter().map(|e| e.id).collect::<Vec<_>>()
+        );
+        assert_eq!(ob.pending(), 0);
+        let log = std::fs::read_to_string(dir.path().join("activity.log")).unwrap();
+        assert_eq!(log.matches("\"event\":\"delivered\"").count(), 3);
+        assert!(log.contains("\"event\":\"retry\""));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resubmitted_id_is_queued_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, md, es) = setup(dir.path(), None);
+        ob.submit(es.clone(), false).await.unwrap();
+        // A client retrying with the same ids (its first answer was lost).
+        ob.submit(es.clone(), false).await.unwrap();
+        md.create().unwrap();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while ob.pending() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(md.list_new().unwrap().len(), 3);
+        let log = std::fs::read_to_string(dir.path().join("activity.log")).unwrap();
+        assert_eq!(log.matches("\"event\":\"delivered\"").count(), 3, "{log}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_messages_go_to_the_dead_letter_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _md, es) = setup(dir.path(), Some(60_000));
+        let waits = ob.submit(es.clone(), true).await.unwrap();
+        let t0 = tokio::time::Instant::now();
+        for w in waits {
+            let e = w.await.unwrap().unwrap_err();
+            assert!(e.contains("expired"), "{e}");
+        }
+        // Expired after the TTL (60 s), not before; within one backoff step (30 s max).
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_secs(60) && waited <= Duration::from_secs(91),
+            "{waited:?}"
+        );
+        assert_eq!(ob.pending(), 0);
+        let dead: Vec<_> = std::fs::read_dir(dir.path().join("state/deadletter"))
+            .unwrap()
+            .collect();
+        assert_eq!(dead.len(), 3);
+        let log = std::fs::read_to_string(dir.path().join("activity.log")).unwrap();
+        assert_eq!(log.matches("\"event\":\"dead_letter\"").count(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_outbox_delivers_what_was_spooled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, md, es) = setup(dir.path(), None);
+        ob.submit(es.clone(), false).await.unwrap();
+        ob.cancel.cancel();
+        drop(ob);
+        md.create().unwrap();
+        let (ob2, _, _) = setup(dir.path(), None);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while md.list_new().unwrap().len() < 3 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        while ob2.pending() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            md.list_new().unwrap(),
+            es.iter().map(|e| e.id).collect::<Vec<_>>()
+        );
+    }
+}

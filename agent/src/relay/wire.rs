@@ -1,0 +1,588 @@
+//! Frames over Unix and TCP sockets: the receiving side ([`Inbox`] and its listeners, with
+//! group commit into the membrane's Maildir before any ACK) and the sending side
+//! ([`FrameConn`]: one connection, pipelined batches).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use shared::envelope::{self, DecodeError, Frame, MessageId, Refusal};
+use shared::name::{MembraneId, NamespaceName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::maildir::{Maildir, Stored};
+use crate::activity::Activity;
+
+/// Largest batch handed to one group commit.
+const MAX_COMMIT: usize = 4096;
+
+struct CommitReq {
+    msgs: Vec<(MessageId, Vec<u8>)>,
+    reply: oneshot::Sender<Result<Vec<Stored>, String>>,
+}
+
+/// The receiving side: validates messages, stores them in the membrane's Maildir as group
+/// commits, logs them and wakes `agent recv --follow`.
+pub struct Inbox {
+    /// The membrane's Maildir.
+    pub maildir: Maildir,
+    id: MembraneId,
+    namespace: NamespaceName,
+    max_body: usize,
+    commits: mpsc::Sender<CommitReq>,
+    /// Bumped after each stored batch.
+    pub arrivals: watch::Sender<u64>,
+}
+
+impl Inbox {
+    /// An inbox for membrane `id`, and the committer task to spawn.
+    pub fn new(
+        maildir: Maildir,
+        id: MembraneId,
+        namespace: NamespaceName,
+        max_body: usize,
+        activity: Arc<Activity>,
+    ) -> (
+        Arc<Inbox>,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let (tx, rx) = mpsc::channel(1024);
+        let (arrivals, _) = watch::channel(0);
+        let inbox = Arc::new(Inbox {
+            maildir,
+            id,
+            namespace,
+            max_body,
+            commits: tx,
+            arrivals,
+        });
+        let task = committer(inbox.maildir.clone(), rx, inbox.arrivals.clone(), activity);
+        (inbox, task)
+    }
+
+    /// Largest frame accepted.
+    pub fn max_frame(&self) -> usize {
+        self.max_body + envelope::HEADER_ROOM
+    }
+
+    /// Checks one message's header: the id, or the refusal to send back.
+    fn check(&self, bytes: &[u8]) -> Result<MessageId, Refusal> {
+        let (id, to, ns, len) = envelope::peek(bytes).map_err(|e| Refusal {
+            id: None,
+            code: "bad_message".into(),
+            message: e.to_string(),
+        })?;
+        let refuse = |code: &str, message: String| Refusal {
+            id: Some(id),
+            code: code.into(),
+            message,
+        };
+        if to != self.id || ns != self.namespace {
+            return Err(refuse(
+                "wrong_recipient",
+                format!(
+                    "this is {} in {}, not {to} in {ns}",
+                    self.id, self.namespace
+                ),
+            ));
+        }
+        if len > self.max_body {
+            return Err(refuse(
+                "too_large",
+                format!(
+                    "body of {len} bytes is over the limit of {} bytes",
+                    self.max_body
+                ),
+            ));
+        }
+        Ok(id)
+    }
+
+    /// Stores messages durably (group commit shared with every connection).
+    pub async fn store(&self, msgs: Vec<(MessageId, Vec<u8>)>) -> Result<Vec<Stored>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.commits
+            .send(CommitReq { msgs, reply })
+            .await
+            .map_err(|_| "inbox is shutting down".to_string())?;
+        rx.await.map_err(|_| "inbox is shutting down".to_string())?
+    }
+}
+
+async fn committer(
+    maildir: Maildir,
+    mut rx: mpsc::Receiver<CommitReq>,
+    arrivals: watch::Sender<u64>,
+    activity: Arc<Activity>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut reqs = vec![first];
+        let mut n = reqs[0].msgs.len();
+        while n < MAX_COMMIT {
+            match rx.try_recv() {
+                Ok(r) => {
+                    n += r.msgs.len();
+                    reqs.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        let md = maildir.clone();
+        let t0 = std::time::Instant::now();
+        let (reqs, result) = tokio::task::spawn_blocking(move || {
+            let all: Vec<(MessageId, &[u8])> = reqs
+                .iter()
+                .flat_map(|r| r.msgs.iter().map(|(id, b)| (*id, &b[..])))
+                .collect();
+            let result = md.store_batch(&all).map_err(|e| e.to_string());
+            (reqs, result)
+        })
+        .await
+        .expect("store task");
+        tracing::debug!(
+            messages = n,
+            requests = reqs.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            ok = result.is_ok(),
+            "inbox commit"
+        );
+        match result {
+            Ok(stored) => {
+                let mut it = stored.into_iter();
+                let mut any = false;
+                for r in reqs {
+                    let mine: Vec<Stored> = it.by_ref().take(r.msgs.len()).collect();
+                    for ((id, _), s) in r.msgs.iter().zip(&mine) {
+                        if *s == Stored::New {
+                            any = true;
+                            activity.record(
+                                "received",
+                                "message stored in the inbox",
+                                json!({"id": id.to_string()}),
+                            );
+                        } else {
+                            activity.record(
+                                "duplicate",
+                                "duplicate message dropped",
+                                json!({"id": id.to_string()}),
+                            );
+                        }
+                    }
+                    let _ = r.reply.send(Ok(mine));
+                }
+                if any {
+                    arrivals.send_modify(|v| *v += 1);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot store messages in the inbox");
+                for r in reqs {
+                    let _ = r.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Binds the ipc socket (mode 0600; a stale socket file is replaced).
+pub async fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another agent listens on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serves frames on a Unix socket until `cancel` (peers of another uid than ours or root
+/// are refused).
+pub async fn serve_unix(listener: UnixListener, inbox: Arc<Inbox>, cancel: CancellationToken) {
+    loop {
+        let s = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => { tracing::warn!(error = %e, "ipc accept failed"); tokio::time::sleep(Duration::from_millis(100)).await; continue; }
+            },
+        };
+        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+        let ok = getsockopt(&s, PeerCredentials)
+            .map(|c| c.uid() == 0 || c.uid() == nix::unistd::geteuid().as_raw())
+            .unwrap_or(false);
+        if !ok {
+            tracing::warn!("ipc connection from another user refused");
+            continue;
+        }
+        tokio::spawn(connection(s, inbox.clone(), cancel.clone()));
+    }
+}
+
+/// Serves frames over TCP until `cancel`.
+pub async fn serve_tcp(listener: TcpListener, inbox: Arc<Inbox>, cancel: CancellationToken) {
+    loop {
+        let s = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => { tracing::warn!(error = %e, "tcp accept failed"); tokio::time::sleep(Duration::from_millis(100)).await; continue; }
+            },
+        };
+        let _ = s.set_nodelay(true);
+        tokio::spawn(connection(s, inbox.clone(), cancel.clone()));
+    }
+}
+
+enum Answer {
+    Now(Vec<Frame>),
+    Later(
+        Vec<MessageId>,
+        oneshot::Receiver<Result<Vec<Stored>, String>>,
+    ),
+}
+
+/// One connection: the reader validates frames and hands batches to the committer; the
+/// writer sends ACK/NACK in order as commits finish. Reading goes on while a commit runs,
+/// so the next commit gets a bigger batch.
+async fn connection<S>(stream: S, inbox: Arc<Inbox>, cancel: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut r, mut w) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::channel::<Answer>(256);
+    let writer = tokio::spawn(async move {
+        let mut out = Vec::new();
+        while let Some(a) = rx.recv().await {
+            out.clear();
+            match a {
+                Answer::Now(frames) => frames.iter().for_each(|f| f.encode_into(&mut out)),
+                Answer::Later(ids, done) => match done.await {
+                    Ok(Ok(_)) => ids
+                        .iter()
+                        .for_each(|id| Frame::Ack(*id).encode_into(&mut out)),
+                    other => {
+                        let msg = match other {
+                            Ok(Err(e)) => e,
+                            _ => "inbox stopped".into(),
+                        };
+                        for id in ids {
+                            Frame::Nack(Refusal {
+                                id: Some(id),
+                                code: "unavailable".into(),
+                                message: msg.clone(),
+                            })
+                            .encode_into(&mut out);
+                        }
+                        // Storage failed: tell the sender, then close (it retries later).
+                        let _ = w.write_all(&out).await;
+                        return;
+                    }
+                },
+            }
+            if w.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+    });
+    let max = inbox.max_frame();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    // Skipping an oversized frame: bytes left, and its first bytes (to read the id).
+    let mut skip: Option<(usize, Vec<u8>)> = None;
+    'outer: loop {
+        let n = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = r.read(&mut chunk) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut batch = Vec::new();
+        let mut now = Vec::new();
+        loop {
+            if let Some((left, head)) = skip.as_mut() {
+                let k = (*left).min(buf.len());
+                if head.len() < 4096 {
+                    head.extend_from_slice(&buf[..k.min(4096 - head.len())]);
+                }
+                buf.drain(..k);
+                *left -= k;
+                if *left > 0 {
+                    break;
+                }
+                let head = std::mem::take(head);
+                skip = None;
+                let id = head
+                    .strip_prefix(envelope::FILE_MAGIC)
+                    .and_then(|h| h.strip_prefix(b"{\"id\":\""))
+                    .and_then(|h| h.get(..32))
+                    .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
+                now.push(Frame::Nack(Refusal {
+                    id,
+                    code: "too_large".into(),
+                    message: format!("message over the limit of {} bytes", inbox.max_body),
+                }));
+                continue;
+            }
+            match Frame::take(&mut buf, max) {
+                Ok(None) => break,
+                Ok(Some(Frame::Msg(bytes))) => match inbox.check(&bytes) {
+                    Ok(id) => batch.push((id, bytes)),
+                    Err(refusal) => now.push(Frame::Nack(refusal)),
+                },
+                Ok(Some(_)) => {} // ACK/NACK from a sender: ignored
+                Err(DecodeError::TooLarge(len)) if buf.len() >= 6 => {
+                    buf.drain(..6);
+                    skip = Some((len - 2, Vec::new()));
+                }
+                Err(DecodeError::TooLarge(_)) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "bad frame; closing the connection");
+                    now.push(Frame::Nack(Refusal {
+                        id: None,
+                        code: "bad_frame".into(),
+                        message: e.to_string(),
+                    }));
+                    let _ = tx.send(Answer::Now(now)).await;
+                    break 'outer;
+                }
+            }
+        }
+        if !now.is_empty() && tx.send(Answer::Now(now)).await.is_err() {
+            break;
+        }
+        if !batch.is_empty() {
+            let ids: Vec<MessageId> = batch.iter().map(|(id, _)| *id).collect();
+            let (reply, done) = oneshot::channel();
+            if inbox
+                .commits
+                .send(CommitReq { msgs: batch, reply })
+                .await
+                .is_err()
+            {
+                break;
+            }
+            if tx.send(Answer::Later(ids, done)).await.is_err() {
+                break;
+            }
+        }
+    }
+    drop(tx);
+    tracing::debug!("relay connection closed by the sender");
+    let _ = writer.await;
+}
+
+/// Where a sender connects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Addr {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A TCP `host:port`.
+    Tcp(String),
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A sender's connection to one receiving agent.
+pub struct FrameConn {
+    stream: Box<dyn Io>,
+    buf: Vec<u8>,
+    /// Where it goes.
+    pub addr: Addr,
+}
+
+/// What a receiver said about one message.
+pub type Outcome = Result<(), Refusal>;
+
+impl FrameConn {
+    /// Connects (within `timeout`).
+    pub async fn connect(addr: &Addr, timeout: Duration) -> std::io::Result<FrameConn> {
+        let fut = async {
+            Ok::<Box<dyn Io>, std::io::Error>(match addr {
+                Addr::Unix(p) => Box::new(UnixStream::connect(p).await?),
+                Addr::Tcp(a) => {
+                    let s = TcpStream::connect(a.as_str()).await?;
+                    s.set_nodelay(true)?;
+                    Box::new(s)
+                }
+            })
+        };
+        let stream = tokio::time::timeout(timeout, fut).await.map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+        })??;
+        Ok(FrameConn {
+            stream,
+            buf: Vec::new(),
+            addr: addr.clone(),
+        })
+    }
+
+    /// Sends messages (id, bytes in the file format) pipelined and waits up to `timeout`
+    /// for every answer. An error means the connection is unusable (retry on a new one).
+    pub async fn send_batch(
+        &mut self,
+        msgs: &[(MessageId, &[u8])],
+        timeout: Duration,
+    ) -> std::io::Result<HashMap<MessageId, Outcome>> {
+        let mut out = Vec::with_capacity(msgs.iter().map(|m| m.1.len() + 6).sum());
+        for (_, b) in msgs {
+            envelope::encode_frame(envelope::FrameKind::Msg, b, &mut out);
+        }
+        let mut answers = HashMap::with_capacity(msgs.len());
+        let distinct = msgs
+            .iter()
+            .map(|m| m.0)
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        let work = async {
+            self.stream.write_all(&out).await?;
+            self.stream.flush().await?;
+            let mut chunk = vec![0u8; 16 * 1024];
+            let mut unknown_nacks = Vec::new();
+            while answers.len() < distinct {
+                while let Some(f) = Frame::take(&mut self.buf, 1 << 20)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?
+                {
+                    match f {
+                        Frame::Ack(id) => {
+                            answers.insert(id, Ok(()));
+                        }
+                        Frame::Nack(r) => match r.id {
+                            Some(id) => {
+                                answers.insert(id, Err(r));
+                            }
+                            None => unknown_nacks.push(r),
+                        },
+                        Frame::Msg(_) => {}
+                    }
+                }
+                if answers.len() >= distinct {
+                    break;
+                }
+                if let Some(r) = unknown_nacks.first() {
+                    return Err(std::io::Error::other(format!(
+                        "receiver refused a message: {}: {}",
+                        r.code, r.message
+                    )));
+                }
+                let n = self.stream.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "receiver closed the connection",
+                    ));
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+            Ok(())
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no ack in time"))??;
+        Ok(answers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::maildir::tests::envelope;
+
+    async fn inbox(dir: &Path, max: usize) -> Arc<Inbox> {
+        let md = Maildir::new(dir.join("inbox"));
+        md.create().unwrap();
+        let (inbox, task) = Inbox::new(
+            md,
+            "b".parse().unwrap(),
+            "ns".parse().unwrap(),
+            max,
+            Arc::new(Activity::disabled()),
+        );
+        tokio::spawn(task);
+        inbox
+    }
+
+    #[tokio::test]
+    async fn unix_pipelined_batch_is_stored_then_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = inbox(dir.path(), 100).await;
+        let path = dir.path().join("m.sock");
+        let l = bind_unix(&path).await.unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve_unix(l, inbox.clone(), cancel.clone()));
+        let mut conn = FrameConn::connect(&Addr::Unix(path.clone()), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut es: Vec<_> = (0..50).map(|n| envelope(n, "hello")).collect();
+        es[3].to = "c".parse().unwrap(); // wrong recipient
+        es[4].body = vec![b'x'; 101]; // too large for this inbox
+        let bytes: Vec<Vec<u8>> = es.iter().map(|e| e.encode()).collect();
+        let msgs: Vec<(MessageId, &[u8])> =
+            es.iter().zip(&bytes).map(|(e, b)| (e.id, &b[..])).collect();
+        let answers = conn
+            .send_batch(&msgs, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(answers.len(), 50);
+        assert_eq!(
+            answers[&es[3].id].as_ref().unwrap_err().code,
+            "wrong_recipient"
+        );
+        assert_eq!(answers[&es[4].id].as_ref().unwrap_err().code, "too_large");
+        let stored = inbox.maildir.list_new().unwrap();
+        assert_eq!(stored.len(), 48);
+        for e in &es {
+            assert_eq!(answers[&e.id].is_ok(), stored.contains(&e.id));
+        }
+        // The same id twice in one batch: answered once, the batch completes.
+        let dup = [msgs[0], msgs[0], msgs[1]];
+        let a = conn
+            .send_batch(&dup, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(a.len(), 2);
+        // Sending again on the same connection: duplicates acked, nothing new stored.
+        let again = conn
+            .send_batch(&msgs[..10], Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(again.values().filter(|a| a.is_ok()).count(), 8);
+        assert_eq!(inbox.maildir.list_new().unwrap().len(), 48);
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_is_refused_by_id_and_the_connection_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = inbox(dir.path(), 1000).await;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = Addr::Tcp(l.local_addr().unwrap().to_string());
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve_tcp(l, inbox.clone(), cancel.clone()));
+        let mut conn = FrameConn::connect(&addr, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut big = envelope(1, "");
+        big.body = vec![7; 100_000]; // far past max_frame: skipped, not buffered
+        let small = envelope(2, "ok");
+        let (bb, sb) = (big.encode(), small.encode());
+        let answers = conn
+            .send_batch(&[(big.id, &bb), (small.id, &sb)], Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(answers[&big.id].as_ref().unwrap_err().code, "too_large");
+        assert!(answers[&small.id].is_ok());
+        assert_eq!(inbox.maildir.list_new().unwrap(), vec![small.id]);
+        cancel.cancel();
+    }
+}
