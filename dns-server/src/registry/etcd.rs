@@ -178,6 +178,28 @@ impl Registry {
                     continue;
                 }
             };
+            // Asked after the watch exists: if history at `from - 1` is still there, the
+            // watch sees every change after it.
+            match e.store.compacted(from - 1).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::warn!(
+                        wanted = from,
+                        "revisions missed while disconnected were compacted; reloading everything"
+                    );
+                    reload = true;
+                    continue;
+                }
+                Err(err) => {
+                    e.set_reachable(false, &err.to_string());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
             loop {
                 let msg = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -194,6 +216,15 @@ impl Registry {
                         break;
                     }
                 };
+                tracing::debug!(
+                    created = resp.created(),
+                    canceled = resp.canceled(),
+                    compact = resp.compact_revision(),
+                    events = resp.events().len(),
+                    header = resp.header().map(|h| h.revision()).unwrap_or(0),
+                    from,
+                    "watch response"
+                );
                 if resp.compact_revision() > 0 {
                     tracing::warn!(
                         compacted = resp.compact_revision(),

@@ -109,16 +109,41 @@ fn err(e: etcd_client::Error) -> StoreError {
     StoreError::Etcd(e.to_string())
 }
 
-/// Runs one etcd request under [`REQUEST_TIMEOUT`].
-async fn timed<T>(
-    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
-        Ok(r) => r.map_err(err),
-        Err(_) => Err(StoreError::Etcd(format!(
-            "no answer within {}s",
-            REQUEST_TIMEOUT.as_secs()
-        ))),
+/// Whether a request failed before reaching any member (connection refused), so that
+/// sending it again cannot apply it twice.
+fn not_sent(e: &etcd_client::Error) -> bool {
+    let m = e.to_string();
+    m.contains("tcp connect error") || m.contains("ConnectError")
+}
+
+/// Most attempts of a request that could not be sent.
+const SEND_ATTEMPTS: usize = 6;
+
+/// Runs one etcd request under [`REQUEST_TIMEOUT`]. The client balances requests over the
+/// endpoints and keeps picking a dead member now and then: a request refused at connect
+/// time was never sent, so it is sent again (another endpoint is likely picked).
+async fn timed<T, F, Fut>(mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match tokio::time::timeout_at(deadline, f()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if attempt < SEND_ATTEMPTS && not_sent(&e) => {
+                tracing::debug!(error = %e, "etcd endpoint refused the connection; resending");
+            }
+            Ok(Err(e)) => return Err(err(e)),
+            Err(_) => {
+                return Err(StoreError::Etcd(format!(
+                    "no answer within {}s",
+                    REQUEST_TIMEOUT.as_secs()
+                )));
+            }
+        }
     }
 }
 
@@ -287,7 +312,7 @@ impl Etcd {
 
     /// Reads everything under the prefix at one revision, in pages.
     pub async fn load(&self) -> Result<Snapshot, StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         let end = prefix_end(self.prefix.as_bytes());
         let mut from = self.prefix.as_bytes().to_vec();
         let mut revision = 0;
@@ -297,7 +322,11 @@ impl Etcd {
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
-            let resp = timed(kv.get(from.clone(), Some(opts))).await?;
+            let resp = timed(|| {
+                let (mut kv, from, opts) = (kv.clone(), from.clone(), opts.clone());
+                async move { kv.get(from, Some(opts)).await }
+            })
+            .await?;
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             }
@@ -318,7 +347,7 @@ impl Etcd {
 
     /// Watches the prefix from `revision` on (progress notifications on).
     pub async fn watch(&self, revision: i64) -> Result<WatchStream, StoreError> {
-        let mut w = self
+        let w = self
             .client
             .watch_client()
             .max_decoding_message_size(64 << 20);
@@ -326,7 +355,36 @@ impl Etcd {
             .with_prefix()
             .with_start_revision(revision)
             .with_progress_notify();
-        timed(w.watch(self.prefix.as_bytes().to_vec(), Some(opts))).await
+        timed(|| {
+            let (mut w, key, opts) = (w.clone(), self.prefix.as_bytes().to_vec(), opts.clone());
+            async move { w.watch(key, Some(opts)).await }
+        })
+        .await
+    }
+
+    /// Whether history at `revision` was compacted away. A watch resumed at exactly the
+    /// compaction revision is not told it was compacted, yet a deletion at that revision
+    /// is gone (compaction drops tombstones), so a resuming replica asks explicitly.
+    pub async fn compacted(&self, revision: i64) -> Result<bool, StoreError> {
+        if revision <= 0 {
+            return Ok(false);
+        }
+        let kv = self.client.kv_client();
+        let key = self.prefix.as_bytes().to_vec();
+        let r = timed(|| {
+            let (mut kv, key) = (kv.clone(), key.clone());
+            let opts = GetOptions::new()
+                .with_revision(revision)
+                .with_keys_only()
+                .with_limit(1);
+            async move { kv.get(key, Some(opts)).await }
+        })
+        .await;
+        match r {
+            Ok(_) => Ok(false),
+            Err(StoreError::Etcd(m)) if m.contains("compacted") => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 
     /// Decodes the events of a watch response, in order, and the highest revision among
@@ -344,21 +402,35 @@ impl Etcd {
 
     /// Commits `txn`.
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        let mut kv = self.client.kv_client();
-        timed(kv.txn(txn)).await
+        let kv = self.client.kv_client();
+        timed(|| {
+            let (mut kv, txn) = (kv.clone(), txn.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await
     }
 
     /// Grants a lease of `ttl`; returns its id.
     pub async fn grant(&self, ttl: Duration) -> Result<i64, StoreError> {
-        let mut l = self.client.lease_client();
+        let l = self.client.lease_client();
         let secs = ttl.as_secs().max(1) as i64;
-        Ok(timed(l.grant(secs, None)).await?.id())
+        Ok(timed(|| {
+            let mut l = l.clone();
+            async move { l.grant(secs, None).await }
+        })
+        .await?
+        .id())
     }
 
     /// Renews a lease once (one keep-alive round trip). `Ok(false)`: the lease is gone.
     pub async fn keep_alive(&self, lease: i64) -> Result<bool, StoreError> {
-        let mut l = self.client.lease_client();
-        match timed(l.keep_alive(lease)).await {
+        let l = self.client.lease_client();
+        match timed(|| {
+            let mut l = l.clone();
+            async move { l.keep_alive(lease).await }
+        })
+        .await
+        {
             Ok(_) => Ok(true),
             Err(StoreError::Etcd(m)) if m.contains("lease not found") => Ok(false),
             Err(e) => Err(e),
@@ -368,8 +440,12 @@ impl Etcd {
     /// Revokes a lease (deleting the keys attached to it); failures are only logged (an
     /// unrevoked lease expires on its own).
     pub async fn revoke(&self, lease: i64) {
-        let mut l = self.client.lease_client();
-        if let Err(e) = timed(l.revoke(lease)).await
+        let l = self.client.lease_client();
+        if let Err(e) = timed(|| {
+            let mut l = l.clone();
+            async move { l.revoke(lease).await }
+        })
+        .await
             && !matches!(&e, StoreError::Etcd(m) if m.contains("lease not found"))
         {
             tracing::debug!(lease, error = %e, "lease revoke failed; it will expire");
