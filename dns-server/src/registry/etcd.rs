@@ -52,9 +52,65 @@ pub(crate) struct EtcdBackend {
     applied: watch::Sender<i64>,
     /// Evictions in flight from this replica.
     evicting: Mutex<HashSet<(NamespaceName, MembraneId)>>,
+    /// Leases granted ahead of registrations, by TTL (see [`EtcdBackend::lease`]).
+    pool: Mutex<HashMap<Duration, Vec<(i64, Instant)>>>,
 }
 
+/// A pooled lease older than this is not handed out (its TTL started at its grant).
+const POOL_MAX_AGE: Duration = Duration::from_millis(500);
+
+/// Most leases kept ready per TTL.
+const POOL_MAX: usize = 64;
+
 impl EtcdBackend {
+    /// A fresh lease of `ttl` for one membrane. Granting is a round trip through etcd's
+    /// log; doing it inline doubles a registration's latency. So leases are granted ahead,
+    /// in the background, as registrations consume them (the pool grows to the number of
+    /// concurrent registrations, never past [`POOL_MAX`]); one is handed out only when at
+    /// most [`POOL_MAX_AGE`] old, so a membrane's first TTL is at most that much shorter.
+    /// Leases that aged out are revoked. Each lease still serves exactly one membrane.
+    async fn lease(self: &Arc<Self>, ttl: Duration) -> Result<i64, StoreError> {
+        let now = Instant::now();
+        let (hit, expired) = {
+            let mut pool = self.pool.lock().unwrap();
+            let ready = pool.entry(ttl).or_default();
+            let (fresh, old): (Vec<_>, Vec<_>) = ready
+                .drain(..)
+                .partition(|(_, at)| now.saturating_duration_since(*at) < POOL_MAX_AGE);
+            *ready = fresh;
+            (ready.pop(), old)
+        };
+        if !expired.is_empty() {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                for (l, _) in expired {
+                    store.revoke(l).await;
+                }
+            });
+        }
+        // Replace what this registration consumes (on a miss, add one more).
+        let refill = if hit.is_some() { 1 } else { 2 };
+        for _ in 0..refill {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Ok(l) = this.store.grant(ttl).await {
+                    let mut pool = this.pool.lock().unwrap();
+                    let ready = pool.entry(ttl).or_default();
+                    if ready.len() < POOL_MAX {
+                        ready.push((l, Instant::now()));
+                        return;
+                    }
+                    drop(pool);
+                    tokio::spawn(async move { this.store.revoke(l).await });
+                }
+            });
+        }
+        match hit {
+            Some((l, _)) => Ok(l),
+            None => self.store.grant(ttl).await,
+        }
+    }
+
     pub(crate) fn reachable(&self) -> bool {
         self.reachable.load(Ordering::Relaxed)
     }
@@ -111,6 +167,7 @@ impl Registry {
                 reachable: AtomicBool::new(false),
                 applied,
                 evicting: Mutex::new(HashSet::new()),
+                pool: Mutex::new(HashMap::new()),
             })),
             events: Arc::new(super::EventHub::new(start_seq)),
             dirty: Arc::new(super::Dirty::default()),
@@ -138,6 +195,9 @@ impl Registry {
         let snap = e.store.load().await?;
         self.apply_changes(snap.changes, true);
         e.applied.send_modify(|a| *a = (*a).max(snap.revision));
+        // etcd answered and the copy is current: accept writes (they wait for the watch,
+        // which starts from this revision, to apply their commit).
+        e.set_reachable(true, "");
         Ok(snap.revision)
     }
 
@@ -744,7 +804,7 @@ impl Registry {
                 return Err(unreachable_msg("watch disconnected"));
             }
             // The membrane's own lease; its live key dies with it.
-            let lease = e.store.grant(ttl).await.map_err(unreachable_msg)?;
+            let lease = e.lease(ttl).await.map_err(unreachable_msg)?;
             let ns_key = e.store.ns_key(ns_name);
             let m_key = e.store.membrane_key(ns_name, id);
             let mut ops = Vec::with_capacity(3);
