@@ -107,6 +107,16 @@ pub struct ServerArgs {
     )]
     pub store: String,
 
+    /// Key prefix of the registry in etcd (with `--store etcd://...`); replicas sharing a
+    /// registry use the same prefix.
+    #[arg(
+        long,
+        env = "MEMBRANE_ETCD_PREFIX",
+        value_name = "PREFIX",
+        default_value = "/membrane/"
+    )]
+    pub etcd_prefix: String,
+
     /// Log format.
     #[arg(
         long,
@@ -262,6 +272,8 @@ pub struct Config {
     pub ns_addresses: Vec<std::net::IpAddr>,
     /// Store.
     pub store: StoreKind,
+    /// Key prefix in etcd (ends with `/`).
+    pub etcd_prefix: String,
     /// Body limit.
     pub max_body_bytes: usize,
     /// Health check period.
@@ -365,6 +377,15 @@ impl TryFrom<ServerArgs> for Config {
                 )));
             }
         };
+        let mut etcd_prefix = a.etcd_prefix.trim().to_string();
+        if !etcd_prefix.starts_with('/') || etcd_prefix.contains(char::is_whitespace) {
+            return Err(invalid(format!(
+                "--etcd-prefix {etcd_prefix:?} must start with / and contain no spaces"
+            )));
+        }
+        if !etcd_prefix.ends_with('/') {
+            etcd_prefix.push('/');
+        }
         if a.max_body_bytes < 1024 {
             return Err(invalid("--max-body-bytes must be at least 1024"));
         }
@@ -402,6 +423,7 @@ impl TryFrom<ServerArgs> for Config {
             admin_token,
             domain_suffix: a.domain_suffix.as_deref().map(parse_suffix).transpose()?,
             store,
+            etcd_prefix,
             max_body_bytes: a.max_body_bytes,
             sweep_interval: a.sweep_interval,
             shutdown_grace: a.shutdown_grace,

@@ -161,24 +161,36 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    if let StoreKind::Etcd(_) = config.store {
-        return Err(config::ConfigError::Invalid(
-            "--store etcd://... is not available in this build yet; use the embedded store (sqlite)"
-                .into(),
-        )
-        .into());
-    }
-    let db = open_data_dir(&config)?;
-    let (loaded, writer, writer_thread) = store::sqlite::open(&db)?;
-    tracing::info!(
-        path = %db.display(),
-        namespaces = loaded.namespaces.len(),
-        membranes = loaded.membranes.len(),
-        "store opened"
-    );
     let metrics = Arc::new(Metrics::new());
-    let registry = Arc::new(Registry::new(loaded, writer, metrics.clone()));
-
+    let (registry, writer_thread, store_kind) = match &config.store {
+        StoreKind::Sqlite => {
+            let db = open_data_dir(&config)?;
+            let (loaded, writer, writer_thread) = store::sqlite::open(&db)?;
+            tracing::info!(
+                path = %db.display(),
+                namespaces = loaded.namespaces.len(),
+                membranes = loaded.membranes.len(),
+                "store opened"
+            );
+            let registry = Registry::new(loaded, writer, metrics.clone());
+            (Arc::new(registry), Some(writer_thread), "sqlite")
+        }
+        #[cfg(feature = "etcd")]
+        StoreKind::Etcd(endpoints) => {
+            let registry =
+                open_etcd(endpoints, &config.etcd_prefix, metrics.clone(), &shutdown).await?;
+            (registry, None, "etcd")
+        }
+        #[cfg(not(feature = "etcd"))]
+        StoreKind::Etcd(_) => {
+            return Err(config::ConfigError::Invalid(
+                "--store etcd://... needs a dns-server built with the `etcd` cargo feature \
+                 (cargo build --features etcd); this build has only the embedded store (sqlite)"
+                    .into(),
+            )
+            .into());
+        }
+    };
     let dns_config = dns::DnsConfig {
         domain_suffix: config.domain_suffix.clone(),
         ns_host: config.ns_host.clone(),
@@ -196,7 +208,7 @@ pub async fn run(
         admin_token_hash: config.admin_token.as_deref().map(registry::hash_secret),
         max_body: config.max_body_bytes,
         started: Instant::now(),
-        store_kind: "sqlite",
+        store_kind,
         shutdown: shutdown.clone(),
         zone_exporter: Some(Arc::new(move |snap| {
             dns::export_zone(snap, &exporter_config)
@@ -207,6 +219,10 @@ pub async fn run(
     }
 
     let mut tasks = JoinSet::new();
+    #[cfg(feature = "etcd")]
+    if registry.is_etcd() {
+        tasks.spawn(registry.clone().run_etcd_watch(shutdown.clone()));
+    }
     tasks.spawn(
         registry
             .clone()
@@ -256,9 +272,50 @@ pub async fn run(
     // Last reference to the store's queue: the writer flushes and exits.
     drop(registry);
     drop(catalog);
-    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    if let Some(writer_thread) = writer_thread {
+        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long start-up waits for etcd before giving up.
+#[cfg(feature = "etcd")]
+const ETCD_STARTUP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Connects to etcd and loads the registry from it, retrying while etcd is not reachable
+/// (for up to [`ETCD_STARTUP_WAIT`]): a replica without a copy has nothing to serve.
+#[cfg(feature = "etcd")]
+async fn open_etcd(
+    endpoints: &[String],
+    prefix: &str,
+    metrics: Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<Arc<Registry>, RunError> {
+    let store = store::etcd::Etcd::connect(endpoints, prefix).await?;
+    let registry = Arc::new(Registry::new_etcd(store, metrics));
+    let deadline = Instant::now() + ETCD_STARTUP_WAIT;
+    loop {
+        match registry.etcd_load().await {
+            Ok(revision) => {
+                let c = registry.counts();
+                tracing::info!(
+                    endpoints = endpoints.join(","),
+                    prefix,
+                    revision,
+                    namespaces = c.namespaces,
+                    membranes = c.membranes,
+                    "store opened (etcd)"
+                );
+                return Ok(registry);
+            }
+            Err(e) if Instant::now() < deadline && !shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, "etcd not reachable yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.

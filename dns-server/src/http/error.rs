@@ -54,6 +54,7 @@ impl From<RegistryError> for ApiError {
             Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
             Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            StoreUnreachable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unreachable"),
         };
         ApiError::new(status, code, e.to_string())
     }

@@ -273,7 +273,7 @@ pub async fn heartbeat(
     JsonBody(body): JsonBody<LegacyRef>,
 ) -> Result<Json<Value>, ApiError> {
     let (ns, id) = body.parts()?;
-    let (state, ttl) = s.registry.heartbeat(&caller, &ns, &id)?;
+    let (state, ttl) = s.registry.heartbeat(&caller, &ns, &id).await?;
     Ok(Json(
         json!({"status": "ok", "membrane_id": id, "state": state, "ttl_seconds": ttl}),
     ))

@@ -28,7 +28,11 @@ pub async fn status(State(s): State<AppState>) -> Json<Value> {
         "status": if failed { "degraded" } else { "ok" },
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": s.started.elapsed().as_secs(),
-        "store": {"kind": s.store_kind, "writable": !failed},
+        "store": {
+            "kind": s.store_kind,
+            "writable": !failed,
+            "reachable": s.registry.store_reachable(),
+        },
         "auth": if s.admin_token_hash.is_some() { "token" } else { "open" },
         "namespaces": c.namespaces,
         "membranes": c.membranes,
@@ -158,7 +162,7 @@ pub async fn heartbeat(
     P((ns, id)): P<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let (ns, id) = (extract::ns(&ns)?, extract::id(&id)?);
-    let (state, ttl) = s.registry.heartbeat(&caller, &ns, &id)?;
+    let (state, ttl) = s.registry.heartbeat(&caller, &ns, &id).await?;
     Ok(Json(json!({"state": state, "ttl_seconds": ttl})))
 }
 

@@ -9,6 +9,8 @@
 //! Health runs on tokio's monotonic clock: `passing` while heartbeats arrive within the
 //! instance TTL, `stale` after it, removed once stale for the eviction delay.
 
+#[cfg(feature = "etcd")]
+mod etcd;
 pub mod events;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -59,6 +61,10 @@ pub enum RegistryError {
     /// The store failed; writes are refused until a restart.
     #[error("the registry store is unavailable; writes are refused (see the server log)")]
     Unavailable,
+    /// The shared store (etcd) cannot be reached or did not commit in time; this replica
+    /// keeps serving reads and DNS from its copy.
+    #[error("{0}")]
+    StoreUnreachable(String),
 }
 
 /// Who is asking, as the HTTP layer established it.
@@ -138,8 +144,13 @@ pub struct Counts {
 }
 
 struct Entry {
-    /// Store row holding this registration.
+    /// Store row holding this registration (etcd: the registration key's mod revision).
     seq: i64,
+    /// etcd: the lease of the membrane's liveness key, while that key exists.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    live: Option<i64>,
+    /// When `state` last changed (etcd: eviction counts from the stale transition).
+    state_since: Instant,
     /// Id and registration, shared with DNS snapshots.
     inst: Arc<Instance>,
     secret_hash: [u8; 32],
@@ -156,6 +167,9 @@ struct Ns {
     join_token_hash: Option<[u8; 32]>,
     membranes: BTreeMap<MembraneId, Entry>,
     serial: u32,
+    /// etcd: the namespace key's mod revision (0 with the embedded store).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    rev: i64,
 }
 
 impl Ns {
@@ -202,10 +216,19 @@ impl Dirty {
     }
 }
 
+/// Where writes go.
+enum Backend {
+    /// The embedded store: memory first, then the writer thread commits.
+    Sqlite(Writer),
+    /// etcd: writes commit in etcd first; memory follows the watch.
+    #[cfg(feature = "etcd")]
+    Etcd(Arc<etcd::EtcdBackend>),
+}
+
 /// The registry. Share it as `Arc<Registry>`.
 pub struct Registry {
     state: Mutex<State>,
-    writer: Writer,
+    backend: Backend,
     events: Arc<EventHub>,
     dirty: Arc<Dirty>,
     metrics: Arc<Metrics>,
@@ -267,6 +290,7 @@ impl Registry {
                         join_token_hash: n.join_token_hash,
                         membranes: BTreeMap::new(),
                         serial,
+                        rev: 0,
                     },
                 )
             })
@@ -281,6 +305,8 @@ impl Registry {
                             registration: m.registration,
                         }),
                         seq: m.seq,
+                        live: None,
+                        state_since: now,
                         secret_hash: m.secret_hash,
                         registered_at: from_ms(m.registered_at_ms),
                         last_heartbeat_wall: wall,
@@ -301,7 +327,7 @@ impl Registry {
                 namespaces,
                 next_seq,
             }),
-            writer,
+            backend: Backend::Sqlite(writer),
             events: Arc::new(EventHub::new(start_seq)),
             dirty,
             metrics,
@@ -314,9 +340,19 @@ impl Registry {
         &self.events
     }
 
-    /// Whether the store has failed (writes refused).
+    /// Whether writes are refused: the store has failed, or etcd is unreachable.
     pub fn store_failed(&self) -> bool {
-        self.failed.load(Ordering::Relaxed)
+        self.failed.load(Ordering::Relaxed) || !self.store_reachable()
+    }
+
+    /// Whether the store can be reached: always for the embedded store; for etcd, whether
+    /// this replica's watch is connected (its copy is current).
+    pub fn store_reachable(&self) -> bool {
+        match &self.backend {
+            Backend::Sqlite(_) => true,
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(e) => e.reachable(),
+        }
     }
 
     /// Refreshes the count gauges; called when metrics are scraped, never on a write path
@@ -338,7 +374,7 @@ impl Registry {
         let hub = self.events.clone();
         let dirty_set = self.dirty.clone();
         let failed = self.failed.clone();
-        let done = Box::new(move |r: Result<(), &StoreError>| {
+        let done: crate::store::sqlite::Done = Box::new(move |r: Result<(), &StoreError>| {
             match r {
                 Ok(()) => {
                     for (ns, ev) in events {
@@ -357,8 +393,18 @@ impl Registry {
                 }
             }
         });
-        if self.writer.submit(Submission { ops, done }).is_err() {
-            self.failed.store(true, Ordering::Relaxed);
+        match &self.backend {
+            Backend::Sqlite(writer) => {
+                if writer.submit(Submission { ops, done }).is_err() {
+                    self.failed.store(true, Ordering::Relaxed);
+                }
+            }
+            // Memory follows the etcd watch: nothing is ever queued here.
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(_) => {
+                debug_assert!(ops.is_empty(), "etcd mode never queues store ops");
+                done(Ok(()));
+            }
         }
         rx
     }
@@ -401,6 +447,7 @@ impl Registry {
             join_token_hash: Some(hash_secret(&token)),
             membranes: BTreeMap::new(),
             serial: unix_serial(),
+            rev: 0,
         };
         (ns, token)
     }
@@ -419,6 +466,10 @@ impl Registry {
                 message: "at most 1024 bytes".into(),
             }
             .into());
+        }
+        #[cfg(feature = "etcd")]
+        if let Backend::Etcd(e) = &self.backend {
+            return self.create_namespace_etcd(e, req).await;
         }
         let (rx, view) = {
             let mut st = self.state.lock().unwrap();
@@ -448,6 +499,10 @@ impl Registry {
         name: &NamespaceName,
     ) -> Result<NamespaceView, RegistryError> {
         Self::require_admin(caller)?;
+        #[cfg(feature = "etcd")]
+        if let Backend::Etcd(e) = &self.backend {
+            return self.rotate_join_token_etcd(e, name).await;
+        }
         let (rx, view) = {
             let mut st = self.state.lock().unwrap();
             self.check_writable()?;
@@ -474,6 +529,10 @@ impl Registry {
         force: bool,
     ) -> Result<(), RegistryError> {
         Self::require_admin(caller)?;
+        #[cfg(feature = "etcd")]
+        if let Backend::Etcd(e) = &self.backend {
+            return self.delete_namespace_etcd(e, name, force).await;
+        }
         let rx = {
             let mut st = self.state.lock().unwrap();
             self.check_writable()?;
@@ -521,6 +580,10 @@ impl Registry {
     ) -> Result<RegisterResponse, RegistryError> {
         reg.validate()?;
         let reg = Arc::new(reg);
+        #[cfg(feature = "etcd")]
+        if let Backend::Etcd(e) = &self.backend {
+            return self.register_etcd(e, caller, ns_name, id, reg).await;
+        }
         let (rx, resp) = {
             let mut st = self.state.lock().unwrap();
             self.check_writable()?;
@@ -535,33 +598,9 @@ impl Registry {
                 st.namespaces.insert(ns_name.clone(), ns);
             }
             let ns = st.namespaces.get_mut(ns_name).expect("present");
-            if !caller.privileged() {
-                match &caller.bearer {
-                    None => {
-                        return Err(RegistryError::Unauthorized(format!(
-                            "registering in {ns_name} needs its join token or the admin token: \
-                             send Authorization: Bearer TOKEN"
-                        )));
-                    }
-                    Some(t) if ns.join_token_hash != Some(hash_secret(t)) => {
-                        return Err(RegistryError::Forbidden(format!(
-                            "the token sent is not the join token of namespace {ns_name}"
-                        )));
-                    }
-                    Some(_) => {}
-                }
-            }
+            Self::check_join(caller, ns_name, ns)?;
             let existing = ns.membranes.get(id);
-            let secret = match (existing, &caller.secret) {
-                (Some(e), Some(s)) if e.secret_hash == hash_secret(s) => s.clone(),
-                (Some(_), _) if !caller.privileged() => {
-                    return Err(RegistryError::Forbidden(format!(
-                        "membrane {id} is already registered in {ns_name} by another instance; \
-                         send its X-Membrane-Secret to update it"
-                    )));
-                }
-                _ => new_token(),
-            };
+            let secret = Self::choose_secret(caller, ns_name, id, existing)?;
             let now = SystemTime::now();
             let created = existing.is_none();
             let registered_at = existing.map(|e| e.registered_at).unwrap_or(now);
@@ -572,6 +611,8 @@ impl Registry {
             let ns = st.namespaces.get_mut(ns_name).expect("present");
             let entry = Entry {
                 seq,
+                live: None,
+                state_since: Instant::now(),
                 inst: Arc::new(Instance {
                     id: id.clone(),
                     registration: reg.clone(),
@@ -627,6 +668,41 @@ impl Registry {
         Ok(resp)
     }
 
+    /// A registration in `ns` needs its join token (or the admin token).
+    fn check_join(caller: &Caller, ns_name: &NamespaceName, ns: &Ns) -> Result<(), RegistryError> {
+        if caller.privileged() {
+            return Ok(());
+        }
+        match &caller.bearer {
+            None => Err(RegistryError::Unauthorized(format!(
+                "registering in {ns_name} needs its join token or the admin token: \
+                 send Authorization: Bearer TOKEN"
+            ))),
+            Some(t) if ns.join_token_hash != Some(hash_secret(t)) => Err(RegistryError::Forbidden(
+                format!("the token sent is not the join token of namespace {ns_name}"),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// The instance secret of a (re-)registration: the caller's when it matches the
+    /// existing one, a fresh one for a new membrane (or an admin takeover).
+    fn choose_secret(
+        caller: &Caller,
+        ns_name: &NamespaceName,
+        id: &MembraneId,
+        existing: Option<&Entry>,
+    ) -> Result<String, RegistryError> {
+        match (existing, &caller.secret) {
+            (Some(e), Some(s)) if e.secret_hash == hash_secret(s) => Ok(s.clone()),
+            (Some(_), _) if !caller.privileged() => Err(RegistryError::Forbidden(format!(
+                "membrane {id} is already registered in {ns_name} by another instance; \
+                 send its X-Membrane-Secret to update it"
+            ))),
+            _ => Ok(new_token()),
+        }
+    }
+
     fn check_secret(
         caller: &Caller,
         ns: &NamespaceName,
@@ -647,14 +723,19 @@ impl Registry {
         }
     }
 
-    /// Records a heartbeat. Soft state: nothing is written to disk. Returns the state and
-    /// the TTL in seconds.
-    pub fn heartbeat(
+    /// Records a heartbeat. Returns the state and the TTL in seconds. With the embedded
+    /// store this is soft state (nothing is written); with etcd it renews the membrane's
+    /// lease (one round trip) and answers once etcd did.
+    pub async fn heartbeat(
         &self,
         caller: &Caller,
         ns_name: &NamespaceName,
         id: &MembraneId,
     ) -> Result<(HealthState, u64), RegistryError> {
+        #[cfg(feature = "etcd")]
+        if let Backend::Etcd(e) = &self.backend {
+            return self.heartbeat_etcd(e, caller, ns_name, id).await;
+        }
         let mut st = self.state.lock().unwrap();
         let ns = st
             .namespaces
@@ -672,6 +753,7 @@ impl Registry {
         self.metrics.heartbeats.inc();
         if e.state == HealthState::Stale {
             e.state = HealthState::Passing;
+            e.state_since = Instant::now();
             ns.serial = ns.serial.wrapping_add(1);
             self.metrics.state_change(HealthState::Passing);
             // No ops: ordering through the writer only, so this event follows any pending
@@ -699,6 +781,10 @@ impl Registry {
         ns_name: &NamespaceName,
         id: &MembraneId,
     ) -> Result<(), RegistryError> {
+        #[cfg(feature = "etcd")]
+        if let Backend::Etcd(e) = &self.backend {
+            return self.deregister_etcd(e, caller, ns_name, id).await;
+        }
         let rx = {
             let mut st = self.state.lock().unwrap();
             self.check_writable()?;
@@ -736,6 +822,10 @@ impl Registry {
     /// Moves membranes past their TTL to `stale` and removes those stale for longer than
     /// their eviction delay. Called periodically by [`Registry::run_health`].
     pub fn sweep(&self) {
+        if !matches!(self.backend, Backend::Sqlite(_)) {
+            // etcd: stale comes from lease expiry (the watch); see `run_health`.
+            return;
+        }
         let now = Instant::now();
         let mut st = self.state.lock().unwrap();
         let mut ops = Vec::new();
@@ -756,6 +846,7 @@ impl Registry {
                     evict.push(id.clone());
                 } else if silent >= ttl && e.state == HealthState::Passing {
                     e.state = HealthState::Stale;
+                    e.state_since = now;
                     changed = true;
                     self.metrics.state_change(HealthState::Stale);
                     events.push((
@@ -812,7 +903,14 @@ impl Registry {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tick.tick() => self.sweep(),
+                _ = tick.tick() => {
+                    #[cfg(feature = "etcd")]
+                    if let Backend::Etcd(e) = &self.backend {
+                        self.evict_etcd(e);
+                        continue;
+                    }
+                    self.sweep()
+                }
             }
         }
     }

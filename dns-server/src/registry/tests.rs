@@ -65,7 +65,7 @@ async fn passing_stale_passing_evicted() {
     tokio::time::advance(Duration::from_secs(29)).await;
     r.sweep();
     assert_eq!(r.get(&n, &m).unwrap().state, HealthState::Passing);
-    r.heartbeat(&open_caller(), &n, &m).unwrap();
+    r.heartbeat(&open_caller(), &n, &m).await.unwrap();
 
     tokio::time::advance(Duration::from_secs(30)).await;
     r.sweep();
@@ -77,7 +77,7 @@ async fn passing_stale_passing_evicted() {
     assert_eq!(r.counts().stale, 1);
 
     // A heartbeat brings it back.
-    let (state, ttl) = r.heartbeat(&open_caller(), &n, &m).unwrap();
+    let (state, ttl) = r.heartbeat(&open_caller(), &n, &m).await.unwrap();
     assert_eq!((state, ttl), (HealthState::Passing, 30));
     assert_eq!(r.snapshot(&n).unwrap().instances.len(), 1);
 
@@ -92,7 +92,7 @@ async fn passing_stale_passing_evicted() {
         Err(RegistryError::MembraneNotFound(..))
     ));
     assert!(matches!(
-        r.heartbeat(&open_caller(), &n, &m),
+        r.heartbeat(&open_caller(), &n, &m).await,
         Err(RegistryError::MembraneNotFound(..))
     ));
 }
@@ -214,14 +214,15 @@ async fn secured_mode_checks_tokens_and_secrets() {
     ));
     // Heartbeat and deregister need the secret.
     assert!(matches!(
-        r.heartbeat(&secured(None, None), &n, &id("a")),
+        r.heartbeat(&secured(None, None), &n, &id("a")).await,
         Err(RegistryError::Unauthorized(_))
     ));
     assert!(matches!(
-        r.heartbeat(&secured(None, Some("bad")), &n, &id("a")),
+        r.heartbeat(&secured(None, Some("bad")), &n, &id("a")).await,
         Err(RegistryError::Forbidden(_))
     ));
     r.heartbeat(&secured(None, Some(&secret)), &n, &id("a"))
+        .await
         .unwrap();
     assert!(matches!(
         r.deregister(&secured(None, Some("bad")), &n, &id("a"))
@@ -293,6 +294,7 @@ async fn restart_reloads_everything_passing() {
     assert_eq!(m.registration, reg(None));
     // The stored secret hash still authenticates.
     r.heartbeat(&secured(None, Some(&secret)), &ns("a"), &id("m7"))
+        .await
         .unwrap();
 }
 

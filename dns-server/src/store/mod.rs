@@ -10,6 +10,8 @@
 //! of each membrane wins; superseded rows and tombstones are deleted later, in sequence order,
 //! which keeps every intermediate state (and every crash) loading correctly.
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod sqlite;
 
 use shared::{MembraneId, NamespaceName, NamespaceSettings, Registration};
@@ -106,6 +108,9 @@ pub enum StoreError {
         /// The cause.
         source: std::io::Error,
     },
+    /// etcd refused or did not answer.
+    #[error("etcd: {0}")]
+    Etcd(String),
     /// The writer has stopped (shutdown or an earlier fatal error).
     #[error("store writer has stopped")]
     Closed,

@@ -1,0 +1,990 @@
+//! The registry on etcd: several replicas share one registry.
+//!
+//! Writes are validated against this replica's copy, then committed in etcd by a
+//! transaction that compares the mod revisions the validation read (so a concurrent change
+//! through another replica makes it fail and be re-validated). A write is answered only
+//! after etcd committed it *and* this replica's watch applied that revision, so a read
+//! after a write on the same replica sees it.
+//!
+//! Memory is driven only by the watch (one code path for every replica): the same apply
+//! function publishes events and marks namespaces for DNS rebuilds, in etcd's revision
+//! order. Liveness: a membrane is `passing` while its `live` key exists (attached to its
+//! own lease), `stale` once the lease expired and etcd deleted the key. Any replica evicts
+//! a membrane stale for its eviction delay with a guarded delete (registration unchanged
+//! and still no live key), so concurrent evictions are harmless.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
+use shared::{
+    CreateNamespace, Event, HealthState, MembraneId, NamespaceName, NamespaceView,
+    RegisterResponse, Registration,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{
+    Backend, Entry, Ns, Registry, RegistryError, State, eviction_of, from_ms, hash_secret,
+    membrane_view, new_token, ns_view, to_ms, ttl_of,
+};
+use crate::metrics::Metrics;
+use crate::snapshot::Instance;
+use crate::store::StoreError;
+use crate::store::StoredMembrane;
+use crate::store::etcd::{Change, Etcd, revision};
+
+/// How long a write waits for this replica's watch to apply its own commit before
+/// answering anyway (it is committed in etcd; only this replica's copy lags).
+const APPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// Attempts of a write whose transaction lost a race with another replica.
+const ATTEMPTS: usize = 5;
+
+/// etcd state shared by the registry's tasks.
+pub(crate) struct EtcdBackend {
+    store: Etcd,
+    /// The watch is connected (its copy is current).
+    reachable: AtomicBool,
+    /// Highest etcd revision whose changes under the prefix are applied in memory.
+    applied: watch::Sender<i64>,
+    /// Evictions in flight from this replica.
+    evicting: Mutex<HashSet<(NamespaceName, MembraneId)>>,
+    /// Leases granted ahead of registrations, by TTL (see [`EtcdBackend::lease`]).
+    pool: Mutex<HashMap<Duration, Vec<(i64, Instant)>>>,
+}
+
+/// A pooled lease older than this is not handed out (its TTL started at its grant).
+const POOL_MAX_AGE: Duration = Duration::from_millis(500);
+
+/// Most leases kept ready per TTL.
+const POOL_MAX: usize = 64;
+
+impl EtcdBackend {
+    /// A fresh lease of `ttl` for one membrane. Granting is a round trip through etcd's
+    /// log; doing it inline doubles a registration's latency. So leases are granted ahead,
+    /// in the background, as registrations consume them (the pool grows to the number of
+    /// concurrent registrations, never past [`POOL_MAX`]); one is handed out only when at
+    /// most [`POOL_MAX_AGE`] old, so a membrane's first TTL is at most that much shorter.
+    /// Leases that aged out are revoked. Each lease still serves exactly one membrane.
+    async fn lease(self: &Arc<Self>, ttl: Duration) -> Result<i64, StoreError> {
+        let now = Instant::now();
+        let (hit, expired) = {
+            let mut pool = self.pool.lock().unwrap();
+            let ready = pool.entry(ttl).or_default();
+            let (fresh, old): (Vec<_>, Vec<_>) = ready
+                .drain(..)
+                .partition(|(_, at)| now.saturating_duration_since(*at) < POOL_MAX_AGE);
+            *ready = fresh;
+            (ready.pop(), old)
+        };
+        if !expired.is_empty() {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                for (l, _) in expired {
+                    store.revoke(l).await;
+                }
+            });
+        }
+        // Replace what this registration consumes (on a miss, add one more).
+        let refill = if hit.is_some() { 1 } else { 2 };
+        for _ in 0..refill {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Ok(l) = this.store.grant(ttl).await {
+                    let mut pool = this.pool.lock().unwrap();
+                    let ready = pool.entry(ttl).or_default();
+                    if ready.len() < POOL_MAX {
+                        ready.push((l, Instant::now()));
+                        return;
+                    }
+                    drop(pool);
+                    tokio::spawn(async move { this.store.revoke(l).await });
+                }
+            });
+        }
+        match hit {
+            Some((l, _)) => Ok(l),
+            None => self.store.grant(ttl).await,
+        }
+    }
+
+    pub(crate) fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    fn set_reachable(&self, up: bool, why: &str) {
+        let was = self.reachable.swap(up, Ordering::Relaxed);
+        if was != up {
+            if up {
+                tracing::info!("etcd reachable again; writes accepted");
+            } else {
+                tracing::warn!(
+                    reason = why,
+                    "etcd unreachable: serving DNS and reads from this replica's copy, \
+                     refusing writes"
+                );
+            }
+        }
+    }
+}
+
+fn unreachable_msg(detail: impl std::fmt::Display) -> RegistryError {
+    RegistryError::StoreUnreachable(format!(
+        "the shared registry store (etcd) cannot be reached from this replica ({detail}); \
+         writes are refused until it returns, DNS and reads are served from this replica's \
+         copy. Retry, or use another replica"
+    ))
+}
+
+fn busy(what: &str) -> RegistryError {
+    RegistryError::StoreUnreachable(format!(
+        "{what} kept changing concurrently through other replicas; retry"
+    ))
+}
+
+/// Ordering of a change's key within one revision.
+type Key = (NamespaceName, MembraneId);
+
+impl Registry {
+    /// A registry on etcd. It is empty until [`Registry::etcd_load`] succeeds; run
+    /// [`Registry::run_etcd_watch`] afterwards.
+    pub fn new_etcd(store: Etcd, metrics: Arc<Metrics>) -> Self {
+        let start_seq = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let (applied, _) = watch::channel(0);
+        Registry {
+            state: Mutex::new(State {
+                namespaces: HashMap::new(),
+                next_seq: 0,
+            }),
+            backend: Backend::Etcd(Arc::new(EtcdBackend {
+                store,
+                reachable: AtomicBool::new(false),
+                applied,
+                evicting: Mutex::new(HashSet::new()),
+                pool: Mutex::new(HashMap::new()),
+            })),
+            events: Arc::new(super::EventHub::new(start_seq)),
+            dirty: Arc::new(super::Dirty::default()),
+            metrics,
+            failed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn etcd_backend(&self) -> &Arc<EtcdBackend> {
+        match &self.backend {
+            Backend::Etcd(e) => e,
+            Backend::Sqlite(_) => panic!("not an etcd registry"),
+        }
+    }
+
+    /// Whether this registry runs on etcd.
+    pub fn is_etcd(&self) -> bool {
+        matches!(self.backend, Backend::Etcd(_))
+    }
+
+    /// Reads everything under the prefix into memory (start-up, and after the watch fell
+    /// behind a compaction). Returns the revision read.
+    pub async fn etcd_load(&self) -> Result<i64, StoreError> {
+        let e = self.etcd_backend();
+        let snap = e.store.load().await?;
+        self.apply_changes(snap.changes, true);
+        e.applied.send_modify(|a| *a = (*a).max(snap.revision));
+        // etcd answered and the copy is current: accept writes (they wait for the watch,
+        // which starts from this revision, to apply their commit).
+        e.set_reachable(true, "");
+        Ok(snap.revision)
+    }
+
+    /// Follows the prefix from the last applied revision, reconnecting with backoff and
+    /// reloading everything when the revision was compacted, until `shutdown`.
+    pub async fn run_etcd_watch(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let e = self.etcd_backend().clone();
+        let mut backoff = Duration::from_millis(100);
+        let mut reload = false;
+        loop {
+            if reload {
+                match self.etcd_load().await {
+                    Ok(rev) => {
+                        tracing::info!(revision = rev, "reloaded the registry from etcd");
+                        reload = false;
+                    }
+                    Err(err) => {
+                        e.set_reachable(false, &err.to_string());
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+            }
+            let from = *e.applied.borrow() + 1;
+            let mut stream = match e.store.watch(from).await {
+                Ok(s) => s,
+                Err(err) => {
+                    e.set_reachable(false, &err.to_string());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            // Asked after the watch exists: if history at `from - 1` is still there, the
+            // watch sees every change after it.
+            match e.store.compacted(from - 1).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::warn!(
+                        wanted = from,
+                        "revisions missed while disconnected were compacted; reloading everything"
+                    );
+                    reload = true;
+                    continue;
+                }
+                Err(err) => {
+                    e.set_reachable(false, &err.to_string());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = stream.message() => m,
+                };
+                let resp = match msg {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => {
+                        e.set_reachable(false, "watch stream closed");
+                        break;
+                    }
+                    Err(err) => {
+                        e.set_reachable(false, &err.to_string());
+                        break;
+                    }
+                };
+                tracing::debug!(
+                    created = resp.created(),
+                    canceled = resp.canceled(),
+                    compact = resp.compact_revision(),
+                    events = resp.events().len(),
+                    header = resp.header().map(|h| h.revision()).unwrap_or(0),
+                    from,
+                    "watch response"
+                );
+                if resp.compact_revision() > 0 {
+                    tracing::warn!(
+                        compacted = resp.compact_revision(),
+                        wanted = from,
+                        "watch revision was compacted; reloading everything"
+                    );
+                    reload = true;
+                    break;
+                }
+                if resp.canceled() {
+                    e.set_reachable(false, resp.cancel_reason());
+                    break;
+                }
+                if resp.created() {
+                    // Caught up or catching up: the copy is being brought current.
+                    e.set_reachable(true, "");
+                    backoff = Duration::from_millis(100);
+                }
+                let (changes, top) = e.store.decode_events(resp.events());
+                if !changes.is_empty() {
+                    self.apply_changes(changes, false);
+                }
+                let rev = if resp.events().is_empty() && !resp.created() {
+                    // Progress notification: everything up to the header is delivered.
+                    resp.header().map(|h| h.revision()).unwrap_or(0)
+                } else {
+                    top
+                };
+                e.applied.send_if_modified(|a| {
+                    let newer = rev > *a;
+                    if newer {
+                        *a = rev;
+                    }
+                    newer
+                });
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Applies changes read from etcd to memory, then publishes their events and marks
+    /// their namespaces for DNS. `full`: `changes` is everything under the prefix, so
+    /// anything in memory it does not mention is gone.
+    fn apply_changes(&self, mut changes: Vec<Change>, full: bool) {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut events: Vec<(NamespaceName, Event)> = Vec::new();
+        let mut dirty: HashSet<NamespaceName> = HashSet::new();
+        {
+            let mut st = self.state.lock().unwrap();
+            if full {
+                let mut deletes = Vec::new();
+                let mut ns_seen = HashSet::new();
+                let mut m_seen = HashSet::new();
+                let mut live_seen = HashSet::new();
+                for c in &changes {
+                    match c {
+                        Change::PutNamespace(n, _) => {
+                            ns_seen.insert(n.name.clone());
+                        }
+                        Change::PutMembrane(m) => {
+                            m_seen.insert((m.namespace.clone(), m.id.clone()));
+                        }
+                        Change::PutLive(n, i, _) => {
+                            live_seen.insert((n.clone(), i.clone()));
+                        }
+                        _ => {}
+                    }
+                }
+                for (n, ns) in &st.namespaces {
+                    if !ns_seen.contains(n) {
+                        deletes.push(Change::DeleteNamespace(n.clone()));
+                        continue;
+                    }
+                    for (i, e) in &ns.membranes {
+                        let k = (n.clone(), i.clone());
+                        if !m_seen.contains(&k) {
+                            deletes.push(Change::DeleteMembrane(k.0.clone(), k.1.clone()));
+                        } else if e.live.is_some() && !live_seen.contains(&k) {
+                            deletes.push(Change::DeleteLive(k.0, k.1));
+                        }
+                    }
+                }
+                deletes.extend(changes);
+                changes = deletes;
+            }
+            // State of each touched membrane before this batch (None: absent), in order.
+            let mut before: Vec<(Key, Option<HealthState>)> = Vec::new();
+            let mut touched: HashSet<Key> = HashSet::new();
+            let mut written: HashSet<Key> = HashSet::new();
+            let touch = |st: &State,
+                         k: &Key,
+                         touched: &mut HashSet<Key>,
+                         before: &mut Vec<(Key, Option<HealthState>)>| {
+                if touched.insert(k.clone()) {
+                    let prev = st
+                        .namespaces
+                        .get(&k.0)
+                        .and_then(|ns| ns.membranes.get(&k.1))
+                        .map(|e| e.state);
+                    before.push((k.clone(), prev));
+                }
+            };
+            for c in changes {
+                match c {
+                    Change::PutNamespace(s, rev) => match st.namespaces.get_mut(&s.name) {
+                        Some(ns) => {
+                            if ns.rev == rev {
+                                continue;
+                            }
+                            ns.description = s.description;
+                            ns.settings = s.settings;
+                            ns.created_at = from_ms(s.created_at_ms);
+                            ns.join_token_hash = s.join_token_hash;
+                            ns.rev = rev;
+                            ns.serial = ns.serial.wrapping_add(1);
+                            dirty.insert(s.name);
+                        }
+                        None => {
+                            st.namespaces.insert(
+                                s.name.clone(),
+                                Ns {
+                                    description: s.description,
+                                    settings: s.settings,
+                                    created_at: from_ms(s.created_at_ms),
+                                    join_token_hash: s.join_token_hash,
+                                    membranes: Default::default(),
+                                    serial: super::unix_serial(),
+                                    rev,
+                                },
+                            );
+                            dirty.insert(s.name);
+                        }
+                    },
+                    Change::DeleteNamespace(n) => {
+                        if let Some(ns) = st.namespaces.remove(&n) {
+                            for id in ns.membranes.keys() {
+                                let k = (n.clone(), id.clone());
+                                if touched.contains(&k) {
+                                    // Announced below as deregistered.
+                                    continue;
+                                }
+                                events.push((
+                                    n.clone(),
+                                    Event::Deregistered {
+                                        namespace: n.clone(),
+                                        id: id.clone(),
+                                        reason: "namespace_deleted".into(),
+                                    },
+                                ));
+                            }
+                            dirty.insert(n);
+                        }
+                    }
+                    Change::PutMembrane(row) => {
+                        let k = (row.namespace.clone(), row.id.clone());
+                        if !st.namespaces.contains_key(&k.0) {
+                            tracing::debug!(namespace = %k.0, id = %k.1, "registration without namespace ignored");
+                            continue;
+                        }
+                        touch(&st, &k, &mut touched, &mut before);
+                        let ns = st.namespaces.get_mut(&k.0).expect("checked");
+                        match ns.membranes.get_mut(&k.1) {
+                            Some(e) if e.seq == row.seq => continue,
+                            Some(e) => {
+                                e.seq = row.seq;
+                                e.inst = Arc::new(Instance {
+                                    id: row.id,
+                                    registration: row.registration,
+                                });
+                                e.secret_hash = row.secret_hash;
+                                e.registered_at = from_ms(row.registered_at_ms);
+                            }
+                            None => {
+                                ns.membranes.insert(
+                                    k.1.clone(),
+                                    Entry {
+                                        seq: row.seq,
+                                        live: None,
+                                        state_since: now,
+                                        inst: Arc::new(Instance {
+                                            id: row.id,
+                                            registration: row.registration,
+                                        }),
+                                        secret_hash: row.secret_hash,
+                                        registered_at: from_ms(row.registered_at_ms),
+                                        last_heartbeat_wall: wall,
+                                        last_heartbeat: now,
+                                        // Settled below from the live key.
+                                        state: HealthState::Stale,
+                                    },
+                                );
+                            }
+                        }
+                        written.insert(k);
+                    }
+                    Change::DeleteMembrane(n, i) => {
+                        let k = (n, i);
+                        touch(&st, &k, &mut touched, &mut before);
+                        if let Some(ns) = st.namespaces.get_mut(&k.0) {
+                            ns.membranes.remove(&k.1);
+                        }
+                    }
+                    Change::PutLive(n, i, lease) => {
+                        let k = (n, i);
+                        touch(&st, &k, &mut touched, &mut before);
+                        if let Some(e) = st
+                            .namespaces
+                            .get_mut(&k.0)
+                            .and_then(|ns| ns.membranes.get_mut(&k.1))
+                        {
+                            e.live = Some(lease);
+                            e.last_heartbeat_wall = wall;
+                            e.last_heartbeat = now;
+                        }
+                    }
+                    Change::DeleteLive(n, i) => {
+                        let k = (n, i);
+                        touch(&st, &k, &mut touched, &mut before);
+                        if let Some(e) = st
+                            .namespaces
+                            .get_mut(&k.0)
+                            .and_then(|ns| ns.membranes.get_mut(&k.1))
+                        {
+                            e.live = None;
+                        }
+                    }
+                }
+            }
+            for ((n, i), prev) in before {
+                let Some(ns) = st.namespaces.get_mut(&n) else {
+                    continue;
+                };
+                match ns.membranes.get_mut(&i) {
+                    Some(e) => {
+                        let state = if e.live.is_some() {
+                            HealthState::Passing
+                        } else {
+                            HealthState::Stale
+                        };
+                        let is_written = written.contains(&(n.clone(), i.clone()));
+                        if e.state != state {
+                            e.state = state;
+                            e.state_since = now;
+                        }
+                        if is_written {
+                            events.push((
+                                n.clone(),
+                                Event::Registered {
+                                    membrane: Box::new(membrane_view(&n, &i, e)),
+                                },
+                            ));
+                        }
+                        if prev.is_some_and(|p| p != state) {
+                            self.metrics.state_change(state);
+                            events.push((
+                                n.clone(),
+                                Event::StateChanged {
+                                    namespace: n.clone(),
+                                    id: i.clone(),
+                                    state,
+                                },
+                            ));
+                        }
+                        if is_written || prev != Some(state) {
+                            ns.serial = ns.serial.wrapping_add(1);
+                            dirty.insert(n);
+                        }
+                    }
+                    None => {
+                        if let Some(prev) = prev {
+                            // Other replicas cannot tell why a key went away: an eviction
+                            // only ever removes a stale membrane.
+                            let reason = if prev == HealthState::Stale {
+                                "evicted"
+                            } else {
+                                "deregistered"
+                            };
+                            events.push((
+                                n.clone(),
+                                Event::Deregistered {
+                                    namespace: n.clone(),
+                                    id: i,
+                                    reason: reason.into(),
+                                },
+                            ));
+                            ns.serial = ns.serial.wrapping_add(1);
+                            dirty.insert(n);
+                        }
+                    }
+                }
+            }
+            // Publish while holding the lock so that events of consecutive batches keep
+            // etcd's order even if a caller raced ahead.
+            for (n, ev) in events {
+                self.events.publish(&n, ev);
+            }
+        }
+        if !dirty.is_empty() {
+            self.dirty.mark(dirty);
+        }
+    }
+
+    /// Refuses at once while the watch is down; otherwise runs `txn`.
+    async fn commit(
+        &self,
+        e: &EtcdBackend,
+        txn: Txn,
+    ) -> Result<etcd_client::TxnResponse, RegistryError> {
+        if !e.reachable() {
+            return Err(unreachable_msg("watch disconnected"));
+        }
+        e.store.txn(txn).await.map_err(|err| {
+            tracing::warn!(error = %err, "etcd transaction failed");
+            unreachable_msg(err)
+        })
+    }
+
+    /// Waits until this replica's watch applied `rev`.
+    async fn applied(&self, e: &EtcdBackend, rev: i64) {
+        let mut rx = e.applied.subscribe();
+        if tokio::time::timeout(APPLY_WAIT, rx.wait_for(|a| *a >= rev))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                revision = rev,
+                "committed in etcd but not yet seen by this replica's watch"
+            );
+        }
+    }
+
+    pub(super) async fn create_namespace_etcd(
+        &self,
+        e: &EtcdBackend,
+        req: CreateNamespace,
+    ) -> Result<NamespaceView, RegistryError> {
+        let (ns, token) = Self::new_ns(req.description, req.settings);
+        if self
+            .state
+            .lock()
+            .unwrap()
+            .namespaces
+            .contains_key(&req.name)
+        {
+            return Err(RegistryError::NamespaceExists(req.name));
+        }
+        let key = e.store.ns_key(&req.name);
+        let txn = Txn::new()
+            .when([Etcd::unchanged(key.clone(), 0)])
+            .and_then([Etcd::put(
+                key,
+                Etcd::encode_namespace(&ns.stored(&req.name)),
+                0,
+            )]);
+        let resp = self.commit(e, txn).await?;
+        if !resp.succeeded() {
+            return Err(RegistryError::NamespaceExists(req.name));
+        }
+        self.applied(e, revision(&resp)).await;
+        let mut view = ns_view(&req.name, &ns);
+        view.join_token = Some(token);
+        Ok(view)
+    }
+
+    pub(super) async fn rotate_join_token_etcd(
+        &self,
+        e: &EtcdBackend,
+        name: &NamespaceName,
+    ) -> Result<NamespaceView, RegistryError> {
+        for _ in 0..ATTEMPTS {
+            let token = new_token();
+            let (stored, rev, mut view) = {
+                let mut st = self.state.lock().unwrap();
+                let ns = st
+                    .namespaces
+                    .get_mut(name)
+                    .ok_or_else(|| RegistryError::NamespaceNotFound(name.clone()))?;
+                let mut stored = ns.stored(name);
+                stored.join_token_hash = Some(hash_secret(&token));
+                (stored, ns.rev, ns_view(name, ns))
+            };
+            let key = e.store.ns_key(name);
+            let txn = Txn::new()
+                .when([Etcd::unchanged(key.clone(), rev)])
+                .and_then([Etcd::put(key, Etcd::encode_namespace(&stored), 0)]);
+            let resp = self.commit(e, txn).await?;
+            self.applied(e, revision(&resp)).await;
+            if resp.succeeded() {
+                view.join_token = Some(token);
+                return Ok(view);
+            }
+        }
+        Err(busy("the namespace"))
+    }
+
+    pub(super) async fn delete_namespace_etcd(
+        &self,
+        e: &EtcdBackend,
+        name: &NamespaceName,
+        force: bool,
+    ) -> Result<(), RegistryError> {
+        for _ in 0..ATTEMPTS {
+            let (rev, leases) = {
+                let st = self.state.lock().unwrap();
+                let ns = st
+                    .namespaces
+                    .get(name)
+                    .ok_or_else(|| RegistryError::NamespaceNotFound(name.clone()))?;
+                if !ns.membranes.is_empty() && !force {
+                    return Err(RegistryError::NamespaceNotEmpty(
+                        name.clone(),
+                        ns.membranes.len(),
+                    ));
+                }
+                let leases: Vec<i64> = ns.membranes.values().filter_map(|m| m.live).collect();
+                (ns.rev, leases)
+            };
+            let key = e.store.ns_key(name);
+            let mut when = vec![Etcd::unchanged(key.clone(), rev)];
+            if !force {
+                // Still empty in etcd, not only in this copy.
+                when.push(
+                    Compare::version(e.store.membranes_prefix(name), CompareOp::Equal, 0)
+                        .with_prefix(),
+                );
+            }
+            let txn = Txn::new().when(when).and_then([
+                TxnOp::delete(key, None),
+                TxnOp::delete(
+                    e.store.membranes_prefix(name),
+                    Some(DeleteOptions::new().with_prefix()),
+                ),
+                TxnOp::delete(
+                    e.store.live_prefix(name),
+                    Some(DeleteOptions::new().with_prefix()),
+                ),
+            ]);
+            let resp = self.commit(e, txn).await?;
+            self.applied(e, revision(&resp)).await;
+            if resp.succeeded() {
+                let store = e.store.clone();
+                tokio::spawn(async move {
+                    for l in leases {
+                        store.revoke(l).await;
+                    }
+                });
+                return Ok(());
+            }
+        }
+        Err(busy("the namespace"))
+    }
+
+    pub(super) async fn register_etcd(
+        &self,
+        e: &Arc<EtcdBackend>,
+        caller: &super::Caller,
+        ns_name: &NamespaceName,
+        id: &MembraneId,
+        reg: Arc<Registration>,
+    ) -> Result<RegisterResponse, RegistryError> {
+        for _ in 0..ATTEMPTS {
+            let now = SystemTime::now();
+            // Validate against this replica's copy; the transaction then checks that the
+            // copy was current for the keys validation read.
+            let (new_ns, ns_rev, ttl, prev, row, resp) = {
+                let st = self.state.lock().unwrap();
+                let (settings, ns_rev, existing, new_ns) = match st.namespaces.get(ns_name) {
+                    Some(ns) => {
+                        Self::check_join(caller, ns_name, ns)?;
+                        (ns.settings, ns.rev, ns.membranes.get(id), None)
+                    }
+                    // Open mode: registering into an unknown namespace creates it.
+                    None if caller.open => {
+                        let (ns, _token) = Self::new_ns(String::new(), Default::default());
+                        (ns.settings, 0, None, Some(ns.stored(ns_name)))
+                    }
+                    None => return Err(RegistryError::NamespaceNotFound(ns_name.clone())),
+                };
+                let secret = Self::choose_secret(caller, ns_name, id, existing)?;
+                let registered_at = existing.map(|x| x.registered_at).unwrap_or(now);
+                let prev = existing.map(|x| (x.seq, x.live));
+                let entry = Entry {
+                    seq: 0,
+                    live: None,
+                    state_since: Instant::now(),
+                    inst: Arc::new(Instance {
+                        id: id.clone(),
+                        registration: reg.clone(),
+                    }),
+                    secret_hash: hash_secret(&secret),
+                    registered_at,
+                    last_heartbeat_wall: now,
+                    last_heartbeat: Instant::now(),
+                    state: HealthState::Passing,
+                };
+                let row = StoredMembrane {
+                    seq: 0,
+                    namespace: ns_name.clone(),
+                    id: id.clone(),
+                    registration: reg.clone(),
+                    secret_hash: entry.secret_hash,
+                    registered_at_ms: to_ms(registered_at),
+                };
+                let resp = RegisterResponse {
+                    membrane: membrane_view(ns_name, id, &entry),
+                    instance_secret: secret,
+                    created: existing.is_none(),
+                };
+                (new_ns, ns_rev, ttl_of(&settings, &reg), prev, row, resp)
+            };
+            if !e.reachable() {
+                return Err(unreachable_msg("watch disconnected"));
+            }
+            // The membrane's own lease; its live key dies with it.
+            let lease = e.lease(ttl).await.map_err(unreachable_msg)?;
+            let ns_key = e.store.ns_key(ns_name);
+            let m_key = e.store.membrane_key(ns_name, id);
+            let mut ops = Vec::with_capacity(3);
+            if let Some(ns) = &new_ns {
+                ops.push(Etcd::put(ns_key.clone(), Etcd::encode_namespace(ns), 0));
+            }
+            ops.push(Etcd::put(m_key.clone(), Etcd::encode_membrane(&row), 0));
+            ops.push(Etcd::put(e.store.live_key(ns_name, id), Vec::new(), lease));
+            let txn = Txn::new()
+                .when([
+                    Etcd::unchanged(ns_key, ns_rev),
+                    Etcd::unchanged(m_key, prev.map(|p| p.0).unwrap_or(0)),
+                ])
+                .and_then(ops);
+            let result = self.commit(e, txn).await;
+            let ok = matches!(&result, Ok(r) if r.succeeded());
+            let old_lease = if ok {
+                prev.and_then(|p| p.1)
+            } else {
+                Some(lease)
+            };
+            if let Some(l) = old_lease {
+                let store = e.store.clone();
+                tokio::spawn(async move { store.revoke(l).await });
+            }
+            let resp_txn = result?;
+            self.applied(e, revision(&resp_txn)).await;
+            if ok {
+                self.metrics.registrations.inc();
+                return Ok(resp);
+            }
+        }
+        Err(busy("this membrane"))
+    }
+
+    pub(super) async fn heartbeat_etcd(
+        &self,
+        e: &Arc<EtcdBackend>,
+        caller: &super::Caller,
+        ns_name: &NamespaceName,
+        id: &MembraneId,
+    ) -> Result<(HealthState, u64), RegistryError> {
+        for _ in 0..ATTEMPTS {
+            let (ttl, seq, lease) = {
+                let st = self.state.lock().unwrap();
+                let not_found = || RegistryError::MembraneNotFound(ns_name.clone(), id.clone());
+                let ns = st.namespaces.get(ns_name).ok_or_else(not_found)?;
+                let m = ns.membranes.get(id).ok_or_else(not_found)?;
+                Self::check_secret(caller, ns_name, id, m)?;
+                (ttl_of(&ns.settings, &m.inst.registration), m.seq, m.live)
+            };
+            if !e.reachable() {
+                return Err(unreachable_msg("watch disconnected"));
+            }
+            if let Some(lease) = lease
+                && e.store.keep_alive(lease).await.map_err(unreachable_msg)?
+            {
+                self.metrics.heartbeats.inc();
+                let mut st = self.state.lock().unwrap();
+                if let Some(m) = st
+                    .namespaces
+                    .get_mut(ns_name)
+                    .and_then(|ns| ns.membranes.get_mut(id))
+                {
+                    m.last_heartbeat_wall = SystemTime::now();
+                    m.last_heartbeat = Instant::now();
+                }
+                return Ok((HealthState::Passing, ttl.as_secs()));
+            }
+            // Stale (the lease expired): a new lease and live key, provided the
+            // registration is still the one checked.
+            let lease = e.store.grant(ttl).await.map_err(unreachable_msg)?;
+            let m_key = e.store.membrane_key(ns_name, id);
+            let txn = Txn::new()
+                .when([Etcd::unchanged(m_key, seq)])
+                .and_then([Etcd::put(e.store.live_key(ns_name, id), Vec::new(), lease)]);
+            let result = self.commit(e, txn).await;
+            if !matches!(&result, Ok(r) if r.succeeded()) {
+                let store = e.store.clone();
+                tokio::spawn(async move { store.revoke(lease).await });
+            }
+            let resp = result?;
+            self.applied(e, revision(&resp)).await;
+            if resp.succeeded() {
+                self.metrics.heartbeats.inc();
+                return Ok((HealthState::Passing, ttl.as_secs()));
+            }
+        }
+        Err(busy("this membrane"))
+    }
+
+    pub(super) async fn deregister_etcd(
+        &self,
+        e: &Arc<EtcdBackend>,
+        caller: &super::Caller,
+        ns_name: &NamespaceName,
+        id: &MembraneId,
+    ) -> Result<(), RegistryError> {
+        for _ in 0..ATTEMPTS {
+            let (seq, lease) = {
+                let st = self.state.lock().unwrap();
+                let not_found = || RegistryError::MembraneNotFound(ns_name.clone(), id.clone());
+                let ns = st.namespaces.get(ns_name).ok_or_else(not_found)?;
+                let m = ns.membranes.get(id).ok_or_else(not_found)?;
+                Self::check_secret(caller, ns_name, id, m)?;
+                (m.seq, m.live)
+            };
+            let m_key = e.store.membrane_key(ns_name, id);
+            let txn = Txn::new()
+                .when([Etcd::unchanged(m_key.clone(), seq)])
+                .and_then([
+                    TxnOp::delete(m_key, None),
+                    TxnOp::delete(e.store.live_key(ns_name, id), None),
+                ]);
+            let resp = self.commit(e, txn).await?;
+            if resp.succeeded()
+                && let Some(l) = lease
+            {
+                let store = e.store.clone();
+                tokio::spawn(async move { store.revoke(l).await });
+            }
+            self.applied(e, revision(&resp)).await;
+            if resp.succeeded() {
+                self.metrics.deregistrations.inc();
+                return Ok(());
+            }
+        }
+        Err(busy("this membrane"))
+    }
+
+    /// Removes membranes stale for longer than their eviction delay: a delete guarded by
+    /// "registration unchanged and no live key", so replicas racing to evict the same
+    /// membrane, or an agent coming back meanwhile, are harmless.
+    pub(super) fn evict_etcd(self: &Arc<Self>, e: &Arc<EtcdBackend>) {
+        if !e.reachable() {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<(NamespaceName, MembraneId, i64)> = {
+            let st = self.state.lock().unwrap();
+            st.namespaces
+                .iter()
+                .flat_map(|(n, ns)| {
+                    ns.membranes
+                        .iter()
+                        .filter(move |(_, m)| {
+                            m.state == HealthState::Stale
+                                && now.saturating_duration_since(m.state_since)
+                                    >= eviction_of(&ns.settings, &m.inst.registration)
+                        })
+                        .map(move |(i, m)| (n.clone(), i.clone(), m.seq))
+                })
+                .collect()
+        };
+        for (n, i, seq) in due {
+            if !e.evicting.lock().unwrap().insert((n.clone(), i.clone())) {
+                continue;
+            }
+            let (this, e) = (self.clone(), e.clone());
+            tokio::spawn(async move {
+                let m_key = e.store.membrane_key(&n, &i);
+                let txn = Txn::new()
+                    .when([
+                        Etcd::unchanged(m_key.clone(), seq),
+                        Etcd::unchanged(e.store.live_key(&n, &i), 0),
+                    ])
+                    .and_then([TxnOp::delete(m_key, None)]);
+                match e.store.txn(txn).await {
+                    Ok(r) if r.succeeded() => {
+                        this.metrics.evictions.inc();
+                        tracing::info!(namespace = %n, id = %i, "evicted after eviction delay");
+                        this.applied(&e, revision(&r)).await;
+                    }
+                    Ok(r) => this.applied(&e, revision(&r)).await,
+                    Err(err) => {
+                        tracing::warn!(namespace = %n, id = %i, error = %err, "eviction failed; retrying later")
+                    }
+                }
+                e.evicting.lock().unwrap().remove(&(n, i));
+            });
+        }
+    }
+}
