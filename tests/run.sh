@@ -6,7 +6,7 @@
 # need a missing tool fail instead of skipping.
 #
 # Needs: dig (dnsutils), named-checkzone (bind9-utils), nsd-checkzone (nsd),
-# systemd-analyze (systemd), chromium, python3 with PyYAML.
+# systemd-analyze (systemd), chromium, python3 with PyYAML, etcd + protoc (etcd feature).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +16,9 @@ command -v named-checkzone >/dev/null 2>&1 || need+=(bind9-utils)
 command -v nsd-checkzone >/dev/null 2>&1 || need+=(nsd)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -23,9 +26,10 @@ if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-    # nsd's package starts a daemon on port 53; the tests only need nsd-checkzone.
-    if command -v systemctl >/dev/null 2>&1; then systemctl stop nsd >/dev/null 2>&1 || true; fi
+    # nsd's and etcd's packages may start daemons; the tests start their own.
+    if command -v systemctl >/dev/null 2>&1; then systemctl stop nsd etcd >/dev/null 2>&1 || true; fi
     pkill -x nsd >/dev/null 2>&1 || true
+    pkill -x etcd >/dev/null 2>&1 || true
   else
     echo "############################################################################" >&2
     echo "# tests/run.sh: WARNING: missing ${need[*]} and cannot install (not root)." >&2
@@ -42,3 +46,10 @@ fi
 
 cargo test --workspace --all-targets --locked
 cargo test --workspace --doc --locked
+# dns-server replicas on etcd (feature `etcd`: needs protoc; tests start a 3-member cluster)
+if command -v protoc >/dev/null 2>&1; then
+  cargo test -p dns-server --features etcd --locked --test etcd --lib
+else
+  [ "${CI:-}" = "true" ] && { echo "tests/run.sh: ERROR: protoc missing on CI" >&2; exit 1; }
+  echo "*** SKIP: protoc (protobuf-compiler) missing: etcd feature not built or tested ***" >&2
+fi
