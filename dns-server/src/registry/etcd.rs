@@ -771,20 +771,7 @@ impl Registry {
                 let secret = Self::choose_secret(caller, ns_name, id, existing)?;
                 let registered_at = existing.map(|x| x.registered_at).unwrap_or(now);
                 let prev = existing.map(|x| (x.seq, x.live));
-                let entry = Entry {
-                    seq: 0,
-                    live: None,
-                    state_since: Instant::now(),
-                    inst: Arc::new(Instance {
-                        id: id.clone(),
-                        registration: reg.clone(),
-                    }),
-                    secret_hash: hash_secret(&secret),
-                    registered_at,
-                    last_heartbeat_wall: now,
-                    last_heartbeat: Instant::now(),
-                    state: HealthState::Passing,
-                };
+                let entry = Entry::registered(0, id, &reg, &secret, registered_at);
                 let row = StoredMembrane {
                     seq: 0,
                     namespace: ns_name.clone(),

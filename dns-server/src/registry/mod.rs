@@ -160,6 +160,32 @@ struct Entry {
     state: HealthState,
 }
 
+impl Entry {
+    /// A just-registered membrane: passing, heartbeat now.
+    fn registered(
+        seq: i64,
+        id: &MembraneId,
+        reg: &Arc<Registration>,
+        secret: &str,
+        registered_at: SystemTime,
+    ) -> Entry {
+        Entry {
+            seq,
+            live: None,
+            state_since: Instant::now(),
+            inst: Arc::new(Instance {
+                id: id.clone(),
+                registration: reg.clone(),
+            }),
+            secret_hash: hash_secret(secret),
+            registered_at,
+            last_heartbeat_wall: SystemTime::now(),
+            last_heartbeat: Instant::now(),
+            state: HealthState::Passing,
+        }
+    }
+}
+
 struct Ns {
     description: String,
     settings: NamespaceSettings,
@@ -609,20 +635,7 @@ impl Registry {
             let seq = st.next_seq;
             st.next_seq += 1;
             let ns = st.namespaces.get_mut(ns_name).expect("present");
-            let entry = Entry {
-                seq,
-                live: None,
-                state_since: Instant::now(),
-                inst: Arc::new(Instance {
-                    id: id.clone(),
-                    registration: reg.clone(),
-                }),
-                secret_hash: hash_secret(&secret),
-                registered_at,
-                last_heartbeat_wall: now,
-                last_heartbeat: Instant::now(),
-                state: HealthState::Passing,
-            };
+            let entry = Entry::registered(seq, id, &reg, &secret, registered_at);
             let view = membrane_view(ns_name, id, &entry);
             ops.push(Op::PutMembrane {
                 row: Box::new(StoredMembrane {
