@@ -230,6 +230,23 @@ mod tests {
             })
             .collect();
         d.sort();
+        // The membranes' own names, rendered on demand: every type at each of them.
+        for inst in z.instances.iter() {
+            let host = records::name_with(&[inst.id.as_str()], &z.apex);
+            let mut names = vec![host.clone()];
+            for st in records::service_types(&z.apex, &inst.registration) {
+                names.push(records::name_with(&[inst.id.as_str()], &st.name));
+            }
+            for name in names {
+                let mut sets = Vec::new();
+                for t in [1, 16, 28, 33, 255] {
+                    if let zone::InstanceAnswer::Found(r) = z.instance_answer(&name, t) {
+                        sets.push((t, r.body.to_vec(), r.ancount, r.arcount));
+                    }
+                }
+                d.push((name, sets));
+            }
+        }
         Some((d, z.nxdomain.body.to_vec()))
     }
 

@@ -7,6 +7,7 @@ use super::Catalog;
 use super::records::rtype;
 use super::stats::{Counter, Shard};
 use super::wire::{Rendered, Shuffle};
+use super::zone::InstanceAnswer;
 
 /// Our advertised (and maximal) UDP payload size.
 pub(crate) const EDNS_PAYLOAD: u16 = 1232;
@@ -528,16 +529,28 @@ impl Catalog {
             drop(zones);
             return fail(out, rcode::REFUSED, false);
         };
-        let r: &Rendered = match zone.nodes.get(&p.lower[..p.qname_len]) {
-            Some(node) => {
-                let found = if p.qtype == rtype::ANY {
-                    node.any()
-                } else {
-                    node.get(p.qtype)
-                };
-                found.unwrap_or(&zone.nodata)
+        // Pre-rendered names first, then the names membranes own (rendered now).
+        let qname = &p.lower[..p.qname_len];
+        let rendered: Rendered;
+        let node = zone.nodes.get(qname);
+        let found = node.and_then(|node| {
+            if p.qtype == rtype::ANY {
+                node.any()
+            } else {
+                node.get(p.qtype)
             }
-            None => &zone.nxdomain,
+        });
+        let r: &Rendered = match found {
+            Some(r) => r,
+            None => match zone.instance_answer(qname, p.qtype) {
+                InstanceAnswer::Found(x) => {
+                    rendered = x;
+                    &rendered
+                }
+                InstanceAnswer::NoData => &zone.nodata,
+                InstanceAnswer::NoName if node.is_some() => &zone.nodata,
+                InstanceAnswer::NoName => &zone.nxdomain,
+            },
         };
         let limit = if tcp {
             TCP_MAX

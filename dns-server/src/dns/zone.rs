@@ -1,12 +1,17 @@
 //! Zones as the query path sees them (owner name -> pre-rendered answer per type), and the
 //! incremental rebuild that keeps them current.
 //!
-//! A zone is made of parts: the apex (SOA, NS, NS host), one part per membrane (`id.` and
-//! `id._svc._proto.`), one per service type (`_svc._proto.`, its subtypes) and the service
-//! enumeration. On a snapshot only the parts whose inputs changed are rendered again: a
-//! membrane whose registration is unchanged keeps its answers, a service type is rendered
-//! again only when one of its members changed. The names those parts cover are then
-//! replaced in the zone under a short write lock.
+//! A zone is made of parts: the apex (SOA, NS, NS host), one per service type
+//! (`_svc._proto.`, its subtypes) and the service enumeration. On a snapshot only the parts
+//! whose inputs changed are rendered again: a service type is rendered again only when one
+//! of its members changed. The names those parts cover are then replaced in the zone under a
+//! short write lock.
+//!
+//! The names a membrane owns (`id.` and `id._svc._proto.`) are not pre-rendered: a zone keeps
+//! the snapshot's sorted instance list (shared pointers) and renders those answers when they
+//! are asked for, from the same record builder. Pre-rendering them cost about 900 bytes per
+//! membrane, most of the server's memory with 100,000 membranes; rendering one costs a few
+//! microseconds, and the answers clients ask for most (service types) stay pre-rendered.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -43,22 +48,97 @@ impl Node {
     }
 }
 
+/// Passing membranes of a zone, sorted by id (pointers shared with the registry).
+type Instances = Arc<[Arc<Instance>]>;
+
 /// One namespace zone as queries see it.
 #[derive(Debug)]
 pub(crate) struct Zone {
-    /// Every owner name (lowercase wire form) of the zone, including empty non-terminals.
+    /// Every pre-rendered owner name (lowercase wire form) of the zone, including empty
+    /// non-terminals; the membranes' own names are in `instances`.
     pub nodes: HashMap<Box<[u8]>, Node>,
     /// NXDOMAIN with the SOA in authority.
     pub nxdomain: Rendered,
     /// NOERROR/NODATA with the SOA in authority.
     pub nodata: Rendered,
+    /// Zone apex (lowercase wire form).
+    pub apex: WireName,
+    /// TTL of every record.
+    pub ttl: u32,
+    /// Passing membranes, sorted by id: their names are answered from these.
+    pub instances: Instances,
 }
 
-/// What to change in a zone: names to (re)place or remove, and the negative answers.
+/// What a membrane's own names hold for a query.
+#[derive(Debug)]
+pub(crate) enum InstanceAnswer {
+    /// No membrane owns that name.
+    NoName,
+    /// The name exists, without records of the type asked for.
+    NoData,
+    /// The rendered RRset.
+    Found(Rendered),
+}
+
+impl Zone {
+    /// Answers `qtype` (ANY: the first RRset) at `name` (lowercase wire form, inside the
+    /// zone) from the membrane owning it: `id.<apex>` or `id._svc._proto.<apex>`.
+    pub(crate) fn instance_answer(&self, name: &[u8], qtype: u16) -> InstanceAnswer {
+        let Some(rel) = name.len().checked_sub(self.apex.len()) else {
+            return InstanceAnswer::NoName;
+        };
+        if rel == 0 || name[rel..] != self.apex[..] {
+            return InstanceAnswer::NoName;
+        }
+        let (mut labels, mut i) = (0, 0);
+        while i < rel {
+            labels += 1;
+            i += 1 + name[i] as usize;
+        }
+        let id = &name[1..1 + name[0] as usize];
+        if i != rel || !(labels == 1 || labels == 3) || id.first() == Some(&b'_') {
+            return InstanceAnswer::NoName;
+        }
+        let Ok(id) = std::str::from_utf8(id) else {
+            return InstanceAnswer::NoName;
+        };
+        let Ok(at) = self
+            .instances
+            .binary_search_by(|inst| inst.id.as_str().cmp(id))
+        else {
+            return InstanceAnswer::NoName;
+        };
+        let list = records::instance_group(&self.apex, &self.instances[at]);
+        let Some((owner, data)) = list.iter().find(|(o, _)| o == name) else {
+            return InstanceAnswer::NoName;
+        };
+        let set = if qtype == rtype::ANY {
+            data.first()
+        } else {
+            data.iter().find(|(t, _)| *t == qtype)
+        };
+        match set {
+            Some((t, set)) => InstanceAnswer::Found(render_rrset(
+                owner,
+                *t,
+                set,
+                self.ttl,
+                &lookup_in(&list, None),
+            )),
+            None => InstanceAnswer::NoData,
+        }
+    }
+}
+
+/// What to change in a zone: names to (re)place or remove, the negative answers, and the
+/// current membranes.
 pub(crate) struct ZoneDelta {
     pub nodes: Vec<(WireName, Option<Node>)>,
     pub nxdomain: Rendered,
     pub nodata: Rendered,
+    apex: WireName,
+    ttl: u32,
+    instances: Instances,
 }
 
 impl ZoneDelta {
@@ -74,6 +154,9 @@ impl ZoneDelta {
             nodes,
             nxdomain: self.nxdomain,
             nodata: self.nodata,
+            apex: self.apex,
+            ttl: self.ttl,
+            instances: self.instances,
         }
     }
 
@@ -89,6 +172,9 @@ impl ZoneDelta {
         }
         zone.nxdomain = self.nxdomain;
         zone.nodata = self.nodata;
+        zone.apex = self.apex;
+        zone.ttl = self.ttl;
+        zone.instances = self.instances;
         old
     }
 }
@@ -97,25 +183,33 @@ impl ZoneDelta {
 enum PartKey {
     Apex,
     Enumeration,
-    Membrane(Box<str>),
     Service(WireName),
 }
 
 /// A rendered part: its names with their answers.
 type Part = Vec<(WireName, Vec<(u16, Arc<Rendered>)>)>;
 
-fn render_part(list: &NodeList, ttl: u32, members: Option<&HashMap<WireName, NodeData>>) -> Part {
+/// Where the additional section of an answer in `list` finds addresses: in `list` itself,
+/// then in `members`.
+fn lookup_in<'a>(
+    list: &'a NodeList,
+    members: Option<&'a HashMap<WireName, NodeData>>,
+) -> impl Fn(&[u8], u16) -> Option<&'a [RData]> + 'a {
     fn find(nd: &NodeData, t: u16) -> Option<&[RData]> {
         nd.iter()
             .find(|(ty, _)| *ty == t)
             .map(|(_, v)| v.as_slice())
     }
-    let lookup = |name: &[u8], t: u16| -> Option<&[RData]> {
+    move |name: &[u8], t: u16| -> Option<&'a [RData]> {
         list.iter()
             .find(|(o, _)| o == name)
             .and_then(|(_, nd)| find(nd, t))
             .or_else(|| members.and_then(|m| m.get(name)).and_then(|nd| find(nd, t)))
-    };
+    }
+}
+
+fn render_part(list: &NodeList, ttl: u32, members: Option<&HashMap<WireName, NodeData>>) -> Part {
+    let lookup = lookup_in(list, members);
     list.iter()
         .map(|(owner, data)| {
             let sets = data
@@ -161,8 +255,8 @@ pub(crate) struct NsState {
     apex: WireName,
     ttl: u32,
     negative_ttl: u32,
-    /// Membrane id -> its registration and service types, as last rendered.
-    membranes: HashMap<Box<str>, Arc<Registration>>,
+    /// The passing membranes as last rendered, sorted by id.
+    instances: Instances,
     /// Service types with at least one member.
     types: BTreeMap<WireName, ServiceType>,
     parts: HashMap<PartKey, Part>,
@@ -185,10 +279,9 @@ impl NsState {
     }
 
     /// The parts that may have records at `name`, derived from its shape relative to the
-    /// apex (no per-name index is kept): the apex part, the membrane `id` for `id.` and
-    /// `id._svc._proto.`, the service type for `_svc._proto.` and below, every service type
-    /// of that protocol for `_tcp.`/`_udp.`, the enumeration for `_udp.` and `_dns-sd._udp.`
-    /// and below.
+    /// apex (no per-name index is kept): the apex part, the service type for `_svc._proto.`
+    /// and below, every service type of that protocol for `_tcp.`/`_udp.`, the enumeration
+    /// for `_udp.` and `_dns-sd._udp.` and below.
     fn candidates(&self, name: &[u8]) -> Vec<PartKey> {
         let mut keys = vec![PartKey::Apex];
         if name.len() <= self.apex.len() {
@@ -208,12 +301,6 @@ impl NsState {
         let under =
             |k: usize| name[name.len() - self.apex.len() - suffix_len(&labels[k..])..].to_vec();
         let n = labels.len();
-        if labels[0].first() != Some(&b'_')
-            && (n == 1 || n == 3)
-            && let Ok(id) = std::str::from_utf8(labels[0])
-        {
-            keys.push(PartKey::Membrane(id.into()));
-        }
         if n >= 2 && (labels[n - 1] == b"_tcp" || labels[n - 1] == b"_udp") {
             keys.push(PartKey::Service(under(n - 2)));
         }
@@ -232,8 +319,9 @@ impl NsState {
     }
 
     /// The node at `name` merged over every part that has it (None: the name is gone).
-    /// Parts never share a type at a name, except when the configured NS host is also a
-    /// membrane's host name: then the apex part (the configured addresses) wins.
+    /// Parts never share a type at a name. (When the configured NS host is also a
+    /// membrane's host name, the apex part's node is found first at query time, so its
+    /// configured addresses win over the membrane's.)
     fn merged(&self, name: &[u8]) -> Option<Node> {
         let mut found = false;
         let mut sets: Vec<(u16, Arc<Rendered>)> = Vec::new();
@@ -274,42 +362,48 @@ impl NsState {
             };
         }
 
-        // Membranes: new, changed, gone.
+        // Membranes: new, changed, gone (a merge of the two id-sorted lists). Their own
+        // names are answered from the list at query time; here only the service types they
+        // belong to are marked for rendering again.
+        let mut current: Vec<Arc<Instance>> = snap.instances.clone();
+        if !current.is_sorted_by(|a, b| a.id <= b.id) {
+            current.sort_by(|a, b| a.id.cmp(&b.id));
+        }
+        let current: Instances = current.into();
+        let old = std::mem::replace(&mut self.instances, current.clone());
+        let list = &current;
         let mut dirty: BTreeMap<WireName, ServiceType> = BTreeMap::new();
-        let mut present: HashSet<&str> = HashSet::with_capacity(snap.instances.len());
-        for inst in &snap.instances {
-            let id = inst.id.as_str();
-            present.insert(id);
-            let old_types = match self.membranes.get(id) {
-                Some(reg)
-                    if Arc::ptr_eq(reg, &inst.registration) || **reg == *inst.registration =>
-                {
-                    continue;
-                }
-                Some(reg) => service_types(&apex, reg),
-                None => Vec::new(),
-            };
-            let types = service_types(&apex, &inst.registration);
-            for t in old_types.into_iter().chain(types.iter().cloned()) {
+        let mut mark = |reg: &Registration| {
+            for t in service_types(&apex, reg) {
                 dirty.insert(t.name.clone(), t);
             }
-            let part = render_part(&records::instance_group(&apex, inst), ttl, None);
-            self.replace(PartKey::Membrane(id.into()), Some(part), &mut changed);
-            self.membranes.insert(id.into(), inst.registration.clone());
-        }
-        let gone: Vec<Box<str>> = self
-            .membranes
-            .keys()
-            .filter(|k| !present.contains(&***k))
-            .cloned()
-            .collect();
-        for id in gone {
-            if let Some(reg) = self.membranes.remove(&id) {
-                for t in service_types(&apex, &reg) {
-                    dirty.insert(t.name.clone(), t);
+        };
+        let (mut i, mut j) = (0, 0);
+        while i < old.len() || j < list.len() {
+            let order = match (old.get(i), list.get(j)) {
+                (Some(a), Some(b)) => a.id.cmp(&b.id),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                _ => std::cmp::Ordering::Greater,
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    mark(&old[i].registration);
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    mark(&list[j].registration);
+                    j += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    let (a, b) = (&old[i].registration, &list[j].registration);
+                    if !Arc::ptr_eq(a, b) && **a != **b {
+                        mark(a);
+                        mark(b);
+                    }
+                    i += 1;
+                    j += 1;
                 }
             }
-            self.replace(PartKey::Membrane(id), None, &mut changed);
         }
 
         // Service types with a changed member.
@@ -349,7 +443,14 @@ impl NsState {
         self.replace(PartKey::Apex, Some(part), &mut changed);
 
         let soa = records::soa_of(snap, naming);
+        let (nxdomain, nodata) = (
+            render_negative(&apex, &soa, ttl, 3),
+            render_negative(&apex, &soa, ttl, 0),
+        );
         ZoneDelta {
+            apex,
+            ttl,
+            instances: current,
             nodes: changed
                 .into_iter()
                 .map(|name| {
@@ -357,8 +458,8 @@ impl NsState {
                     (name, node)
                 })
                 .collect(),
-            nxdomain: render_negative(&apex, &soa, ttl, 3),
-            nodata: render_negative(&apex, &soa, ttl, 0),
+            nxdomain,
+            nodata,
         }
     }
 }

@@ -463,3 +463,73 @@ async fn stats_count_rcodes_and_transports() {
     );
     srv.stop().await;
 }
+
+/// The names a membrane owns are rendered when asked for: they exist exactly for the
+/// membrane's own service types, answer NODATA for other types and ANY with their first
+/// RRset, follow changes at once, and when the configured NS host is a membrane's host name
+/// the configured addresses win while the membrane's other records stay.
+#[tokio::test]
+async fn membrane_names_are_answered_from_the_live_registration() {
+    let cfg = DnsConfig {
+        ns_host: Some("web-2.cog.".into()),
+        ns_addresses: vec!["192.0.2.53".parse().unwrap()],
+        ..Default::default()
+    };
+    let srv = Server::start(cfg, &[cog()]).await;
+    // Instance-shaped names of a service type the membrane does not offer, or of no
+    // membrane at all: NXDOMAIN.
+    for q in [
+        "web-1._audio._udp.cog.",
+        "web-1._visual._udp.cog.",
+        "nobody._visual._tcp.cog.",
+        "nobody.cog.",
+        "web-1.x.y.cog.",
+    ] {
+        let m = udp(srv.addr, q, RecordType::SRV).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{q}");
+        assert_eq!(soa_minimum(&m), (7, 7), "{q}");
+    }
+    // Known names, other types: NODATA with the SOA.
+    for (q, t) in [
+        ("web-1._visual._tcp.cog.", RecordType::A),
+        ("perception.cog.", RecordType::AAAA),
+        ("web-2._audio._udp.cog.", RecordType::MX),
+    ] {
+        let m = udp(srv.addr, q, t).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{q}");
+        assert!(m.answers.is_empty(), "{q}");
+        assert_eq!(soa_minimum(&m), (7, 7), "{q}");
+    }
+    // ANY (RFC 8482): one RRset, the first of the name.
+    let m = udp(srv.addr, "web-1.cog.", RecordType::ANY).await;
+    assert_eq!(
+        texts(&m.answers),
+        ["web-1.cog. 42 A 10.0.0.1"],
+        "ANY at a membrane host"
+    );
+    let m = udp(srv.addr, "web-2._audio._udp.cog.", RecordType::ANY).await;
+    assert_eq!(
+        texts(&m.answers),
+        ["web-2._audio._udp.cog. 42 SRV 0 10 5000 web-2.cog."]
+    );
+    assert_eq!(texts(&m.additionals), ["web-2.cog. 42 A 10.0.0.2"]);
+    // NS host = web-2's host name: the configured address wins, web-2's TXT is still there.
+    let m = udp(srv.addr, "web-2.cog.", RecordType::A).await;
+    assert_eq!(texts(&m.answers), ["web-2.cog. 42 A 192.0.2.53"]);
+    let m = udp(srv.addr, "web-2.cog.", RecordType::TXT).await;
+    assert_eq!(m.answers.len(), 1, "{:?}", texts(&m.answers));
+    assert!(texts(&m.answers)[0].contains("state=passing"));
+    // A change is answered at once; a removed membrane's names are gone.
+    let mut inst = cog_instances();
+    inst[0].registration = std::sync::Arc::new(shared::Registration {
+        addresses: vec!["10.9.9.9".parse().unwrap()],
+        ..(*inst[0].registration).clone()
+    });
+    inst.retain(|i| i.id.as_str() != "perception");
+    srv.catalog.update(&snapshot("cog", 18, inst));
+    let m = udp(srv.addr, "web-1.cog.", RecordType::A).await;
+    assert_eq!(texts(&m.answers), ["web-1.cog. 42 A 10.9.9.9"]);
+    let m = udp(srv.addr, "perception.cog.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    srv.stop().await;
+}
