@@ -369,6 +369,26 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> InvalidField
 }
 
 impl Registration {
+    /// Releases the spare capacity JSON parsing leaves in the lists (a one-element `Vec`
+    /// grows to room for four): a server holding 100,000 registrations keeps only what they
+    /// need.
+    ///
+    /// ```
+    /// use shared::model::Registration;
+    /// let mut r: Registration = serde_json::from_str(
+    ///     r#"{"services":[{"name":"visual","port":7100}],"capabilities":["vision"]}"#).unwrap();
+    /// r.shrink_to_fit();
+    /// assert_eq!(r.services.capacity(), 1);
+    /// assert_eq!(r.capabilities.capacity(), 1);
+    /// ```
+    pub fn shrink_to_fit(&mut self) {
+        self.addresses.shrink_to_fit();
+        self.services.shrink_to_fit();
+        self.capabilities.shrink_to_fit();
+        self.tags.shrink_to_fit();
+        self.metadata.0.shrink_to_fit();
+    }
+
     /// Checks the limits that typing alone cannot express.
     ///
     /// ```
