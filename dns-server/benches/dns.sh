@@ -9,7 +9,9 @@
 # Environment: ROUNDS (3), DURATION seconds per run (10), CLIENTS (dnsperf -c, 4),
 #   OUTSTANDING (dnsperf -q, 200), SOCKETS (UDP sockets of dns_serve, 2),
 #   SERVICES (100), INSTANCES (10), EDNS (set to 1 to send EDNS0 queries),
-#   CARGO_TARGET_DIR (target dir, default ./target).
+#   CARGO_TARGET_DIR (target dir, default ./target),
+#   MIX (full mode only): "srv" (default) queries each service type's SRV; "all" also asks
+#   every membrane's own names (host A and TXT, instance SRV), which are rendered per query.
 # Installs dnsperf and nsd from Debian packages when missing (needs root).
 # Prints each run's q/s and CPU microseconds per query (utime+stime of the server's
 # processes over the run / queries completed), then the averages and the ratios.
@@ -122,6 +124,10 @@ else
                 -H 'content-type: application/json' \
                 -d "{\"addresses\":[\"10.0.$((n / 250)).$((n % 250 + 1))\"],\"services\":[{\"name\":\"svc$s\",\"proto\":\"tcp\",\"port\":$((7000 + s))}],\"metadata\":{\"version\":\"1.0\"}}" \
                 >/dev/null
+            if [[ "${MIX:-srv}" == all ]]; then
+                printf '%s\n' "svc$s-i$i.bench. A" "svc$s-i$i.bench. TXT" \
+                    "svc$s-i$i._svc$s._tcp.bench. SRV" >>"$QUERIES"
+            fi
         done
         echo "_svc$s._tcp.bench. SRV" >>"$QUERIES"
     done

@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo bench -p dns-server --bench registration`
 //! Knobs (env): BENCH_CLIENTS (16), BENCH_MEMBRANES (100000), BENCH_NAMESPACES (100),
-//! BENCH_HEARTBEATS (200000).
+//! BENCH_HEARTBEATS (200000), BENCH_REREGISTER_ROUNDS (1; rounds of 50,000 updates).
 
 use std::time::{Duration, Instant};
 
@@ -141,6 +141,7 @@ fn main() {
     let membranes = env("BENCH_MEMBRANES", if quick { 2_000 } else { 100_000 });
     let namespaces = env("BENCH_NAMESPACES", 100).max(1);
     let heartbeats = env("BENCH_HEARTBEATS", if quick { 2_000 } else { 200_000 });
+    let rounds = env("BENCH_REREGISTER_ROUNDS", 1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -191,11 +192,18 @@ fn main() {
     ));
     report("heartbeat", &hb);
     // Re-registration (update of existing membranes): same durability path as new ones.
+    // More rounds show whether memory settles under a steady stream of updates.
     let n = membranes.min(50_000);
-    let upd = rt.block_on(phase(
-        &addr,
-        split(n, &|i| (hyper::Method::PUT, path(i), body(i + 1))),
-    ));
-    report("re-register", &upd);
-    println!("rss at end: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
+    for round in 0..rounds {
+        let upd = rt.block_on(phase(
+            &addr,
+            split(n, &|i| (hyper::Method::PUT, path(i), body(i + 1 + round))),
+        ));
+        report("re-register", &upd);
+        println!(
+            "rss after {} re-registrations: {:.1} MiB",
+            n * (round + 1),
+            rss_kib(pid) as f64 / 1024.0
+        );
+    }
 }
