@@ -7,7 +7,9 @@ use super::Catalog;
 use super::records::rtype;
 use super::stats::{Counter, Shard};
 use super::wire::{Rendered, Shuffle};
-use super::zone::InstanceAnswer;
+use super::zone::{InstanceAnswer, Zone};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Our advertised (and maximal) UDP payload size.
 pub(crate) const EDNS_PAYLOAD: u16 = 1232;
@@ -55,15 +57,46 @@ pub(crate) struct Scratch {
     pub rng: Rng,
     order: Vec<u32>,
     keys: Vec<(bool, f64, u32)>,
+    /// Answers at membranes' own names rendered by this loop, keyed by zone generation,
+    /// type and name: reused until the zone changes. Private to the loop (no lock); at
+    /// most `cache_cap` entries, emptied when full.
+    cache: HashMap<Box<[u8]>, InstanceAnswer>,
+    cache_cap: usize,
+    key: Vec<u8>,
 }
 
 impl Scratch {
-    pub(crate) fn new() -> Self {
+    /// Scratch for a loop that keeps up to `cache_cap` rendered membrane answers.
+    pub(crate) fn new(cache_cap: usize) -> Self {
         Scratch {
             rng: Rng::new(),
             order: Vec::with_capacity(64),
             keys: Vec::with_capacity(256),
+            cache: HashMap::new(),
+            cache_cap,
+            key: Vec::with_capacity(8 + 2 + 255),
         }
+    }
+
+    /// The answer at a membrane's own `name` in `zone`: from this loop's cache when the
+    /// zone has not changed since it was rendered.
+    fn instance_answer(&mut self, zone: &Zone, name: &[u8], qtype: u16) -> InstanceAnswer {
+        if self.cache_cap == 0 {
+            return zone.instance_answer(name, qtype);
+        }
+        self.key.clear();
+        self.key.extend_from_slice(&zone.generation.to_le_bytes());
+        self.key.extend_from_slice(&qtype.to_le_bytes());
+        self.key.extend_from_slice(name);
+        if let Some(a) = self.cache.get(self.key.as_slice()) {
+            return a.clone();
+        }
+        let a = zone.instance_answer(name, qtype);
+        if self.cache.len() >= self.cache_cap {
+            self.cache.clear();
+        }
+        self.cache.insert(self.key.as_slice().into(), a.clone());
+        a
     }
 }
 
@@ -531,7 +564,7 @@ impl Catalog {
         };
         // Pre-rendered names first, then the names membranes own (rendered now).
         let qname = &p.lower[..p.qname_len];
-        let rendered: Rendered;
+        let rendered: Arc<Rendered>;
         let node = zone.nodes.get(qname);
         let found = node.and_then(|node| {
             if p.qtype == rtype::ANY {
@@ -542,7 +575,7 @@ impl Catalog {
         });
         let r: &Rendered = match found {
             Some(r) => r,
-            None => match zone.instance_answer(qname, p.qtype) {
+            None => match s.instance_answer(zone, qname, p.qtype) {
                 InstanceAnswer::Found(x) => {
                     rendered = x;
                     &rendered
@@ -667,7 +700,7 @@ mod tests {
         })
         .collect();
         let shard = Shard::default();
-        let mut s = Scratch::new();
+        let mut s = Scratch::new(64);
         let mut rng = Rng::seeded(9);
         let mut out = Vec::new();
         let mut answered = 0;
@@ -707,6 +740,70 @@ mod tests {
         assert!(answered > 10_000, "{answered}");
     }
 
+    /// The per-loop cache of membrane answers stays within its bound and never serves an
+    /// answer rendered before a change of the zone.
+    #[test]
+    fn membrane_answer_cache_is_bounded_and_follows_changes() {
+        use std::sync::Arc;
+
+        use hickory_proto::op::{Message, Query};
+        use hickory_proto::rr::{Name, RData, RecordType};
+        use shared::model::Registration;
+        use shared::{MembraneId, NamespaceName, NamespaceSettings};
+
+        use crate::dns::{Catalog, DnsConfig};
+        use crate::snapshot::{Instance, NamespaceSnapshot};
+
+        let snap = |serial: u32, last: u8| NamespaceSnapshot {
+            name: NamespaceName::new("ns").unwrap(),
+            settings: NamespaceSettings::default(),
+            instances: (0..20u8)
+                .map(|i| Instance {
+                    id: MembraneId::new(&format!("m{i:02}")).unwrap(),
+                    registration: Arc::new(Registration {
+                        addresses: vec![std::net::IpAddr::from([10, 0, last, i])],
+                        ..Default::default()
+                    }),
+                })
+                .map(Arc::new)
+                .collect(),
+            serial,
+        };
+        let catalog = Catalog::new(DnsConfig::default()).unwrap();
+        catalog.update(&snap(1, 1));
+        let shard = Shard::default();
+        let mut s = Scratch::new(8);
+        let mut out = Vec::new();
+        let mut ask = |s: &mut Scratch, name: &str| -> Vec<String> {
+            let mut m = Message::query();
+            m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+            catalog.respond(&m.to_vec().unwrap(), false, &mut out, s, &shard);
+            Message::from_vec(&out)
+                .unwrap()
+                .answers
+                .iter()
+                .map(|r| match &r.data {
+                    RData::A(a) => a.to_string(),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        };
+        for round in 0..3 {
+            for i in 0..20 {
+                assert_eq!(
+                    ask(&mut s, &format!("m{i:02}.ns.")),
+                    [format!("10.0.1.{i}")],
+                    "round {round}"
+                );
+                assert!(s.cache.len() <= 8);
+            }
+        }
+        assert_eq!(ask(&mut s, "m19.ns."), ["10.0.1.19"]);
+        catalog.update(&snap(2, 2));
+        assert_eq!(ask(&mut s, "m19.ns."), ["10.0.2.19"]);
+        assert!(ask(&mut s, "m20.ns.").is_empty());
+    }
+
     fn shuffle_counts(weights: &[u16], rounds: usize) -> Vec<Vec<usize>> {
         // Body: one byte per record, the byte being its index.
         let body: Vec<u8> = (0..weights.len() as u8).collect();
@@ -722,7 +819,7 @@ mod tests {
                 .collect(),
             groups: vec![(0, weights.len() as u32)].into_boxed_slice(),
         };
-        let mut s = Scratch::new();
+        let mut s = Scratch::new(64);
         s.rng = Rng::seeded(42);
         // counts[record][position]
         let mut counts = vec![vec![0usize; weights.len()]; weights.len()];

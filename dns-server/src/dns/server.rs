@@ -21,6 +21,10 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 const TCP_READ: Duration = Duration::from_secs(5);
 /// Connections served at once; more are closed on accept.
 const TCP_MAX_CONNECTIONS: usize = 1024;
+/// Rendered answers at membranes' own names kept per UDP loop (a few hundred bytes each).
+const UDP_ANSWER_CACHE: usize = 4096;
+/// The same per TCP connection (up to `TCP_MAX_CONNECTIONS` of them).
+const TCP_ANSWER_CACHE: usize = 32;
 
 /// Binds `sockets` UDP sockets to `addr` (an `SO_REUSEPORT` group when more than one; with
 /// port 0 they all share the port the first one got).
@@ -90,7 +94,7 @@ pub async fn serve(
 async fn udp_loop(sock: UdpSocket, catalog: Arc<Catalog>, shard: usize) {
     let mut buf = vec![0u8; 65_535];
     let mut out = Vec::with_capacity(TCP_MAX);
-    let mut scratch = Scratch::new();
+    let mut scratch = Scratch::new(UDP_ANSWER_CACHE);
     let shard = &catalog.stats.shards[shard];
     loop {
         let (n, peer) = match sock.recv_from(&mut buf).await {
@@ -142,7 +146,7 @@ async fn tcp_conn(stream: TcpStream, catalog: Arc<Catalog>, shutdown: Cancellati
     let mut w = BufWriter::new(w);
     let mut req = Vec::new();
     let mut out = Vec::with_capacity(TCP_MAX);
-    let mut scratch = Scratch::new();
+    let mut scratch = Scratch::new(TCP_ANSWER_CACHE);
     let shard = &catalog.stats.shards[SHARDS - 1];
     loop {
         let mut len = [0u8; 2];

@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use shared::Registration;
 
@@ -51,6 +52,13 @@ impl Node {
 /// Passing membranes of a zone, sorted by id (pointers shared with the registry).
 type Instances = Arc<[Arc<Instance>]>;
 
+/// Source of zone generations: unique across zones, new at every change of a zone.
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    GENERATION.fetch_add(1, Ordering::Relaxed)
+}
+
 /// One namespace zone as queries see it.
 #[derive(Debug)]
 pub(crate) struct Zone {
@@ -67,17 +75,20 @@ pub(crate) struct Zone {
     pub ttl: u32,
     /// Passing membranes, sorted by id: their names are answered from these.
     pub instances: Instances,
+    /// Changes with every update of the zone (and differs between zones): answers rendered
+    /// from a zone may be reused under the same generation.
+    pub generation: u64,
 }
 
 /// What a membrane's own names hold for a query.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum InstanceAnswer {
     /// No membrane owns that name.
     NoName,
     /// The name exists, without records of the type asked for.
     NoData,
     /// The rendered RRset.
-    Found(Rendered),
+    Found(Arc<Rendered>),
 }
 
 impl Zone {
@@ -118,13 +129,13 @@ impl Zone {
             data.iter().find(|(t, _)| *t == qtype)
         };
         match set {
-            Some((t, set)) => InstanceAnswer::Found(render_rrset(
+            Some((t, set)) => InstanceAnswer::Found(Arc::new(render_rrset(
                 owner,
                 *t,
                 set,
                 self.ttl,
                 &lookup_in(&list, None),
-            )),
+            ))),
             None => InstanceAnswer::NoData,
         }
     }
@@ -157,6 +168,7 @@ impl ZoneDelta {
             apex: self.apex,
             ttl: self.ttl,
             instances: self.instances,
+            generation: next_generation(),
         }
     }
 
@@ -175,6 +187,7 @@ impl ZoneDelta {
         zone.apex = self.apex;
         zone.ttl = self.ttl;
         zone.instances = self.instances;
+        zone.generation = next_generation();
         old
     }
 }

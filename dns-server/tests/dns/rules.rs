@@ -519,7 +519,14 @@ async fn membrane_names_are_answered_from_the_live_registration() {
     let m = udp(srv.addr, "web-2.cog.", RecordType::TXT).await;
     assert_eq!(m.answers.len(), 1, "{:?}", texts(&m.answers));
     assert!(texts(&m.answers)[0].contains("state=passing"));
-    // A change is answered at once; a removed membrane's names are gone.
+    // A change is answered at once (not from an answer rendered before it); a removed
+    // membrane's names are gone.
+    for _ in 0..3 {
+        let m = udp(srv.addr, "web-1.cog.", RecordType::A).await;
+        assert_eq!(texts(&m.answers), ["web-1.cog. 42 A 10.0.0.1"]);
+        let m = udp(srv.addr, "perception.cog.", RecordType::A).await;
+        assert_eq!(texts(&m.answers), ["perception.cog. 42 A 10.0.0.3"]);
+    }
     let mut inst = cog_instances();
     inst[0].registration = std::sync::Arc::new(shared::Registration {
         addresses: vec!["10.9.9.9".parse().unwrap()],
@@ -531,5 +538,7 @@ async fn membrane_names_are_answered_from_the_live_registration() {
     assert_eq!(texts(&m.answers), ["web-1.cog. 42 A 10.9.9.9"]);
     let m = udp(srv.addr, "perception.cog.", RecordType::A).await;
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    let m = tcp(srv.addr, "web-1.cog.", RecordType::A).await;
+    assert_eq!(texts(&m.answers), ["web-1.cog. 42 A 10.9.9.9"]);
     srv.stop().await;
 }
