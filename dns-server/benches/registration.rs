@@ -65,13 +65,28 @@ fn start() -> Server {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// RSS split: anonymous (heap, stacks) / file-backed / shared memory (SQLite's WAL index).
+fn rss_split(pid: u32) -> String {
+    let mib = |f| status_kib(pid, f) as f64 / 1024.0;
+    format!(
+        "(anon {:.1}, file {:.1}, shmem {:.1} MiB)",
+        mib("RssAnon"),
+        mib("RssFile"),
+        mib("RssShmem")
+    )
 }
 
 /// One keep-alive connection sending requests one after another; returns latencies (us).
@@ -177,8 +192,9 @@ fn main() {
     ));
     report("register", &reg);
     println!(
-        "rss with {membranes} membranes: {:.1} MiB",
-        rss_kib(pid) as f64 / 1024.0
+        "rss with {membranes} membranes: {:.1} MiB {}",
+        rss_kib(pid) as f64 / 1024.0,
+        rss_split(pid)
     );
     let hb = rt.block_on(phase(
         &addr,
@@ -201,9 +217,10 @@ fn main() {
         ));
         report("re-register", &upd);
         println!(
-            "rss after {} re-registrations: {:.1} MiB",
+            "rss after {} re-registrations: {:.1} MiB {}",
             n * (round + 1),
-            rss_kib(pid) as f64 / 1024.0
+            rss_kib(pid) as f64 / 1024.0,
+            rss_split(pid)
         );
     }
 }
