@@ -8,6 +8,7 @@
 mod harness;
 
 mod etcd {
+    mod agent_failover;
     pub mod cluster;
     mod failover;
     mod liveness;
