@@ -192,26 +192,4 @@ pub fn ensure(program: &str, package: &str) -> bool {
     have(program)
 }
 
-/// The `agent` binary: `$AGENT_BIN`, else beside `dns-server` in the target dir, built with
-/// `cargo build -p agent` when missing.
-pub fn agent_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("AGENT_BIN") {
-        return PathBuf::from(p);
-    }
-    let path = PathBuf::from(crate::harness::bin()).with_file_name("agent");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "agent"]).current_dir(workspace());
-        if path.parent().and_then(|p| p.file_name()) == Some(std::ffi::OsStr::new("release")) {
-            cmd.arg("--release");
-        }
-        let ok = cmd.status().is_ok_and(|s| s.success());
-        assert!(
-            ok && path.exists(),
-            "cannot build the agent binary at {}",
-            path.display()
-        );
-    }
-    path
-}
+pub use crate::harness::agent_bin;

@@ -2,33 +2,10 @@
 //! it moves to B, its heartbeats keep the membrane passing there (past several TTLs), and
 //! on SIGTERM it deregisters through B.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::cluster::{Cluster, Replica, dns_has_a, etcd_bin, eventually};
-
-/// The `agent` binary of this workspace's target directory (built by `cargo test
-/// --workspace`, which `tests/run.sh` runs first). Missing: SKIP, or a failure on CI.
-fn agent_bin() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("agent");
-    if bin.is_file() {
-        return Some(bin);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "{} is missing but CI=true: run `cargo build -p agent` first",
-            bin.display()
-        );
-    }
-    eprintln!(
-        "\n==========\nSKIP: {} not built: the agent failover test did NOT run.\n\
-         Run `cargo build -p agent` first (tests/run.sh does). Set CI=true to make this fail.\n==========\n",
-        bin.display()
-    );
-    None
-}
 
 struct Agent(Child);
 
@@ -43,7 +20,7 @@ impl Drop for Agent {
 async fn a_real_agent_fails_over_to_b_and_deregisters_there() {
     let _serial = crate::SERIAL.lock().await;
     let Some(etcd) = etcd_bin() else { return };
-    let Some(agent) = agent_bin() else { return };
+    let agent = crate::harness::agent_bin();
     let cluster = Cluster::start(etcd, 3).await;
     let a = Replica::start(&cluster.all(), &[]).await;
     let b = Replica::start(&cluster.all(), &[]).await;

@@ -18,6 +18,32 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_dns-server")
 }
 
+/// The `agent` binary: `$AGENT_BIN`, else beside `dns-server` in the target dir, built with
+/// `cargo build -p agent` when missing.
+#[allow(dead_code)] // used by the deploy and etcd tests
+pub fn agent_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("AGENT_BIN") {
+        return p.into();
+    }
+    let path = Path::new(bin()).with_file_name("agent");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "agent"])
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap());
+        if path.parent().and_then(|p| p.file_name()) == Some(std::ffi::OsStr::new("release")) {
+            cmd.arg("--release");
+        }
+        let ok = cmd.status().is_ok_and(|s| s.success());
+        assert!(
+            ok && path.exists(),
+            "cannot build the agent binary at {}",
+            path.display()
+        );
+    }
+    path
+}
+
 /// A running server.
 pub struct Server {
     pub child: Child,
