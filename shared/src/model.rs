@@ -319,6 +319,26 @@ impl<'de> Deserialize<'de> for Metadata {
     }
 }
 
+/// A list without the spare capacity parsing leaves (a one-element `Vec` grows to room for
+/// four): a server holds 100,000 registrations, which keep only what they need.
+///
+/// ```
+/// use shared::model::Registration;
+/// let r: Registration = serde_json::from_str(
+///     r#"{"services":[{"name":"visual","port":7100}],"capabilities":["vision"]}"#).unwrap();
+/// assert_eq!(r.services.capacity(), 1);
+/// assert_eq!(r.capabilities.capacity(), 1);
+/// ```
+fn compact_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let mut v = Vec::<T>::deserialize(d)?;
+    v.shrink_to_fit();
+    Ok(v)
+}
+
 /// The body of `PUT /v1/namespaces/{ns}/membranes/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -327,15 +347,16 @@ pub struct Registration {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<MembraneId>,
     /// IPv4 and IPv6 addresses, served as A/AAAA.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "compact_vec")]
     pub addresses: Vec<IpAddr>,
     /// Offered services, served as SRV.
+    #[serde(deserialize_with = "compact_vec")]
     pub services: Vec<ServiceSpec>,
     /// Capabilities (DNS-SD subtypes).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "compact_vec")]
     pub capabilities: Vec<Tag>,
     /// Tags (DNS-SD subtypes).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "compact_vec")]
     pub tags: Vec<Tag>,
     /// Free key/values, served as TXT `key=value`.
     #[serde(default)]
@@ -369,26 +390,6 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> InvalidField
 }
 
 impl Registration {
-    /// Releases the spare capacity JSON parsing leaves in the lists (a one-element `Vec`
-    /// grows to room for four): a server holding 100,000 registrations keeps only what they
-    /// need.
-    ///
-    /// ```
-    /// use shared::model::Registration;
-    /// let mut r: Registration = serde_json::from_str(
-    ///     r#"{"services":[{"name":"visual","port":7100}],"capabilities":["vision"]}"#).unwrap();
-    /// r.shrink_to_fit();
-    /// assert_eq!(r.services.capacity(), 1);
-    /// assert_eq!(r.capabilities.capacity(), 1);
-    /// ```
-    pub fn shrink_to_fit(&mut self) {
-        self.addresses.shrink_to_fit();
-        self.services.shrink_to_fit();
-        self.capabilities.shrink_to_fit();
-        self.tags.shrink_to_fit();
-        self.metadata.0.shrink_to_fit();
-    }
-
     /// Checks the limits that typing alone cannot express.
     ///
     /// ```

@@ -605,8 +605,6 @@ impl Registry {
         reg: Registration,
     ) -> Result<RegisterResponse, RegistryError> {
         reg.validate()?;
-        let mut reg = reg;
-        reg.shrink_to_fit();
         let reg = Arc::new(reg);
         #[cfg(feature = "etcd")]
         if let Backend::Etcd(e) = &self.backend {

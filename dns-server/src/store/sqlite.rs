@@ -176,12 +176,9 @@ fn load(conn: &Connection) -> Result<(Loaded, BTreeSet<i64>), StoreError> {
                     seq,
                     namespace: NamespaceName::new(&ns).map_err(|e| corrupt("membranes", e))?,
                     id: MembraneId::new(&id).map_err(|e| corrupt("membranes", e))?,
-                    registration: {
-                        let mut r: shared::Registration =
-                            serde_json::from_str(&reg).map_err(|e| corrupt("membranes", e))?;
-                        r.shrink_to_fit();
-                        std::sync::Arc::new(r)
-                    },
+                    registration: std::sync::Arc::new(
+                        serde_json::from_str(&reg).map_err(|e| corrupt("membranes", e))?,
+                    ),
                     secret_hash: hash32("membranes", hash.unwrap_or_default())?,
                     registered_at_ms: row.get(5)?,
                 })
