@@ -384,7 +384,6 @@ impl NsState {
         }
         let current: Instances = current.into();
         let old = std::mem::replace(&mut self.instances, current.clone());
-        let list = &current;
         let mut dirty: BTreeMap<WireName, ServiceType> = BTreeMap::new();
         let mut mark = |reg: &Registration| {
             for t in service_types(&apex, reg) {
@@ -392,8 +391,8 @@ impl NsState {
             }
         };
         let (mut i, mut j) = (0, 0);
-        while i < old.len() || j < list.len() {
-            let order = match (old.get(i), list.get(j)) {
+        while i < old.len() || j < current.len() {
+            let order = match (old.get(i), current.get(j)) {
                 (Some(a), Some(b)) => a.id.cmp(&b.id),
                 (Some(_), None) => std::cmp::Ordering::Less,
                 _ => std::cmp::Ordering::Greater,
@@ -404,11 +403,11 @@ impl NsState {
                     i += 1;
                 }
                 std::cmp::Ordering::Greater => {
-                    mark(&list[j].registration);
+                    mark(&current[j].registration);
                     j += 1;
                 }
                 std::cmp::Ordering::Equal => {
-                    let (a, b) = (&old[i].registration, &list[j].registration);
+                    let (a, b) = (&old[i].registration, &current[j].registration);
                     if !Arc::ptr_eq(a, b) && **a != **b {
                         mark(a);
                         mark(b);
