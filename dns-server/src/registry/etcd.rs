@@ -52,13 +52,28 @@ pub(crate) struct EtcdBackend {
     /// Evictions in flight from this replica.
     evicting: Mutex<HashSet<(NamespaceName, MembraneId)>>,
     /// Leases granted ahead of registrations, by TTL (see [`EtcdBackend::lease`]).
-    pool: Mutex<HashMap<Duration, Vec<(i64, Instant)>>>,
+    pool: Mutex<HashMap<Duration, LeasePool>>,
     /// Every conditional write goes through it (group commit).
     batch: Batcher,
 }
 
+/// Leases of one TTL granted ahead of registrations.
+#[derive(Default)]
+struct LeasePool {
+    /// Granted and unused, oldest first, with the time of their grant.
+    ready: Vec<(i64, Instant)>,
+    /// How many to keep ready: doubles when a registration finds none, halves when some
+    /// aged out unused (between [`POOL_MIN`] and [`POOL_MAX`]).
+    want: usize,
+    /// A refill is in flight.
+    refilling: bool,
+}
+
 /// A pooled lease older than this is not handed out (its TTL started at its grant).
 const POOL_MAX_AGE: Duration = Duration::from_millis(500);
+
+/// Fewest leases kept ready per TTL once registrations with that TTL arrived.
+const POOL_MIN: usize = 4;
 
 /// Most leases kept ready per TTL.
 const POOL_MAX: usize = 64;
@@ -66,20 +81,36 @@ const POOL_MAX: usize = 64;
 impl EtcdBackend {
     /// A fresh lease of `ttl` for one membrane. Granting is a round trip through etcd's
     /// log; doing it inline doubles a registration's latency. So leases are granted ahead,
-    /// in the background, as registrations consume them (the pool grows to the number of
-    /// concurrent registrations, never past [`POOL_MAX`]); one is handed out only when at
-    /// most [`POOL_MAX_AGE`] old, so a membrane's first TTL is at most that much shorter.
-    /// Leases that aged out are revoked. Each lease still serves exactly one membrane.
+    /// in the background: when the pool falls to half of what registrations consume, one
+    /// refill grants the missing ones at once (concurrent grants over the one gRPC channel
+    /// go out and come back together, and etcd commits them in the same raft batches;
+    /// etcd has no batch grant). A lease is handed out only when at most [`POOL_MAX_AGE`]
+    /// old, so a membrane's first TTL is at most that much shorter; leases that aged out
+    /// are revoked. Each lease still serves exactly one membrane.
     async fn lease(self: &Arc<Self>, ttl: Duration) -> Result<i64, StoreError> {
         let now = Instant::now();
-        let (hit, expired) = {
-            let mut pool = self.pool.lock().unwrap();
-            let ready = pool.entry(ttl).or_default();
-            let (fresh, old): (Vec<_>, Vec<_>) = ready
+        let (hit, expired, refill) = {
+            let mut pools = self.pool.lock().unwrap();
+            let p = pools.entry(ttl).or_default();
+            let (fresh, old): (Vec<_>, Vec<_>) = p
+                .ready
                 .drain(..)
                 .partition(|(_, at)| now.saturating_duration_since(*at) < POOL_MAX_AGE);
-            *ready = fresh;
-            (ready.pop(), old)
+            p.ready = fresh;
+            if !old.is_empty() {
+                p.want = (p.want / 2).max(POOL_MIN);
+            }
+            let hit = (!p.ready.is_empty()).then(|| p.ready.remove(0));
+            if hit.is_none() {
+                p.want = (p.want * 2).clamp(POOL_MIN, POOL_MAX);
+            }
+            let refill = if !p.refilling && p.ready.len() * 2 <= p.want {
+                p.refilling = true;
+                p.want - p.ready.len()
+            } else {
+                0
+            };
+            (hit, old, refill)
         };
         if !expired.is_empty() {
             let store = self.store.clone();
@@ -89,26 +120,36 @@ impl EtcdBackend {
                 }
             });
         }
-        // Replace what this registration consumes (on a miss, add one more).
-        let refill = if hit.is_some() { 1 } else { 2 };
-        for _ in 0..refill {
+        if refill > 0 {
             let this = self.clone();
-            tokio::spawn(async move {
-                if let Ok(l) = this.store.grant(ttl).await {
-                    let mut pool = this.pool.lock().unwrap();
-                    let ready = pool.entry(ttl).or_default();
-                    if ready.len() < POOL_MAX {
-                        ready.push((l, Instant::now()));
-                        return;
-                    }
-                    drop(pool);
-                    tokio::spawn(async move { this.store.revoke(l).await });
-                }
-            });
+            tokio::spawn(async move { this.refill(ttl, refill).await });
         }
         match hit {
             Some((l, _)) => Ok(l),
             None => self.store.grant(ttl).await,
+        }
+    }
+
+    /// Grants `n` leases of `ttl` concurrently into the pool.
+    async fn refill(&self, ttl: Duration, n: usize) {
+        let granted = futures_util::future::join_all((0..n).map(|_| self.store.grant(ttl))).await;
+        let at = Instant::now();
+        let surplus: Vec<i64> = {
+            let mut pools = self.pool.lock().unwrap();
+            let p = pools.entry(ttl).or_default();
+            p.refilling = false;
+            let mut surplus = Vec::new();
+            for l in granted.into_iter().flatten() {
+                if p.ready.len() < POOL_MAX {
+                    p.ready.push((l, at));
+                } else {
+                    surplus.push(l);
+                }
+            }
+            surplus
+        };
+        for l in surplus {
+            self.store.revoke(l).await;
         }
     }
 
