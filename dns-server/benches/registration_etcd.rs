@@ -21,60 +21,20 @@
 //! The last lines give replica / raw grant+put per round and over all rounds.
 
 mod common;
+#[path = "../src/store/etcd/member.rs"]
+mod member;
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
     Phase, Proc, body, env, http_phase, membrane_path, rate, report, split, start_server,
 };
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn etcd_bin() -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("etcd"))
-            .find(|p| p.is_file())
-    })
-}
-
 /// One etcd member with default (durable) settings in `dir`; returns it and `HOST:PORT`.
-fn start_etcd(bin: &PathBuf, dir: &std::path::Path) -> (Proc, String) {
-    let (client, peer) = (free_port(), free_port());
-    let child = Command::new(bin)
-        .args(["--name", "bench"])
-        .args(["--data-dir", dir.join("etcd").to_str().unwrap()])
-        .args([
-            "--listen-client-urls",
-            &format!("http://127.0.0.1:{client}"),
-        ])
-        .args([
-            "--advertise-client-urls",
-            &format!("http://127.0.0.1:{client}"),
-        ])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args([
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-        ])
-        .args([
-            "--initial-cluster",
-            &format!("bench=http://127.0.0.1:{peer}"),
-        ])
-        .args(["--logger", "zap", "--log-level", "error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn etcd");
-    (Proc(child), format!("127.0.0.1:{client}"))
+fn start_etcd(bin: &Path, dir: &Path) -> (Proc, String) {
+    let (child, endpoint) = member::spawn(bin, dir);
+    (Proc(child), endpoint)
 }
 
 /// CPU seconds (user + system) a process has used so far.
@@ -111,7 +71,7 @@ struct Member {
     _dir: tempfile::TempDir,
 }
 
-fn fresh_etcd(rt: &tokio::runtime::Runtime, bin: &PathBuf) -> Member {
+fn fresh_etcd(rt: &tokio::runtime::Runtime, bin: &Path) -> Member {
     let dir = tempfile::tempdir().unwrap();
     let (proc, endpoint) = start_etcd(bin, dir.path());
     let client = rt.block_on(async {
@@ -185,7 +145,7 @@ fn raw_put(rt: &tokio::runtime::Runtime, m: &Member, clients: usize, n: usize) -
 
 fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
-    let Some(bin) = etcd_bin() else {
+    let Some(bin) = member::etcd_bin() else {
         println!("SKIP: etcd is not installed (apt-get install etcd-server); nothing measured");
         return;
     };

@@ -23,6 +23,8 @@ use shared::{MembraneId, NamespaceName, NamespaceSettings, Registration};
 use super::{StoreError, StoredMembrane, StoredNamespace};
 
 mod batch;
+#[cfg(test)]
+mod member;
 
 pub use batch::{Batcher, CondWrite, Limits, Outcome};
 

@@ -323,7 +323,7 @@ async fn send(store: &Etcd, batch: Vec<Queued>, stats: &Stats) {
 
 #[cfg(test)]
 mod tests {
-    use std::process::{Child, Command, Stdio};
+    use std::process::{Child, Command};
     use std::time::Duration;
 
     use super::*;
@@ -413,22 +413,9 @@ mod tests {
         }
     }
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
     /// Starts a member, or `None` (SKIP) when `etcd` is not installed and `CI` is not true.
     async fn member() -> Option<(Member, Etcd)> {
-        let bin = std::env::var_os("PATH").and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("etcd"))
-                .find(|p| p.is_file())
-        });
-        let Some(bin) = bin else {
+        let Some(bin) = super::super::member::etcd_bin() else {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
                 "etcd is not installed but CI=true"
@@ -437,31 +424,10 @@ mod tests {
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let child = Command::new(bin)
-            .args(["--name", "t"])
-            .args(["--data-dir", dir.path().join("d").to_str().unwrap()])
-            .args([
-                "--listen-client-urls",
-                &format!("http://127.0.0.1:{client}"),
-            ])
-            .args([
-                "--advertise-client-urls",
-                &format!("http://127.0.0.1:{client}"),
-            ])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-            ])
-            .args(["--initial-cluster", &format!("t=http://127.0.0.1:{peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let (child, endpoint) = super::super::member::spawn(&bin, dir.path());
         let m = Member {
             child,
-            endpoint: format!("127.0.0.1:{client}"),
+            endpoint,
             _dir: dir,
         };
         let store = Etcd::connect(std::slice::from_ref(&m.endpoint), "/t/")
