@@ -6,64 +6,10 @@
 //! Knobs (env): BENCH_CLIENTS (16), BENCH_MEMBRANES (100000), BENCH_NAMESPACES (100),
 //! BENCH_HEARTBEATS (200000), BENCH_REREGISTER_ROUNDS (1; rounds of 50,000 updates).
 
-use std::time::{Duration, Instant};
+mod common;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Server {
-    child: std::process::Child,
-    http: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start() -> Server {
-    use std::io::{BufRead, BufReader};
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dns-server"))
-        .args(["--data-dir", dir.path().to_str().unwrap()])
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--dns-listen",
-            "127.0.0.1:0",
-        ])
-        .env("MEMBRANE_LOG", "warn,dns_server=info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let http = loop {
-        let line = lines.next().expect("server exited").unwrap();
-        if let Some(a) = line.split("listening http ").nth(1) {
-            break a.trim().to_string();
-        }
-    };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server {
-        child,
-        http,
-        _dir: dir,
-    }
-}
+use common::{Req, body, env, http_phase, membrane_path, report, split, start_server};
 
 fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -89,66 +35,6 @@ fn rss_split(pid: u32) -> String {
     )
 }
 
-/// One keep-alive connection sending requests one after another; returns latencies (us).
-async fn client(addr: String, reqs: Vec<(hyper::Method, String, Bytes)>) -> Vec<u32> {
-    let stream = TcpStream::connect(&addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let (mut send, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(conn);
-    let mut lat = Vec::with_capacity(reqs.len());
-    for (method, path, body) in reqs {
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", &addr)
-            .header("content-type", "application/json")
-            .body(Full::new(body))
-            .unwrap();
-        let t = Instant::now();
-        let resp = send.send_request(req).await.unwrap();
-        let status = resp.status();
-        let _ = resp.into_body().collect().await.unwrap();
-        lat.push(t.elapsed().as_micros() as u32);
-        assert!(status.is_success(), "request failed: {status}");
-    }
-    lat
-}
-
-async fn phase(
-    addr: &str,
-    per_client: Vec<Vec<(hyper::Method, String, Bytes)>>,
-) -> (usize, Duration, Vec<u32>) {
-    let n: usize = per_client.iter().map(Vec::len).sum();
-    let t = Instant::now();
-    let tasks: Vec<_> = per_client
-        .into_iter()
-        .map(|reqs| tokio::spawn(client(addr.to_string(), reqs)))
-        .collect();
-    let mut all = Vec::with_capacity(n);
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    let elapsed = t.elapsed();
-    all.sort_unstable();
-    (n, elapsed, all)
-}
-
-fn pct(sorted: &[u32], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[i]) / 1000.0
-}
-
-fn report(name: &str, (n, elapsed, lat): &(usize, Duration, Vec<u32>)) {
-    println!(
-        "{name:<14} {n:>7} requests in {:>6.2} s = {:>8.0} /s   p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms",
-        elapsed.as_secs_f64(),
-        *n as f64 / elapsed.as_secs_f64(),
-        pct(lat, 0.50),
-        pct(lat, 0.99),
-        pct(lat, 1.0),
-    );
-}
-
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run small then.
     let quick = !std::env::args().any(|a| a == "--bench");
@@ -162,31 +48,16 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let server = start();
-    let pid = server.child.id();
-    let addr = server.http.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (server, addr) = start_server(dir.path(), &[]);
+    let pid = server.0.id();
     println!(
         "dns-server pid {pid} on {addr}; {clients} keep-alive clients, {membranes} membranes in {namespaces} namespaces"
     );
     println!("rss idle: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
-    let path = |i: usize| format!("/v1/namespaces/ns-{}/membranes/m-{i}", i % namespaces);
-    let body = |i: usize| {
-        Bytes::from(format!(
-            r#"{{"addresses":["10.{}.{}.{}"],"services":[{{"name":"svc-{}","proto":"tcp","port":7100,"priority":0,"weight":10}}],"capabilities":["vision"],"metadata":{{"version":"1.2"}},"ttl_seconds":600}}"#,
-            (i >> 16) & 255,
-            (i >> 8) & 255,
-            i & 255,
-            i % 10
-        ))
-    };
-    let split = |n: usize, f: &dyn Fn(usize) -> (hyper::Method, String, Bytes)| {
-        let mut v: Vec<Vec<_>> = (0..clients).map(|_| Vec::new()).collect();
-        for i in 0..n {
-            v[i % clients].push(f(i));
-        }
-        v
-    };
-    let reg = rt.block_on(phase(
+    let path = |i: usize| membrane_path(i, namespaces);
+    let split = |n: usize, f: &dyn Fn(usize) -> Req| split(clients, n, f);
+    let reg = rt.block_on(http_phase(
         &addr,
         split(membranes, &|i| (hyper::Method::PUT, path(i), body(i))),
     ));
@@ -196,7 +67,7 @@ fn main() {
         rss_kib(pid) as f64 / 1024.0,
         rss_split(pid)
     );
-    let hb = rt.block_on(phase(
+    let hb = rt.block_on(http_phase(
         &addr,
         split(heartbeats, &|i| {
             (
@@ -211,7 +82,7 @@ fn main() {
     // More rounds show whether memory settles under a steady stream of updates.
     let n = membranes.min(50_000);
     for round in 0..rounds {
-        let upd = rt.block_on(phase(
+        let upd = rt.block_on(http_phase(
             &addr,
             split(n, &|i| (hyper::Method::PUT, path(i), body(i + 1 + round))),
         ));

@@ -1,177 +1,40 @@
 //! Registration on etcd, side by side: the embedded store, a `dns-server` replica on etcd,
 //! and raw etcd writes with one lease per key (what one membrane costs etcd at minimum),
-//! all with the same concurrency on the same machine and the same etcd.
+//! all with the same concurrency on the same machine.
 //!
 //! Run: `cargo bench -p dns-server --features etcd --bench registration_etcd`
 //! Needs `etcd` on PATH (Debian: etcd-server). Knobs (env): BENCH_CLIENTS (16),
-//! BENCH_MEMBRANES (20000), BENCH_NAMESPACES (100).
+//! BENCH_MEMBRANES (20000), BENCH_NAMESPACES (100), BENCH_ROUNDS (2).
 //!
-//! Rows printed:
+//! Every etcd phase gets a fresh etcd member (fresh data dir), so no phase inherits
+//! another's keys, leases or db size; the raw and replica phases alternate over
+//! BENCH_ROUNDS rounds (raw first in even rounds, replica first in odd ones) so that drift
+//! of a noisy machine hits both alike. Rows printed:
 //! - `embedded`: `PUT /v1/namespaces/{ns}/membranes/{id}` against the embedded store;
-//! - `etcd replica`: the same requests against a replica on etcd (grant a lease, then one
-//!   transaction putting the registration and the live key; answered once the replica's
-//!   own watch applied the commit);
+//! - `etcd replica`: the same requests against a replica on etcd (a lease per membrane,
+//!   then a transaction putting the registration and the live key; answered once etcd
+//!   committed it and the replica's own watch applied the commit);
 //! - `raw grant+put`: per key, a lease grant then a put with that lease (the target
-//!   baseline: the same etcd round trips a registration needs, without HTTP or the registry);
-//! - `raw put`: a put with a lease granted beforehand (puts alone, for reference).
+//!   baseline: the etcd round trips a registration needs, without HTTP or the registry);
+//! - `raw put`: a put with a lease granted beforehand (puts alone, for reference; once).
+//!
+//! The last lines give replica / raw grant+put per round and over all rounds.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+#[path = "../src/store/etcd/member.rs"]
+mod member;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn etcd_bin() -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("etcd"))
-            .find(|p| p.is_file())
-    })
-}
+use common::{
+    Phase, Proc, body, env, http_phase, membrane_path, rate, report, split, start_server,
+};
 
 /// One etcd member with default (durable) settings in `dir`; returns it and `HOST:PORT`.
-fn start_etcd(bin: &PathBuf, dir: &std::path::Path) -> (Proc, String) {
-    let (client, peer) = (free_port(), free_port());
-    let child = Command::new(bin)
-        .args(["--name", "bench"])
-        .args(["--data-dir", dir.join("etcd").to_str().unwrap()])
-        .args([
-            "--listen-client-urls",
-            &format!("http://127.0.0.1:{client}"),
-        ])
-        .args([
-            "--advertise-client-urls",
-            &format!("http://127.0.0.1:{client}"),
-        ])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args([
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-        ])
-        .args([
-            "--initial-cluster",
-            &format!("bench=http://127.0.0.1:{peer}"),
-        ])
-        .args(["--logger", "zap", "--log-level", "error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn etcd");
-    (Proc(child), format!("127.0.0.1:{client}"))
-}
-
-/// Starts the release `dns-server` with `extra` args; returns it and its HTTP address once
-/// its store is open (the "ready" log line).
-fn start_server(dir: &std::path::Path, extra: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dns-server"))
-        .args(["--data-dir", dir.join("data").to_str().unwrap()])
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--dns-listen",
-            "127.0.0.1:0",
-        ])
-        .args(extra)
-        .env("MEMBRANE_LOG", "warn,dns_server=info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut http = None;
-    loop {
-        let line = lines.next().expect("server exited").unwrap();
-        if let Some(a) = line.split("listening http ").nth(1) {
-            http = Some(a.trim().to_string());
-        }
-        if line.contains(" ready") {
-            break;
-        }
-    }
-    // Keep draining the log (a full pipe would block the server); show warnings.
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            if line.contains("WARN") || line.contains("ERROR") || line.contains("panicked") {
-                eprintln!("server: {line}");
-            }
-        }
-    });
-    (Proc(child), http.unwrap())
-}
-
-/// One keep-alive connection sending requests one after another; latencies (us).
-async fn http_client(addr: String, reqs: Vec<(String, Bytes)>) -> Vec<u32> {
-    let stream = TcpStream::connect(&addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let (mut send, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(conn);
-    let mut lat = Vec::with_capacity(reqs.len());
-    for (path, body) in reqs {
-        let req = hyper::Request::builder()
-            .method(hyper::Method::PUT)
-            .uri(path)
-            .header("host", &addr)
-            .header("content-type", "application/json")
-            .body(Full::new(body))
-            .unwrap();
-        let t = Instant::now();
-        let resp = send.send_request(req).await.unwrap();
-        let status = resp.status();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        lat.push(t.elapsed().as_micros() as u32);
-        assert!(
-            status.is_success(),
-            "request failed: {status} {}",
-            String::from_utf8_lossy(&body)
-        );
-    }
-    lat
-}
-
-type Phase = (usize, Duration, Vec<u32>);
-
-async fn run_phase<F, Fut>(clients: usize, f: F) -> Phase
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = Vec<u32>> + Send + 'static,
-{
-    let t = Instant::now();
-    let tasks: Vec<_> = (0..clients).map(|c| tokio::spawn(f(c))).collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    let elapsed = t.elapsed();
-    all.sort_unstable();
-    (all.len(), elapsed, all)
+fn start_etcd(bin: &Path, dir: &Path) -> (Proc, String) {
+    let (child, endpoint) = member::spawn(bin, dir);
+    (Proc(child), endpoint)
 }
 
 /// CPU seconds (user + system) a process has used so far.
@@ -191,37 +54,6 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn pct(sorted: &[u32], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[i]) / 1000.0
-}
-
-fn rate((n, elapsed, _): &Phase) -> f64 {
-    *n as f64 / elapsed.as_secs_f64()
-}
-
-fn report(name: &str, p: &Phase) {
-    let (n, elapsed, lat) = p;
-    println!(
-        "{name:<16} {n:>7} in {:>6.2} s = {:>8.0} /s   p50 {:>7.3} ms   p99 {:>7.3} ms   max {:>8.3} ms",
-        elapsed.as_secs_f64(),
-        rate(p),
-        pct(lat, 0.50),
-        pct(lat, 0.99),
-        pct(lat, 1.0),
-    );
-}
-
-fn body(i: usize) -> Bytes {
-    Bytes::from(format!(
-        r#"{{"addresses":["10.{}.{}.{}"],"services":[{{"name":"svc-{}","proto":"tcp","port":7100,"priority":0,"weight":10}}],"capabilities":["vision"],"metadata":{{"version":"1.2"}},"ttl_seconds":600}}"#,
-        (i >> 16) & 255,
-        (i >> 8) & 255,
-        i & 255,
-        i % 10
-    ))
-}
-
 /// The value a registration stores in etcd, for a fair size.
 fn value(i: usize) -> String {
     format!(
@@ -231,48 +63,17 @@ fn value(i: usize) -> String {
     )
 }
 
-fn main() {
-    let quick = !std::env::args().any(|a| a == "--bench");
-    let Some(bin) = etcd_bin() else {
-        println!("SKIP: etcd is not installed (apt-get install etcd-server); nothing measured");
-        return;
-    };
-    let clients = env("BENCH_CLIENTS", 16);
-    let membranes = env("BENCH_MEMBRANES", if quick { 500 } else { 20_000 });
-    let namespaces = env("BENCH_NAMESPACES", 100).max(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    println!(
-        "{clients} concurrent clients, {membranes} registrations in {namespaces} namespaces, one etcd member (fsync on), {} cores",
-        std::thread::available_parallelism()
-            .map(usize::from)
-            .unwrap_or(1)
-    );
-    let path = move |i: usize| format!("/v1/namespaces/ns-{}/membranes/m-{i}", i % namespaces);
-    let per_client = |c: usize| -> Vec<(String, Bytes)> {
-        (c..membranes)
-            .step_by(clients)
-            .map(|i| (path(i), body(i)))
-            .collect()
-    };
-    let http_phase = |addr: String| {
-        rt.block_on(run_phase(clients, |c| {
-            http_client(addr.clone(), per_client(c))
-        }))
-    };
+/// A fresh etcd member and a client connected to it.
+struct Member {
+    proc: Proc,
+    endpoint: String,
+    client: etcd_client::Client,
+    _dir: tempfile::TempDir,
+}
 
-    // Embedded store.
+fn fresh_etcd(rt: &tokio::runtime::Runtime, bin: &Path) -> Member {
     let dir = tempfile::tempdir().unwrap();
-    let embedded = {
-        let (_server, addr) = start_server(dir.path(), &[]);
-        http_phase(addr)
-    };
-    report("embedded", &embedded);
-
-    let (_etcd, endpoint) = start_etcd(&bin, dir.path());
+    let (proc, endpoint) = start_etcd(bin, dir.path());
     let client = rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -286,14 +87,21 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    // Raw etcd: per key, grant a lease and put with it (one shared client, as a replica).
-    let etcd_pid = _etcd.0.id();
-    let etcd_cpu = cpu_secs(etcd_pid);
-    let raw = rt.block_on(run_phase(clients, |c| {
-        let mut cl = client.clone();
+    Member {
+        proc,
+        endpoint,
+        client,
+        _dir: dir,
+    }
+}
+
+/// Per key, grant a lease and put with it (one shared client, as a replica has).
+fn raw_grant_put(rt: &tokio::runtime::Runtime, m: &Member, clients: usize, n: usize) -> Phase {
+    rt.block_on(common::run_phase(clients, |c| {
+        let mut cl = m.client.clone();
         async move {
             let mut lat = Vec::new();
-            for i in (c..membranes).step_by(clients) {
+            for i in (c..n).step_by(clients) {
                 let t = Instant::now();
                 let lease = cl.lease_grant(600, None).await.unwrap().id();
                 let opts = etcd_client::PutOptions::new().with_lease(lease);
@@ -304,25 +112,25 @@ fn main() {
             }
             lat
         }
-    }));
-    report("raw grant+put", &raw);
-    println!("  cpu: etcd {:.2} s", cpu_secs(etcd_pid) - etcd_cpu);
+    }))
+}
 
-    // Raw etcd puts alone, each key on its own lease granted beforehand.
+/// Puts alone, each key on its own lease granted beforehand.
+fn raw_put(rt: &tokio::runtime::Runtime, m: &Member, clients: usize, n: usize) -> Phase {
     let leases: Vec<i64> = rt.block_on(async {
-        let mut cl = client.clone();
-        let mut v = Vec::with_capacity(membranes);
-        for _ in 0..membranes {
+        let mut cl = m.client.clone();
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
             v.push(cl.lease_grant(600, None).await.unwrap().id());
         }
         v
     });
-    let raw_put = rt.block_on(run_phase(clients, |c| {
-        let mut cl = client.clone();
+    rt.block_on(common::run_phase(clients, |c| {
+        let mut cl = m.client.clone();
         let leases = leases.clone();
         async move {
             let mut lat = Vec::new();
-            for i in (c..membranes).step_by(clients) {
+            for i in (c..n).step_by(clients) {
                 let t = Instant::now();
                 let opts = etcd_client::PutOptions::new().with_lease(leases[i]);
                 cl.put(format!("/rawput/m/{i}"), value(i), Some(opts))
@@ -332,26 +140,102 @@ fn main() {
             }
             lat
         }
-    }));
+    }))
+}
+
+fn main() {
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let Some(bin) = member::etcd_bin() else {
+        println!("SKIP: etcd is not installed (apt-get install etcd-server); nothing measured");
+        return;
+    };
+    let clients = env("BENCH_CLIENTS", 16);
+    let membranes = env("BENCH_MEMBRANES", if quick { 500 } else { 20_000 });
+    let namespaces = env("BENCH_NAMESPACES", 100).max(1);
+    let rounds = env("BENCH_ROUNDS", if quick { 1 } else { 2 }).max(1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "{clients} concurrent clients, {membranes} registrations in {namespaces} namespaces, \
+         {rounds} rounds, a fresh etcd member (fsync on) per etcd phase, {} cores",
+        std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(1)
+    );
+    let requests = || {
+        split(clients, membranes, |i| {
+            (hyper::Method::PUT, membrane_path(i, namespaces), body(i))
+        })
+    };
+
+    let embedded = {
+        let dir = tempfile::tempdir().unwrap();
+        let (_server, addr) = start_server(dir.path(), &[]);
+        rt.block_on(http_phase(&addr, requests()))
+    };
+    report("embedded", &embedded);
+
+    let mut raws: Vec<Phase> = Vec::new();
+    let mut replicas: Vec<Phase> = Vec::new();
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for replica in order {
+            let m = fresh_etcd(&rt, &bin);
+            let etcd_pid = m.proc.0.id();
+            if replica {
+                let dir = tempfile::tempdir().unwrap();
+                let store = format!("etcd://{}", m.endpoint);
+                let (server, addr) = start_server(dir.path(), &["--store", &store]);
+                let (e0, s0) = (cpu_secs(etcd_pid), cpu_secs(server.0.id()));
+                let p = rt.block_on(http_phase(&addr, requests()));
+                let (e1, s1) = (cpu_secs(etcd_pid), cpu_secs(server.0.id()));
+                report("etcd replica", &p);
+                println!("  cpu: etcd {:.2} s, dns-server {:.2} s", e1 - e0, s1 - s0);
+                replicas.push(p);
+            } else {
+                let e0 = cpu_secs(etcd_pid);
+                let p = raw_grant_put(&rt, &m, clients, membranes);
+                report("raw grant+put", &p);
+                println!("  cpu: etcd {:.2} s", cpu_secs(etcd_pid) - e0);
+                raws.push(p);
+            }
+        }
+    }
+    let raw_put = raw_put(&rt, &fresh_etcd(&rt, &bin), clients, membranes);
     report("raw put", &raw_put);
 
-    // A replica on the same etcd.
-    let replica = {
-        let dir = tempfile::tempdir().unwrap();
-        let store = format!("etcd://{endpoint}");
-        let (server, addr) = start_server(dir.path(), &["--store", &store]);
-        let (e0, s0) = (cpu_secs(etcd_pid), cpu_secs(server.0.id()));
-        let p = http_phase(addr);
-        let cpu = (cpu_secs(etcd_pid) - e0, cpu_secs(server.0.id()) - s0);
-        (p, cpu)
+    let ratios: Vec<String> = raws
+        .iter()
+        .zip(&replicas)
+        .map(|(r, p)| format!("{:.2}x", rate(p) / rate(r)))
+        .collect();
+    let mean = |v: &[Phase]| v.iter().map(rate).sum::<f64>() / v.len() as f64;
+    let p99 = |v: &[Phase]| {
+        v.iter()
+            .map(|p| common::pct(&p.2, 0.99))
+            .fold(0.0, f64::max)
     };
-    let (replica, (etcd_cpu, server_cpu)) = replica;
-    report("etcd replica", &replica);
-    println!("  cpu: etcd {etcd_cpu:.2} s, dns-server {server_cpu:.2} s");
     println!(
-        "etcd replica / raw grant+put = {:.2}x (target >= 0.8x); / raw put = {:.2}x; / embedded = {:.2}x",
-        rate(&replica) / rate(&raw),
-        rate(&replica) / rate(&raw_put),
-        rate(&replica) / rate(&embedded),
+        "mean over {rounds} rounds: embedded {:.0}/s; raw grant+put {:.0}/s (worst p99 {:.1} ms); \
+         etcd replica {:.0}/s (worst p99 {:.1} ms)",
+        rate(&embedded),
+        mean(&raws),
+        p99(&raws),
+        mean(&replicas),
+        p99(&replicas),
+    );
+    println!(
+        "etcd replica / raw grant+put = {:.2}x (target >= 0.8x; per round {}); / raw put = {:.2}x; / embedded = {:.2}x",
+        mean(&replicas) / mean(&raws),
+        ratios.join(" "),
+        mean(&replicas) / rate(&raw_put),
+        mean(&replicas) / rate(&embedded),
     );
 }

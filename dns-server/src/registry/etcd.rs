@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
 use shared::{
     CreateNamespace, Event, HealthState, MembraneId, NamespaceName, NamespaceView,
     RegisterResponse, Registration,
@@ -34,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::snapshot::Instance;
 use crate::store::StoreError;
 use crate::store::StoredMembrane;
-use crate::store::etcd::{Change, Etcd, revision};
+use crate::store::etcd::{Batcher, Change, CondWrite, Etcd, Limits, Outcome};
 
 /// How long a write waits for this replica's watch to apply its own commit before
 /// answering anyway (it is committed in etcd; only this replica's copy lags).
@@ -53,11 +52,28 @@ pub(crate) struct EtcdBackend {
     /// Evictions in flight from this replica.
     evicting: Mutex<HashSet<(NamespaceName, MembraneId)>>,
     /// Leases granted ahead of registrations, by TTL (see [`EtcdBackend::lease`]).
-    pool: Mutex<HashMap<Duration, Vec<(i64, Instant)>>>,
+    pool: Mutex<HashMap<Duration, LeasePool>>,
+    /// Every conditional write goes through it (group commit).
+    batch: Batcher,
+}
+
+/// Leases of one TTL granted ahead of registrations.
+#[derive(Default)]
+struct LeasePool {
+    /// Granted and unused, oldest first, with the time of their grant.
+    ready: Vec<(i64, Instant)>,
+    /// How many to keep ready: doubles when a registration finds none, halves when some
+    /// aged out unused (between [`POOL_MIN`] and [`POOL_MAX`]).
+    want: usize,
+    /// A refill is in flight.
+    refilling: bool,
 }
 
 /// A pooled lease older than this is not handed out (its TTL started at its grant).
 const POOL_MAX_AGE: Duration = Duration::from_millis(500);
+
+/// Fewest leases kept ready per TTL once registrations with that TTL arrived.
+const POOL_MIN: usize = 4;
 
 /// Most leases kept ready per TTL.
 const POOL_MAX: usize = 64;
@@ -65,20 +81,36 @@ const POOL_MAX: usize = 64;
 impl EtcdBackend {
     /// A fresh lease of `ttl` for one membrane. Granting is a round trip through etcd's
     /// log; doing it inline doubles a registration's latency. So leases are granted ahead,
-    /// in the background, as registrations consume them (the pool grows to the number of
-    /// concurrent registrations, never past [`POOL_MAX`]); one is handed out only when at
-    /// most [`POOL_MAX_AGE`] old, so a membrane's first TTL is at most that much shorter.
-    /// Leases that aged out are revoked. Each lease still serves exactly one membrane.
+    /// in the background: when the pool falls to half of what registrations consume, one
+    /// refill grants the missing ones at once (concurrent grants over the one gRPC channel
+    /// go out and come back together, and etcd commits them in the same raft batches;
+    /// etcd has no batch grant). A lease is handed out only when at most [`POOL_MAX_AGE`]
+    /// old, so a membrane's first TTL is at most that much shorter; leases that aged out
+    /// are revoked. Each lease still serves exactly one membrane.
     async fn lease(self: &Arc<Self>, ttl: Duration) -> Result<i64, StoreError> {
         let now = Instant::now();
-        let (hit, expired) = {
-            let mut pool = self.pool.lock().unwrap();
-            let ready = pool.entry(ttl).or_default();
-            let (fresh, old): (Vec<_>, Vec<_>) = ready
+        let (hit, expired, refill) = {
+            let mut pools = self.pool.lock().unwrap();
+            let p = pools.entry(ttl).or_default();
+            let (fresh, old): (Vec<_>, Vec<_>) = p
+                .ready
                 .drain(..)
                 .partition(|(_, at)| now.saturating_duration_since(*at) < POOL_MAX_AGE);
-            *ready = fresh;
-            (ready.pop(), old)
+            p.ready = fresh;
+            if !old.is_empty() {
+                p.want = (p.want / 2).max(POOL_MIN);
+            }
+            let hit = (!p.ready.is_empty()).then(|| p.ready.remove(0));
+            if hit.is_none() {
+                p.want = (p.want * 2).clamp(POOL_MIN, POOL_MAX);
+            }
+            let refill = if !p.refilling && p.ready.len() * 2 <= p.want {
+                p.refilling = true;
+                p.want - p.ready.len()
+            } else {
+                0
+            };
+            (hit, old, refill)
         };
         if !expired.is_empty() {
             let store = self.store.clone();
@@ -88,27 +120,43 @@ impl EtcdBackend {
                 }
             });
         }
-        // Replace what this registration consumes (on a miss, add one more).
-        let refill = if hit.is_some() { 1 } else { 2 };
-        for _ in 0..refill {
+        if refill > 0 {
             let this = self.clone();
-            tokio::spawn(async move {
-                if let Ok(l) = this.store.grant(ttl).await {
-                    let mut pool = this.pool.lock().unwrap();
-                    let ready = pool.entry(ttl).or_default();
-                    if ready.len() < POOL_MAX {
-                        ready.push((l, Instant::now()));
-                        return;
-                    }
-                    drop(pool);
-                    tokio::spawn(async move { this.store.revoke(l).await });
-                }
-            });
+            tokio::spawn(async move { this.refill(ttl, refill).await });
         }
         match hit {
             Some((l, _)) => Ok(l),
             None => self.store.grant(ttl).await,
         }
+    }
+
+    /// Grants `n` leases of `ttl` concurrently into the pool.
+    async fn refill(&self, ttl: Duration, n: usize) {
+        let granted = futures_util::future::join_all((0..n).map(|_| self.store.grant(ttl))).await;
+        let at = Instant::now();
+        let surplus: Vec<i64> = {
+            let mut pools = self.pool.lock().unwrap();
+            let p = pools.entry(ttl).or_default();
+            p.refilling = false;
+            let mut surplus = Vec::new();
+            for l in granted.into_iter().flatten() {
+                if p.ready.len() < POOL_MAX {
+                    p.ready.push((l, at));
+                } else {
+                    surplus.push(l);
+                }
+            }
+            surplus
+        };
+        for l in surplus {
+            self.store.revoke(l).await;
+        }
+    }
+
+    /// Forgets the pooled leases: one of them turned out not to exist any more (etcd lost
+    /// or expired it), so the others are suspect too. They expire on their own if alive.
+    fn forget_pooled_leases(&self) {
+        self.pool.lock().unwrap().clear();
     }
 
     pub(crate) fn reachable(&self) -> bool {
@@ -148,6 +196,42 @@ fn busy(what: &str) -> RegistryError {
 /// Ordering of a change's key within one revision.
 type Key = (NamespaceName, MembraneId);
 
+/// One attempt of a validated write (see [`Registry::write_loop`]).
+enum Step<T, D> {
+    /// Done without a write (a heartbeat that renewed its lease).
+    Done(T),
+    /// Commit `write`; once committed, `done()` gives the answer.
+    Write {
+        write: CondWrite,
+        /// A lease granted for this attempt: revoked unless the write committed.
+        lease: Option<i64>,
+        done: D,
+    },
+}
+
+/// The commit failed because a lease it attaches a key to does not exist (any more).
+fn lease_gone(err: &StoreError) -> bool {
+    err.to_string().contains("lease not found")
+}
+
+fn refuse_if_unreachable(e: &EtcdBackend) -> Result<(), RegistryError> {
+    if e.reachable() {
+        Ok(())
+    } else {
+        Err(unreachable_msg("watch disconnected"))
+    }
+}
+
+fn commit_failed(err: StoreError) -> RegistryError {
+    tracing::warn!(error = %err, "etcd transaction failed");
+    unreachable_msg(err)
+}
+
+fn revoke_later(store: &Etcd, lease: i64) {
+    let store = store.clone();
+    tokio::spawn(async move { store.revoke(lease).await });
+}
+
 impl Registry {
     /// A registry on etcd. It is empty until [`Registry::etcd_load`] succeeds; run
     /// [`Registry::run_etcd_watch`] afterwards.
@@ -163,6 +247,7 @@ impl Registry {
                 next_seq: 0,
             }),
             backend: Backend::Etcd(Arc::new(EtcdBackend {
+                batch: Batcher::start(store.clone(), Limits::default()),
                 store,
                 reachable: AtomicBool::new(false),
                 applied,
@@ -592,19 +677,63 @@ impl Registry {
         }
     }
 
-    /// Refuses at once while the watch is down; otherwise runs `txn`.
-    async fn commit(
+    /// Refuses at once while the watch is down; otherwise commits `write`.
+    async fn commit(&self, e: &EtcdBackend, write: CondWrite) -> Result<Outcome, RegistryError> {
+        refuse_if_unreachable(e)?;
+        e.batch.commit(write).await.map_err(commit_failed)
+    }
+
+    /// The validate-then-commit loop of every write: `attempt` validates against this
+    /// replica's copy and says what to commit, guarded by the revisions it read; the
+    /// write is answered once committed and applied by this replica's watch. When a guard
+    /// fails (another replica changed a key meanwhile) the watch has applied that change
+    /// by then, and the next attempt validates again, up to [`ATTEMPTS`] times. A lease
+    /// that turns out gone (a pooled one etcd lost) is also retried, with a fresh one.
+    async fn write_loop<T, D, F, Fut>(
         &self,
         e: &EtcdBackend,
-        txn: Txn,
-    ) -> Result<etcd_client::TxnResponse, RegistryError> {
-        if !e.reachable() {
-            return Err(unreachable_msg("watch disconnected"));
+        what: &str,
+        mut attempt: F,
+    ) -> Result<T, RegistryError>
+    where
+        D: FnOnce() -> T,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Step<T, D>, RegistryError>>,
+    {
+        for _ in 0..ATTEMPTS {
+            let (write, lease, done) = match attempt().await? {
+                Step::Done(v) => return Ok(v),
+                Step::Write { write, lease, done } => (write, lease, done),
+            };
+            let result = match refuse_if_unreachable(e) {
+                Ok(()) => e.batch.commit(write).await,
+                Err(refused) => {
+                    if let Some(l) = lease {
+                        revoke_later(&e.store, l);
+                    }
+                    return Err(refused);
+                }
+            };
+            if let Some(l) = lease
+                && !matches!(&result, Ok(o) if o.succeeded)
+            {
+                revoke_later(&e.store, l);
+            }
+            let out = match result {
+                Ok(out) => out,
+                Err(err) if lease.is_some() && lease_gone(&err) => {
+                    tracing::info!(error = %err, "a lease was gone; retrying with a fresh one");
+                    e.forget_pooled_leases();
+                    continue;
+                }
+                Err(err) => return Err(commit_failed(err)),
+            };
+            self.applied(e, out.revision).await;
+            if out.succeeded {
+                return Ok(done());
+            }
         }
-        e.store.txn(txn).await.map_err(|err| {
-            tracing::warn!(error = %err, "etcd transaction failed");
-            unreachable_msg(err)
-        })
+        Err(busy(what))
     }
 
     /// Waits until this replica's watch applied `rev`.
@@ -637,18 +766,16 @@ impl Registry {
             return Err(RegistryError::NamespaceExists(req.name));
         }
         let key = e.store.ns_key(&req.name);
-        let txn = Txn::new()
-            .when([Etcd::unchanged(key.clone(), 0)])
-            .and_then([Etcd::put(
-                key,
-                Etcd::encode_namespace(&ns.stored(&req.name)),
-                0,
-            )]);
-        let resp = self.commit(e, txn).await?;
-        if !resp.succeeded() {
+        let write = CondWrite::new().unchanged(key.clone(), 0).put(
+            key,
+            Etcd::encode_namespace(&ns.stored(&req.name)),
+            0,
+        );
+        let out = self.commit(e, write).await?;
+        if !out.succeeded {
             return Err(RegistryError::NamespaceExists(req.name));
         }
-        self.applied(e, revision(&resp)).await;
+        self.applied(e, out.revision).await;
         let mut view = ns_view(&req.name, &ns);
         view.join_token = Some(token);
         Ok(view)
@@ -659,7 +786,7 @@ impl Registry {
         e: &EtcdBackend,
         name: &NamespaceName,
     ) -> Result<NamespaceView, RegistryError> {
-        for _ in 0..ATTEMPTS {
+        self.write_loop(e, "the namespace", || async {
             let token = new_token();
             let (stored, rev, mut view) = {
                 let mut st = self.state.lock().unwrap();
@@ -672,17 +799,21 @@ impl Registry {
                 (stored, ns.rev, ns_view(name, ns))
             };
             let key = e.store.ns_key(name);
-            let txn = Txn::new()
-                .when([Etcd::unchanged(key.clone(), rev)])
-                .and_then([Etcd::put(key, Etcd::encode_namespace(&stored), 0)]);
-            let resp = self.commit(e, txn).await?;
-            self.applied(e, revision(&resp)).await;
-            if resp.succeeded() {
-                view.join_token = Some(token);
-                return Ok(view);
-            }
-        }
-        Err(busy("the namespace"))
+            let write = CondWrite::new().unchanged(key.clone(), rev).put(
+                key,
+                Etcd::encode_namespace(&stored),
+                0,
+            );
+            Ok(Step::Write {
+                write,
+                lease: None,
+                done: move || {
+                    view.join_token = Some(token);
+                    view
+                },
+            })
+        })
+        .await
     }
 
     pub(super) async fn delete_namespace_etcd(
@@ -691,7 +822,7 @@ impl Registry {
         name: &NamespaceName,
         force: bool,
     ) -> Result<(), RegistryError> {
-        for _ in 0..ATTEMPTS {
+        self.write_loop(e, "the namespace", || async {
             let (rev, leases) = {
                 let st = self.state.lock().unwrap();
                 let ns = st
@@ -708,38 +839,29 @@ impl Registry {
                 (ns.rev, leases)
             };
             let key = e.store.ns_key(name);
-            let mut when = vec![Etcd::unchanged(key.clone(), rev)];
+            let mut write = CondWrite::new().unchanged(key.clone(), rev);
             if !force {
                 // Still empty in etcd, not only in this copy.
-                when.push(
-                    Compare::version(e.store.membranes_prefix(name), CompareOp::Equal, 0)
-                        .with_prefix(),
-                );
+                write = write.none_under(e.store.membranes_prefix(name));
             }
-            let txn = Txn::new().when(when).and_then([
-                TxnOp::delete(key, None),
-                TxnOp::delete(
-                    e.store.membranes_prefix(name),
-                    Some(DeleteOptions::new().with_prefix()),
-                ),
-                TxnOp::delete(
-                    e.store.live_prefix(name),
-                    Some(DeleteOptions::new().with_prefix()),
-                ),
-            ]);
-            let resp = self.commit(e, txn).await?;
-            self.applied(e, revision(&resp)).await;
-            if resp.succeeded() {
-                let store = e.store.clone();
-                tokio::spawn(async move {
-                    for l in leases {
-                        store.revoke(l).await;
-                    }
-                });
-                return Ok(());
-            }
-        }
-        Err(busy("the namespace"))
+            let write = write
+                .delete(key)
+                .delete_under(e.store.membranes_prefix(name))
+                .delete_under(e.store.live_prefix(name));
+            Ok(Step::Write {
+                write,
+                lease: None,
+                done: move || {
+                    let store = e.store.clone();
+                    tokio::spawn(async move {
+                        for l in leases {
+                            store.revoke(l).await;
+                        }
+                    });
+                },
+            })
+        })
+        .await
     }
 
     pub(super) async fn register_etcd(
@@ -750,7 +872,7 @@ impl Registry {
         id: &MembraneId,
         reg: Arc<Registration>,
     ) -> Result<RegisterResponse, RegistryError> {
-        for _ in 0..ATTEMPTS {
+        self.write_loop(e, "this membrane", || async {
             let now = SystemTime::now();
             // Validate against this replica's copy; the transaction then checks that the
             // copy was current for the keys validation read.
@@ -787,44 +909,36 @@ impl Registry {
                 };
                 (new_ns, ns_rev, ttl_of(&settings, &reg), prev, row, resp)
             };
-            if !e.reachable() {
-                return Err(unreachable_msg("watch disconnected"));
-            }
+            refuse_if_unreachable(e)?;
             // The membrane's own lease; its live key dies with it.
             let lease = e.lease(ttl).await.map_err(unreachable_msg)?;
             let ns_key = e.store.ns_key(ns_name);
             let m_key = e.store.membrane_key(ns_name, id);
-            let mut ops = Vec::with_capacity(3);
+            let mut write = CondWrite::new()
+                .unchanged(ns_key.clone(), ns_rev)
+                .unchanged(m_key.clone(), prev.map(|p| p.0).unwrap_or(0));
             if let Some(ns) = &new_ns {
-                ops.push(Etcd::put(ns_key.clone(), Etcd::encode_namespace(ns), 0));
+                write = write.put(ns_key, Etcd::encode_namespace(ns), 0);
             }
-            ops.push(Etcd::put(m_key.clone(), Etcd::encode_membrane(&row), 0));
-            ops.push(Etcd::put(e.store.live_key(ns_name, id), Vec::new(), lease));
-            let txn = Txn::new()
-                .when([
-                    Etcd::unchanged(ns_key, ns_rev),
-                    Etcd::unchanged(m_key, prev.map(|p| p.0).unwrap_or(0)),
-                ])
-                .and_then(ops);
-            let result = self.commit(e, txn).await;
-            let ok = matches!(&result, Ok(r) if r.succeeded());
-            let old_lease = if ok {
-                prev.and_then(|p| p.1)
-            } else {
-                Some(lease)
-            };
-            if let Some(l) = old_lease {
-                let store = e.store.clone();
-                tokio::spawn(async move { store.revoke(l).await });
-            }
-            let resp_txn = result?;
-            self.applied(e, revision(&resp_txn)).await;
-            if ok {
-                self.metrics.registrations.inc();
-                return Ok(resp);
-            }
-        }
-        Err(busy("this membrane"))
+            let write = write.put(m_key, Etcd::encode_membrane(&row), 0).put(
+                e.store.live_key(ns_name, id),
+                Vec::new(),
+                lease,
+            );
+            let old_lease = prev.and_then(|p| p.1);
+            Ok(Step::Write {
+                write,
+                lease: Some(lease),
+                done: move || {
+                    if let Some(l) = old_lease {
+                        revoke_later(&e.store, l);
+                    }
+                    self.metrics.registrations.inc();
+                    resp
+                },
+            })
+        })
+        .await
     }
 
     pub(super) async fn heartbeat_etcd(
@@ -834,7 +948,7 @@ impl Registry {
         ns_name: &NamespaceName,
         id: &MembraneId,
     ) -> Result<(HealthState, u64), RegistryError> {
-        for _ in 0..ATTEMPTS {
+        self.write_loop(e, "this membrane", || async {
             let (ttl, seq, lease) = {
                 let st = self.state.lock().unwrap();
                 let not_found = || RegistryError::MembraneNotFound(ns_name.clone(), id.clone());
@@ -843,13 +957,14 @@ impl Registry {
                 Self::check_secret(caller, ns_name, id, m)?;
                 (ttl_of(&ns.settings, &m.inst.registration), m.seq, m.live)
             };
-            if !e.reachable() {
-                return Err(unreachable_msg("watch disconnected"));
-            }
+            refuse_if_unreachable(e)?;
+            let passing = move || {
+                self.metrics.heartbeats.inc();
+                (HealthState::Passing, ttl.as_secs())
+            };
             if let Some(lease) = lease
                 && e.store.keep_alive(lease).await.map_err(unreachable_msg)?
             {
-                self.metrics.heartbeats.inc();
                 let mut st = self.state.lock().unwrap();
                 if let Some(m) = st
                     .namespaces
@@ -859,28 +974,21 @@ impl Registry {
                     m.last_heartbeat_wall = SystemTime::now();
                     m.last_heartbeat = Instant::now();
                 }
-                return Ok((HealthState::Passing, ttl.as_secs()));
+                return Ok(Step::Done(passing()));
             }
             // Stale (the lease expired): a new lease and live key, provided the
             // registration is still the one checked.
             let lease = e.store.grant(ttl).await.map_err(unreachable_msg)?;
-            let m_key = e.store.membrane_key(ns_name, id);
-            let txn = Txn::new()
-                .when([Etcd::unchanged(m_key, seq)])
-                .and_then([Etcd::put(e.store.live_key(ns_name, id), Vec::new(), lease)]);
-            let result = self.commit(e, txn).await;
-            if !matches!(&result, Ok(r) if r.succeeded()) {
-                let store = e.store.clone();
-                tokio::spawn(async move { store.revoke(lease).await });
-            }
-            let resp = result?;
-            self.applied(e, revision(&resp)).await;
-            if resp.succeeded() {
-                self.metrics.heartbeats.inc();
-                return Ok((HealthState::Passing, ttl.as_secs()));
-            }
-        }
-        Err(busy("this membrane"))
+            let write = CondWrite::new()
+                .unchanged(e.store.membrane_key(ns_name, id), seq)
+                .put(e.store.live_key(ns_name, id), Vec::new(), lease);
+            Ok(Step::Write {
+                write,
+                lease: Some(lease),
+                done: passing,
+            })
+        })
+        .await
     }
 
     pub(super) async fn deregister_etcd(
@@ -890,7 +998,7 @@ impl Registry {
         ns_name: &NamespaceName,
         id: &MembraneId,
     ) -> Result<(), RegistryError> {
-        for _ in 0..ATTEMPTS {
+        self.write_loop(e, "this membrane", || async {
             let (seq, lease) = {
                 let st = self.state.lock().unwrap();
                 let not_found = || RegistryError::MembraneNotFound(ns_name.clone(), id.clone());
@@ -900,26 +1008,22 @@ impl Registry {
                 (m.seq, m.live)
             };
             let m_key = e.store.membrane_key(ns_name, id);
-            let txn = Txn::new()
-                .when([Etcd::unchanged(m_key.clone(), seq)])
-                .and_then([
-                    TxnOp::delete(m_key, None),
-                    TxnOp::delete(e.store.live_key(ns_name, id), None),
-                ]);
-            let resp = self.commit(e, txn).await?;
-            if resp.succeeded()
-                && let Some(l) = lease
-            {
-                let store = e.store.clone();
-                tokio::spawn(async move { store.revoke(l).await });
-            }
-            self.applied(e, revision(&resp)).await;
-            if resp.succeeded() {
-                self.metrics.deregistrations.inc();
-                return Ok(());
-            }
-        }
-        Err(busy("this membrane"))
+            let write = CondWrite::new()
+                .unchanged(m_key.clone(), seq)
+                .delete(m_key)
+                .delete(e.store.live_key(ns_name, id));
+            Ok(Step::Write {
+                write,
+                lease: None,
+                done: move || {
+                    if let Some(l) = lease {
+                        revoke_later(&e.store, l);
+                    }
+                    self.metrics.deregistrations.inc();
+                },
+            })
+        })
+        .await
     }
 
     /// Removes membranes stale for longer than their eviction delay: a delete guarded by
@@ -953,19 +1057,18 @@ impl Registry {
             let (this, e) = (self.clone(), e.clone());
             tokio::spawn(async move {
                 let m_key = e.store.membrane_key(&n, &i);
-                let txn = Txn::new()
-                    .when([
-                        Etcd::unchanged(m_key.clone(), seq),
-                        Etcd::unchanged(e.store.live_key(&n, &i), 0),
-                    ])
-                    .and_then([TxnOp::delete(m_key, None)]);
-                match e.store.txn(txn).await {
-                    Ok(r) if r.succeeded() => {
-                        this.metrics.evictions.inc();
-                        tracing::info!(namespace = %n, id = %i, "evicted after eviction delay");
-                        this.applied(&e, revision(&r)).await;
+                let write = CondWrite::new()
+                    .unchanged(m_key.clone(), seq)
+                    .unchanged(e.store.live_key(&n, &i), 0)
+                    .delete(m_key);
+                match e.batch.commit(write).await {
+                    Ok(out) => {
+                        if out.succeeded {
+                            this.metrics.evictions.inc();
+                            tracing::info!(namespace = %n, id = %i, "evicted after eviction delay");
+                        }
+                        this.applied(&e, out.revision).await;
                     }
-                    Ok(r) => this.applied(&e, revision(&r)).await,
                     Err(err) => {
                         tracing::warn!(namespace = %n, id = %i, error = %err, "eviction failed; retrying later")
                     }

@@ -938,11 +938,19 @@ impl Registry {
         loop {
             let started = Instant::now();
             let batch: Vec<NamespaceName> = self.dirty.set.lock().unwrap().drain().collect();
-            for ns in batch {
-                match self.snapshot(&ns) {
-                    Some(snap) => sink.update(&snap),
-                    None => sink.remove(&ns),
+            // Rendering large zones takes milliseconds: off the runtime's workers, so that
+            // requests in flight (and etcd's client) are not held up meanwhile.
+            let (this, to) = (self.clone(), sink.clone());
+            let rebuild = tokio::task::spawn_blocking(move || {
+                for ns in batch {
+                    match this.snapshot(&ns) {
+                        Some(snap) => to.update(&snap),
+                        None => to.remove(&ns),
+                    }
                 }
+            });
+            if let Err(e) = rebuild.await {
+                tracing::error!(error = %e, "DNS zone rebuild failed");
             }
             // A lone change is served at once. Under a storm of changes, rebuilding large
             // zones after every commit would starve the API: pace rebuilds so they use at

@@ -22,6 +22,12 @@ use shared::{MembraneId, NamespaceName, NamespaceSettings, Registration};
 
 use super::{StoreError, StoredMembrane, StoredNamespace};
 
+mod batch;
+#[cfg(test)]
+mod member;
+
+pub use batch::{Batcher, CondWrite, Limits, Outcome};
+
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "/membrane/";
 
@@ -119,10 +125,42 @@ fn not_sent(e: &etcd_client::Error) -> bool {
 /// Most attempts of a request that could not be sent.
 const SEND_ATTEMPTS: usize = 6;
 
+/// Why a request failed.
+enum Failed {
+    /// etcd (or the connection to it) answered with an error.
+    Etcd(etcd_client::Error),
+    /// No answer within [`REQUEST_TIMEOUT`]: it may or may not have been applied.
+    Timeout,
+}
+
+impl Failed {
+    fn message(self) -> String {
+        match self {
+            Failed::Etcd(e) => e.to_string(),
+            Failed::Timeout => format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
+        }
+    }
+}
+
+impl From<Failed> for StoreError {
+    fn from(f: Failed) -> StoreError {
+        StoreError::Etcd(f.message())
+    }
+}
+
+/// Whether etcd refused a request before applying any of it: the request is invalid
+/// (too many operations, too large, a key written twice) or names a lease that does not
+/// exist. Such a request changed nothing, so its parts may be sent again separately.
+fn refused(e: &etcd_client::Error) -> bool {
+    // gRPC codes: 3 InvalidArgument, 5 NotFound (lease), 8 ResourceExhausted (message
+    // over the server's limit).
+    matches!(e, etcd_client::Error::GRpcStatus(s) if matches!(i32::from(s.code()), 3 | 5 | 8))
+}
+
 /// Runs one etcd request under [`REQUEST_TIMEOUT`]. The client balances requests over the
 /// endpoints and keeps picking a dead member now and then: a request refused at connect
 /// time was never sent, so it is sent again (another endpoint is likely picked).
-async fn timed<T, F, Fut>(mut f: F) -> Result<T, StoreError>
+async fn attempt<T, F, Fut>(mut f: F) -> Result<T, Failed>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -136,15 +174,19 @@ where
             Ok(Err(e)) if attempt < SEND_ATTEMPTS && not_sent(&e) => {
                 tracing::debug!(error = %e, "etcd endpoint refused the connection; resending");
             }
-            Ok(Err(e)) => return Err(err(e)),
-            Err(_) => {
-                return Err(StoreError::Etcd(format!(
-                    "no answer within {}s",
-                    REQUEST_TIMEOUT.as_secs()
-                )));
-            }
+            Ok(Err(e)) => return Err(Failed::Etcd(e)),
+            Err(_) => return Err(Failed::Timeout),
         }
     }
+}
+
+/// [`attempt`], failures as [`StoreError`].
+async fn timed<T, F, Fut>(f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    Ok(attempt(f).await?)
 }
 
 /// The first key after every key starting with `prefix`.
@@ -402,8 +444,13 @@ impl Etcd {
 
     /// Commits `txn`.
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        Ok(self.try_txn(txn).await?)
+    }
+
+    /// Commits `txn`, telling apart a refusal that applied nothing.
+    async fn try_txn(&self, txn: Txn) -> Result<TxnResponse, Failed> {
         let kv = self.client.kv_client();
-        timed(|| {
+        attempt(|| {
             let (mut kv, txn) = (kv.clone(), txn.clone());
             async move { kv.txn(txn).await }
         })
