@@ -6,7 +6,8 @@
 # need a missing tool fail instead of skipping.
 #
 # Needs: dig (dnsutils), named-checkzone (bind9-utils), nsd-checkzone (nsd),
-# systemd-analyze (systemd), chromium, python3 with PyYAML, etcd + protoc (etcd feature).
+# systemd-analyze (systemd), chromium, python3 with PyYAML, etcd + protoc + the protobuf
+# well-known types (libprotobuf-dev) for the etcd feature.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,8 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# etcd-client's protos import google/protobuf/descriptor.proto (well-known types)
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
