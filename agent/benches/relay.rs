@@ -7,7 +7,10 @@
 //! Knobs (environment): `BENCH_MESSAGES` (default 20000), `BENCH_CONCURRENCY` (control
 //! connections sending at once, default 128), `BENCH_LATENCY_MESSAGES` (default 300),
 //! `BENCH_DIR` (where the Maildirs and spools go; default a temporary directory under
-//! /var/tmp, i.e. the root disk, not tmpfs).
+//! /var/tmp, i.e. the root disk, not tmpfs), `BENCH_COMPARE_BIN` (another `agent` binary,
+//! e.g. one built from an older commit: each mode is then also run with it, right after the
+//! current one, and printed on a line marked `old`, so both are measured under the same
+//! machine load).
 //!
 //! Measured per mode:
 //! - throughput: N messages sent by `BENCH_CONCURRENCY` concurrent `send` requests to the
@@ -103,10 +106,10 @@ fn start_server(dir: &Path) -> (Proc, String) {
     (Proc(child), format!("http://{addr}"))
 }
 
-fn start_agent(id: &str, mode: &str, url: &str, dir: &Path) -> (Proc, PathBuf) {
+fn start_agent(bin: &Path, id: &str, mode: &str, url: &str, dir: &Path) -> (Proc, PathBuf) {
     let state = dir.join(id);
     std::fs::create_dir_all(&state).unwrap();
-    let mut cmd = Command::new(agent_bin());
+    let mut cmd = Command::new(bin);
     cmd.args([
         "run",
         "--id",
@@ -148,7 +151,7 @@ fn start_agent(id: &str, mode: &str, url: &str, dir: &Path) -> (Proc, PathBuf) {
     let p = Proc(child);
     let t0 = Instant::now();
     loop {
-        let out = Command::new(agent_bin())
+        let out = Command::new(bin)
             .arg("status")
             .arg("--state-dir")
             .arg(&state)
@@ -171,8 +174,8 @@ fn start_agent(id: &str, mode: &str, url: &str, dir: &Path) -> (Proc, PathBuf) {
 
 /// `agent recv --follow --json` of the receiver; each printed message's sequence number and
 /// the instant it was read.
-fn start_recv(state: &Path) -> (Proc, mpsc::Receiver<(usize, Instant)>) {
-    let mut child = Command::new(agent_bin())
+fn start_recv(bin: &Path, state: &Path) -> (Proc, mpsc::Receiver<(usize, Instant)>) {
+    let mut child = Command::new(bin)
         .args(["recv", "--follow", "--json", "--state-dir"])
         .arg(state)
         .stdout(Stdio::piped())
@@ -273,13 +276,21 @@ fn watch_dir(
     (w, seen)
 }
 
-fn run_mode(mode: &'static str, root: &Path, n: usize, conc: usize, n_lat: usize) -> ModeResult {
-    let dir = root.join(mode);
+fn run_mode(
+    bin: &Path,
+    mode: &'static str,
+    root: &Path,
+    n: usize,
+    conc: usize,
+    n_lat: usize,
+) -> ModeResult {
+    static RUN: AtomicUsize = AtomicUsize::new(0);
+    let dir = root.join(format!("{mode}-{}", RUN.fetch_add(1, Ordering::Relaxed)));
     std::fs::create_dir_all(&dir).unwrap();
     let (_server, url) = start_server(&dir);
-    let (_b, b_state) = start_agent("b", mode, &url, &dir);
-    let (_a, a_state) = start_agent("a", mode, &url, &dir);
-    let (_recv, rx) = start_recv(&b_state);
+    let (_b, b_state) = start_agent(bin, "b", mode, &url, &dir);
+    let (_a, a_state) = start_agent(bin, "a", mode, &url, &dir);
+    let (_recv, rx) = start_recv(bin, &b_state);
 
     // Warm-up: connections, caches.
     let mut ctl = Ctl::open(&a_state);
@@ -341,8 +352,7 @@ fn run_mode(mode: &'static str, root: &Path, n: usize, conc: usize, n_lat: usize
     let (load_p50, load_p99) = (pct(&mut lat, 0.50), pct(&mut lat, 0.99));
 
     // Unloaded latency, one at a time.
-    let watch = (mode == "shared-volume")
-        .then(|| watch_dir(&b_state.parent().unwrap().join("shared/bench/b/new")));
+    let watch = (mode == "shared-volume").then(|| watch_dir(&dir.join("shared/bench/b/new")));
     let mut idle = Vec::new();
     let mut after = Vec::new();
     let base2 = 2_000_000;
@@ -449,22 +459,34 @@ fn main() {
         ms(f50),
         ms(f99)
     );
+    let compare = std::env::var_os("BENCH_COMPARE_BIN").map(PathBuf::from);
+    let mut bins = vec![("", agent_bin())];
+    if let Some(old) = compare {
+        println!("old = {}", old.display());
+        bins.push(("old ", old));
+    }
     for mode in ["shared-volume", "ipc", "tcp"] {
         if !filter.is_empty() && !filter.iter().any(|f| mode.contains(f.as_str())) {
             continue;
         }
-        let r = run_mode(mode, root.path(), n, conc, n_lat);
-        println!(
-            "{:<14} {:>8.0} msg/s  under load: p50 {} ms p99 {} ms  |  one at a time: p50 {} ms p99 {} ms{}",
-            r.mode,
-            r.rate,
-            ms(r.load_p50),
-            ms(r.load_p99),
-            ms(r.idle_p50),
-            ms(r.idle_p99),
-            r.after_rename
-                .map(|(a, b)| format!("  |  after the rename: p50 {} ms p99 {} ms", ms(a), ms(b)))
-                .unwrap_or_default()
-        );
+        for (label, bin) in &bins {
+            let r = run_mode(bin, mode, root.path(), n, conc, n_lat);
+            println!(
+                "{label}{:<14} {:>8.0} msg/s  under load: p50 {} ms p99 {} ms  |  one at a time: p50 {} ms p99 {} ms{}",
+                r.mode,
+                r.rate,
+                ms(r.load_p50),
+                ms(r.load_p99),
+                ms(r.idle_p50),
+                ms(r.idle_p99),
+                r.after_rename
+                    .map(|(a, b)| format!(
+                        "  |  after the rename: p50 {} ms p99 {} ms",
+                        ms(a),
+                        ms(b)
+                    ))
+                    .unwrap_or_default()
+            );
+        }
     }
 }

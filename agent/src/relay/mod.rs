@@ -9,9 +9,11 @@
 //! - this module: message ids, the relay settings file, the shared-volume watcher, and the
 //!   pieces `agent send` / `agent recv` share with `agent run`.
 
+pub mod inlog;
 pub mod maildir;
 pub mod outbox;
 pub mod resolve;
+pub mod seglog;
 pub mod service;
 pub mod wire;
 
