@@ -136,8 +136,12 @@ impl InboxLog {
             }
             if let Ok(e) = Envelope::decode(&r.payload) {
                 let f = forget_at(e.sent_at, e.expires_at, window_ms);
-                seen.insert(e.id, f);
-                seg_ids.entry(r.seg).or_default().push((e.id, f));
+                if f > now_ms {
+                    seen.insert(e.id, f);
+                }
+                if delete_taken {
+                    seg_ids.entry(r.seg).or_default().push((e.id, f));
+                }
             }
         }
         for entry in std::fs::read_dir(&dir)?.flatten() {
@@ -201,7 +205,11 @@ impl InboxLog {
             return Err(e);
         }
         for (seg, id, f) in added {
-            self.seg_ids.entry(seg).or_default().push((id, f));
+            let ids = self.seg_ids.entry(seg).or_default();
+            // With `--after-recv keep` segments stay: no `.ids` files to write.
+            if self.delete_taken {
+                ids.push((id, f));
+            }
         }
         self.seg_ids.entry(self.log.active()).or_default();
         self.durable.set(self.log.position(), false)?;
@@ -381,4 +389,117 @@ pub fn pending_count(maildir_root: &Path) -> usize {
         r.pos = *last;
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::maildir::tests::envelope;
+
+    fn msg(n: u64, expires_at: u64) -> (MessageId, Vec<u8>, u64, Option<u64>) {
+        let mut e = envelope(n, &"x".repeat(3000));
+        e.expires_at = Some(expires_at);
+        (e.id, e.encode(), e.sent_at, e.expires_at)
+    }
+
+    fn store(log: &mut InboxLog, msgs: &[(MessageId, Vec<u8>, u64, Option<u64>)]) -> Vec<Stored> {
+        let refs: Vec<(MessageId, &[u8], u64, Option<u64>)> = msgs
+            .iter()
+            .map(|(i, b, s, x)| (*i, &b[..], *s, *x))
+            .collect();
+        log.store(&refs).unwrap()
+    }
+
+    #[test]
+    fn taken_position_survives_and_ids_are_remembered_until_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let now = 1_700_000_100_000;
+        let (soon, late) = (now + 10_000, now + 3_600_000);
+        let mut log = InboxLog::open(root, 0, true, now).unwrap();
+        let a: Vec<_> = (0..3).map(|n| msg(n, soon)).collect();
+        let b: Vec<_> = (3..6).map(|n| msg(n, late)).collect();
+        assert!(store(&mut log, &a).iter().all(|s| *s == Stored::New));
+        // A retry of a stored message is a duplicate, also within one batch.
+        assert_eq!(
+            store(&mut log, &[a[0].clone(), b[0].clone(), b[0].clone()]),
+            vec![Stored::Duplicate, Stored::New, Stored::Duplicate]
+        );
+        let mut r = Reader::open(root).unwrap().unwrap();
+        let got = r.next_batch(2).unwrap();
+        assert_eq!(got.len(), 2);
+        r.take(got[1].1).unwrap();
+        drop(r);
+        // A new reader (a restarted `agent recv`) goes on after the taken position.
+        let r = Reader::open(root).unwrap().unwrap();
+        let rest = r.next_batch(100).unwrap();
+        assert_eq!(
+            rest.iter().map(|(e, _)| e.id).collect::<Vec<_>>(),
+            vec![a[2].0, b[0].0]
+        );
+        assert_eq!(pending_count(root), 2);
+        let mut r = r;
+        r.take(rest[1].1).unwrap();
+        assert!(!has_pending(root));
+        // Everything taken: the next commit goes to a new segment, the old ones are
+        // replaced by their ids.
+        log.log.rotate().unwrap();
+        store(&mut log, &b[1..]);
+        let r2 = Reader::open(root).unwrap().unwrap();
+        let last = r2.next_batch(100).unwrap();
+        assert_eq!(last.len(), 2);
+        let mut r2 = r2;
+        r2.take(last[1].1).unwrap();
+        log.log.rotate().unwrap();
+        log.collect(now).unwrap();
+        let dir = log_dir(root);
+        // The first segment went (its ids kept); the one holding the taken position stays.
+        assert_eq!(seglog::list_segments(&dir).unwrap().len(), 2);
+        drop(log);
+        // Restarted agent: ids still remembered (from the .ids files).
+        let mut log = InboxLog::open(root, 0, true, now).unwrap();
+        assert_eq!(log.remembered(), 6);
+        assert_eq!(store(&mut log, &a[1..2]), vec![Stored::Duplicate]);
+        // Past the first expiry (and the once-a-minute sweep): those are forgotten.
+        log.collect(soon + 60_001).unwrap();
+        assert_eq!(log.remembered(), 3);
+        assert!(!log.contains(&a[0].0) && log.contains(&b[0].0));
+        drop(log);
+        let log = InboxLog::open(root, 0, true, late + 1).unwrap();
+        assert_eq!(log.remembered(), 0);
+        let ids_files = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "ids")
+            })
+            .count();
+        assert_eq!(ids_files, 0, "expired .ids files removed");
+    }
+
+    #[test]
+    fn reader_never_reads_past_the_durable_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let now = 1_700_000_100_000;
+        let mut log = InboxLog::open(root, 0, true, now).unwrap();
+        store(&mut log, &[msg(1, now + 60_000)]);
+        // Bytes appended but not committed (a crash before the fdatasync).
+        let (seg, _) = log.position();
+        let mut torn = Vec::new();
+        seglog::encode_record(MSG, &msg(2, now + 60_000).1, &mut torn);
+        let path = seglog::segment_path(&log_dir(root), seg);
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&torn, len)
+            .unwrap();
+        let r = Reader::open(root).unwrap().unwrap();
+        assert_eq!(r.next_batch(100).unwrap().len(), 1);
+    }
 }

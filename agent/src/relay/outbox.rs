@@ -754,4 +754,60 @@ mod tests {
             es.iter().map(|e| e.id).collect::<Vec<_>>()
         );
     }
+
+    #[test]
+    fn spool_segments_are_removed_and_a_stuck_message_is_compacted_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("outbox");
+        let (mut sp, pending) = Spool::open(&d, 4096).unwrap();
+        assert!(pending.is_empty());
+        let stuck = envelope(0, &"s".repeat(1000));
+        sp.store(&[(stuck.id, &stuck.encode())]).unwrap();
+        // 200 messages of ~1 KiB (about 50 segments), each delivered after its batch.
+        for n in 1..=200 {
+            let e = envelope(n, &"m".repeat(1000));
+            assert_eq!(sp.store(&[(e.id, &e.encode())]).unwrap(), vec![Stored::New]);
+            // A resubmitted pending id is a duplicate.
+            assert_eq!(
+                sp.store(&[(e.id, &e.encode())]).unwrap(),
+                vec![Stored::Duplicate]
+            );
+            sp.done(e.id);
+            sp.collect().unwrap();
+            let segs = seglog::list_segments(&d).unwrap().len();
+            assert!(segs <= KEEP_SEGMENTS + 2, "{segs} segments retained");
+        }
+        assert_eq!(sp.live.len(), 1);
+        sp.store(&[]).unwrap(); // the last done mark (written with the next commit)
+        drop(sp);
+        // Reopened: only the stuck message is pending.
+        let (sp, pending) = Spool::open(&d, 4096).unwrap();
+        assert_eq!(
+            pending.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![stuck.id]
+        );
+        assert_eq!(pending[0], stuck);
+        assert_eq!(sp.live.len(), 1);
+    }
+
+    #[test]
+    fn spool_recovers_done_marks_and_imports_the_old_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("outbox");
+        // The previous format: files in outbox/new/.
+        let old = Maildir::new(&d);
+        old.create().unwrap();
+        let e0 = envelope(0, "old");
+        old.store_batch(&[(e0.id, &e0.encode())]).unwrap();
+        let (mut sp, pending) = Spool::open(&d, 1 << 20).unwrap();
+        assert_eq!(pending, vec![e0.clone()]);
+        assert!(old.list_new().unwrap().is_empty());
+        let e1 = envelope(1, "new");
+        sp.store(&[(e1.id, &e1.encode())]).unwrap();
+        sp.done(e0.id);
+        sp.store(&[]).unwrap(); // commits the done mark
+        drop(sp);
+        let (_, pending) = Spool::open(&d, 1 << 20).unwrap();
+        assert_eq!(pending, vec![e1]);
+    }
 }

@@ -666,4 +666,52 @@ mod tests {
         assert_eq!(inbox.maildir.list_new().unwrap(), vec![small.id]);
         cancel.cancel();
     }
+
+    #[tokio::test]
+    async fn log_inbox_refuses_expired_messages_and_drops_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = Maildir::new(dir.path().join("inbox"));
+        md.create().unwrap();
+        let now = crate::util::unix_millis(std::time::SystemTime::now());
+        let log = InboxLog::open(md.root(), 3_600_000, true, now).unwrap();
+        let (inbox, task) = Inbox::new(
+            md.clone(),
+            Some(log),
+            "b".parse().unwrap(),
+            "ns".parse().unwrap(),
+            1000,
+            Arc::new(Activity::disabled()),
+        );
+        tokio::spawn(task);
+        let path = dir.path().join("m.sock");
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve_unix(
+            bind_unix(&path).await.unwrap(),
+            inbox,
+            cancel.clone(),
+        ));
+        let mut conn = FrameConn::connect(&Addr::Unix(path), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut old = envelope(1, "late");
+        old.expires_at = Some(now - 1);
+        let mut ok = envelope(2, "fine");
+        ok.expires_at = Some(now + 60_000);
+        let (ob, kb) = (old.encode(), ok.encode());
+        let msgs = [(old.id, &ob[..]), (ok.id, &kb[..])];
+        let a = conn
+            .send_batch(&msgs, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(a[&old.id].as_ref().unwrap_err().code, "expired");
+        assert!(a[&ok.id].is_ok());
+        // The retry of a stored message is acked, not stored twice.
+        let a = conn
+            .send_batch(&msgs[1..], Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(a[&ok.id].is_ok());
+        assert_eq!(inlog::pending_count(md.root()), 1);
+        cancel.cancel();
+    }
 }
