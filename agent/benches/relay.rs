@@ -4,8 +4,10 @@
 //!
 //! Run: `cargo bench -p agent --bench relay` (release build). A `dns-server` binary is taken
 //! from `DNS_SERVER_BIN`, else the target directory (release, then debug), else built.
-//! Knobs (environment): `BENCH_MESSAGES` (default 20000), `BENCH_CONCURRENCY` (control
-//! connections sending at once, default 128), `BENCH_LATENCY_MESSAGES` (default 300),
+//! Knobs (environment): `BENCH_MESSAGES` (default 20000), `BENCH_CONCURRENCY` (`send`
+//! requests in flight, default 128), `BENCH_PIPELINE` (of which pipelined on each control
+//! connection, default 1: 128 connections with one request each; 32: 4 connections with
+//! 32 each), `BENCH_LATENCY_MESSAGES` (default 300),
 //! `BENCH_DIR` (where the Maildirs and spools go; default a temporary directory under
 //! /var/tmp, i.e. the root disk, not tmpfs), `BENCH_COMPARE_BIN` (another `agent` binary,
 //! e.g. one built from an older commit: each mode is then also run with it, right after the
@@ -215,8 +217,14 @@ impl Ctl {
         Ctl { w, r }
     }
     fn send(&mut self, seq: usize) -> String {
+        self.write(seq);
+        self.read()
+    }
+    fn write(&mut self, seq: usize) {
         let req = json!({"cmd": "send", "to": "b", "body": body(seq)});
         writeln!(self.w, "{req}").unwrap();
+    }
+    fn read(&mut self) -> String {
         let mut line = String::new();
         self.r.read_line(&mut line).unwrap();
         let v: Value = serde_json::from_str(&line).unwrap();
@@ -281,7 +289,7 @@ fn run_mode(
     mode: &'static str,
     root: &Path,
     n: usize,
-    conc: usize,
+    (conc, pipeline): (usize, usize),
     n_lat: usize,
 ) -> ModeResult {
     static RUN: AtomicUsize = AtomicUsize::new(0);
@@ -307,21 +315,33 @@ fn run_mode(
     let next = Arc::new(AtomicUsize::new(0));
     let sent_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; n]));
     let t0 = Instant::now();
-    let handles: Vec<_> = (0..conc)
+    // `conc` requests in flight: `conc / pipeline` connections, each with `pipeline`
+    // requests sent ahead of their answers.
+    let handles: Vec<_> = (0..conc.div_ceil(pipeline))
         .map(|_| {
             let next = next.clone();
             let sent_at = sent_at.clone();
             let a_state = a_state.clone();
             std::thread::spawn(move || {
                 let mut ctl = Ctl::open(&a_state);
+                let mut outstanding = 0;
+                let mut done = false;
                 loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
+                    while !done && outstanding < pipeline {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            done = true;
+                            break;
+                        }
+                        sent_at.lock().unwrap()[i] = Some(Instant::now());
+                        ctl.write(base + i);
+                        outstanding += 1;
+                    }
+                    if outstanding == 0 {
                         return;
                     }
-                    let t = Instant::now();
-                    sent_at.lock().unwrap()[i] = Some(t);
-                    ctl.send(base + i);
+                    ctl.read();
+                    outstanding -= 1;
                 }
             })
         })
@@ -438,13 +458,15 @@ fn main() {
         .collect();
     let n = env_usize("BENCH_MESSAGES", 20_000);
     let conc = env_usize("BENCH_CONCURRENCY", 128);
+    let pipeline = env_usize("BENCH_PIPELINE", 1).clamp(1, conc);
     let n_lat = env_usize("BENCH_LATENCY_MESSAGES", 300);
     let root = match std::env::var_os("BENCH_DIR") {
         Some(d) => tempfile::tempdir_in(d).unwrap(),
         None => tempfile::tempdir_in("/var/tmp").unwrap(),
     };
     println!(
-        "relay bench: {n} messages of 1 KiB, {conc} concurrent senders; latency runs of {n_lat}; dir {}",
+        "relay bench: {n} messages of 1 KiB, {conc} sends in flight ({} connections x {pipeline} pipelined); latency runs of {n_lat}; dir {}",
+        conc.div_ceil(pipeline),
         root.path().display()
     );
     let (sr, s50, s99) = baseline_socket(20_000);
@@ -470,7 +492,7 @@ fn main() {
             continue;
         }
         for (label, bin) in &bins {
-            let r = run_mode(bin, mode, root.path(), n, conc, n_lat);
+            let r = run_mode(bin, mode, root.path(), n, (conc, pipeline), n_lat);
             println!(
                 "{label}{:<14} {:>8.0} msg/s  under load: p50 {} ms p99 {} ms  |  one at a time: p50 {} ms p99 {} ms{}",
                 r.mode,

@@ -94,7 +94,8 @@ pub fn next_id() -> MessageId {
     let rs = std::collections::hash_map::RandomState::new();
     let mut h = rs.build_hasher();
     h.write_u64(now);
-    h.write_u32(std::process::id());
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    h.write_u32(*PID.get_or_init(std::process::id));
     let a = h.finish();
     h.write_u64(a);
     let b = h.finish();

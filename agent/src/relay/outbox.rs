@@ -59,6 +59,8 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 
 struct SpoolReq {
     msgs: Vec<(MessageId, Vec<u8>)>,
+    /// Activity records, written with the others of the group commit.
+    events: Vec<(&'static str, String, serde_json::Value)>,
     reply: oneshot::Sender<Result<Vec<Stored>, String>>,
 }
 
@@ -143,22 +145,29 @@ impl<R: Routes> Outbox<R> {
         wait: bool,
     ) -> Result<Vec<oneshot::Receiver<Result<(), String>>>, String> {
         let msgs = envs.iter().map(|e| (e.id, e.encode())).collect();
+        let events = envs
+            .iter()
+            .map(|e| {
+                (
+                    "sent",
+                    format!("message queued for {}", e.to),
+                    json!({"id": e.id.to_string(), "to": e.to, "bytes": e.body.len()}),
+                )
+            })
+            .collect();
         let (reply, rx) = oneshot::channel();
         self.spool_tx
-            .send(SpoolReq { msgs, reply })
+            .send(SpoolReq {
+                msgs,
+                events,
+                reply,
+            })
             .await
             .map_err(|_| "the agent is shutting down".to_string())?;
         let stored = rx
             .await
             .map_err(|_| "the agent is shutting down".to_string())??;
         let mut rxs = Vec::new();
-        self.activity.record_many(envs.iter().map(|e| {
-            (
-                "sent",
-                format!("message queued for {}", e.to),
-                json!({"id": e.id.to_string(), "to": e.to, "bytes": e.body.len()}),
-            )
-        }));
         for (e, st) in envs.into_iter().zip(stored) {
             if wait {
                 let (tx, rx) = oneshot::channel();
@@ -541,6 +550,9 @@ async fn spooler<R: Routes>(
             Ok(stored) => {
                 let added = stored.iter().filter(|s| **s == Stored::New).count();
                 ob.pending.fetch_add(added, Ordering::Relaxed);
+                let mut reqs = reqs;
+                ob.activity
+                    .record_many(reqs.iter_mut().flat_map(|q| std::mem::take(&mut q.events)));
                 let mut it = stored.into_iter();
                 for q in reqs {
                     let mine = it.by_ref().take(q.msgs.len()).collect();
