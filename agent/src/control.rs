@@ -416,7 +416,11 @@ pub async fn call(
         Err(e) => return Err(io(e)),
     };
     let (r, mut w) = stream.into_split();
-    write_line(&mut w, req).await.map_err(io)?;
+    match write_line(&mut w, req).await {
+        // The agent may answer (a refusal) and close before reading: read that answer.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r.map_err(io)?,
+    }
     let mut line = Vec::new();
     let n = tokio::time::timeout(timeout, BufReader::new(r).read_until(b'\n', &mut line))
         .await
