@@ -57,6 +57,29 @@ impl Default for OutboxConfig {
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
+/// Messages queued for one destination past which `submit` waits (backpressure), as long
+/// as that destination takes messages (its last delivery attempt worked): a slow receiver
+/// slows its senders down instead of letting their queue, and the latency, grow. While a
+/// receiver is unreachable nothing waits: the spool holds the messages.
+pub const MAX_QUEUED: usize = 512;
+
+/// One destination's delivery worker.
+struct Lane {
+    tx: mpsc::UnboundedSender<Envelope>,
+    queued: AtomicUsize,
+    healthy: std::sync::atomic::AtomicBool,
+    drained: tokio::sync::Notify,
+}
+
+impl Lane {
+    fn dequeued(&self, n: usize) {
+        if n > 0 {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            self.drained.notify_waiters();
+        }
+    }
+}
+
 struct SpoolReq {
     msgs: Vec<(MessageId, Vec<u8>)>,
     /// Activity records, written with the others of the group commit.
@@ -74,7 +97,7 @@ pub struct Outbox<R: Routes> {
     routes: Arc<R>,
     cfg: OutboxConfig,
     activity: Arc<Activity>,
-    workers: Mutex<HashMap<MembraneId, mpsc::UnboundedSender<Envelope>>>,
+    workers: Mutex<HashMap<MembraneId, Arc<Lane>>>,
     waiters: Mutex<HashMap<MessageId, Waiter>>,
     spool_tx: mpsc::Sender<SpoolReq>,
     cancel: CancellationToken,
@@ -144,6 +167,28 @@ impl<R: Routes> Outbox<R> {
         envs: Vec<Envelope>,
         wait: bool,
     ) -> Result<Vec<oneshot::Receiver<Result<(), String>>>, String> {
+        // Backpressure: wait while a destination that takes messages has a long queue.
+        for to in envs
+            .iter()
+            .map(|e| &e.to)
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            loop {
+                let lane = self.workers.lock().unwrap().get(to).cloned();
+                let Some(lane) = lane else { break };
+                let drained = lane.drained.notified();
+                if lane.queued.load(Ordering::Relaxed) < MAX_QUEUED
+                    || !lane.healthy.load(Ordering::Relaxed)
+                {
+                    break;
+                }
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return Err("the agent is shutting down".into()),
+                    _ = drained => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        }
         let msgs = envs.iter().map(|e| (e.id, e.encode())).collect();
         let events = envs
             .iter()
@@ -184,12 +229,19 @@ impl<R: Routes> Outbox<R> {
 
     fn enqueue(self: &Arc<Self>, e: Envelope) {
         let mut w = self.workers.lock().unwrap();
-        let tx = w.entry(e.to.clone()).or_insert_with(|| {
+        let lane = w.entry(e.to.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(self.clone().worker(e.to.clone(), rx));
-            tx
+            let lane = Arc::new(Lane {
+                tx,
+                queued: AtomicUsize::new(0),
+                healthy: true.into(),
+                drained: tokio::sync::Notify::new(),
+            });
+            tokio::spawn(self.clone().worker(e.to.clone(), rx, lane.clone()));
+            lane
         });
-        let _ = tx.send(e);
+        lane.queued.fetch_add(1, Ordering::Relaxed);
+        let _ = lane.tx.send(e);
     }
 
     fn finish(&self, id: MessageId, r: Result<(), String>) {
@@ -212,7 +264,12 @@ impl<R: Routes> Outbox<R> {
         self.finish(e.id, Err(format!("not delivered: {why}")));
     }
 
-    async fn worker(self: Arc<Self>, to: MembraneId, mut rx: mpsc::UnboundedReceiver<Envelope>) {
+    async fn worker(
+        self: Arc<Self>,
+        to: MembraneId,
+        mut rx: mpsc::UnboundedReceiver<Envelope>,
+        lane: Arc<Lane>,
+    ) {
         let mut queue: VecDeque<Envelope> = VecDeque::new();
         let mut queued: std::collections::HashSet<MessageId> = std::collections::HashSet::new();
         let mut conn: Option<FrameConn> = None;
@@ -222,7 +279,7 @@ impl<R: Routes> Outbox<R> {
                 tokio::select! {
                     _ = self.cancel.cancelled() => return,
                     m = rx.recv() => match m {
-                        Some(e) => if queued.insert(e.id) { queue.push_back(e) },
+                        Some(e) => if queued.insert(e.id) { queue.push_back(e) } else { lane.dequeued(1) },
                         None => return,
                     },
                 }
@@ -230,8 +287,11 @@ impl<R: Routes> Outbox<R> {
             while let Ok(e) = rx.try_recv() {
                 if queued.insert(e.id) {
                     queue.push_back(e);
+                } else {
+                    lane.dequeued(1);
                 }
             }
+            let before = queue.len();
             let now = self.now_ms();
             queue.retain(|e| {
                 let expired = e.expires_at.is_some_and(|t| t <= now);
@@ -241,6 +301,7 @@ impl<R: Routes> Outbox<R> {
                 }
                 !expired
             });
+            lane.dequeued(before - queue.len());
             if queue.is_empty() {
                 continue;
             }
@@ -255,6 +316,7 @@ impl<R: Routes> Outbox<R> {
             match result {
                 Ok(outcomes) => {
                     backoff.reset();
+                    lane.healthy.store(true, Ordering::Relaxed);
                     let mut transient = None;
                     let mut done = std::collections::HashSet::new();
                     let mut delivered = Vec::new();
@@ -291,10 +353,13 @@ impl<R: Routes> Outbox<R> {
                         self.done_wake.notify_one();
                     }
                     queue.retain(|e| !done.contains(&e.id));
+                    lane.dequeued(done.len());
                     for id in &done {
                         queued.remove(id);
                     }
                     if let Some(why) = transient {
+                        lane.healthy.store(false, Ordering::Relaxed);
+                        lane.drained.notify_waiters();
                         let delay = backoff.next_delay();
                         tracing::debug!(to = %to, error = %why, retry_in = ?delay, "receiver cannot store now");
                         tokio::select! {
@@ -305,6 +370,8 @@ impl<R: Routes> Outbox<R> {
                 }
                 Err(err) => {
                     conn = None;
+                    lane.healthy.store(false, Ordering::Relaxed);
+                    lane.drained.notify_waiters();
                     let delay = backoff.next_delay();
                     tracing::debug!(to = %to, error = %err, retry_in = ?delay, "delivery failed");
                     self.activity.record(
@@ -821,5 +888,38 @@ mod tests {
         drop(sp);
         let (_, pending) = Spool::open(&d, 1 << 20).unwrap();
         assert_eq!(pending, vec![e1]);
+    }
+
+    #[tokio::test]
+    async fn submit_waits_for_a_long_queue_only_while_the_receiver_takes_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, md, _) = setup(dir.path(), None);
+        let many = |from: u64, n: u64| -> Vec<Envelope> {
+            (from..from + n).map(|i| envelope(i, "x")).collect()
+        };
+        // No receiver yet: nothing waits, however long the queue.
+        ob.submit(many(0, 600), false).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::timeout(Duration::from_secs(5), ob.submit(many(600, 10), false))
+            .await
+            .expect("no backpressure while the receiver is unreachable")
+            .unwrap();
+        // The receiver appears: the queue drains; once it takes messages, a submit behind
+        // a queue of MAX_QUEUED or more waits until the queue is shorter.
+        md.create().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while ob.pending() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        ob.submit(many(1000, MAX_QUEUED as u64 + 100), false)
+            .await
+            .unwrap();
+        let lane = ob.workers.lock().unwrap().values().next().unwrap().clone();
+        ob.submit(many(5000, 1), false).await.unwrap();
+        assert!(lane.queued.load(Ordering::Relaxed) <= MAX_QUEUED + 1);
+        assert!(md.list_new().unwrap().len() >= 610 + 100);
     }
 }
