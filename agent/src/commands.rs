@@ -293,7 +293,9 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
             .map_err(|e| AgentError::runtime(format!("{}: {e}", info.maildir.display())))?;
         if !batch.is_empty() {
             {
-                let mut out = std::io::stdout().lock();
+                // One write per batch (stdout alone flushes at every newline).
+                let mut out =
+                    std::io::BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
                 for e in &batch {
                     let r = if as_json {
                         writeln!(out, "{}", relay::message_json(e))
@@ -332,7 +334,9 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
             from_log = msgs.len();
             if let Some((_, last)) = msgs.last() {
                 {
-                    let mut out = std::io::stdout().lock();
+                    // One write per batch (stdout alone flushes at every newline).
+                    let mut out =
+                        std::io::BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
                     for (e, _) in &msgs {
                         let r = if as_json {
                             writeln!(out, "{}", relay::message_json(e))

@@ -279,7 +279,7 @@ async fn connection<H: Handler>(stream: UnixStream, handler: Arc<H>) -> std::io:
         }
         w.flush().await
     });
-    let mut reader = BufReader::new(r);
+    let mut reader = BufReader::with_capacity(64 * 1024, r);
     let mut line = Vec::new();
     let result = async {
         loop {
