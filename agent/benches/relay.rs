@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k)
@@ -189,8 +189,10 @@ fn start_recv(bin: &Path, state: &Path) -> (Proc, mpsc::Receiver<(usize, Instant
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             let now = Instant::now();
-            let v: Value = serde_json::from_str(&line).unwrap();
-            let seq: usize = v["body"].as_str().unwrap()[..8].parse().unwrap();
+            // The harness stays light (it shares the CPU with the agents): only the
+            // sequence number at the start of the body is read.
+            let i = line.find("\"body\":\"").expect("body") + 8;
+            let seq: usize = line[i..i + 8].parse().unwrap();
             if tx.send((seq, now)).is_err() {
                 return;
             }
@@ -221,8 +223,19 @@ impl Ctl {
         self.read()
     }
     fn write(&mut self, seq: usize) {
-        let req = json!({"cmd": "send", "to": "b", "body": body(seq)});
-        writeln!(self.w, "{req}").unwrap();
+        // The body is digits, ':' and 'x': no JSON escaping needed.
+        writeln!(
+            self.w,
+            "{{\"cmd\":\"send\",\"to\":\"b\",\"body\":\"{}\"}}",
+            body(seq)
+        )
+        .unwrap();
+    }
+    /// An answer under load: only checked to be a success.
+    fn read_ok(&mut self) {
+        let mut line = String::new();
+        self.r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("{\"ok\":true"), "{line}");
     }
     fn read(&mut self) -> String {
         let mut line = String::new();
@@ -340,7 +353,7 @@ fn run_mode(
                     if outstanding == 0 {
                         return;
                     }
-                    ctl.read();
+                    ctl.read_ok();
                     outstanding -= 1;
                 }
             })
