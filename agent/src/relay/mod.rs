@@ -1,10 +1,13 @@
 //! The message relay: `agent send` / `agent recv` between membranes.
 //!
-//! - [`maildir`]: the membrane's Maildir (inbox of every mode) and the outbox spool, with
-//!   group commit;
+//! - [`maildir`]: the membrane's Maildir (the shared-volume inbox), with group commit;
+//! - [`seglog`]: append-only segment logs with group commit (one `fdatasync` per batch);
+//! - [`inlog`]: the ipc/tcp inbox on a segment log, read by `agent recv` up to the durable
+//!   position, with the taken position and the bounded dedupe window;
 //! - [`wire`]: frames over Unix/TCP sockets: the receiving inbox and listeners, the
 //!   sender's pipelined connection;
-//! - [`outbox`]: durable spool, per-destination delivery with backoff, expiry, dead letters;
+//! - [`outbox`]: durable spool (a segment log), per-destination delivery with backoff,
+//!   backpressure, expiry, dead letters;
 //! - [`resolve`]: targets (`id`, `parent`, `children`, `_svc._tcp`) to membranes and routes;
 //! - this module: message ids, the relay settings file, the shared-volume watcher, and the
 //!   pieces `agent send` / `agent recv` share with `agent run`.
