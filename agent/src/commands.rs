@@ -332,7 +332,16 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
                 .next_batch(LOG_BATCH)
                 .map_err(|e| AgentError::runtime(format!("{}: {e}", info.maildir.display())))?;
             from_log = msgs.len();
-            if let Some((_, last)) = msgs.last() {
+            if msgs.is_empty()
+                && let Some(end) = r.read_end()
+            {
+                // Only unreadable records (logged): step over them.
+                r.take(end).map_err(|e| {
+                    AgentError::runtime(format!("cannot record the taken messages: {e}"))
+                })?;
+                continue;
+            }
+            if let Some(end) = r.read_end() {
                 {
                     // One write per batch (stdout alone flushes at every newline).
                     let mut out =
@@ -351,7 +360,7 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
                         return Ok(());
                     }
                 }
-                r.take(*last).map_err(|e| {
+                r.take(end).map_err(|e| {
                     AgentError::runtime(format!("cannot record the taken messages: {e}"))
                 })?;
                 activity.record_many(msgs.iter().map(|(e, _)| {

@@ -287,6 +287,8 @@ pub struct Reader {
     dir: PathBuf,
     taken: Option<PosFile>,
     pos: Pos,
+    /// End of the last record the last [`Reader::next_batch`] read (readable or not).
+    read_end: std::cell::Cell<Option<Pos>>,
 }
 
 impl Reader {
@@ -298,7 +300,12 @@ impl Reader {
         }
         let pos = read_pos(&dir.join("taken")).unwrap_or((0, 0));
         let taken = Some(PosFile::open(&dir.join("taken"))?);
-        Ok(Some(Reader { dir, taken, pos }))
+        Ok(Some(Reader {
+            dir,
+            taken,
+            pos,
+            read_end: std::cell::Cell::new(None),
+        }))
     }
 
     /// Up to `max` messages after the taken position (each with the position just past
@@ -308,6 +315,7 @@ impl Reader {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
+        self.read_end.set(None);
         for n in seglog::list_segments(&self.dir)? {
             if n < self.pos.0 || n > durable.0 {
                 continue;
@@ -331,12 +339,19 @@ impl Reader {
                     }
                 }
             }
-            if !recs.is_empty() {
+            if let Some(last) = recs.last() {
+                self.read_end.set(Some((n, last.end)));
                 // The rest of this segment, or the next ones: the next call.
                 break;
             }
         }
         Ok(out)
+    }
+
+    /// Where the last [`Reader::next_batch`] stopped reading: past its last message, and
+    /// past records that could not be read (taking up to there skips them for good).
+    pub fn read_end(&self) -> Option<Pos> {
+        self.read_end.get()
     }
 
     /// Records that the membrane took everything up to `p` (durably).
@@ -366,6 +381,7 @@ pub fn has_pending(maildir_root: &Path) -> bool {
         dir,
         taken: None,
         pos: t,
+        read_end: std::cell::Cell::new(None),
     }
     .next_batch(1)
     .is_ok_and(|b| !b.is_empty())
@@ -381,12 +397,13 @@ pub fn pending_count(maildir_root: &Path) -> usize {
         pos: read_pos(&dir.join("taken")).unwrap_or((0, 0)),
         dir,
         taken: None,
+        read_end: std::cell::Cell::new(None),
     };
     let mut n = 0;
     while let Ok(b) = r.next_batch(4096) {
-        let Some((_, last)) = b.last() else { break };
+        let Some(end) = r.read_end() else { break };
         n += b.len();
-        r.pos = *last;
+        r.pos = end;
     }
     n
 }
@@ -478,6 +495,23 @@ mod tests {
             })
             .count();
         assert_eq!(ids_files, 0, "expired .ids files removed");
+    }
+
+    #[test]
+    fn an_unreadable_message_is_skipped_not_stuck() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let now = 1_700_000_100_000;
+        let mut log = InboxLog::open(root, 0, true, now).unwrap();
+        // A record that passes its CRC but is not a message, then a message.
+        let good = msg(2, now + 60_000);
+        store(&mut log, &[(good.0, b"garbage".to_vec(), good.2, good.3)]);
+        store(&mut log, &[msg(3, now + 60_000)]);
+        let mut r = Reader::open(root).unwrap().unwrap();
+        let first = r.next_batch(1).unwrap();
+        assert!(first.is_empty());
+        r.take(r.read_end().expect("read past it")).unwrap();
+        assert_eq!(r.next_batch(10).unwrap().len(), 1);
     }
 
     #[test]
