@@ -186,7 +186,7 @@ async fn send_direct(c: SendConfig) -> Result<(), AgentError> {
         namespace: &namespace,
         self_id: &from,
         self_parent: None,
-        cache,
+        cache: cache.map(std::sync::Arc::new),
         client: client.as_ref(),
     };
     let r = (relay::next_id().as_u128() as u64 >> 11) as f64 / (1u64 << 53) as f64;
@@ -516,7 +516,12 @@ async fn query(
         HttpRegistry::new(cfg.registry_urls.clone(), cfg.token.clone())
             .with_timeouts(Duration::from_secs(3), Duration::from_secs(10))
     });
-    answer(daemon::query(client.as_ref(), &namespace, id, &filter, || cache).await)
+    answer(
+        daemon::query(client.as_ref(), &namespace, id, &filter, || {
+            cache.map(std::sync::Arc::new)
+        })
+        .await,
+    )
 }
 
 /// Prints the activity log (the rotated part first), then follows it if asked.
