@@ -4,10 +4,15 @@
 //!
 //! Run: `cargo bench -p agent --bench relay` (release build). A `dns-server` binary is taken
 //! from `DNS_SERVER_BIN`, else the target directory (release, then debug), else built.
-//! Knobs (environment): `BENCH_MESSAGES` (default 20000), `BENCH_CONCURRENCY` (control
-//! connections sending at once, default 128), `BENCH_LATENCY_MESSAGES` (default 300),
+//! Knobs (environment): `BENCH_MESSAGES` (default 20000), `BENCH_CONCURRENCY` (`send`
+//! requests in flight, default 128), `BENCH_PIPELINE` (of which pipelined on each control
+//! connection, default 1: 128 connections with one request each; 32: 4 connections with
+//! 32 each), `BENCH_LATENCY_MESSAGES` (default 300),
 //! `BENCH_DIR` (where the Maildirs and spools go; default a temporary directory under
-//! /var/tmp, i.e. the root disk, not tmpfs).
+//! /var/tmp, i.e. the root disk, not tmpfs), `BENCH_COMPARE_BIN` (another `agent` binary,
+//! e.g. one built from an older commit: each mode is then also run with it, right after the
+//! current one, and printed on a line marked `old`, so both are measured under the same
+//! machine load).
 //!
 //! Measured per mode:
 //! - throughput: N messages sent by `BENCH_CONCURRENCY` concurrent `send` requests to the
@@ -28,7 +33,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k)
@@ -103,10 +108,10 @@ fn start_server(dir: &Path) -> (Proc, String) {
     (Proc(child), format!("http://{addr}"))
 }
 
-fn start_agent(id: &str, mode: &str, url: &str, dir: &Path) -> (Proc, PathBuf) {
+fn start_agent(bin: &Path, id: &str, mode: &str, url: &str, dir: &Path) -> (Proc, PathBuf) {
     let state = dir.join(id);
     std::fs::create_dir_all(&state).unwrap();
-    let mut cmd = Command::new(agent_bin());
+    let mut cmd = Command::new(bin);
     cmd.args([
         "run",
         "--id",
@@ -148,7 +153,7 @@ fn start_agent(id: &str, mode: &str, url: &str, dir: &Path) -> (Proc, PathBuf) {
     let p = Proc(child);
     let t0 = Instant::now();
     loop {
-        let out = Command::new(agent_bin())
+        let out = Command::new(bin)
             .arg("status")
             .arg("--state-dir")
             .arg(&state)
@@ -171,8 +176,8 @@ fn start_agent(id: &str, mode: &str, url: &str, dir: &Path) -> (Proc, PathBuf) {
 
 /// `agent recv --follow --json` of the receiver; each printed message's sequence number and
 /// the instant it was read.
-fn start_recv(state: &Path) -> (Proc, mpsc::Receiver<(usize, Instant)>) {
-    let mut child = Command::new(agent_bin())
+fn start_recv(bin: &Path, state: &Path) -> (Proc, mpsc::Receiver<(usize, Instant)>) {
+    let mut child = Command::new(bin)
         .args(["recv", "--follow", "--json", "--state-dir"])
         .arg(state)
         .stdout(Stdio::piped())
@@ -184,8 +189,10 @@ fn start_recv(state: &Path) -> (Proc, mpsc::Receiver<(usize, Instant)>) {
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             let now = Instant::now();
-            let v: Value = serde_json::from_str(&line).unwrap();
-            let seq: usize = v["body"].as_str().unwrap()[..8].parse().unwrap();
+            // The harness stays light (it shares the CPU with the agents): only the
+            // sequence number at the start of the body is read.
+            let i = line.find("\"body\":\"").expect("body") + 8;
+            let seq: usize = line[i..i + 8].parse().unwrap();
             if tx.send((seq, now)).is_err() {
                 return;
             }
@@ -212,8 +219,25 @@ impl Ctl {
         Ctl { w, r }
     }
     fn send(&mut self, seq: usize) -> String {
-        let req = json!({"cmd": "send", "to": "b", "body": body(seq)});
-        writeln!(self.w, "{req}").unwrap();
+        self.write(seq);
+        self.read()
+    }
+    fn write(&mut self, seq: usize) {
+        // The body is digits, ':' and 'x': no JSON escaping needed.
+        writeln!(
+            self.w,
+            "{{\"cmd\":\"send\",\"to\":\"b\",\"body\":\"{}\"}}",
+            body(seq)
+        )
+        .unwrap();
+    }
+    /// An answer under load: only checked to be a success.
+    fn read_ok(&mut self) {
+        let mut line = String::new();
+        self.r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("{\"ok\":true"), "{line}");
+    }
+    fn read(&mut self) -> String {
         let mut line = String::new();
         self.r.read_line(&mut line).unwrap();
         let v: Value = serde_json::from_str(&line).unwrap();
@@ -273,13 +297,21 @@ fn watch_dir(
     (w, seen)
 }
 
-fn run_mode(mode: &'static str, root: &Path, n: usize, conc: usize, n_lat: usize) -> ModeResult {
-    let dir = root.join(mode);
+fn run_mode(
+    bin: &Path,
+    mode: &'static str,
+    root: &Path,
+    n: usize,
+    (conc, pipeline): (usize, usize),
+    n_lat: usize,
+) -> ModeResult {
+    static RUN: AtomicUsize = AtomicUsize::new(0);
+    let dir = root.join(format!("{mode}-{}", RUN.fetch_add(1, Ordering::Relaxed)));
     std::fs::create_dir_all(&dir).unwrap();
     let (_server, url) = start_server(&dir);
-    let (_b, b_state) = start_agent("b", mode, &url, &dir);
-    let (_a, a_state) = start_agent("a", mode, &url, &dir);
-    let (_recv, rx) = start_recv(&b_state);
+    let (_b, b_state) = start_agent(bin, "b", mode, &url, &dir);
+    let (_a, a_state) = start_agent(bin, "a", mode, &url, &dir);
+    let (_recv, rx) = start_recv(bin, &b_state);
 
     // Warm-up: connections, caches.
     let mut ctl = Ctl::open(&a_state);
@@ -296,21 +328,33 @@ fn run_mode(mode: &'static str, root: &Path, n: usize, conc: usize, n_lat: usize
     let next = Arc::new(AtomicUsize::new(0));
     let sent_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; n]));
     let t0 = Instant::now();
-    let handles: Vec<_> = (0..conc)
+    // `conc` requests in flight: `conc / pipeline` connections, each with `pipeline`
+    // requests sent ahead of their answers.
+    let handles: Vec<_> = (0..conc.div_ceil(pipeline))
         .map(|_| {
             let next = next.clone();
             let sent_at = sent_at.clone();
             let a_state = a_state.clone();
             std::thread::spawn(move || {
                 let mut ctl = Ctl::open(&a_state);
+                let mut outstanding = 0;
+                let mut done = false;
                 loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
+                    while !done && outstanding < pipeline {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            done = true;
+                            break;
+                        }
+                        sent_at.lock().unwrap()[i] = Some(Instant::now());
+                        ctl.write(base + i);
+                        outstanding += 1;
+                    }
+                    if outstanding == 0 {
                         return;
                     }
-                    let t = Instant::now();
-                    sent_at.lock().unwrap()[i] = Some(t);
-                    ctl.send(base + i);
+                    ctl.read_ok();
+                    outstanding -= 1;
                 }
             })
         })
@@ -341,8 +385,7 @@ fn run_mode(mode: &'static str, root: &Path, n: usize, conc: usize, n_lat: usize
     let (load_p50, load_p99) = (pct(&mut lat, 0.50), pct(&mut lat, 0.99));
 
     // Unloaded latency, one at a time.
-    let watch = (mode == "shared-volume")
-        .then(|| watch_dir(&b_state.parent().unwrap().join("shared/bench/b/new")));
+    let watch = (mode == "shared-volume").then(|| watch_dir(&dir.join("shared/bench/b/new")));
     let mut idle = Vec::new();
     let mut after = Vec::new();
     let base2 = 2_000_000;
@@ -428,13 +471,15 @@ fn main() {
         .collect();
     let n = env_usize("BENCH_MESSAGES", 20_000);
     let conc = env_usize("BENCH_CONCURRENCY", 128);
+    let pipeline = env_usize("BENCH_PIPELINE", 1).clamp(1, conc);
     let n_lat = env_usize("BENCH_LATENCY_MESSAGES", 300);
     let root = match std::env::var_os("BENCH_DIR") {
         Some(d) => tempfile::tempdir_in(d).unwrap(),
         None => tempfile::tempdir_in("/var/tmp").unwrap(),
     };
     println!(
-        "relay bench: {n} messages of 1 KiB, {conc} concurrent senders; latency runs of {n_lat}; dir {}",
+        "relay bench: {n} messages of 1 KiB, {conc} sends in flight ({} connections x {pipeline} pipelined); latency runs of {n_lat}; dir {}",
+        conc.div_ceil(pipeline),
         root.path().display()
     );
     let (sr, s50, s99) = baseline_socket(20_000);
@@ -449,22 +494,34 @@ fn main() {
         ms(f50),
         ms(f99)
     );
+    let compare = std::env::var_os("BENCH_COMPARE_BIN").map(PathBuf::from);
+    let mut bins = vec![("", agent_bin())];
+    if let Some(old) = compare {
+        println!("old = {}", old.display());
+        bins.push(("old ", old));
+    }
     for mode in ["shared-volume", "ipc", "tcp"] {
         if !filter.is_empty() && !filter.iter().any(|f| mode.contains(f.as_str())) {
             continue;
         }
-        let r = run_mode(mode, root.path(), n, conc, n_lat);
-        println!(
-            "{:<14} {:>8.0} msg/s  under load: p50 {} ms p99 {} ms  |  one at a time: p50 {} ms p99 {} ms{}",
-            r.mode,
-            r.rate,
-            ms(r.load_p50),
-            ms(r.load_p99),
-            ms(r.idle_p50),
-            ms(r.idle_p99),
-            r.after_rename
-                .map(|(a, b)| format!("  |  after the rename: p50 {} ms p99 {} ms", ms(a), ms(b)))
-                .unwrap_or_default()
-        );
+        for (label, bin) in &bins {
+            let r = run_mode(bin, mode, root.path(), n, (conc, pipeline), n_lat);
+            println!(
+                "{label}{:<14} {:>8.0} msg/s  under load: p50 {} ms p99 {} ms  |  one at a time: p50 {} ms p99 {} ms{}",
+                r.mode,
+                r.rate,
+                ms(r.load_p50),
+                ms(r.load_p99),
+                ms(r.idle_p50),
+                ms(r.idle_p99),
+                r.after_rename
+                    .map(|(a, b)| format!(
+                        "  |  after the rename: p50 {} ms p99 {} ms",
+                        ms(a),
+                        ms(b)
+                    ))
+                    .unwrap_or_default()
+            );
+        }
     }
 }

@@ -15,11 +15,14 @@ use crate::util;
 /// Size past which the log is rotated.
 pub const MAX_LOG_BYTES: u64 = 1024 * 1024;
 
+/// Bytes written between two checks of the file's size.
+const CHECK_EVERY: u64 = 64 * 1024;
+
 /// Appends activity records.
 #[derive(Debug)]
 pub struct Activity {
     path: PathBuf,
-    file: Mutex<Option<File>>,
+    file: Mutex<Option<(File, u64)>>,
 }
 
 impl Activity {
@@ -39,46 +42,86 @@ impl Activity {
         }
     }
 
+    /// Whether records go anywhere.
+    pub fn enabled(&self) -> bool {
+        !self.path.as_os_str().is_empty()
+    }
+
     /// Records one event with extra fields (an object, or `Value::Null` for none).
     pub fn record(&self, event: &str, message: &str, fields: Value) {
-        if self.path.as_os_str().is_empty() {
+        self.record_many(std::iter::once((event, message.to_string(), fields)));
+    }
+
+    /// Records several events with one write (a relay batch: one line per message).
+    pub fn record_many<'a>(&self, events: impl IntoIterator<Item = (&'a str, String, Value)>) {
+        if !self.enabled() {
             return;
         }
-        let mut obj = Map::new();
-        obj.insert("ts".into(), Value::String(util::now_rfc3339()));
-        obj.insert("event".into(), Value::String(event.into()));
-        obj.insert("message".into(), Value::String(message.into()));
-        if let Value::Object(extra) = fields {
-            obj.extend(extra);
+        let ts = Value::String(util::now_rfc3339());
+        let mut lines = Vec::new();
+        for (event, message, fields) in events {
+            let mut obj = Map::new();
+            obj.insert("ts".into(), ts.clone());
+            obj.insert("event".into(), Value::String(event.into()));
+            obj.insert("message".into(), Value::String(message));
+            if let Value::Object(extra) = fields {
+                obj.extend(extra);
+            }
+            serde_json::to_writer(&mut lines, &Value::Object(obj)).expect("json");
+            lines.push(b'\n');
         }
-        let mut line = serde_json::to_vec(&Value::Object(obj)).expect("json");
-        line.push(b'\n');
+        if lines.is_empty() {
+            return;
+        }
         let mut g = self.file.lock().unwrap();
-        if let Err(e) = self.write(&mut g, &line) {
+        if let Err(e) = self.write(&mut g, &lines) {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot write the activity log");
             *g = None;
         }
     }
 
-    fn write(&self, slot: &mut Option<File>, line: &[u8]) -> std::io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Some(f) = slot.as_ref()
-            && f.metadata()?.len() + line.len() as u64 > MAX_LOG_BYTES
+    fn write(&self, slot: &mut Option<(File, u64)>, lines: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        // The size is tracked in memory and checked against the file (which `agent recv`
+        // appends to as well, and may rotate) every 64 KiB of our own writes.
+        if let Some((f, since)) = slot.as_mut()
+            && *since + lines.len() as u64 > CHECK_EVERY
         {
-            *slot = None;
-            std::fs::rename(&self.path, rotated(&self.path))?;
+            let on_disk = std::fs::metadata(&self.path);
+            let same = on_disk
+                .as_ref()
+                .ok()
+                .is_some_and(|m| m.ino() == f.metadata().map(|m| m.ino()).unwrap_or(0));
+            let len = on_disk.map(|m| m.len()).unwrap_or(0);
+            if !same {
+                *slot = None;
+            } else if len + lines.len() as u64 > MAX_LOG_BYTES {
+                *slot = None;
+                std::fs::rename(&self.path, rotated(&self.path))?;
+            } else {
+                *since = next_check(len);
+            }
         }
         if slot.is_none() {
-            *slot = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o600)
-                    .open(&self.path)?,
-            );
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&self.path)?;
+            let len = f.metadata()?.len();
+            *slot = Some((f, next_check(len)));
         }
-        slot.as_mut().expect("opened").write_all(line)
+        let (f, since) = slot.as_mut().expect("opened");
+        f.write_all(lines)?;
+        *since += lines.len() as u64;
+        Ok(())
     }
+}
+
+/// The count of bytes "written since the last check" that makes the next check come
+/// before our own writes could push a file of `len` bytes past the limit.
+fn next_check(len: u64) -> u64 {
+    CHECK_EVERY - CHECK_EVERY.min(MAX_LOG_BYTES.saturating_sub(len))
 }
 
 /// The rotated log's path.

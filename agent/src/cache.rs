@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -174,7 +174,9 @@ pub fn matches(m: &MembraneView, f: &ListFilter) -> bool {
 #[derive(Debug)]
 pub struct Cache {
     path: PathBuf,
-    inner: Mutex<(CacheData, bool)>,
+    /// Copy-on-write: readers share the current data (an `Arc` clone per snapshot), a
+    /// change copies it only while a snapshot is still held.
+    inner: Mutex<(Arc<CacheData>, bool)>,
 }
 
 impl Cache {
@@ -192,7 +194,7 @@ impl Cache {
         };
         Cache {
             path,
-            inner: Mutex::new((data, false)),
+            inner: Mutex::new((Arc::new(data), false)),
         }
     }
 
@@ -205,7 +207,7 @@ impl Cache {
     /// Replaces the content with a full list and marks the cache live.
     pub fn replace(&self, membranes: Vec<MembraneView>, revision: Option<u64>) {
         let mut g = self.inner.lock().unwrap();
-        g.0.replace(membranes, revision, SystemTime::now());
+        Arc::make_mut(&mut g.0).replace(membranes, revision, SystemTime::now());
         g.1 = true;
         self.persist(&g.0);
     }
@@ -213,7 +215,7 @@ impl Cache {
     /// Applies a stream event (persisting a change).
     pub fn apply(&self, id: Option<u64>, ev: &Event) -> Applied {
         let mut g = self.inner.lock().unwrap();
-        let r = g.0.apply(id, ev, SystemTime::now());
+        let r = Arc::make_mut(&mut g.0).apply(id, ev, SystemTime::now());
         if r == Applied::Changed {
             self.persist(&g.0);
         }
@@ -225,15 +227,16 @@ impl Cache {
         let mut g = self.inner.lock().unwrap();
         if g.1 && !live {
             // Remember when it was last known current.
-            g.0.updated_at_ms = util::unix_millis(SystemTime::now());
+            Arc::make_mut(&mut g.0).updated_at_ms = util::unix_millis(SystemTime::now());
             self.persist(&g.0);
         }
         g.1 = live;
     }
 
-    /// A copy of the data and the live flag.
-    pub fn snapshot(&self) -> (CacheData, bool) {
-        self.inner.lock().unwrap().clone()
+    /// The data (shared, not copied) and the live flag.
+    pub fn snapshot(&self) -> (Arc<CacheData>, bool) {
+        let g = self.inner.lock().unwrap();
+        (g.0.clone(), g.1)
     }
 }
 
@@ -341,5 +344,22 @@ pub(crate) mod tests {
         // Another namespace does not reuse it.
         let other = Cache::open(dir.path(), NamespaceName::new("zz").unwrap());
         assert!(other.snapshot().0.membranes.is_empty());
+    }
+
+    #[test]
+    fn snapshots_share_the_data_and_a_change_copies_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), ns());
+        cache.replace(vec![view("cog", "a", "s", "x")], Some(3));
+        let (s1, _) = cache.snapshot();
+        let (s2, _) = cache.snapshot();
+        assert!(Arc::ptr_eq(&s1, &s2), "no copy per snapshot");
+        cache.replace(vec![view("cog", "b", "s", "x")], Some(4));
+        assert!(
+            s1.membranes.contains_key("a"),
+            "a held snapshot is unchanged"
+        );
+        let (s3, _) = cache.snapshot();
+        assert!(s3.membranes.contains_key("b") && !s3.membranes.contains_key("a"));
     }
 }

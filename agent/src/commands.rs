@@ -186,7 +186,7 @@ async fn send_direct(c: SendConfig) -> Result<(), AgentError> {
         namespace: &namespace,
         self_id: &from,
         self_parent: None,
-        cache,
+        cache: cache.map(std::sync::Arc::new),
         client: client.as_ref(),
     };
     let r = (relay::next_id().as_u128() as u64 >> 11) as f64 / (1u64 << 53) as f64;
@@ -283,6 +283,8 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
     .map_err(|(_, e)| AgentError::runtime(format!("cannot lock the Maildir: {e}")))?;
     let activity = activity::Activity::new(cfg.state_dir.join(state::ACTIVITY_LOG));
     let delete = info.after_recv == relay::AfterRecv::Delete;
+    let mut log = relay::inlog::Reader::open(&info.maildir)
+        .map_err(|e| AgentError::runtime(format!("{}: {e}", info.maildir.display())))?;
     loop {
         let m = md.clone();
         let (batch, full) = tokio::task::spawn_blocking(move || take_batch(&m, 512))
@@ -291,7 +293,9 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
             .map_err(|e| AgentError::runtime(format!("{}: {e}", info.maildir.display())))?;
         if !batch.is_empty() {
             {
-                let mut out = std::io::stdout().lock();
+                // One write per batch (stdout alone flushes at every newline).
+                let mut out =
+                    std::io::BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
                 for e in &batch {
                     let r = if as_json {
                         writeln!(out, "{}", relay::message_json(e))
@@ -312,21 +316,69 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
                 .await
                 .map_err(AgentError::runtime)?
                 .map_err(|e| AgentError::runtime(format!("cannot move messages to cur/: {e}")))?;
-            for e in &batch {
-                activity.record(
+            activity.record_many(batch.iter().map(|e| {
+                (
                     "taken",
-                    &format!("message from {} taken by the membrane", e.from),
+                    format!("message from {} taken by the membrane", e.from),
                     json!({"id": e.id.to_string(), "from": e.from}),
-                );
+                )
+            }));
+        }
+        // The inbox log (ipc, tcp): oldest first, the taken position recorded (durably)
+        // once the membrane got them.
+        let mut from_log = 0;
+        if let Some(r) = log.as_mut() {
+            let msgs = r
+                .next_batch(LOG_BATCH)
+                .map_err(|e| AgentError::runtime(format!("{}: {e}", info.maildir.display())))?;
+            from_log = msgs.len();
+            if msgs.is_empty()
+                && let Some(end) = r.read_end()
+            {
+                // Only unreadable records (logged): step over them.
+                r.take(end).map_err(|e| {
+                    AgentError::runtime(format!("cannot record the taken messages: {e}"))
+                })?;
+                continue;
+            }
+            if let Some(end) = r.read_end() {
+                {
+                    // One write per batch (stdout alone flushes at every newline).
+                    let mut out =
+                        std::io::BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
+                    for (e, _) in &msgs {
+                        let r = if as_json {
+                            writeln!(out, "{}", relay::message_json(e))
+                        } else {
+                            write_text(&mut out, e)
+                        };
+                        if r.is_err() {
+                            return Ok(()); // stdout closed: nothing taken from this batch
+                        }
+                    }
+                    if out.flush().is_err() {
+                        return Ok(());
+                    }
+                }
+                r.take(end).map_err(|e| {
+                    AgentError::runtime(format!("cannot record the taken messages: {e}"))
+                })?;
+                activity.record_many(msgs.iter().map(|(e, _)| {
+                    (
+                        "taken",
+                        format!("message from {} taken by the membrane", e.from),
+                        json!({"id": e.id.to_string(), "from": e.from}),
+                    )
+                }));
             }
         }
-        if full {
+        if full || from_log >= LOG_BATCH {
             continue;
         }
         if !follow {
             return Ok(());
         }
-        if batch.is_empty() {
+        if batch.is_empty() && from_log == 0 {
             let req = Request::RecvWait { timeout_ms: 25_000 };
             match control::call(&cfg.state_dir, &req, Duration::from_secs(30)).await {
                 Ok(r) if r.ok => {}
@@ -335,6 +387,9 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
         }
     }
 }
+
+/// Most messages of the inbox log printed between two records of the taken position.
+const LOG_BATCH: usize = 1024;
 
 /// Up to `max` readable messages of `new/`, oldest first; duplicates of taken messages are
 /// removed and unreadable files moved to `bad/`. `true` when more may be waiting.
@@ -461,7 +516,12 @@ async fn query(
         HttpRegistry::new(cfg.registry_urls.clone(), cfg.token.clone())
             .with_timeouts(Duration::from_secs(3), Duration::from_secs(10))
     });
-    answer(daemon::query(client.as_ref(), &namespace, id, &filter, || cache).await)
+    answer(
+        daemon::query(client.as_ref(), &namespace, id, &filter, || {
+            cache.map(std::sync::Arc::new)
+        })
+        .await,
+    )
 }
 
 /// Prints the activity log (the rotated part first), then follows it if asked.

@@ -3,7 +3,10 @@
 //!
 //! A Unix stream socket `control.sock` in the state directory, mode 0600, and every peer's
 //! uid is checked with `SO_PEERCRED` (only the agent's own user, or root, is served).
-//! Protocol: newline-delimited JSON, any number of exchanges per connection. A request is an
+//! Protocol: newline-delimited JSON, any number of exchanges per connection, pipelined: a
+//! client may send many requests without waiting; `send` requests run concurrently (up to
+//! 256 per connection), any other once those before it finished, and answers come back in
+//! request order. A request is an
 //! object tagged by `cmd` (`{"cmd":"list","service":"visual"}`); the answer is
 //! `{"ok":true,"result":...}` or `{"ok":false,"error":{"code":"...","message":"..."}}`.
 //! New commands (`send`, `recv`, ...) are new `cmd` variants; an agent that does not know a
@@ -232,38 +235,120 @@ async fn connection<H: Handler>(stream: UnixStream, handler: Arc<H>) -> std::io:
         .await?;
         return Ok(());
     }
-    let mut reader = BufReader::new(r);
+    // Pipelining: `send` requests run concurrently (at most MAX_IN_FLIGHT per connection),
+    // any other request once every earlier one finished; answers go back in request order,
+    // several per write when they are ready together.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Answer>(MAX_IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        async fn resolve(a: Answer, out: &mut Vec<u8>) {
+            let resp = match a {
+                Answer::Ready(r) => r,
+                Answer::Running(h) => h
+                    .await
+                    .unwrap_or_else(|e| Response::err("internal", e.to_string())),
+            };
+            serde_json::to_writer(&mut *out, &resp).expect("json");
+            out.push(b'\n');
+        }
+        let mut out = Vec::new();
+        let mut front = None;
+        loop {
+            let a = match front.take() {
+                Some(a) => a,
+                None => match rx.recv().await {
+                    Some(a) => a,
+                    None => break,
+                },
+            };
+            resolve(a, &mut out).await;
+            // Answers finished together (one group commit) go in one write.
+            tokio::task::yield_now().await;
+            while out.len() < 256 * 1024 {
+                match rx.try_recv() {
+                    Ok(Answer::Running(h)) if !h.is_finished() => {
+                        front = Some(Answer::Running(h));
+                        break;
+                    }
+                    Ok(a) => resolve(a, &mut out).await,
+                    Err(_) => break,
+                }
+            }
+            w.write_all(&out).await?;
+            out.clear();
+        }
+        w.flush().await
+    });
+    let mut reader = BufReader::with_capacity(64 * 1024, r);
     let mut line = Vec::new();
-    loop {
-        line.clear();
-        let n = match tokio::time::timeout(
-            IDLE,
-            (&mut reader)
-                .take(MAX_LINE + 1)
-                .read_until(b'\n', &mut line),
-        )
-        .await
-        {
-            Ok(r) => r?,
-            Err(_) => return Ok(()),
-        };
-        if n == 0 {
-            return Ok(());
-        }
-        if line.len() as u64 > MAX_LINE {
-            write_line(
-                &mut w,
-                &Response::err("bad_request", "request line too long"),
+    let result = async {
+        loop {
+            line.clear();
+            let n = match tokio::time::timeout(
+                IDLE,
+                (&mut reader)
+                    .take(MAX_LINE + 1)
+                    .read_until(b'\n', &mut line),
             )
-            .await?;
-            return Ok(());
+            .await
+            {
+                Ok(r) => r?,
+                Err(_) => return Ok(()),
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            if line.len() as u64 > MAX_LINE {
+                let _ = tx
+                    .send(Answer::Ready(Response::err(
+                        "bad_request",
+                        "request line too long",
+                    )))
+                    .await;
+                return Ok(());
+            }
+            let answer = match parse_request(&line) {
+                Ok(req @ Request::Send { .. }) => {
+                    let permit = in_flight
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore open");
+                    let h = handler.clone();
+                    Answer::Running(tokio::spawn(async move {
+                        let r = h.handle(req).await;
+                        drop(permit);
+                        r
+                    }))
+                }
+                Ok(req) => {
+                    let all = in_flight
+                        .acquire_many(MAX_IN_FLIGHT as u32)
+                        .await
+                        .expect("semaphore open");
+                    let r = handler.handle(req).await;
+                    drop(all);
+                    Answer::Ready(r)
+                }
+                Err(resp) => Answer::Ready(resp),
+            };
+            if tx.send(answer).await.is_err() {
+                return Ok(());
+            }
         }
-        let resp = match parse_request(&line) {
-            Ok(req) => handler.handle(req).await,
-            Err(resp) => resp,
-        };
-        write_line(&mut w, &resp).await?;
     }
+    .await;
+    drop(tx);
+    let w = writer.await.map_err(std::io::Error::other)?;
+    result.and(w)
+}
+
+/// Most `send` requests of one control connection running at once.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+enum Answer {
+    Ready(Response),
+    Running(tokio::task::JoinHandle<Response>),
 }
 
 /// Parses one request line, or the error answer for it.
@@ -331,7 +416,11 @@ pub async fn call(
         Err(e) => return Err(io(e)),
     };
     let (r, mut w) = stream.into_split();
-    write_line(&mut w, req).await.map_err(io)?;
+    match write_line(&mut w, req).await {
+        // The agent may answer (a refusal) and close before reading: read that answer.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r.map_err(io)?,
+    }
     let mut line = Vec::new();
     let n = tokio::time::timeout(timeout, BufReader::new(r).read_until(b'\n', &mut line))
         .await
@@ -425,5 +514,64 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, ControlError::NotRunning { .. }));
         assert!(e.to_string().contains("no agent is running"), "{e}");
+    }
+
+    /// Sends sleep (later ones shorter) and count themselves; `status` reports the count.
+    struct Slow(
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    );
+    impl Handler for Slow {
+        async fn handle(&self, req: Request) -> Response {
+            use std::sync::atomic::Ordering::SeqCst;
+            match req {
+                Request::Send { body, .. } => {
+                    let n: u64 = body.unwrap().parse().unwrap();
+                    let now = self.1.fetch_add(1, SeqCst) + 1;
+                    assert!(now <= MAX_IN_FLIGHT, "{now} in flight");
+                    tokio::time::sleep(Duration::from_millis(30 - n % 30)).await;
+                    self.1.fetch_sub(1, SeqCst);
+                    self.0.fetch_add(1, SeqCst);
+                    Response::ok(serde_json::json!(n))
+                }
+                _ => Response::ok(serde_json::json!({"done": self.0.load(SeqCst)})),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_run_concurrently_and_answer_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::state::control_socket(dir.path());
+        let listener = bind(&path).await.unwrap();
+        let cancel = CancellationToken::new();
+        let h = Arc::new(Slow(Default::default(), Default::default()));
+        tokio::spawn(serve(listener, h.clone(), cancel.clone()));
+        let s = UnixStream::connect(&path).await.unwrap();
+        let (r, mut w) = s.into_split();
+        let n = 600;
+        let mut req = Vec::new();
+        for i in 0..n {
+            req.extend_from_slice(
+                format!("{{\"cmd\":\"send\",\"to\":\"b\",\"body\":\"{i}\"}}\n").as_bytes(),
+            );
+        }
+        req.extend_from_slice(b"{\"cmd\":\"status\"}\n");
+        let t0 = std::time::Instant::now();
+        w.write_all(&req).await.unwrap();
+        let mut lines = BufReader::new(r).lines();
+        for i in 0..n {
+            let l = lines.next_line().await.unwrap().unwrap();
+            let v: Value = serde_json::from_str(&l).unwrap();
+            assert_eq!(v["result"], i, "answers in request order");
+        }
+        let l = lines.next_line().await.unwrap().unwrap();
+        assert!(
+            l.contains(&format!("\"done\":{n}")),
+            "status after every send: {l}"
+        );
+        // 600 sends of up to 30 ms, 256 at a time: well under one after another (9 s).
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+        cancel.cancel();
     }
 }

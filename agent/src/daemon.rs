@@ -305,7 +305,7 @@ pub async fn query(
     namespace: &NamespaceName,
     id: Option<&MembraneId>,
     filter: &ListFilter,
-    cache: impl FnOnce() -> Option<CacheData>,
+    cache: impl FnOnce() -> Option<std::sync::Arc<CacheData>>,
 ) -> Response {
     let fallback_reason = match client {
         None => "no registry to ask (no --registry-url)".to_string(),

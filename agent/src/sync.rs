@@ -322,7 +322,7 @@ mod tests {
         let on_disk = CacheData::load(&dir.path().join(crate::cache::CACHE_FILE))
             .unwrap()
             .unwrap();
-        assert_eq!(on_disk, data);
+        assert_eq!(on_disk, *data);
     }
 
     #[tokio::test]

@@ -338,6 +338,28 @@ impl Frame {
 /// Reads the header of a message in the file format without copying the body: the id,
 /// recipient and body length (for receivers that store the bytes as they are).
 pub fn peek(bytes: &[u8]) -> Result<(MessageId, MembraneId, NamespaceName, usize), DecodeError> {
+    peek_meta(bytes).map(|m| (m.id, m.to, m.namespace, m.body_len))
+}
+
+/// What [`peek_meta`] reads of a message's header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// Id.
+    pub id: MessageId,
+    /// Recipient.
+    pub to: MembraneId,
+    /// Namespace.
+    pub namespace: NamespaceName,
+    /// Body length.
+    pub body_len: usize,
+    /// Sent at (ms since the epoch).
+    pub sent_at: u64,
+    /// Expiry (ms since the epoch).
+    pub expires_at: Option<u64>,
+}
+
+/// Like [`peek`], with the times too.
+pub fn peek_meta(bytes: &[u8]) -> Result<Meta, DecodeError> {
     let rest = bytes
         .strip_prefix(FILE_MAGIC)
         .ok_or(DecodeError::BadMagic)?;
@@ -354,7 +376,14 @@ pub fn peek(bytes: &[u8]) -> Result<(MessageId, MembraneId, NamespaceName, usize
             actual: body,
         });
     }
-    Ok((h.id, h.to, h.namespace, h.body_len))
+    Ok(Meta {
+        id: h.id,
+        to: h.to,
+        namespace: h.namespace,
+        body_len: h.body_len,
+        sent_at: h.sent_at,
+        expires_at: h.expires_at,
+    })
 }
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

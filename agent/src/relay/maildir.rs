@@ -1,11 +1,13 @@
-//! A membrane's Maildir (`tmp/`, `new/`, `cur/`), also used for the sender's outbox spool.
+//! A membrane's Maildir (`tmp/`, `new/`, `cur/`): the inbox of shared-volume mode (the
+//! ipc/tcp inbox and the outbox spool are [segment logs](super::seglog); messages left in
+//! a Maildir by an older agent are still read).
 //!
 //! Files are named by message id (32 hex digits, see [`shared::envelope::MessageId`]) and
 //! hold one message in the `membrane-message/1` file format. Writers create
 //! `tmp/<id>.<pid>.<n>`, make it durable, rename it to `new/<id>` and fsync `new/`. Batches
-//! are group-committed: all files of a batch are written, one `syncfs(2)` makes their data
-//! durable, then the renames and one fsync of `new/`. `new/` holds the messages not yet taken
-//! by the membrane; `cur/` those taken (kept, or emptied to a tombstone with
+//! are group-committed: all files of a batch are written, made durable by concurrent
+//! `fdatasync`s (which the file system commits together), then renamed, then one fsync of
+//! `new/`. `new/` holds the messages not yet taken by the membrane; `cur/` those taken (kept, or emptied to a tombstone with
 //! `--after-recv delete`). An id present in `new/` or `cur/` is a duplicate.
 //! Directories are created 0700 and files 0600: other users can neither read nor write.
 
@@ -19,9 +21,12 @@ use shared::name::{MembraneId, NamespaceName};
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// Batches of at most this many files are made durable with per-file `fdatasync`; larger
-/// ones with one `syncfs`.
+/// Batches of at most this many files are made durable with per-file `fdatasync` in turn;
+/// larger ones with `fdatasync`s from [`SYNC_THREADS`] threads at once.
 const FSYNC_EACH_MAX: usize = 2;
+
+/// Threads making a batch durable.
+const SYNC_THREADS: usize = 16;
 
 /// A Maildir.
 #[derive(Debug, Clone)]
@@ -149,7 +154,18 @@ impl Maildir {
                     f.sync_data()?;
                 }
             } else {
-                nix::unistd::syncfs(&written[0].2).map_err(std::io::Error::from)?;
+                // Concurrent fdatasyncs share the file system's journal commits. (syncfs
+                // would also do, but it walks every cached inode of the file system: on a
+                // busy disk that costs more than the messages.)
+                let per = written.len().div_ceil(SYNC_THREADS);
+                std::thread::scope(|s| {
+                    let hs: Vec<_> = written
+                        .chunks(per)
+                        .map(|c| s.spawn(move || c.iter().try_for_each(|(_, _, f)| f.sync_data())))
+                        .collect();
+                    hs.into_iter()
+                        .try_for_each(|h| h.join().expect("fdatasync thread"))
+                })?;
             }
             for (tmp, dest, _) in &written {
                 std::fs::rename(tmp, dest)?;

@@ -1,17 +1,22 @@
 //! The message relay: `agent send` / `agent recv` between membranes.
 //!
-//! - [`maildir`]: the membrane's Maildir (inbox of every mode) and the outbox spool, with
-//!   group commit;
+//! - [`maildir`]: the membrane's Maildir (the shared-volume inbox), with group commit;
+//! - [`seglog`]: append-only segment logs with group commit (one `fdatasync` per batch);
+//! - [`inlog`]: the ipc/tcp inbox on a segment log, read by `agent recv` up to the durable
+//!   position, with the taken position and the bounded dedupe window;
 //! - [`wire`]: frames over Unix/TCP sockets: the receiving inbox and listeners, the
 //!   sender's pipelined connection;
-//! - [`outbox`]: durable spool, per-destination delivery with backoff, expiry, dead letters;
+//! - [`outbox`]: durable spool (a segment log), per-destination delivery with backoff,
+//!   backpressure, expiry, dead letters;
 //! - [`resolve`]: targets (`id`, `parent`, `children`, `_svc._tcp`) to membranes and routes;
 //! - this module: message ids, the relay settings file, the shared-volume watcher, and the
 //!   pieces `agent send` / `agent recv` share with `agent run`.
 
+pub mod inlog;
 pub mod maildir;
 pub mod outbox;
 pub mod resolve;
+pub mod seglog;
 pub mod service;
 pub mod wire;
 
@@ -92,7 +97,8 @@ pub fn next_id() -> MessageId {
     let rs = std::collections::hash_map::RandomState::new();
     let mut h = rs.build_hasher();
     h.write_u64(now);
-    h.write_u32(std::process::id());
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    h.write_u32(*PID.get_or_init(std::process::id));
     let a = h.finish();
     h.write_u64(a);
     let b = h.finish();
@@ -166,7 +172,9 @@ pub fn message_json(e: &Envelope) -> Value {
 
 /// Watches a shared-volume Maildir's `new/` (inotify through `notify`): drops duplicates of
 /// messages already taken, logs arrivals and bumps `arrivals` for `agent recv --follow`.
-/// Also prunes old tombstones hourly.
+/// Each event is handled by itself (the file it names is looked at), the directory being
+/// scanned only at the start, when events were lost, and every 30 s as a safety net. Also
+/// prunes old tombstones hourly.
 pub async fn watch_maildir(
     md: Maildir,
     arrivals: watch::Sender<u64>,
@@ -175,36 +183,110 @@ pub async fn watch_maildir(
     cancel: CancellationToken,
 ) {
     use notify::{RecursiveMode, Watcher};
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut watcher = match notify::recommended_watcher(move |r: notify::Result<notify::Event>| {
-        if r.is_ok() {
-            let _ = tx.send(());
-        }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch the Maildir; falling back to polling");
-            return poll_maildir(md, arrivals, activity, cancel).await;
-        }
-    };
+    // Names of files in new/ an event was about; `None`: rescan.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<std::ffi::OsString>>();
+    let mut watcher =
+        match notify::recommended_watcher(move |r: notify::Result<notify::Event>| match r {
+            Ok(ev) if !ev.need_rescan() => {
+                for p in ev.paths {
+                    if let Some(n) = p.file_name() {
+                        let _ = tx.send(Some(n.to_owned()));
+                    }
+                }
+            }
+            _ => {
+                let _ = tx.send(None);
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the Maildir; falling back to polling");
+                return poll_maildir(md, arrivals, activity, cancel).await;
+            }
+        };
     if let Err(e) = watcher.watch(&md.new_dir(), RecursiveMode::NonRecursive) {
         tracing::error!(error = %e, dir = %md.new_dir().display(), "cannot watch; falling back to polling");
         return poll_maildir(md, arrivals, activity, cancel).await;
     }
     let mut seen = std::collections::HashSet::new();
     let mut prune = tokio::time::interval(Duration::from_secs(3600));
+    let mut rescan = tokio::time::interval(Duration::from_secs(30));
+    scan(&md, &mut seen, &arrivals, &activity).await;
     loop {
-        scan(&md, &mut seen, &arrivals, &activity).await;
+        let mut names = Vec::new();
+        let mut full = false;
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = prune.tick() => {
                 let m = md.clone();
                 let _ = tokio::task::spawn_blocking(move || m.prune(tombstone_age)).await;
+                continue;
             }
-            r = rx.recv() => {
-                if r.is_none() { return; }
-                while rx.try_recv().is_ok() {}
+            _ = rescan.tick() => full = true,
+            r = rx.recv() => match r {
+                None => return,
+                Some(None) => full = true,
+                Some(Some(n)) => names.push(n),
+            },
+        }
+        while let Ok(r) = rx.try_recv() {
+            match r {
+                Some(n) => names.push(n),
+                None => full = true,
             }
+        }
+        if full {
+            scan(&md, &mut seen, &arrivals, &activity).await;
+            continue;
+        }
+        names.sort_unstable();
+        names.dedup();
+        let ids: Vec<MessageId> = names
+            .iter()
+            .filter_map(|n| n.to_str()?.parse().ok())
+            .collect();
+        let m = md.clone();
+        let Ok(states) = tokio::task::spawn_blocking(move || {
+            ids.into_iter()
+                .map(|id| {
+                    let name = id.to_string();
+                    let in_new = m.new_dir().join(&name).exists();
+                    let dup = in_new && m.cur_dir().join(&name).exists();
+                    if dup {
+                        let _ = m.remove_new(id);
+                    }
+                    (id, in_new, dup)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        else {
+            continue;
+        };
+        let mut events = Vec::new();
+        for (id, in_new, dup) in states {
+            if dup {
+                seen.remove(&id);
+                events.push((
+                    "duplicate",
+                    "duplicate message dropped (already taken)".to_string(),
+                    json!({"id": id.to_string()}),
+                ));
+            } else if !in_new {
+                // Taken (moved to cur/) or removed.
+                seen.remove(&id);
+            } else if seen.insert(id) {
+                events.push((
+                    "received",
+                    "message arrived in the Maildir".to_string(),
+                    json!({"id": id.to_string()}),
+                ));
+            }
+        }
+        let any = events.iter().any(|e| e.0 == "received");
+        activity.record_many(events);
+        if any {
+            arrivals.send_modify(|v| *v += 1);
         }
     }
 }
@@ -240,24 +322,28 @@ async fn scan(
     else {
         return;
     };
-    for id in dups {
-        activity.record(
-            "duplicate",
-            "duplicate message dropped (already taken)",
-            json!({"id": id.to_string()}),
-        );
-    }
+    let mut events: Vec<(&str, String, Value)> = dups
+        .iter()
+        .map(|id| {
+            (
+                "duplicate",
+                "duplicate message dropped (already taken)".to_string(),
+                json!({"id": id.to_string()}),
+            )
+        })
+        .collect();
     let mut any = false;
     for id in &ids {
         if seen.insert(*id) {
             any = true;
-            activity.record(
+            events.push((
                 "received",
-                "message arrived in the Maildir",
+                "message arrived in the Maildir".to_string(),
                 json!({"id": id.to_string()}),
-            );
+            ));
         }
     }
+    activity.record_many(events);
     // Forget ids that left new/ (taken), so the set stays bounded.
     if seen.len() > ids.len() + 10_000 {
         let keep: std::collections::HashSet<MessageId> = ids.into_iter().collect();

@@ -1,12 +1,14 @@
-//! The sender's outbox: a durable spool (`<state-dir>/outbox/{tmp,new}`, the Maildir file
-//! format, group-committed) and one delivery worker per destination membrane, which retries
+//! The sender's outbox: a durable spool (`<state-dir>/outbox/`, a [segment log](super::seglog)
+//! of messages and "done" marks, group-committed) and one delivery worker per destination
+//! membrane, which retries
 //! with exponential backoff until the receiver acknowledges, or moves the message to
 //! `<state-dir>/deadletter/` once it expired (default 1 h) or was refused for good.
 //! Also the one-shot direct delivery used by `agent send` when no agent runs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -18,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::maildir::{Maildir, Stored};
+use super::seglog::{self, SegLog};
 use super::wire::{Addr, FrameConn};
 use crate::activity::Activity;
 use crate::util::{self, Backoff};
@@ -54,19 +57,47 @@ impl Default for OutboxConfig {
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
+/// Messages queued for one destination past which `submit` waits (backpressure), as long
+/// as that destination takes messages (its last delivery attempt worked): a slow receiver
+/// slows its senders down instead of letting their queue, and the latency, grow. While a
+/// receiver is unreachable nothing waits: the spool holds the messages.
+pub const MAX_QUEUED: usize = 512;
+
+/// One destination's delivery worker.
+struct Lane {
+    tx: mpsc::UnboundedSender<Envelope>,
+    queued: AtomicUsize,
+    healthy: std::sync::atomic::AtomicBool,
+    drained: tokio::sync::Notify,
+}
+
+impl Lane {
+    fn dequeued(&self, n: usize) {
+        if n > 0 {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            self.drained.notify_waiters();
+        }
+    }
+}
+
 struct SpoolReq {
     msgs: Vec<(MessageId, Vec<u8>)>,
+    /// Activity records, written with the others of the group commit.
+    events: Vec<(&'static str, String, serde_json::Value)>,
     reply: oneshot::Sender<Result<Vec<Stored>, String>>,
 }
 
 /// The outbox of a running agent.
 pub struct Outbox<R: Routes> {
-    spool: Maildir,
     dead: PathBuf,
+    /// Ids delivered or dead-lettered, to be marked done in the spool.
+    done: Mutex<Vec<MessageId>>,
+    done_wake: tokio::sync::Notify,
+    pending: Arc<AtomicUsize>,
     routes: Arc<R>,
     cfg: OutboxConfig,
     activity: Arc<Activity>,
-    workers: Mutex<HashMap<MembraneId, mpsc::UnboundedSender<Envelope>>>,
+    workers: Mutex<HashMap<MembraneId, Arc<Lane>>>,
     waiters: Mutex<HashMap<MessageId, Waiter>>,
     spool_tx: mpsc::Sender<SpoolReq>,
     cancel: CancellationToken,
@@ -82,12 +113,15 @@ impl<R: Routes> Outbox<R> {
         activity: Arc<Activity>,
         cancel: CancellationToken,
     ) -> std::io::Result<Arc<Self>> {
-        let spool = Maildir::new(state_dir.join("outbox"));
-        spool.create()?;
+        let dir = state_dir.join("outbox");
+        let (spool, recovered) = Spool::open(&dir, SEGMENT_BYTES)?;
+        let pending = Arc::new(AtomicUsize::new(spool.live.len()));
         let (spool_tx, spool_rx) = mpsc::channel(1024);
         let ob = Arc::new(Outbox {
-            spool,
             dead: state_dir.join("deadletter"),
+            done: Mutex::new(Vec::new()),
+            done_wake: tokio::sync::Notify::new(),
+            pending,
             routes,
             cfg,
             activity,
@@ -97,29 +131,13 @@ impl<R: Routes> Outbox<R> {
             cancel,
             clock: (SystemTime::now(), tokio::time::Instant::now()),
         });
-        tokio::spawn(spooler(ob.spool.clone(), spool_rx));
-        let mut recovered = 0;
-        for id in ob.spool.list_new()? {
-            match ob.spool.read_new(id) {
-                Ok(e) => {
-                    ob.enqueue(e);
-                    recovered += 1;
-                }
-                Err(err) => {
-                    let _ = ob.spool.move_new_to(id, &ob.dead);
-                    ob.activity.record(
-                        "dead_letter",
-                        &format!("unreadable outbox file moved to the dead-letter folder: {err}"),
-                        json!({"id": id.to_string()}),
-                    );
-                }
-            }
+        tokio::spawn(spooler(spool, spool_rx, ob.clone()));
+        let n = recovered.len();
+        for e in recovered {
+            ob.enqueue(e);
         }
-        if recovered > 0 {
-            tracing::info!(
-                messages = recovered,
-                "outbox: re-queued undelivered messages"
-            );
+        if n > 0 {
+            tracing::info!(messages = n, "outbox: re-queued undelivered messages");
         }
         Ok(ob)
     }
@@ -131,7 +149,14 @@ impl<R: Routes> Outbox<R> {
 
     /// Number of messages not yet delivered.
     pub fn pending(&self) -> usize {
-        self.spool.list_new().map(|v| v.len()).unwrap_or(0)
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Marks a message done (delivered or dead-lettered): its spool record can go.
+    fn mark_done(&self, id: MessageId) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        self.done.lock().unwrap().push(id);
+        self.done_wake.notify_one();
     }
 
     /// Stores messages durably in the spool (one group commit) and queues them for
@@ -142,10 +167,46 @@ impl<R: Routes> Outbox<R> {
         envs: Vec<Envelope>,
         wait: bool,
     ) -> Result<Vec<oneshot::Receiver<Result<(), String>>>, String> {
+        // Backpressure: wait while a destination that takes messages has a long queue.
+        for to in envs
+            .iter()
+            .map(|e| &e.to)
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            loop {
+                let lane = self.workers.lock().unwrap().get(to).cloned();
+                let Some(lane) = lane else { break };
+                let drained = lane.drained.notified();
+                if lane.queued.load(Ordering::Relaxed) < MAX_QUEUED
+                    || !lane.healthy.load(Ordering::Relaxed)
+                {
+                    break;
+                }
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return Err("the agent is shutting down".into()),
+                    _ = drained => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        }
         let msgs = envs.iter().map(|e| (e.id, e.encode())).collect();
+        let events = envs
+            .iter()
+            .map(|e| {
+                (
+                    "sent",
+                    format!("message queued for {}", e.to),
+                    json!({"id": e.id.to_string(), "to": e.to, "bytes": e.body.len()}),
+                )
+            })
+            .collect();
         let (reply, rx) = oneshot::channel();
         self.spool_tx
-            .send(SpoolReq { msgs, reply })
+            .send(SpoolReq {
+                msgs,
+                events,
+                reply,
+            })
             .await
             .map_err(|_| "the agent is shutting down".to_string())?;
         let stored = rx
@@ -153,11 +214,6 @@ impl<R: Routes> Outbox<R> {
             .map_err(|_| "the agent is shutting down".to_string())??;
         let mut rxs = Vec::new();
         for (e, st) in envs.into_iter().zip(stored) {
-            self.activity.record(
-                "sent",
-                &format!("message queued for {}", e.to),
-                json!({"id": e.id.to_string(), "to": e.to, "bytes": e.body.len()}),
-            );
             if wait {
                 let (tx, rx) = oneshot::channel();
                 self.waiters.lock().unwrap().insert(e.id, tx);
@@ -173,12 +229,19 @@ impl<R: Routes> Outbox<R> {
 
     fn enqueue(self: &Arc<Self>, e: Envelope) {
         let mut w = self.workers.lock().unwrap();
-        let tx = w.entry(e.to.clone()).or_insert_with(|| {
+        let lane = w.entry(e.to.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(self.clone().worker(e.to.clone(), rx));
-            tx
+            let lane = Arc::new(Lane {
+                tx,
+                queued: AtomicUsize::new(0),
+                healthy: true.into(),
+                drained: tokio::sync::Notify::new(),
+            });
+            tokio::spawn(self.clone().worker(e.to.clone(), rx, lane.clone()));
+            lane
         });
-        let _ = tx.send(e);
+        lane.queued.fetch_add(1, Ordering::Relaxed);
+        let _ = lane.tx.send(e);
     }
 
     fn finish(&self, id: MessageId, r: Result<(), String>) {
@@ -188,7 +251,10 @@ impl<R: Routes> Outbox<R> {
     }
 
     fn dead_letter(&self, e: &Envelope, why: &str) {
-        let path = self.spool.move_new_to(e.id, &self.dead);
+        let path = write_dead_letter(&self.dead, e);
+        if path.is_ok() {
+            self.mark_done(e.id);
+        }
         tracing::warn!(id = %e.id, to = %e.to, reason = why, "message moved to the dead-letter folder");
         self.activity.record(
             "dead_letter",
@@ -198,7 +264,12 @@ impl<R: Routes> Outbox<R> {
         self.finish(e.id, Err(format!("not delivered: {why}")));
     }
 
-    async fn worker(self: Arc<Self>, to: MembraneId, mut rx: mpsc::UnboundedReceiver<Envelope>) {
+    async fn worker(
+        self: Arc<Self>,
+        to: MembraneId,
+        mut rx: mpsc::UnboundedReceiver<Envelope>,
+        lane: Arc<Lane>,
+    ) {
         let mut queue: VecDeque<Envelope> = VecDeque::new();
         let mut queued: std::collections::HashSet<MessageId> = std::collections::HashSet::new();
         let mut conn: Option<FrameConn> = None;
@@ -208,7 +279,7 @@ impl<R: Routes> Outbox<R> {
                 tokio::select! {
                     _ = self.cancel.cancelled() => return,
                     m = rx.recv() => match m {
-                        Some(e) => if queued.insert(e.id) { queue.push_back(e) },
+                        Some(e) => if queued.insert(e.id) { queue.push_back(e) } else { lane.dequeued(1) },
                         None => return,
                     },
                 }
@@ -216,8 +287,11 @@ impl<R: Routes> Outbox<R> {
             while let Ok(e) = rx.try_recv() {
                 if queued.insert(e.id) {
                     queue.push_back(e);
+                } else {
+                    lane.dequeued(1);
                 }
             }
+            let before = queue.len();
             let now = self.now_ms();
             queue.retain(|e| {
                 let expired = e.expires_at.is_some_and(|t| t <= now);
@@ -227,6 +301,7 @@ impl<R: Routes> Outbox<R> {
                 }
                 !expired
             });
+            lane.dequeued(before - queue.len());
             if queue.is_empty() {
                 continue;
             }
@@ -241,17 +316,15 @@ impl<R: Routes> Outbox<R> {
             match result {
                 Ok(outcomes) => {
                     backoff.reset();
+                    lane.healthy.store(true, Ordering::Relaxed);
                     let mut transient = None;
                     let mut done = std::collections::HashSet::new();
+                    let mut delivered = Vec::new();
                     for e in queue.iter() {
                         match outcomes.get(&e.id) {
                             Some(Ok(())) => {
-                                let _ = self.spool.remove_new(e.id);
-                                self.activity.record(
-                                    "delivered",
-                                    &format!("message delivered to {}", e.to),
-                                    json!({"id": e.id.to_string(), "to": e.to}),
-                                );
+                                delivered.push(e.id);
+                                self.pending.fetch_sub(1, Ordering::Relaxed);
                                 self.finish(e.id, Ok(()));
                                 done.insert(e.id);
                             }
@@ -268,11 +341,25 @@ impl<R: Routes> Outbox<R> {
                             None => {}
                         }
                     }
+                    if !delivered.is_empty() {
+                        self.activity.record_many(delivered.iter().map(|id| {
+                            (
+                                "delivered",
+                                format!("message delivered to {to}"),
+                                json!({"id": id.to_string(), "to": to}),
+                            )
+                        }));
+                        self.done.lock().unwrap().extend(delivered);
+                        self.done_wake.notify_one();
+                    }
                     queue.retain(|e| !done.contains(&e.id));
+                    lane.dequeued(done.len());
                     for id in &done {
                         queued.remove(id);
                     }
                     if let Some(why) = transient {
+                        lane.healthy.store(false, Ordering::Relaxed);
+                        lane.drained.notify_waiters();
                         let delay = backoff.next_delay();
                         tracing::debug!(to = %to, error = %why, retry_in = ?delay, "receiver cannot store now");
                         tokio::select! {
@@ -283,6 +370,8 @@ impl<R: Routes> Outbox<R> {
                 }
                 Err(err) => {
                     conn = None;
+                    lane.healthy.store(false, Ordering::Relaxed);
+                    lane.drained.notify_waiters();
                     let delay = backoff.next_delay();
                     tracing::debug!(to = %to, error = %err, retry_in = ?delay, "delivery failed");
                     self.activity.record(
@@ -300,28 +389,237 @@ impl<R: Routes> Outbox<R> {
     }
 }
 
-async fn spooler(spool: Maildir, mut rx: mpsc::Receiver<SpoolReq>) {
-    while let Some(first) = rx.recv().await {
-        let mut reqs = vec![first];
+/// Segment size of the spool.
+const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Kinds of spool records.
+const MSG: u8 = 1;
+const DONE: u8 = 2;
+
+/// The spool: messages appended to a segment log, "done" marks once delivered (or
+/// dead-lettered). Segments are removed oldest first once none of their messages is
+/// pending; the oldest is rewritten (its pending messages copied forward) when more than
+/// [`KEEP_SEGMENTS`] are retained, so one undeliverable message does not hold the others.
+struct Spool {
+    log: SegLog,
+    /// Pending messages: the segment holding each.
+    live: HashMap<MessageId, u64>,
+    /// Pending messages per retained segment (the active one included).
+    per_seg: BTreeMap<u64, usize>,
+}
+
+/// Retained older segments past which the oldest is compacted.
+const KEEP_SEGMENTS: usize = 2;
+
+impl Spool {
+    /// Opens the spool in `dir`: it, and the pending messages, oldest first. Files of the
+    /// previous spool format (a Maildir `new/`) are moved into the log.
+    fn open(dir: &std::path::Path, segment: u64) -> std::io::Result<(Spool, Vec<Envelope>)> {
+        let (log, records) = SegLog::open(dir, segment)?;
+        let mut live: HashMap<MessageId, u64> = HashMap::new();
+        let mut msgs: HashMap<MessageId, Envelope> = HashMap::new();
+        let mut per_seg: BTreeMap<u64, usize> = seglog::list_segments(dir)?
+            .into_iter()
+            .map(|n| (n, 0))
+            .collect();
+        for r in records {
+            match r.kind {
+                MSG => match Envelope::decode(&r.payload) {
+                    Ok(e) => {
+                        live.insert(e.id, r.seg);
+                        msgs.insert(e.id, e);
+                    }
+                    Err(err) => {
+                        tracing::warn!(segment = r.seg, offset = r.off, error = %err, "unreadable outbox record skipped");
+                    }
+                },
+                DONE => {
+                    if let Ok(b) = <[u8; 16]>::try_from(&r.payload[..]) {
+                        let id = MessageId::from_u128(u128::from_le_bytes(b));
+                        live.remove(&id);
+                        msgs.remove(&id);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for seg in live.values() {
+            *per_seg.entry(*seg).or_default() += 1;
+        }
+        let mut spool = Spool { log, live, per_seg };
+        // The previous format: one file per message in new/.
+        let old = Maildir::new(dir);
+        if old.new_dir().is_dir() {
+            for id in old.list_new()? {
+                if let Ok(e) = old.read_new(id)
+                    && !spool.live.contains_key(&id)
+                {
+                    spool.append(&e.id, &e.encode());
+                    msgs.insert(e.id, e);
+                }
+            }
+            spool.log.commit()?;
+            for id in old.list_new()? {
+                old.remove_new(id)?;
+            }
+        }
+        spool.collect()?;
+        let mut pending: Vec<Envelope> = msgs.into_values().collect();
+        pending.sort_by_key(|e| e.id);
+        Ok((spool, pending))
+    }
+
+    fn append(&mut self, id: &MessageId, bytes: &[u8]) {
+        let (seg, _) = self.log.append(MSG, bytes);
+        self.live.insert(*id, seg);
+        *self.per_seg.entry(seg).or_default() += 1;
+    }
+
+    fn done(&mut self, id: MessageId) {
+        if let Some(seg) = self.live.remove(&id) {
+            if let Some(n) = self.per_seg.get_mut(&seg) {
+                *n = n.saturating_sub(1);
+            }
+            self.log.append(DONE, &id.as_u128().to_le_bytes());
+        }
+    }
+
+    /// Stores messages (one group commit with the pending done marks); duplicates of
+    /// pending ones are skipped.
+    fn store(&mut self, msgs: &[(MessageId, &[u8])]) -> std::io::Result<Vec<Stored>> {
+        let mut out = Vec::with_capacity(msgs.len());
+        let mut added = Vec::new();
+        for (id, b) in msgs {
+            if self.live.contains_key(id) {
+                out.push(Stored::Duplicate);
+            } else {
+                self.append(id, b);
+                added.push(*id);
+                out.push(Stored::New);
+            }
+        }
+        if let Err(e) = self.log.commit() {
+            for id in added {
+                if let Some(seg) = self.live.remove(&id)
+                    && let Some(n) = self.per_seg.get_mut(&seg)
+                {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            return Err(e);
+        }
+        self.per_seg.entry(self.log.active()).or_default();
+        Ok(out)
+    }
+
+    /// Removes the oldest segments without pending messages; compacts the oldest one when
+    /// too many are retained.
+    fn collect(&mut self) -> std::io::Result<()> {
+        let active = self.log.active();
+        if self.per_seg.range(..active).count() > KEEP_SEGMENTS
+            && let Some((&oldest, &n)) = self.per_seg.iter().next()
+            && n > 0
+        {
+            let path = seglog::segment_path(self.log.dir(), oldest);
+            let (records, _) = seglog::read_segment(&path, oldest, 0, None)?;
+            let mut moved = 0;
+            for r in records {
+                if r.kind != MSG {
+                    continue;
+                }
+                let Ok((id, ..)) = shared::envelope::peek(&r.payload) else {
+                    continue;
+                };
+                if self.live.get(&id) == Some(&oldest) {
+                    let (seg, _) = self.log.append(MSG, &r.payload);
+                    self.live.insert(id, seg);
+                    *self.per_seg.entry(seg).or_default() += 1;
+                    moved += 1;
+                }
+            }
+            self.log.commit()?;
+            self.per_seg.insert(oldest, 0);
+            self.per_seg.entry(self.log.active()).or_default();
+            tracing::debug!(
+                segment = oldest,
+                messages = moved,
+                "outbox segment compacted"
+            );
+        }
+        while let Some((&oldest, &n)) = self.per_seg.iter().next() {
+            if n > 0 || oldest >= self.log.active() {
+                break;
+            }
+            // Done marks of later segments may refer to this one's messages: only the
+            // oldest segments go, so a mark is never kept longer than its message.
+            self.log.remove(oldest)?;
+            self.per_seg.remove(&oldest);
+        }
+        Ok(())
+    }
+}
+
+/// Writes a message to the dead-letter folder, durably.
+fn write_dead_letter(dir: &std::path::Path, e: &Envelope) -> std::io::Result<PathBuf> {
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let dest = dir.join(e.id.to_string());
+    util::write_atomic(&dest, &e.encode(), 0o600)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(dest)
+}
+
+async fn spooler<R: Routes>(
+    mut spool: Spool,
+    mut rx: mpsc::Receiver<SpoolReq>,
+    ob: Arc<Outbox<R>>,
+) {
+    loop {
+        let mut reqs = Vec::new();
+        tokio::select! {
+            _ = ob.cancel.cancelled() => return,
+            r = rx.recv() => match r {
+                Some(r) => reqs.push(r),
+                None => return,
+            },
+            _ = ob.done_wake.notified() => {}
+        }
         while let Ok(r) = rx.try_recv() {
             reqs.push(r);
             if reqs.len() >= 4096 {
                 break;
             }
         }
-        let md = spool.clone();
-        let (reqs, r) = tokio::task::spawn_blocking(move || {
+        let done = std::mem::take(&mut *ob.done.lock().unwrap());
+        let (sp, reqs, r) = tokio::task::spawn_blocking(move || {
+            for id in done {
+                spool.done(id);
+            }
             let all: Vec<(MessageId, &[u8])> = reqs
                 .iter()
                 .flat_map(|r| r.msgs.iter().map(|(id, b)| (*id, &b[..])))
                 .collect();
-            let r = md.store_batch(&all).map_err(|e| format!("outbox: {e}"));
-            (reqs, r)
+            let r = spool
+                .store(&all)
+                .and_then(|st| spool.collect().map(|()| st))
+                .map_err(|e| format!("outbox: {e}"));
+            (spool, reqs, r)
         })
         .await
         .expect("spool task");
+        spool = sp;
         match r {
             Ok(stored) => {
+                let added = stored.iter().filter(|s| **s == Stored::New).count();
+                ob.pending.fetch_add(added, Ordering::Relaxed);
+                let mut reqs = reqs;
+                ob.activity
+                    .record_many(reqs.iter_mut().flat_map(|q| std::mem::take(&mut q.events)));
                 let mut it = stored.into_iter();
                 for q in reqs {
                     let mine = it.by_ref().take(q.msgs.len()).collect();
@@ -329,6 +627,7 @@ async fn spooler(spool: Maildir, mut rx: mpsc::Receiver<SpoolReq>) {
                 }
             }
             Err(e) => {
+                tracing::error!(error = %e, "cannot write the outbox");
                 for q in reqs {
                     let _ = q.reply.send(Err(e.clone()));
                 }
@@ -533,5 +832,94 @@ mod tests {
             md.list_new().unwrap(),
             es.iter().map(|e| e.id).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn spool_segments_are_removed_and_a_stuck_message_is_compacted_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("outbox");
+        let (mut sp, pending) = Spool::open(&d, 4096).unwrap();
+        assert!(pending.is_empty());
+        let stuck = envelope(0, &"s".repeat(1000));
+        sp.store(&[(stuck.id, &stuck.encode())]).unwrap();
+        // 200 messages of ~1 KiB (about 50 segments), each delivered after its batch.
+        for n in 1..=200 {
+            let e = envelope(n, &"m".repeat(1000));
+            assert_eq!(sp.store(&[(e.id, &e.encode())]).unwrap(), vec![Stored::New]);
+            // A resubmitted pending id is a duplicate.
+            assert_eq!(
+                sp.store(&[(e.id, &e.encode())]).unwrap(),
+                vec![Stored::Duplicate]
+            );
+            sp.done(e.id);
+            sp.collect().unwrap();
+            let segs = seglog::list_segments(&d).unwrap().len();
+            assert!(segs <= KEEP_SEGMENTS + 2, "{segs} segments retained");
+        }
+        assert_eq!(sp.live.len(), 1);
+        sp.store(&[]).unwrap(); // the last done mark (written with the next commit)
+        drop(sp);
+        // Reopened: only the stuck message is pending.
+        let (sp, pending) = Spool::open(&d, 4096).unwrap();
+        assert_eq!(
+            pending.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![stuck.id]
+        );
+        assert_eq!(pending[0], stuck);
+        assert_eq!(sp.live.len(), 1);
+    }
+
+    #[test]
+    fn spool_recovers_done_marks_and_imports_the_old_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("outbox");
+        // The previous format: files in outbox/new/.
+        let old = Maildir::new(&d);
+        old.create().unwrap();
+        let e0 = envelope(0, "old");
+        old.store_batch(&[(e0.id, &e0.encode())]).unwrap();
+        let (mut sp, pending) = Spool::open(&d, 1 << 20).unwrap();
+        assert_eq!(pending, vec![e0.clone()]);
+        assert!(old.list_new().unwrap().is_empty());
+        let e1 = envelope(1, "new");
+        sp.store(&[(e1.id, &e1.encode())]).unwrap();
+        sp.done(e0.id);
+        sp.store(&[]).unwrap(); // commits the done mark
+        drop(sp);
+        let (_, pending) = Spool::open(&d, 1 << 20).unwrap();
+        assert_eq!(pending, vec![e1]);
+    }
+
+    #[tokio::test]
+    async fn submit_waits_for_a_long_queue_only_while_the_receiver_takes_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, md, _) = setup(dir.path(), None);
+        let many = |from: u64, n: u64| -> Vec<Envelope> {
+            (from..from + n).map(|i| envelope(i, "x")).collect()
+        };
+        // No receiver yet: nothing waits, however long the queue.
+        ob.submit(many(0, 600), false).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::timeout(Duration::from_secs(5), ob.submit(many(600, 10), false))
+            .await
+            .expect("no backpressure while the receiver is unreachable")
+            .unwrap();
+        // The receiver appears: the queue drains; once it takes messages, a submit behind
+        // a queue of MAX_QUEUED or more waits until the queue is shorter.
+        md.create().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while ob.pending() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        ob.submit(many(1000, MAX_QUEUED as u64 + 100), false)
+            .await
+            .unwrap();
+        let lane = ob.workers.lock().unwrap().values().next().unwrap().clone();
+        ob.submit(many(5000, 1), false).await.unwrap();
+        assert!(lane.queued.load(Ordering::Relaxed) <= MAX_QUEUED + 1);
+        assert!(md.list_new().unwrap().len() >= 610 + 100);
     }
 }

@@ -82,7 +82,7 @@ pub struct Resolver<'a> {
     /// Our parent if known (the daemon knows its registration).
     pub self_parent: Option<MembraneId>,
     /// The cache, if any.
-    pub cache: Option<CacheData>,
+    pub cache: Option<std::sync::Arc<CacheData>>,
     /// The registry, if any.
     pub client: Option<&'a HttpRegistry>,
 }
@@ -109,7 +109,7 @@ pub fn pick_weighted(entries: &[(u16, u16)], r: f64) -> Option<usize> {
 impl Resolver<'_> {
     fn cached(&self) -> Option<&CacheData> {
         self.cache
-            .as_ref()
+            .as_deref()
             .filter(|c| c.namespace == *self.namespace && !c.membranes.is_empty())
     }
 

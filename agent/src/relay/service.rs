@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::inlog::{self, InboxLog};
 use super::maildir::Maildir;
 use super::outbox::{Outbox, OutboxConfig, Routes};
 use super::resolve::{Resolver, Target};
@@ -105,8 +106,26 @@ pub async fn start(
     };
     info.save(&cfg.state_dir)
         .map_err(|e| format!("cannot write {}: {e}", super::RELAY_FILE))?;
+    let log = match &endpoint {
+        Endpoint::SharedVolume { .. } => None,
+        _ => Some(
+            InboxLog::open(
+                maildir.root(),
+                cfg.relay.message_ttl.as_millis() as u64,
+                cfg.relay.after_recv == super::AfterRecv::Delete,
+                crate::util::unix_millis(std::time::SystemTime::now()),
+            )
+            .map_err(|e| {
+                format!(
+                    "cannot open the inbox log in {}: {e}",
+                    maildir.root().display()
+                )
+            })?,
+        ),
+    };
     let (inbox, committer) = Inbox::new(
         maildir.clone(),
+        log,
         cfg.id.clone(),
         cfg.namespace.clone(),
         cfg.relay.max_body,
@@ -211,7 +230,7 @@ impl RelayService {
         json!({
             "mode": self.info.mode,
             "maildir": self.info.maildir,
-            "inbox_pending": self.maildir.list_new().map(|v| v.len()).ok(),
+            "inbox_pending": self.maildir.list_new().map(|v| v.len() + inlog::pending_count(self.maildir.root())).ok(),
             "outbox_pending": self.outbox.pending(),
             "max_message_bytes": self.info.max_message_bytes,
         })
@@ -311,7 +330,10 @@ impl RelayService {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms.min(300_000));
         loop {
             rx.borrow_and_update();
-            let n = self.maildir.list_new().map(|v| v.len()).unwrap_or(0);
+            let mut n = self.maildir.list_new().map(|v| v.len()).unwrap_or(0);
+            if n == 0 && inlog::has_pending(self.maildir.root()) {
+                n = 1;
+            }
             if n > 0 {
                 return Response::ok(json!({"pending": n}));
             }

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::inlog::{self, InboxLog};
 use super::maildir::{Maildir, Stored};
 use crate::activity::Activity;
 
@@ -31,6 +32,9 @@ struct CommitReq {
 pub struct Inbox {
     /// The membrane's Maildir.
     pub maildir: Maildir,
+    /// With a log (ipc, tcp): messages past their expiry are refused, as their ids are
+    /// forgotten then.
+    expiring: bool,
     id: MembraneId,
     namespace: NamespaceName,
     max_body: usize,
@@ -40,9 +44,11 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    /// An inbox for membrane `id`, and the committer task to spawn.
+    /// An inbox for membrane `id`, and the committer task to spawn. With `log`, messages
+    /// go into it (ipc, tcp); else into the Maildir.
     pub fn new(
         maildir: Maildir,
+        log: Option<InboxLog>,
         id: MembraneId,
         namespace: NamespaceName,
         max_body: usize,
@@ -55,13 +61,18 @@ impl Inbox {
         let (arrivals, _) = watch::channel(0);
         let inbox = Arc::new(Inbox {
             maildir,
+            expiring: log.is_some(),
             id,
             namespace,
             max_body,
             commits: tx,
             arrivals,
         });
-        let task = committer(inbox.maildir.clone(), rx, inbox.arrivals.clone(), activity);
+        let store = match log {
+            Some(l) => Store::Log(Box::new(l)),
+            None => Store::Maildir(inbox.maildir.clone()),
+        };
+        let task = committer(store, rx, inbox.arrivals.clone(), activity);
         (inbox, task)
     }
 
@@ -72,11 +83,12 @@ impl Inbox {
 
     /// Checks one message's header: the id, or the refusal to send back.
     fn check(&self, bytes: &[u8]) -> Result<MessageId, Refusal> {
-        let (id, to, ns, len) = envelope::peek(bytes).map_err(|e| Refusal {
+        let meta = envelope::peek_meta(bytes).map_err(|e| Refusal {
             id: None,
             code: "bad_message".into(),
             message: e.to_string(),
         })?;
+        let (id, to, ns, len) = (meta.id, meta.to, meta.namespace, meta.body_len);
         let refuse = |code: &str, message: String| Refusal {
             id: Some(id),
             code: code.into(),
@@ -100,6 +112,15 @@ impl Inbox {
                 ),
             ));
         }
+        if self.expiring {
+            let now = crate::util::unix_millis(std::time::SystemTime::now());
+            if inlog::forget_at(meta.sent_at, meta.expires_at, 0) <= now {
+                return Err(refuse(
+                    "expired",
+                    "the message expired before it arrived".to_string(),
+                ));
+            }
+        }
         Ok(id)
     }
 
@@ -114,13 +135,60 @@ impl Inbox {
     }
 }
 
+enum Store {
+    Maildir(Maildir),
+    Log(Box<InboxLog>),
+}
+
+impl Store {
+    fn store(&mut self, msgs: &[(MessageId, &[u8])]) -> std::io::Result<Vec<Stored>> {
+        match self {
+            Store::Maildir(md) => md.store_batch(msgs),
+            Store::Log(log) => {
+                let metas: Vec<(MessageId, &[u8], u64, Option<u64>)> = msgs
+                    .iter()
+                    .map(|(id, b)| {
+                        let (sent, exp) = envelope::peek_meta(b)
+                            .map(|m| (m.sent_at, m.expires_at))
+                            .unwrap_or((0, None));
+                        (*id, *b, sent, exp)
+                    })
+                    .collect();
+                log.store(&metas)
+            }
+        }
+    }
+
+    fn collect(&mut self) {
+        if let Store::Log(log) = self {
+            let now = crate::util::unix_millis(std::time::SystemTime::now());
+            if let Err(e) = log.collect(now) {
+                tracing::warn!(error = %e, "inbox log housekeeping failed");
+            }
+        }
+    }
+}
+
 async fn committer(
-    maildir: Maildir,
+    mut store: Store,
     mut rx: mpsc::Receiver<CommitReq>,
     arrivals: watch::Sender<u64>,
     activity: Arc<Activity>,
 ) {
-    while let Some(first) = rx.recv().await {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut last_collect = std::time::Instant::now();
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => match r { Some(r) => r, None => return },
+            _ = tick.tick() => {
+                let (s, ()) = tokio::task::spawn_blocking(move || { store.collect(); (store, ()) })
+                    .await
+                    .expect("collect task");
+                store = s;
+                last_collect = std::time::Instant::now();
+                continue;
+            }
+        };
         let mut reqs = vec![first];
         let mut n = reqs[0].msgs.len();
         while n < MAX_COMMIT {
@@ -132,18 +200,25 @@ async fn committer(
                 Err(_) => break,
             }
         }
-        let md = maildir.clone();
         let t0 = std::time::Instant::now();
-        let (reqs, result) = tokio::task::spawn_blocking(move || {
+        let collect_now = last_collect.elapsed() > Duration::from_secs(1);
+        let (s, reqs, result) = tokio::task::spawn_blocking(move || {
             let all: Vec<(MessageId, &[u8])> = reqs
                 .iter()
                 .flat_map(|r| r.msgs.iter().map(|(id, b)| (*id, &b[..])))
                 .collect();
-            let result = md.store_batch(&all).map_err(|e| e.to_string());
-            (reqs, result)
+            let result = store.store(&all).map_err(|e| e.to_string());
+            if collect_now {
+                store.collect();
+            }
+            (store, reqs, result)
         })
         .await
         .expect("store task");
+        store = s;
+        if collect_now {
+            last_collect = std::time::Instant::now();
+        }
         tracing::debug!(
             messages = n,
             requests = reqs.len(),
@@ -154,26 +229,31 @@ async fn committer(
         match result {
             Ok(stored) => {
                 let mut it = stored.into_iter();
-                let mut any = false;
+                let mut events = Vec::new();
+                let mut replies = Vec::with_capacity(reqs.len());
                 for r in reqs {
                     let mine: Vec<Stored> = it.by_ref().take(r.msgs.len()).collect();
                     for ((id, _), s) in r.msgs.iter().zip(&mine) {
-                        if *s == Stored::New {
-                            any = true;
-                            activity.record(
+                        events.push(if *s == Stored::New {
+                            (
                                 "received",
-                                "message stored in the inbox",
+                                "message stored in the inbox".to_string(),
                                 json!({"id": id.to_string()}),
-                            );
+                            )
                         } else {
-                            activity.record(
+                            (
                                 "duplicate",
-                                "duplicate message dropped",
+                                "duplicate message dropped".to_string(),
                                 json!({"id": id.to_string()}),
-                            );
-                        }
+                            )
+                        });
                     }
-                    let _ = r.reply.send(Ok(mine));
+                    replies.push((r.reply, mine));
+                }
+                let any = events.iter().any(|e| e.0 == "received");
+                activity.record_many(events);
+                for (reply, mine) in replies {
+                    let _ = reply.send(Ok(mine));
                 }
                 if any {
                     arrivals.send_modify(|v| *v += 1);
@@ -503,6 +583,7 @@ mod tests {
         md.create().unwrap();
         let (inbox, task) = Inbox::new(
             md,
+            None,
             "b".parse().unwrap(),
             "ns".parse().unwrap(),
             max,
@@ -583,6 +664,54 @@ mod tests {
         assert_eq!(answers[&big.id].as_ref().unwrap_err().code, "too_large");
         assert!(answers[&small.id].is_ok());
         assert_eq!(inbox.maildir.list_new().unwrap(), vec![small.id]);
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn log_inbox_refuses_expired_messages_and_drops_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = Maildir::new(dir.path().join("inbox"));
+        md.create().unwrap();
+        let now = crate::util::unix_millis(std::time::SystemTime::now());
+        let log = InboxLog::open(md.root(), 3_600_000, true, now).unwrap();
+        let (inbox, task) = Inbox::new(
+            md.clone(),
+            Some(log),
+            "b".parse().unwrap(),
+            "ns".parse().unwrap(),
+            1000,
+            Arc::new(Activity::disabled()),
+        );
+        tokio::spawn(task);
+        let path = dir.path().join("m.sock");
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve_unix(
+            bind_unix(&path).await.unwrap(),
+            inbox,
+            cancel.clone(),
+        ));
+        let mut conn = FrameConn::connect(&Addr::Unix(path), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut old = envelope(1, "late");
+        old.expires_at = Some(now - 1);
+        let mut ok = envelope(2, "fine");
+        ok.expires_at = Some(now + 60_000);
+        let (ob, kb) = (old.encode(), ok.encode());
+        let msgs = [(old.id, &ob[..]), (ok.id, &kb[..])];
+        let a = conn
+            .send_batch(&msgs, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(a[&old.id].as_ref().unwrap_err().code, "expired");
+        assert!(a[&ok.id].is_ok());
+        // The retry of a stored message is acked, not stored twice.
+        let a = conn
+            .send_batch(&msgs[1..], Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(a[&ok.id].is_ok());
+        assert_eq!(inlog::pending_count(md.root()), 1);
         cancel.cancel();
     }
 }

@@ -1,0 +1,442 @@
+//! Append-only segment logs with group commit: the outbox spool and the ipc/tcp inbox.
+//!
+//! A log is a directory of segment files `<n>.seg` (`n` increasing, 20 digits). A segment is
+//! a sequence of records `[len: u32 LE][crc32: u32 LE][kind: u8][payload]`, where `len`
+//! counts `kind` and `payload` and the CRC covers them too. Writers append many records and
+//! make them durable with one `fdatasync` ([`SegLog::commit`]): a group commit. Only the
+//! newest segment is appended to; once it passes its size limit a new one is started.
+//!
+//! Recovery ([`SegLog::open`]) reads every segment oldest first and stops each at its
+//! first incomplete or corrupt record (a torn write of a crash), truncating the file there:
+//! nothing after a torn record was ever reported durable, since commits are sequential.
+//! Appending then goes on in a new segment.
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Bytes of a record's header (length, CRC).
+pub const HEADER: usize = 8;
+
+/// Largest record accepted (a 16 MiB body plus its envelope header).
+pub const MAX_RECORD: usize = 17 * 1024 * 1024;
+
+const fn crc_tables() -> [[u32; 256]; 8] {
+    let mut t = [[0u32; 256]; 8];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        t[0][i] = c;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 256 {
+        let mut s = 1;
+        while s < 8 {
+            let prev = t[s - 1][i];
+            t[s][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
+            s += 1;
+        }
+        i += 1;
+    }
+    t
+}
+
+static CRC: [[u32; 256]; 8] = crc_tables();
+
+/// CRC-32 (IEEE), slicing by 8.
+pub fn crc32(parts: &[&[u8]]) -> u32 {
+    let mut c = !0u32;
+    for data in parts {
+        let mut chunks = data.chunks_exact(8);
+        for ch in &mut chunks {
+            let lo = c ^ u32::from_le_bytes([ch[0], ch[1], ch[2], ch[3]]);
+            c = CRC[7][(lo & 0xff) as usize]
+                ^ CRC[6][((lo >> 8) & 0xff) as usize]
+                ^ CRC[5][((lo >> 16) & 0xff) as usize]
+                ^ CRC[4][(lo >> 24) as usize]
+                ^ CRC[3][ch[4] as usize]
+                ^ CRC[2][ch[5] as usize]
+                ^ CRC[1][ch[6] as usize]
+                ^ CRC[0][ch[7] as usize];
+        }
+        for b in chunks.remainder() {
+            c = CRC[0][((c ^ u32::from(*b)) & 0xff) as usize] ^ (c >> 8);
+        }
+    }
+    !c
+}
+
+/// Appends one record to `out`.
+pub fn encode_record(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
+    let len = (payload.len() + 1) as u32;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&crc32(&[&[kind], payload]).to_le_bytes());
+    out.push(kind);
+    out.extend_from_slice(payload);
+}
+
+/// One record read back: where it starts, its kind and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Segment number.
+    pub seg: u64,
+    /// Offset of the record's header in the segment.
+    pub off: u64,
+    /// Offset just past the record.
+    pub end: u64,
+    /// Kind byte.
+    pub kind: u8,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// Parses the records of `bytes` (a segment's content from `base`), up to `limit` bytes;
+/// returns them and the offset where valid data ends (a torn or corrupt record, or the end).
+pub fn parse(seg: u64, base: u64, bytes: &[u8]) -> (Vec<Record>, u64) {
+    parse_max(seg, base, bytes, usize::MAX)
+}
+
+/// [`parse`], stopping after `max` records.
+pub fn parse_max(seg: u64, base: u64, bytes: &[u8], max: usize) -> (Vec<Record>, u64) {
+    let mut out = Vec::new();
+    let mut p = 0usize;
+    while bytes.len() - p >= HEADER && out.len() < max {
+        let len = u32::from_le_bytes(bytes[p..p + 4].try_into().expect("4")) as usize;
+        let crc = u32::from_le_bytes(bytes[p + 4..p + 8].try_into().expect("4"));
+        if len == 0 || len > MAX_RECORD + 1 || bytes.len() - p - HEADER < len {
+            break;
+        }
+        let body = &bytes[p + HEADER..p + HEADER + len];
+        if crc32(&[body]) != crc {
+            break;
+        }
+        let end = p + HEADER + len;
+        out.push(Record {
+            seg,
+            off: base + p as u64,
+            end: base + end as u64,
+            kind: body[0],
+            payload: body[1..].to_vec(),
+        });
+        p = end;
+    }
+    (out, base + p as u64)
+}
+
+/// Reads the records of segment file `path` (number `seg`) from `from` up to `until`
+/// (`None`: the end): the records and where valid data ends.
+pub fn read_segment(
+    path: &Path,
+    seg: u64,
+    from: u64,
+    until: Option<u64>,
+) -> std::io::Result<(Vec<Record>, u64)> {
+    let mut f = File::open(path)?;
+    let mut bytes = Vec::new();
+    if from > 0 {
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(from))?;
+    }
+    match until {
+        Some(u) => {
+            f.take(u.saturating_sub(from)).read_to_end(&mut bytes)?;
+        }
+        None => {
+            f.read_to_end(&mut bytes)?;
+        }
+    }
+    Ok(parse(seg, from, &bytes))
+}
+
+/// Up to `max` records of segment `path` from `from`, never past `until`, reading about
+/// `chunk` bytes (more when one record is larger).
+pub fn read_records(
+    path: &Path,
+    seg: u64,
+    from: u64,
+    until: Option<u64>,
+    max: usize,
+    chunk: u64,
+) -> std::io::Result<Vec<Record>> {
+    let f = File::open(path)?;
+    let end = match until {
+        Some(u) => u,
+        None => f.metadata()?.len(),
+    };
+    let mut want = chunk.min(end.saturating_sub(from));
+    loop {
+        let mut bytes = vec![0u8; want as usize];
+        let mut got = 0;
+        while got < bytes.len() {
+            match f.read_at(&mut bytes[got..], from + got as u64)? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        bytes.truncate(got);
+        let (recs, _) = parse_max(seg, from, &bytes, max);
+        if !recs.is_empty() || got < want as usize || from + want >= end || bytes.len() < HEADER {
+            return Ok(recs);
+        }
+        // The first record is larger than the chunk.
+        let len = u64::from(u32::from_le_bytes(bytes[..4].try_into().expect("4")));
+        if len as usize > MAX_RECORD + 1 || want >= len + HEADER as u64 {
+            return Ok(recs);
+        }
+        want = (len + HEADER as u64).min(end - from);
+    }
+}
+
+/// Segment numbers in `dir`, ascending.
+pub fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir)?
+        .filter_map(|e| {
+            let n = e.ok()?.file_name();
+            n.to_str()?.strip_suffix(".seg")?.parse().ok()
+        })
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// Path of segment `n` in `dir`.
+pub fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{n:020}.seg"))
+}
+
+fn fsync_dir(p: &Path) -> std::io::Result<()> {
+    File::open(p)?.sync_all()
+}
+
+/// An open log, appending to its newest segment.
+#[derive(Debug)]
+pub struct SegLog {
+    dir: PathBuf,
+    file: File,
+    seg: u64,
+    len: u64,
+    max_segment: u64,
+    buf: Vec<u8>,
+}
+
+impl SegLog {
+    /// Opens (creating, 0700) the log in `dir`: every record of every segment (torn tails
+    /// cut off), and the log, appending to a fresh segment.
+    pub fn open(dir: &Path, max_segment: u64) -> std::io::Result<(SegLog, Vec<Record>)> {
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            match std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut all = Vec::new();
+        let segs = list_segments(dir)?;
+        for &n in &segs {
+            let path = segment_path(dir, n);
+            let (recs, valid) = read_segment(&path, n, 0, None)?;
+            let size = std::fs::metadata(&path)?.len();
+            if valid < size {
+                tracing::warn!(segment = %path.display(), valid, size, "torn or corrupt tail cut off");
+                let f = OpenOptions::new().write(true).open(&path)?;
+                f.set_len(valid)?;
+                f.sync_all()?;
+            }
+            all.extend(recs);
+        }
+        let next = segs.last().map_or(1, |n| n + 1);
+        let file = Self::create_segment(dir, next)?;
+        Ok((
+            SegLog {
+                dir: dir.to_path_buf(),
+                file,
+                seg: next,
+                len: 0,
+                max_segment,
+                buf: Vec::new(),
+            },
+            all,
+        ))
+    }
+
+    fn create_segment(dir: &Path, n: u64) -> std::io::Result<File> {
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(segment_path(dir, n))?;
+        fsync_dir(dir)?;
+        Ok(f)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The segment being appended to.
+    pub fn active(&self) -> u64 {
+        self.seg
+    }
+
+    /// Where the next appended record will start (segment, offset).
+    pub fn position(&self) -> (u64, u64) {
+        (self.seg, self.len + self.buf.len() as u64)
+    }
+
+    /// Appends a record (not yet written: see [`SegLog::commit`]); returns where it starts.
+    pub fn append(&mut self, kind: u8, payload: &[u8]) -> (u64, u64) {
+        let p = self.position();
+        encode_record(kind, payload, &mut self.buf);
+        p
+    }
+
+    /// Whether records wait for a commit.
+    pub fn dirty(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Writes the appended records and makes them durable (one `fdatasync`); then starts a
+    /// new segment if this one is full. On error the records are dropped and the segment
+    /// is cut back to its committed length (the caller reports every one of them failed).
+    pub fn commit(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let r = self
+            .file
+            .write_all_at(&self.buf, self.len)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = r {
+            self.buf.clear();
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        self.len += self.buf.len() as u64;
+        self.buf.clear();
+        if self.len >= self.max_segment {
+            self.rotate()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the appended records without waiting for the disk (records whose loss in a
+    /// crash is harmless, e.g. "delivered" marks).
+    pub fn write_lazy(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all_at(&self.buf, self.len)?;
+        self.len += self.buf.len() as u64;
+        self.buf.clear();
+        if self.len >= self.max_segment {
+            self.file.sync_data()?;
+            self.rotate()?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new segment.
+    pub fn rotate(&mut self) -> std::io::Result<()> {
+        let n = self.seg + 1;
+        self.file = Self::create_segment(&self.dir, n)?;
+        self.seg = n;
+        self.len = 0;
+        Ok(())
+    }
+
+    /// Removes an older segment.
+    pub fn remove(&self, n: u64) -> std::io::Result<()> {
+        assert!(n != self.seg, "the active segment is never removed");
+        match std::fs::remove_file(segment_path(&self.dir, n)) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn crc_matches_the_ieee_check_value() {
+        assert_eq!(crc32(&[b"123456789"]), 0xCBF4_3926);
+        assert_eq!(crc32(&[b"1234", b"56789"]), 0xCBF4_3926);
+        assert_eq!(crc32(&[b""]), 0);
+    }
+
+    #[test]
+    fn records_survive_reopen_and_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("log");
+        let (mut log, recs) = SegLog::open(&d, 1 << 20).unwrap();
+        assert!(recs.is_empty());
+        for i in 0..10u8 {
+            log.append(1, &vec![i; 100 + usize::from(i)]);
+        }
+        log.commit().unwrap();
+        let seg = log.active();
+        drop(log);
+        // A crash in the middle of the next record: half of it on disk.
+        let path = segment_path(&d, seg);
+        let mut half = Vec::new();
+        encode_record(1, &[9; 300], &mut half);
+        let full_len = std::fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().append(true).open(&path).unwrap();
+        (&f).write_all(&half[..150]).unwrap();
+        drop(f);
+        let (mut log, recs) = SegLog::open(&d, 1 << 20).unwrap();
+        assert_eq!(recs.len(), 10);
+        assert_eq!(recs[3].payload, vec![3; 103]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), full_len);
+        assert!(log.active() > seg);
+        // A flipped bit in a committed record: the segment is cut there.
+        log.append(2, b"later");
+        log.commit().unwrap();
+        let seg2 = log.active();
+        drop(log);
+        let p2 = segment_path(&d, seg2);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let off = recs[5].off as usize + HEADER + 10;
+        bytes[off] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let (_log, recs) = SegLog::open(&d, 1 << 20).unwrap();
+        assert_eq!(recs.len(), 6, "5 before the bad one, 1 in the next segment");
+        assert_eq!(recs[5].payload, b"later");
+        assert!(p2.exists());
+    }
+
+    #[test]
+    fn segments_rotate_and_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = SegLog::open(dir.path(), 1000).unwrap();
+        let first = log.active();
+        for _ in 0..5 {
+            log.append(1, &[0; 1000]);
+            log.commit().unwrap();
+        }
+        assert_eq!(log.active(), first + 5);
+        log.remove(first).unwrap();
+        assert_eq!(list_segments(dir.path()).unwrap().len(), 5);
+        let (_, recs) = SegLog::open(dir.path(), 1000).unwrap();
+        assert_eq!(recs.len(), 4);
+    }
+}
