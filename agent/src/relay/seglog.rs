@@ -22,59 +22,13 @@ pub const HEADER: usize = 8;
 /// Largest record accepted (a 16 MiB body plus its envelope header).
 pub const MAX_RECORD: usize = 17 * 1024 * 1024;
 
-const fn crc_tables() -> [[u32; 256]; 8] {
-    let mut t = [[0u32; 256]; 8];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[0][i] = c;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 256 {
-        let mut s = 1;
-        while s < 8 {
-            let prev = t[s - 1][i];
-            t[s][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
-            s += 1;
-        }
-        i += 1;
-    }
-    t
-}
-
-static CRC: [[u32; 256]; 8] = crc_tables();
-
-/// CRC-32 (IEEE), slicing by 8.
+/// CRC-32 (IEEE) of the concatenation of `parts`.
 pub fn crc32(parts: &[&[u8]]) -> u32 {
-    let mut c = !0u32;
-    for data in parts {
-        let mut chunks = data.chunks_exact(8);
-        for ch in &mut chunks {
-            let lo = c ^ u32::from_le_bytes([ch[0], ch[1], ch[2], ch[3]]);
-            c = CRC[7][(lo & 0xff) as usize]
-                ^ CRC[6][((lo >> 8) & 0xff) as usize]
-                ^ CRC[5][((lo >> 16) & 0xff) as usize]
-                ^ CRC[4][(lo >> 24) as usize]
-                ^ CRC[3][ch[4] as usize]
-                ^ CRC[2][ch[5] as usize]
-                ^ CRC[1][ch[6] as usize]
-                ^ CRC[0][ch[7] as usize];
-        }
-        for b in chunks.remainder() {
-            c = CRC[0][((c ^ u32::from(*b)) & 0xff) as usize] ^ (c >> 8);
-        }
+    let mut h = crc32fast::Hasher::new();
+    for p in parts {
+        h.update(p);
     }
-    !c
+    h.finalize()
 }
 
 /// Appends one record to `out`.
