@@ -4,7 +4,8 @@
 //!
 //! Run: `cargo bench -p dns-server --bench registration`
 //! Knobs (env): BENCH_CLIENTS (16), BENCH_MEMBRANES (100000), BENCH_NAMESPACES (100),
-//! BENCH_HEARTBEATS (200000), BENCH_REREGISTER_ROUNDS (1; rounds of 50,000 updates).
+//! BENCH_HEARTBEATS (200000), BENCH_REREGISTER_ROUNDS (1; rounds of 50,000 updates),
+//! BENCH_SERVER_BIN (another `dns-server` binary, for an A/B against an older build).
 
 mod common;
 

@@ -36,8 +36,11 @@ impl Drop for Proc {
 /// Starts the release `dns-server` with its data in `dir` and `extra` args; returns it and
 /// its HTTP address once it logged " ready" (its store is open). Its log is drained in the
 /// background (a full pipe would block it); warnings and errors are shown.
+/// `BENCH_SERVER_BIN` runs another `dns-server` binary instead (an A/B against an older build).
 pub fn start_server(dir: &Path, extra: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dns-server"))
+    let bin = std::env::var_os("BENCH_SERVER_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_dns-server").into());
+    let mut child = Command::new(bin)
         .args(["--data-dir", dir.join("data").to_str().unwrap()])
         .args([
             "--http-listen",
