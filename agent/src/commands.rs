@@ -292,23 +292,8 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
             .map_err(AgentError::runtime)?
             .map_err(|e| AgentError::runtime(format!("{}: {e}", info.maildir.display())))?;
         if !batch.is_empty() {
-            {
-                // One write per batch (stdout alone flushes at every newline).
-                let mut out =
-                    std::io::BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
-                for e in &batch {
-                    let r = if as_json {
-                        writeln!(out, "{}", relay::message_json(e))
-                    } else {
-                        write_text(&mut out, e)
-                    };
-                    if r.is_err() {
-                        return Ok(()); // stdout closed: nothing taken from this batch
-                    }
-                }
-                if out.flush().is_err() {
-                    return Ok(());
-                }
+            if print_batch(batch.iter(), as_json).is_err() {
+                return Ok(()); // stdout closed: nothing taken from this batch
             }
             let ids: Vec<MessageId> = batch.iter().map(|e| e.id).collect();
             let m = md.clone();
@@ -342,23 +327,8 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
                 continue;
             }
             if let Some(end) = r.read_end() {
-                {
-                    // One write per batch (stdout alone flushes at every newline).
-                    let mut out =
-                        std::io::BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
-                    for (e, _) in &msgs {
-                        let r = if as_json {
-                            writeln!(out, "{}", relay::message_json(e))
-                        } else {
-                            write_text(&mut out, e)
-                        };
-                        if r.is_err() {
-                            return Ok(()); // stdout closed: nothing taken from this batch
-                        }
-                    }
-                    if out.flush().is_err() {
-                        return Ok(());
-                    }
+                if print_batch(msgs.iter().map(|(e, _)| e), as_json).is_err() {
+                    return Ok(()); // stdout closed: nothing taken from this batch
                 }
                 r.take(end).map_err(|e| {
                     AgentError::runtime(format!("cannot record the taken messages: {e}"))
@@ -412,6 +382,24 @@ fn take_batch(md: &Maildir, max: usize) -> std::io::Result<(Vec<Envelope>, bool)
         }
     }
     Ok((out, full))
+}
+
+/// Prints `batch` to stdout in one write (stdout alone flushes at every newline). An error
+/// means stdout is closed: the caller records nothing of the batch as taken (a part that
+/// got out is printed again by the next `recv`; the ids let the membrane drop repeats).
+fn print_batch<'a>(
+    batch: impl Iterator<Item = &'a Envelope>,
+    as_json: bool,
+) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
+    for e in batch {
+        if as_json {
+            writeln!(out, "{}", relay::message_json(e))?;
+        } else {
+            write_text(&mut out, e)?;
+        }
+    }
+    out.flush()
 }
 
 fn write_text(out: &mut impl Write, e: &Envelope) -> std::io::Result<()> {
