@@ -301,13 +301,7 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
                 .await
                 .map_err(AgentError::runtime)?
                 .map_err(|e| AgentError::runtime(format!("cannot move messages to cur/: {e}")))?;
-            activity.record_many(batch.iter().map(|e| {
-                (
-                    "taken",
-                    format!("message from {} taken by the membrane", e.from),
-                    json!({"id": e.id.to_string(), "from": e.from}),
-                )
-            }));
+            record_taken(&activity, batch.iter());
         }
         // The inbox log (ipc, tcp): oldest first, the taken position recorded (durably)
         // once the membrane got them.
@@ -317,15 +311,6 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
                 .next_batch(LOG_BATCH)
                 .map_err(|e| AgentError::runtime(format!("{}: {e}", info.maildir.display())))?;
             from_log = msgs.len();
-            if msgs.is_empty()
-                && let Some(end) = r.read_end()
-            {
-                // Only unreadable records (logged): step over them.
-                r.take(end).map_err(|e| {
-                    AgentError::runtime(format!("cannot record the taken messages: {e}"))
-                })?;
-                continue;
-            }
             if let Some(end) = r.read_end() {
                 if print_batch(msgs.iter().map(|(e, _)| e), as_json).is_err() {
                     return Ok(()); // stdout closed: nothing taken from this batch
@@ -333,13 +318,11 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
                 r.take(end).map_err(|e| {
                     AgentError::runtime(format!("cannot record the taken messages: {e}"))
                 })?;
-                activity.record_many(msgs.iter().map(|(e, _)| {
-                    (
-                        "taken",
-                        format!("message from {} taken by the membrane", e.from),
-                        json!({"id": e.id.to_string(), "from": e.from}),
-                    )
-                }));
+                record_taken(&activity, msgs.iter().map(|(e, _)| e));
+                if msgs.is_empty() {
+                    // Only unreadable records (logged), now stepped over: read on.
+                    continue;
+                }
             }
         }
         if full || from_log >= LOG_BATCH {
@@ -382,6 +365,17 @@ fn take_batch(md: &Maildir, max: usize) -> std::io::Result<(Vec<Envelope>, bool)
         }
     }
     Ok((out, full))
+}
+
+/// Logs that the membrane took `batch`.
+fn record_taken<'a>(activity: &activity::Activity, batch: impl Iterator<Item = &'a Envelope>) {
+    activity.record_many(batch.map(|e| {
+        (
+            "taken",
+            format!("message from {} taken by the membrane", e.from),
+            json!({"id": e.id.to_string(), "from": e.from}),
+        )
+    }));
 }
 
 /// Prints `batch` to stdout in one write (stdout alone flushes at every newline). An error

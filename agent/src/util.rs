@@ -103,6 +103,11 @@ impl Backoff {
     }
 }
 
+/// Makes a directory's entries (created, renamed, removed files) durable.
+pub fn fsync_dir(p: &Path) -> std::io::Result<()> {
+    std::fs::File::open(p)?.sync_all()
+}
+
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename) with `mode`.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;

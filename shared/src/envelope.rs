@@ -335,13 +335,7 @@ impl Frame {
     }
 }
 
-/// Reads the header of a message in the file format without copying the body: the id,
-/// recipient and body length (for receivers that store the bytes as they are).
-pub fn peek(bytes: &[u8]) -> Result<(MessageId, MembraneId, NamespaceName, usize), DecodeError> {
-    peek_meta(bytes).map(|m| (m.id, m.to, m.namespace, m.body_len))
-}
-
-/// What [`peek_meta`] reads of a message's header.
+/// What [`peek`] reads of a message's header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
     /// Id.
@@ -358,8 +352,9 @@ pub struct Meta {
     pub expires_at: Option<u64>,
 }
 
-/// Like [`peek`], with the times too.
-pub fn peek_meta(bytes: &[u8]) -> Result<Meta, DecodeError> {
+/// Reads the header of a message in the file format without copying the body (for
+/// receivers that store the bytes as they are).
+pub fn peek(bytes: &[u8]) -> Result<Meta, DecodeError> {
     let rest = bytes
         .strip_prefix(FILE_MAGIC)
         .ok_or(DecodeError::BadMagic)?;
@@ -471,7 +466,13 @@ mod tests {
         let bytes = e.encode();
         assert!(bytes.starts_with(b"membrane-message/1\n{\"id\":\""));
         assert_eq!(Envelope::decode(&bytes).unwrap(), e);
-        let (id, to, ns, len) = peek(&bytes).unwrap();
+        let Meta {
+            id,
+            to,
+            namespace: ns,
+            body_len: len,
+            ..
+        } = peek(&bytes).unwrap();
         assert_eq!((id, to.as_str(), ns.as_str(), len), (e.id, "b", "ns", 13));
         // Truncated body, extra bytes, bad magic.
         assert!(matches!(

@@ -94,6 +94,35 @@ fn ids_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:020}.ids"))
 }
 
+/// Bytes of one remembered id in a `.ids` file: the id, then until when (ms, LE).
+const IDS_ENTRY: usize = 24;
+
+/// Writes a `.ids` file: one record of the ids and until when each is remembered.
+fn write_ids(path: &Path, ids: &[&(MessageId, u64)]) -> std::io::Result<()> {
+    let mut payload = Vec::with_capacity(ids.len() * IDS_ENTRY);
+    for (id, f) in ids {
+        payload.extend_from_slice(&id.as_u128().to_le_bytes());
+        payload.extend_from_slice(&f.to_le_bytes());
+    }
+    let mut bytes = Vec::new();
+    seglog::encode_record(IDS, &payload, &mut bytes);
+    crate::util::write_atomic(path, &bytes, 0o600)
+}
+
+/// Reads a `.ids` file: the ids and until when each is remembered.
+fn read_ids(path: &Path) -> std::io::Result<Vec<(MessageId, u64)>> {
+    let (recs, _) = seglog::read_segment(path, 0)?;
+    Ok(recs
+        .iter()
+        .filter(|r| r.kind == IDS)
+        .flat_map(|r| r.payload.chunks_exact(IDS_ENTRY))
+        .map(|c| {
+            let id = MessageId::from_u128(u128::from_le_bytes(c[..16].try_into().expect("16")));
+            (id, u64::from_le_bytes(c[16..].try_into().expect("8")))
+        })
+        .collect())
+}
+
 /// Until when the id of `e` must be remembered (ms since the epoch): its expiry, at least
 /// `window` after it was sent.
 pub fn forget_at(e_sent_at: u64, e_expires_at: Option<u64>, window_ms: u64) -> u64 {
@@ -147,18 +176,11 @@ impl InboxLog {
         for entry in std::fs::read_dir(&dir)?.flatten() {
             let p = entry.path();
             if p.extension().is_some_and(|x| x == "ids") {
-                let (recs, _) = seglog::read_segment(&p, 0, 0, None)?;
                 let mut latest = 0;
-                for r in recs.iter().filter(|r| r.kind == IDS) {
-                    for c in r.payload.chunks_exact(24) {
-                        let id = MessageId::from_u128(u128::from_le_bytes(
-                            c[..16].try_into().expect("16"),
-                        ));
-                        let f = u64::from_le_bytes(c[16..].try_into().expect("8"));
-                        latest = latest.max(f);
-                        if f > now_ms {
-                            seen.insert(id, f);
-                        }
+                for (id, f) in read_ids(&p)? {
+                    latest = latest.max(f);
+                    if f > now_ms {
+                        seen.insert(id, f);
                     }
                 }
                 if latest <= now_ms {
@@ -243,14 +265,7 @@ impl InboxLog {
                 let live: Vec<&(MessageId, u64)> =
                     ids.iter().filter(|(_, f)| *f > now_ms).collect();
                 if !live.is_empty() {
-                    let mut payload = Vec::with_capacity(live.len() * 24);
-                    for (id, f) in live {
-                        payload.extend_from_slice(&id.as_u128().to_le_bytes());
-                        payload.extend_from_slice(&f.to_le_bytes());
-                    }
-                    let mut bytes = Vec::new();
-                    seglog::encode_record(IDS, &payload, &mut bytes);
-                    crate::util::write_atomic(&ids_path(&dir, n), &bytes, 0o600)?;
+                    write_ids(&ids_path(&dir, n), &live)?;
                 }
                 self.log.remove(n)?;
             }
@@ -261,12 +276,8 @@ impl InboxLog {
             for entry in std::fs::read_dir(&dir)?.flatten() {
                 let p = entry.path();
                 if p.extension().is_some_and(|x| x == "ids")
-                    && let Ok((recs, _)) = seglog::read_segment(&p, 0, 0, None)
-                    && recs.iter().all(|r| {
-                        r.payload
-                            .chunks_exact(24)
-                            .all(|c| u64::from_le_bytes(c[16..].try_into().expect("8")) <= now_ms)
-                    })
+                    && let Ok(ids) = read_ids(&p)
+                    && ids.iter().all(|(_, f)| *f <= now_ms)
                 {
                     std::fs::remove_file(&p)?;
                 }
@@ -294,18 +305,26 @@ pub struct Reader {
 impl Reader {
     /// Opens the log of `maildir_root` for reading (`None` when there is no log).
     pub fn open(maildir_root: &Path) -> std::io::Result<Option<Reader>> {
+        let Some(mut r) = Reader::peek(maildir_root) else {
+            return Ok(None);
+        };
+        r.taken = Some(PosFile::open(&r.dir.join("taken"))?);
+        Ok(Some(r))
+    }
+
+    /// A reader from the taken position that records nothing (`None` when there is no
+    /// log): to look at what is pending.
+    fn peek(maildir_root: &Path) -> Option<Reader> {
         let dir = log_dir(maildir_root);
         if !dir.is_dir() {
-            return Ok(None);
+            return None;
         }
-        let pos = read_pos(&dir.join("taken")).unwrap_or((0, 0));
-        let taken = Some(PosFile::open(&dir.join("taken"))?);
-        Ok(Some(Reader {
+        Some(Reader {
+            pos: read_pos(&dir.join("taken")).unwrap_or((0, 0)),
             dir,
-            taken,
-            pos,
+            taken: None,
             read_end: std::cell::Cell::new(None),
-        }))
+        })
     }
 
     /// Up to `max` messages after the taken position (each with the position just past
@@ -366,38 +385,20 @@ impl Reader {
 
 /// Whether the log of `maildir_root` holds messages not yet taken.
 pub fn has_pending(maildir_root: &Path) -> bool {
-    let dir = log_dir(maildir_root);
-    let (Some(d), t) = (
-        read_pos(&dir.join("durable")),
-        read_pos(&dir.join("taken")).unwrap_or((0, 0)),
-    ) else {
+    let Some(r) = Reader::peek(maildir_root) else {
         return false;
     };
-    if d <= t {
+    if read_pos(&r.dir.join("durable")).is_none_or(|d| d <= r.pos) {
         return false;
     }
     // A segment end reached and the next segment empty: nothing pending.
-    Reader {
-        dir,
-        taken: None,
-        pos: t,
-        read_end: std::cell::Cell::new(None),
-    }
-    .next_batch(1)
-    .is_ok_and(|b| !b.is_empty())
+    r.next_batch(1).is_ok_and(|b| !b.is_empty())
 }
 
 /// Number of messages not yet taken (reads the log: for `agent status`).
 pub fn pending_count(maildir_root: &Path) -> usize {
-    let dir = log_dir(maildir_root);
-    if !dir.is_dir() {
+    let Some(mut r) = Reader::peek(maildir_root) else {
         return 0;
-    }
-    let mut r = Reader {
-        pos: read_pos(&dir.join("taken")).unwrap_or((0, 0)),
-        dir,
-        taken: None,
-        read_end: std::cell::Cell::new(None),
     };
     let mut n = 0;
     while let Ok(b) = r.next_batch(4096) {

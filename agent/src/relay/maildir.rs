@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use shared::envelope::{Envelope, MessageId};
 use shared::name::{MembraneId, NamespaceName};
 
+use crate::util::fsync_dir;
+
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Batches of at most this many files are made durable with per-file `fdatasync` in turn;
@@ -50,10 +52,6 @@ fn mkdir_private(p: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == ErrorKind::AlreadyExists && p.is_dir() => Ok(()),
         Err(e) => Err(e),
     }
-}
-
-fn fsync_dir(p: &Path) -> std::io::Result<()> {
-    File::open(p)?.sync_all()
 }
 
 impl Maildir {
@@ -90,14 +88,8 @@ impl Maildir {
 
     /// Creates the root and `tmp`, `new`, `cur` (each 0700; parents too when missing).
     pub fn create(&self) -> std::io::Result<()> {
-        if let Some(parent) = self.root.parent()
-            && !parent.is_dir()
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)?;
+        if let Some(parent) = self.root.parent() {
+            crate::state::prepare_dir(parent)?;
         }
         mkdir_private(&self.root)?;
         for d in ["tmp", "new", "cur"] {

@@ -170,6 +170,24 @@ pub fn message_json(e: &Envelope) -> Value {
     v
 }
 
+/// The activity record of a message arriving in the Maildir.
+fn received_event(id: MessageId) -> (&'static str, String, Value) {
+    (
+        "received",
+        "message arrived in the Maildir".to_string(),
+        json!({"id": id.to_string()}),
+    )
+}
+
+/// The activity record of a duplicate of a taken message, dropped from `new/`.
+fn duplicate_event(id: MessageId) -> (&'static str, String, Value) {
+    (
+        "duplicate",
+        "duplicate message dropped (already taken)".to_string(),
+        json!({"id": id.to_string()}),
+    )
+}
+
 /// Watches a shared-volume Maildir's `new/` (inotify through `notify`): drops duplicates of
 /// messages already taken, logs arrivals and bumps `arrivals` for `agent recv --follow`.
 /// Each event is handled by itself (the file it names is looked at), the directory being
@@ -267,20 +285,12 @@ pub async fn watch_maildir(
         for (id, in_new, dup) in states {
             if dup {
                 seen.remove(&id);
-                events.push((
-                    "duplicate",
-                    "duplicate message dropped (already taken)".to_string(),
-                    json!({"id": id.to_string()}),
-                ));
+                events.push(duplicate_event(id));
             } else if !in_new {
                 // Taken (moved to cur/) or removed.
                 seen.remove(&id);
             } else if seen.insert(id) {
-                events.push((
-                    "received",
-                    "message arrived in the Maildir".to_string(),
-                    json!({"id": id.to_string()}),
-                ));
+                events.push(received_event(id));
             }
         }
         let any = events.iter().any(|e| e.0 == "received");
@@ -322,25 +332,13 @@ async fn scan(
     else {
         return;
     };
-    let mut events: Vec<(&str, String, Value)> = dups
-        .iter()
-        .map(|id| {
-            (
-                "duplicate",
-                "duplicate message dropped (already taken)".to_string(),
-                json!({"id": id.to_string()}),
-            )
-        })
-        .collect();
+    let mut events: Vec<(&str, String, Value)> =
+        dups.iter().map(|id| duplicate_event(*id)).collect();
     let mut any = false;
     for id in &ids {
         if seen.insert(*id) {
             any = true;
-            events.push((
-                "received",
-                "message arrived in the Maildir".to_string(),
-                json!({"id": id.to_string()}),
-            ));
+            events.push(received_event(*id));
         }
     }
     activity.record_many(events);

@@ -152,10 +152,10 @@ impl<R: Routes> Outbox<R> {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// Marks a message done (delivered or dead-lettered): its spool record can go.
-    fn mark_done(&self, id: MessageId) {
-        self.pending.fetch_sub(1, Ordering::Relaxed);
-        self.done.lock().unwrap().push(id);
+    /// Marks messages done (delivered or dead-lettered): their spool records can go.
+    fn mark_done(&self, ids: &[MessageId]) {
+        self.pending.fetch_sub(ids.len(), Ordering::Relaxed);
+        self.done.lock().unwrap().extend_from_slice(ids);
         self.done_wake.notify_one();
     }
 
@@ -253,7 +253,7 @@ impl<R: Routes> Outbox<R> {
     fn dead_letter(&self, e: &Envelope, why: &str) {
         let path = write_dead_letter(&self.dead, e);
         if path.is_ok() {
-            self.mark_done(e.id);
+            self.mark_done(&[e.id]);
         }
         tracing::warn!(id = %e.id, to = %e.to, reason = why, "message moved to the dead-letter folder");
         self.activity.record(
@@ -324,8 +324,6 @@ impl<R: Routes> Outbox<R> {
                         match outcomes.get(&e.id) {
                             Some(Ok(())) => {
                                 delivered.push(e.id);
-                                self.pending.fetch_sub(1, Ordering::Relaxed);
-                                self.finish(e.id, Ok(()));
                                 done.insert(e.id);
                             }
                             Some(Err(refusal)) if refusal.code == "unavailable" => {
@@ -342,6 +340,10 @@ impl<R: Routes> Outbox<R> {
                         }
                     }
                     if !delivered.is_empty() {
+                        self.mark_done(&delivered);
+                        for id in &delivered {
+                            self.finish(*id, Ok(()));
+                        }
                         self.activity.record_many(delivered.iter().map(|id| {
                             (
                                 "delivered",
@@ -349,8 +351,6 @@ impl<R: Routes> Outbox<R> {
                                 json!({"id": id.to_string(), "to": to}),
                             )
                         }));
-                        self.done.lock().unwrap().extend(delivered);
-                        self.done_wake.notify_one();
                     }
                     queue.retain(|e| !done.contains(&e.id));
                     lane.dequeued(done.len());
@@ -475,11 +475,19 @@ impl Spool {
         *self.per_seg.entry(seg).or_default() += 1;
     }
 
+    /// Drops `id` from the pending messages; whether it was pending.
+    fn forget(&mut self, id: &MessageId) -> bool {
+        let Some(seg) = self.live.remove(id) else {
+            return false;
+        };
+        if let Some(n) = self.per_seg.get_mut(&seg) {
+            *n = n.saturating_sub(1);
+        }
+        true
+    }
+
     fn done(&mut self, id: MessageId) {
-        if let Some(seg) = self.live.remove(&id) {
-            if let Some(n) = self.per_seg.get_mut(&seg) {
-                *n = n.saturating_sub(1);
-            }
+        if self.forget(&id) {
             self.log.append(DONE, &id.as_u128().to_le_bytes());
         }
     }
@@ -499,12 +507,8 @@ impl Spool {
             }
         }
         if let Err(e) = self.log.commit() {
-            for id in added {
-                if let Some(seg) = self.live.remove(&id)
-                    && let Some(n) = self.per_seg.get_mut(&seg)
-                {
-                    *n = n.saturating_sub(1);
-                }
+            for id in &added {
+                self.forget(id);
             }
             return Err(e);
         }
@@ -521,19 +525,18 @@ impl Spool {
             && n > 0
         {
             let path = seglog::segment_path(self.log.dir(), oldest);
-            let (records, _) = seglog::read_segment(&path, oldest, 0, None)?;
+            let (records, _) = seglog::read_segment(&path, oldest)?;
             let mut moved = 0;
             for r in records {
                 if r.kind != MSG {
                     continue;
                 }
-                let Ok((id, ..)) = shared::envelope::peek(&r.payload) else {
+                let Ok(shared::envelope::Meta { id, .. }) = shared::envelope::peek(&r.payload)
+                else {
                     continue;
                 };
                 if self.live.get(&id) == Some(&oldest) {
-                    let (seg, _) = self.log.append(MSG, &r.payload);
-                    self.live.insert(id, seg);
-                    *self.per_seg.entry(seg).or_default() += 1;
+                    self.append(&id, &r.payload);
                     moved += 1;
                 }
             }
@@ -561,16 +564,10 @@ impl Spool {
 
 /// Writes a message to the dead-letter folder, durably.
 fn write_dead_letter(dir: &std::path::Path, e: &Envelope) -> std::io::Result<PathBuf> {
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
+    crate::state::prepare_dir(dir)?;
     let dest = dir.join(e.id.to_string());
     util::write_atomic(&dest, &e.encode(), 0o600)?;
-    std::fs::File::open(dir)?.sync_all()?;
+    util::fsync_dir(dir)?;
     Ok(dest)
 }
 

@@ -12,7 +12,7 @@
 //! Appending then goes on in a new segment.
 
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -88,29 +88,10 @@ pub fn parse_max(seg: u64, base: u64, bytes: &[u8], max: usize) -> (Vec<Record>,
     (out, base + p as u64)
 }
 
-/// Reads the records of segment file `path` (number `seg`) from `from` up to `until`
-/// (`None`: the end): the records and where valid data ends.
-pub fn read_segment(
-    path: &Path,
-    seg: u64,
-    from: u64,
-    until: Option<u64>,
-) -> std::io::Result<(Vec<Record>, u64)> {
-    let mut f = File::open(path)?;
-    let mut bytes = Vec::new();
-    if from > 0 {
-        use std::io::Seek;
-        f.seek(std::io::SeekFrom::Start(from))?;
-    }
-    match until {
-        Some(u) => {
-            f.take(u.saturating_sub(from)).read_to_end(&mut bytes)?;
-        }
-        None => {
-            f.read_to_end(&mut bytes)?;
-        }
-    }
-    Ok(parse(seg, from, &bytes))
+/// Reads every record of segment file `path` (number `seg`): the records and where valid
+/// data ends.
+pub fn read_segment(path: &Path, seg: u64) -> std::io::Result<(Vec<Record>, u64)> {
+    Ok(parse(seg, 0, &std::fs::read(path)?))
 }
 
 /// Up to `max` records of segment `path` from `from`, never past `until`, reading about
@@ -169,10 +150,6 @@ pub fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:020}.seg"))
 }
 
-fn fsync_dir(p: &Path) -> std::io::Result<()> {
-    File::open(p)?.sync_all()
-}
-
 /// An open log, appending to its newest segment.
 #[derive(Debug)]
 pub struct SegLog {
@@ -188,23 +165,12 @@ impl SegLog {
     /// Opens (creating, 0700) the log in `dir`: every record of every segment (torn tails
     /// cut off), and the log, appending to a fresh segment.
     pub fn open(dir: &Path, max_segment: u64) -> std::io::Result<(SegLog, Vec<Record>)> {
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            match std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-            {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
-        }
+        crate::state::prepare_dir(dir)?;
         let mut all = Vec::new();
         let segs = list_segments(dir)?;
         for &n in &segs {
             let path = segment_path(dir, n);
-            let (recs, valid) = read_segment(&path, n, 0, None)?;
+            let (recs, valid) = read_segment(&path, n)?;
             let size = std::fs::metadata(&path)?.len();
             if valid < size {
                 tracing::warn!(segment = %path.display(), valid, size, "torn or corrupt tail cut off");
@@ -235,7 +201,7 @@ impl SegLog {
             .create_new(true)
             .mode(0o600)
             .open(segment_path(dir, n))?;
-        fsync_dir(dir)?;
+        crate::util::fsync_dir(dir)?;
         Ok(f)
     }
 
@@ -261,11 +227,6 @@ impl SegLog {
         p
     }
 
-    /// Whether records wait for a commit.
-    pub fn dirty(&self) -> bool {
-        !self.buf.is_empty()
-    }
-
     /// Writes the appended records and makes them durable (one `fdatasync`); then starts a
     /// new segment if this one is full. On error the records are dropped and the segment
     /// is cut back to its committed length (the caller reports every one of them failed).
@@ -285,22 +246,6 @@ impl SegLog {
         self.len += self.buf.len() as u64;
         self.buf.clear();
         if self.len >= self.max_segment {
-            self.rotate()?;
-        }
-        Ok(())
-    }
-
-    /// Writes the appended records without waiting for the disk (records whose loss in a
-    /// crash is harmless, e.g. "delivered" marks).
-    pub fn write_lazy(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        self.file.write_all_at(&self.buf, self.len)?;
-        self.len += self.buf.len() as u64;
-        self.buf.clear();
-        if self.len >= self.max_segment {
-            self.file.sync_data()?;
             self.rotate()?;
         }
         Ok(())

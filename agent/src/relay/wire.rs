@@ -22,8 +22,17 @@ use crate::activity::Activity;
 /// Largest batch handed to one group commit.
 const MAX_COMMIT: usize = 4096;
 
+/// A checked message on its way to the inbox, with what [`Inbox::check`] read of its
+/// header (so the committer does not parse it again).
+struct Incoming {
+    id: MessageId,
+    sent_at: u64,
+    expires_at: Option<u64>,
+    bytes: Vec<u8>,
+}
+
 struct CommitReq {
-    msgs: Vec<(MessageId, Vec<u8>)>,
+    msgs: Vec<Incoming>,
     reply: oneshot::Sender<Result<Vec<Stored>, String>>,
 }
 
@@ -81,20 +90,20 @@ impl Inbox {
         self.max_body + envelope::HEADER_ROOM
     }
 
-    /// Checks one message's header: the id, or the refusal to send back.
-    fn check(&self, bytes: &[u8]) -> Result<MessageId, Refusal> {
-        let meta = envelope::peek_meta(bytes).map_err(|e| Refusal {
+    /// Checks one message's header: what it says, or the refusal to send back.
+    fn check(&self, bytes: &[u8]) -> Result<envelope::Meta, Refusal> {
+        let meta = envelope::peek(bytes).map_err(|e| Refusal {
             id: None,
             code: "bad_message".into(),
             message: e.to_string(),
         })?;
-        let (id, to, ns, len) = (meta.id, meta.to, meta.namespace, meta.body_len);
+        let (id, to, ns, len) = (meta.id, &meta.to, &meta.namespace, meta.body_len);
         let refuse = |code: &str, message: String| Refusal {
             id: Some(id),
             code: code.into(),
             message,
         };
-        if to != self.id || ns != self.namespace {
+        if *to != self.id || *ns != self.namespace {
             return Err(refuse(
                 "wrong_recipient",
                 format!(
@@ -121,17 +130,7 @@ impl Inbox {
                 ));
             }
         }
-        Ok(id)
-    }
-
-    /// Stores messages durably (group commit shared with every connection).
-    pub async fn store(&self, msgs: Vec<(MessageId, Vec<u8>)>) -> Result<Vec<Stored>, String> {
-        let (reply, rx) = oneshot::channel();
-        self.commits
-            .send(CommitReq { msgs, reply })
-            .await
-            .map_err(|_| "inbox is shutting down".to_string())?;
-        rx.await.map_err(|_| "inbox is shutting down".to_string())?
+        Ok(meta)
     }
 }
 
@@ -141,20 +140,19 @@ enum Store {
 }
 
 impl Store {
-    fn store(&mut self, msgs: &[(MessageId, &[u8])]) -> std::io::Result<Vec<Stored>> {
+    fn store(&mut self, msgs: &[&Incoming]) -> std::io::Result<Vec<Stored>> {
         match self {
-            Store::Maildir(md) => md.store_batch(msgs),
+            Store::Maildir(md) => {
+                let msgs: Vec<(MessageId, &[u8])> =
+                    msgs.iter().map(|m| (m.id, &m.bytes[..])).collect();
+                md.store_batch(&msgs)
+            }
             Store::Log(log) => {
-                let metas: Vec<(MessageId, &[u8], u64, Option<u64>)> = msgs
+                let msgs: Vec<(MessageId, &[u8], u64, Option<u64>)> = msgs
                     .iter()
-                    .map(|(id, b)| {
-                        let (sent, exp) = envelope::peek_meta(b)
-                            .map(|m| (m.sent_at, m.expires_at))
-                            .unwrap_or((0, None));
-                        (*id, *b, sent, exp)
-                    })
+                    .map(|m| (m.id, &m.bytes[..], m.sent_at, m.expires_at))
                     .collect();
-                log.store(&metas)
+                log.store(&msgs)
             }
         }
     }
@@ -203,10 +201,7 @@ async fn committer(
         let t0 = std::time::Instant::now();
         let collect_now = last_collect.elapsed() > Duration::from_secs(1);
         let (s, reqs, result) = tokio::task::spawn_blocking(move || {
-            let all: Vec<(MessageId, &[u8])> = reqs
-                .iter()
-                .flat_map(|r| r.msgs.iter().map(|(id, b)| (*id, &b[..])))
-                .collect();
+            let all: Vec<&Incoming> = reqs.iter().flat_map(|r| &r.msgs).collect();
             let result = store.store(&all).map_err(|e| e.to_string());
             if collect_now {
                 store.collect();
@@ -233,7 +228,7 @@ async fn committer(
                 let mut replies = Vec::with_capacity(reqs.len());
                 for r in reqs {
                     let mine: Vec<Stored> = it.by_ref().take(r.msgs.len()).collect();
-                    for ((id, _), s) in r.msgs.iter().zip(&mine) {
+                    for (Incoming { id, .. }, s) in r.msgs.iter().zip(&mine) {
                         events.push(if *s == Stored::New {
                             (
                                 "received",
@@ -416,7 +411,12 @@ where
             match Frame::take(&mut buf, max) {
                 Ok(None) => break,
                 Ok(Some(Frame::Msg(bytes))) => match inbox.check(&bytes) {
-                    Ok(id) => batch.push((id, bytes)),
+                    Ok(meta) => batch.push(Incoming {
+                        id: meta.id,
+                        sent_at: meta.sent_at,
+                        expires_at: meta.expires_at,
+                        bytes,
+                    }),
                     Err(refusal) => now.push(Frame::Nack(refusal)),
                 },
                 Ok(Some(_)) => {} // ACK/NACK from a sender: ignored
@@ -441,7 +441,7 @@ where
             break;
         }
         if !batch.is_empty() {
-            let ids: Vec<MessageId> = batch.iter().map(|(id, _)| *id).collect();
+            let ids: Vec<MessageId> = batch.iter().map(|m| m.id).collect();
             let (reply, done) = oneshot::channel();
             if inbox
                 .commits
