@@ -21,6 +21,7 @@
 //! The last lines give replica / raw grant+put per round and over all rounds.
 
 mod common;
+#[allow(dead_code)] // etcd_bin_or_skip is for tests
 #[path = "../src/store/etcd/member.rs"]
 mod member;
 

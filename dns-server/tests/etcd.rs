@@ -7,6 +7,11 @@
 #[path = "process/harness.rs"]
 mod harness;
 
+/// Finding etcd and free ports (shared with the batcher's tests and the etcd bench).
+#[allow(dead_code)]
+#[path = "../src/store/etcd/member.rs"]
+mod member;
+
 mod etcd {
     mod agent_failover;
     pub mod cluster;

@@ -1,7 +1,7 @@
 //! Real `etcd` members on loopback ports in a temporary directory, and `dns-server`
 //! replicas on them.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,39 +11,12 @@ use hickory_proto::rr::{Name, RecordType};
 use serde_json::Value;
 
 use crate::harness::{Http, Server};
+use crate::member::{self, free_port};
 
 /// The `etcd` binary, or `None` (after a loud SKIP message) when it is not installed and
 /// `CI` is not `true`. With `CI=true` a missing etcd fails the test.
 pub fn etcd_bin() -> Option<PathBuf> {
-    let found = std::env::var_os("ETCD_BIN")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(std::env::var_os("PATH").into_iter().flat_map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("etcd"))
-                .collect::<Vec<_>>()
-        }))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("etcd is not installed but CI=true: apt-get install etcd-server etcd-client");
-        }
-        eprintln!(
-            "\n################################################################\n\
-             SKIP: etcd is not installed (apt-get install etcd-server): the\n\
-             etcd replica tests did NOT run. Set CI=true to make this fail.\n\
-             ################################################################\n"
-        );
-    }
-    found
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    member::etcd_bin_or_skip("the etcd replica tests")
 }
 
 struct Member {

@@ -415,14 +415,7 @@ mod tests {
 
     /// Starts a member, or `None` (SKIP) when `etcd` is not installed and `CI` is not true.
     async fn member() -> Option<(Member, Etcd)> {
-        let Some(bin) = super::super::member::etcd_bin() else {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "etcd is not installed but CI=true"
-            );
-            eprintln!("SKIP: etcd is not installed; the batcher's etcd tests did NOT run");
-            return None;
-        };
+        let bin = super::super::member::etcd_bin_or_skip("the batcher's etcd tests")?;
         let dir = tempfile::tempdir().unwrap();
         let (child, endpoint) = super::super::member::spawn(&bin, dir.path());
         let m = Member {

@@ -1,5 +1,6 @@
-//! One single-member etcd on loopback ports, for the batcher's tests and the etcd bench
-//! (which includes this file with `#[path]`).
+//! Finding `etcd` and starting a single-member etcd on loopback ports: for the batcher's
+//! tests, the etcd cluster tests and the etcd bench (which include this file with
+//! `#[path]`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,13 +14,35 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// `etcd` on PATH, if installed.
+/// The `etcd` binary: `ETCD_BIN`, else `etcd` on PATH, if installed.
 pub fn etcd_bin() -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("etcd"))
-            .find(|p| p.is_file())
-    })
+    std::env::var_os("ETCD_BIN")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(std::env::var_os("PATH").into_iter().flat_map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("etcd"))
+                .collect::<Vec<_>>()
+        }))
+        .find(|p| p.is_file())
+}
+
+/// [`etcd_bin`] for tests: when etcd is not installed, `None` after a loud SKIP message
+/// saying that `what` did not run, or a failure when `CI` is `true`.
+pub fn etcd_bin_or_skip(what: &str) -> Option<PathBuf> {
+    let found = etcd_bin();
+    if found.is_none() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("etcd is not installed but CI=true: apt-get install etcd-server etcd-client");
+        }
+        eprintln!(
+            "\n################################################################\n\
+             SKIP: etcd is not installed (apt-get install etcd-server):\n\
+             {what} did NOT run. Set CI=true to make this fail.\n\
+             ################################################################\n"
+        );
+    }
+    found
 }
 
 /// Starts a member with default (durable) settings and its data in `dir`; returns the
