@@ -173,12 +173,14 @@ async fn committer(
     arrivals: watch::Sender<u64>,
     activity: Arc<Activity>,
 ) {
+    // Housekeeping of the log (nothing to do for a Maildir: no timer wakes it up idle).
+    let housekeeping = matches!(store, Store::Log(_));
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut last_collect = std::time::Instant::now();
     loop {
         let first = tokio::select! {
             r = rx.recv() => match r { Some(r) => r, None => return },
-            _ = tick.tick() => {
+            _ = tick.tick(), if housekeeping => {
                 let (s, ()) = tokio::task::spawn_blocking(move || { store.collect(); (store, ()) })
                     .await
                     .expect("collect task");
