@@ -191,11 +191,7 @@ pub async fn run(
             .into());
         }
     };
-    let dns_config = dns::DnsConfig {
-        domain_suffix: config.domain_suffix.clone(),
-        ns_host: config.ns_host.clone(),
-        ns_addresses: config.ns_addresses.clone(),
-    };
+    let dns_config = config.dns.clone();
     let catalog = Arc::new(
         dns::Catalog::new(dns_config.clone())
             .map_err(|e| config::ConfigError::Invalid(e.to_string()))?,
@@ -236,9 +232,12 @@ pub async fn run(
     {
         let shutdown = shutdown.clone();
         let (udp, tcp) = (listeners.dns_udp, listeners.dns_tcp);
-        let catalog = catalog.clone();
+        // On threads of their own: HTTP load must not delay DNS answers.
+        let dns =
+            dns::serve_on_own_threads(udp, tcp, catalog.clone(), shutdown.clone(), udp_sockets())
+                .map_err(io_err("starting the dns threads"))?;
         tasks.spawn(async move {
-            if let Err(e) = dns::serve(udp, tcp, catalog, shutdown.clone()).await {
+            if let Err(e) = dns.await {
                 tracing::error!(error = %e, "dns server failed");
                 shutdown.cancel();
             }

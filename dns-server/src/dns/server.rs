@@ -106,7 +106,7 @@ async fn udp_loop(sock: UdpSocket, catalog: Arc<Catalog>, shard: usize) {
             }
         };
         if catalog
-            .respond(&buf[..n], false, &mut out, &mut scratch, shard)
+            .respond(&buf[..n], false, peer.ip(), &mut out, &mut scratch, shard)
             .is_some()
             && let Err(e) = sock.send_to(&out, peer).await
         {
@@ -141,6 +141,9 @@ async fn tcp_accept(listener: TcpListener, catalog: Arc<Catalog>, shutdown: Canc
 
 async fn tcp_conn(stream: TcpStream, catalog: Arc<Catalog>, shutdown: CancellationToken) {
     let _ = stream.set_nodelay(true);
+    let peer = stream
+        .peer_addr()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
     let (r, w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut w = BufWriter::new(w);
@@ -163,7 +166,7 @@ async fn tcp_conn(stream: TcpStream, catalog: Arc<Catalog>, shutdown: Cancellati
             _ => return,
         }
         if catalog
-            .respond(&req, true, &mut out, &mut scratch, shard)
+            .respond(&req, true, peer, &mut out, &mut scratch, shard)
             .is_some()
         {
             let n = (out.len() as u16).to_be_bytes();
