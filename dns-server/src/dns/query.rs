@@ -976,6 +976,130 @@ mod tests {
         assert!(ask(&mut s, "m20.ns.").is_empty());
     }
 
+    /// A raw query for `name` type `t` with an OPT (payload 1232) carrying `options`.
+    fn raw_query(name: &str, t: u16, options: &[u8]) -> Vec<u8> {
+        let mut q = vec![0x55, 0x66, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1];
+        for l in name.split('.').filter(|l| !l.is_empty()) {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&t.to_be_bytes());
+        q.extend_from_slice(&[0, 1, 0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0]);
+        q.extend_from_slice(&(options.len() as u16).to_be_bytes());
+        q.extend_from_slice(options);
+        q
+    }
+
+    /// UDP answers over the limit are dropped or, every `slip`-th, sent truncated and no
+    /// larger than the query, whatever the answer's size (a TXT padded to ~1 KB: ~20x);
+    /// TCP, another /24 and a valid server cookie are not limited.
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_bounds_udp_reflection() {
+        use std::sync::Arc;
+
+        use shared::model::Registration;
+        use shared::{MembraneId, NamespaceName, NamespaceSettings};
+
+        use crate::dns::{Catalog, DnsConfig, RateLimit};
+        use crate::snapshot::{Instance, NamespaceSnapshot};
+
+        let catalog = Catalog::new(DnsConfig {
+            rate_limit: RateLimit {
+                responses_per_second: 5,
+                slip: 2,
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        catalog.update(&NamespaceSnapshot {
+            name: NamespaceName::new("ns").unwrap(),
+            settings: NamespaceSettings::default(),
+            instances: vec![Arc::new(Instance {
+                id: MembraneId::new("pad").unwrap(),
+                registration: Arc::new(Registration {
+                    addresses: vec![std::net::IpAddr::from([10, 0, 0, 1])],
+                    services: vec![shared::model::ServiceSpec {
+                        name: shared::ServiceName::new("api").unwrap(),
+                        proto: shared::model::Proto::Tcp,
+                        port: 80,
+                        priority: 0,
+                        weight: 1,
+                    }],
+                    metadata: std::collections::BTreeMap::from([(
+                        "k".to_string(),
+                        "v".repeat(900),
+                    )])
+                    .into(),
+                    ..Default::default()
+                }),
+            })],
+            serial: 1,
+        });
+        let shard = &catalog.stats.shards[0];
+        let mut s = Scratch::new(8);
+        let mut out = Vec::new();
+        let q = raw_query("pad._api._tcp.ns.", rtype::TXT, &[]);
+        let victim: IpAddr = "192.0.2.10".parse().unwrap();
+        let (mut full, mut slipped, mut dropped) = (0, 0, 0);
+        for _ in 0..20 {
+            match catalog.respond(&q, false, victim, &mut out, &mut s, shard) {
+                None => dropped += 1,
+                Some(o) if o.truncated => {
+                    slipped += 1;
+                    assert!(out.len() <= q.len(), "{} > {}", out.len(), q.len());
+                    assert_eq!(out[2] & 0x02, 0x02, "TC");
+                    assert_eq!(&out[6..10], &[0, 0, 0, 0], "no records");
+                }
+                Some(_) => {
+                    full += 1;
+                    assert!(out.len() > 15 * q.len(), "amplifying answer {}", out.len());
+                }
+            }
+        }
+        assert_eq!((full, slipped, dropped), (5, 7, 8));
+        assert_eq!(catalog.stats().rate_limited, 15);
+        // Same /24, other host: limited too. Another /24: its own budget.
+        let near: IpAddr = "192.0.2.200".parse().unwrap();
+        assert!(
+            catalog
+                .respond(&q, false, near, &mut out, &mut s, shard)
+                .is_none_or(|o| o.truncated)
+        );
+        let other: IpAddr = "192.0.3.10".parse().unwrap();
+        let o = catalog.respond(&q, false, other, &mut out, &mut s, shard);
+        assert!(!o.unwrap().truncated);
+        // TCP is never limited.
+        for _ in 0..20 {
+            let o = catalog.respond(&q, true, victim, &mut out, &mut s, shard);
+            assert!(!o.unwrap().truncated);
+        }
+        // A valid server cookie proves the source: not limited either.
+        let client = [4u8; 8];
+        let sc = catalog.edns.server_cookie(&client, victim, unix_now());
+        let mut opt = vec![0, 10, 0, 24];
+        opt.extend_from_slice(&client);
+        opt.extend_from_slice(&sc);
+        let with_cookie = raw_query("pad._api._tcp.ns.", rtype::TXT, &opt);
+        for _ in 0..20 {
+            let o = catalog.respond(&with_cookie, false, victim, &mut out, &mut s, shard);
+            assert!(!o.unwrap().truncated);
+        }
+        // A forged one does not.
+        let mut forged = with_cookie.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert!(
+            catalog
+                .respond(&forged, false, victim, &mut out, &mut s, shard)
+                .is_none_or(|o| o.truncated)
+        );
+        // The next second: a fresh budget.
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        let o = catalog.respond(&q, false, victim, &mut out, &mut s, shard);
+        assert!(!o.unwrap().truncated);
+    }
+
     fn shuffle_counts(weights: &[u16], rounds: usize) -> Vec<Vec<usize>> {
         // Body: one byte per record, the byte being its index.
         let body: Vec<u8> = (0..weights.len() as u8).collect();
