@@ -554,6 +554,47 @@ mod tests {
     }
 
     #[test]
+    fn dns_flags() {
+        let c = Config::try_from(args(&[
+            "--dns-listen",
+            "192.0.2.9:53",
+            "--ns-host",
+            "ns1.example.=192.0.2.1,ns1.example.=2001:db8::1,ns2.example",
+            "--nsid",
+            "dns-a",
+            "--dns-rate-limit",
+            "50",
+            "--dns-rate-limit-slip",
+            "3",
+        ]))
+        .unwrap();
+        let hosts: Vec<_> = c
+            .dns
+            .ns_hosts
+            .iter()
+            .map(|h| (h.name.as_str(), h.addresses.len()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [("ns1.example.", 1), ("ns1.example.", 1), ("ns2.example", 0)]
+        );
+        assert_eq!(
+            c.dns.ns_addresses,
+            ["192.0.2.9".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(c.dns.nsid.as_deref(), Some("dns-a"));
+        assert_eq!(c.dns.rate_limit.responses_per_second, 50);
+        assert_eq!(c.dns.rate_limit.slip, 3);
+        let d = Config::try_from(args(&[])).unwrap();
+        assert_eq!(d.dns.rate_limit, crate::dns::RateLimit::default());
+        assert!(d.dns.nsid.is_none());
+        assert!(err(&["--ns-host", "ns1.example=300.1.1.1"]).contains("not an IP"));
+        assert!(err(&["--ns-host", "bad host"]).contains("NS host"));
+        assert!(err(&["--nsid", ""]).contains("NSID"));
+        assert!(err(&["--nsid", &"x".repeat(129)]).contains("NSID"));
+    }
+
+    #[test]
     fn subcommands_parse() {
         let cli = Cli::try_parse_from(["dns-server", "namespace", "create", "ns", "desc"]).unwrap();
         assert!(matches!(

@@ -196,3 +196,47 @@ async fn export_zone_is_accepted_by_named_checkzone() {
         }
     }
 }
+
+/// The EDNS features and several NS hosts as `dig` shows them, set by flags; and DNS (on
+/// its own threads) stops cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_sees_nsid_cookies_ede_and_ns_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--nsid",
+            "dns-a",
+            "--ns-host",
+            "ns1.cognitive-system=192.0.2.1,ns2.example.net",
+        ],
+    );
+    let http = Http::new(server.url());
+    let (s, _) = http
+        .call(
+            "PUT",
+            "/v1/namespaces/cognitive-system/membranes/a",
+            Some(r#"{"addresses":["10.0.0.1"],"services":[{"name":"svc","port":1}]}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201);
+    let Some(out) = dig(
+        &server,
+        &["+nsid", "+cookie", "+dnssec", "SOA", "cognitive-system"],
+    ) else {
+        return;
+    };
+    assert!(out.contains("(\"dns-a\")"), "NSID:\n{out}");
+    assert!(out.contains("(good)"), "a server cookie for dig's:\n{out}");
+    assert!(out.contains("flags: do;"), "DO copied:\n{out}");
+    assert!(out.contains("SOA\tns1.cognitive-system."), "{out}");
+    let ns = dig(&server, &["NS", "cognitive-system", "+short"]).unwrap();
+    let mut ns: Vec<_> = ns.lines().collect();
+    ns.sort();
+    assert_eq!(ns, ["ns1.cognitive-system.", "ns2.example.net."]);
+    let refused = dig(&server, &["A", "example.com"]).unwrap();
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    assert!(refused.contains("EDE: 20"), "{refused}");
+    assert!(server.terminate().success());
+}
