@@ -87,15 +87,15 @@ impl DnsConfig {
             if w == [0] {
                 return Err(DnsError::NsHost("the root is not a host name".into()));
             }
-            let addrs = if h.addresses.is_empty() {
-                self.ns_addresses.clone()
-            } else {
-                h.addresses.clone()
-            };
             // The same host named twice: one NS record, the addresses merged.
             match ns_hosts.iter_mut().find(|(n, _)| *n == w) {
-                Some((_, a)) => a.extend(addrs),
-                None => ns_hosts.push((w, addrs)),
+                Some((_, a)) => a.extend(&h.addresses),
+                None => ns_hosts.push((w, h.addresses.clone())),
+            }
+        }
+        for (_, a) in &mut ns_hosts {
+            if a.is_empty() {
+                a.clone_from(&self.ns_addresses);
             }
         }
         if let Some(n) = &self.nsid

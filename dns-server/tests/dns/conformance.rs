@@ -365,6 +365,10 @@ async fn several_ns_hosts_with_their_addresses() {
                 name: "ns3.example.net.".into(),
                 addresses: vec![],
             },
+            NsHost {
+                name: "ns4.cog.".into(),
+                addresses: vec![],
+            },
         ],
         ns_addresses: vec!["192.0.2.99".parse().unwrap()],
         ..Default::default()
@@ -376,16 +380,19 @@ async fn several_ns_hosts_with_their_addresses() {
         [
             "cog. 42 NS ns1.cog.",
             "cog. 42 NS ns2.cog.",
-            "cog. 42 NS ns3.example.net."
+            "cog. 42 NS ns3.example.net.",
+            "cog. 42 NS ns4.cog."
         ]
     );
-    // In-zone hosts' addresses in additional; the out-of-zone host's are not ours to give.
+    // In-zone hosts' addresses in additional (their own, else --ns-address); the
+    // out-of-zone host's are not ours to give.
     assert_eq!(
         texts(&m.additionals),
         [
             "ns1.cog. 42 A 192.0.2.1",
             "ns1.cog. 42 A 192.0.2.11",
-            "ns2.cog. 42 AAAA 2001:db8::2"
+            "ns2.cog. 42 AAAA 2001:db8::2",
+            "ns4.cog. 42 A 192.0.2.99"
         ]
     );
     let m = udp(srv.addr, "cog.", RecordType::SOA).await;
