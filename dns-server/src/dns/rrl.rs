@@ -82,6 +82,8 @@ impl Limiter {
 
     /// Accounts one response to `ip` during second `sec` (of any monotonic clock).
     pub(crate) fn check(&self, ip: IpAddr, sec: u64) -> Verdict {
+        // IPv4 clients of a dual-stack socket arrive as ::ffff:a.b.c.d: count them by /24.
+        let ip = ip.to_canonical();
         if self.cfg.responses_per_second == 0 || ip.is_loopback() {
             return Verdict::Send;
         }
@@ -156,6 +158,9 @@ mod tests {
         assert_eq!(count(&l, "192.0.2.1", 5, 100), (10, 30, 60));
         // The same /24 shares the budget; another /24 has its own.
         assert_eq!(count(&l, "192.0.2.200", 5, 3), (0, 1, 2));
+        // The same /24 seen through a dual-stack socket.
+        assert_eq!(count(&l, "::ffff:192.0.2.7", 5, 2), (0, 0, 2));
+        assert_eq!(count(&l, "::ffff:127.0.0.1", 5, 100), (100, 0, 0));
         assert_eq!(count(&l, "192.0.3.1", 5, 10), (10, 0, 0));
         // The next second starts afresh.
         assert_eq!(count(&l, "192.0.2.1", 6, 11), (10, 0, 1));
