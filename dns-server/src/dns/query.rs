@@ -61,6 +61,8 @@ pub(crate) struct Scratch {
     pub rng: Rng,
     order: Vec<u32>,
     keys: Vec<(bool, f64, u32)>,
+    /// Slots in the order `write_shuffled` wrote them.
+    written: Vec<u32>,
     /// Answers at membranes' own names rendered by this loop, keyed by zone generation,
     /// type and name: reused until the zone changes. Private to the loop (no lock); at
     /// most `cache_cap` entries, emptied when full.
@@ -78,6 +80,7 @@ impl Scratch {
             rng: Rng::new(),
             order: Vec::with_capacity(64),
             keys: Vec::with_capacity(256),
+            written: Vec::with_capacity(64),
             cache: HashMap::new(),
             cache_cap,
             key: Vec::with_capacity(8 + 2 + 255),
@@ -428,14 +431,17 @@ fn write_shuffled(
 ) -> u16 {
     let limit = out.len().saturating_add(budget);
     let mut written = 0u16;
+    s.written.clear();
     for &(gs, ge) in sh.groups.iter() {
         let slots = &sh.slots[gs as usize..ge as usize];
+        let order = &mut s.written;
         let mut copy = |out: &mut Vec<u8>, k: usize| -> bool {
             let sl = slots[k];
             if out.len() + sl.len as usize > limit {
                 return false;
             }
             out.extend_from_slice(&body[sl.off as usize..(sl.off + sl.len) as usize]);
+            order.push(gs + k as u32);
             written += 1;
             true
         };
@@ -777,18 +783,35 @@ impl Catalog {
                 }
                 _ => out.extend_from_slice(&r.body[..an_ns]),
             }
-            // Additional: the whole RRsets that fit, in order (RFC 2181 9: no TC for them).
-            let (end, ar) = if r.body.len() <= budget {
-                (r.body.len() as u32, r.arcount)
+            // Additional: the whole RRsets that fit (RFC 2181 9: no TC for them); for a
+            // shuffled SRV answer the targets' addresses in the order of the answer, else
+            // in rendering order.
+            let ar = if r.body.len() <= budget {
+                out.extend_from_slice(&r.body[an_ns..]);
+                r.arcount
+            } else if let Some(sh) = r.shuffle.as_ref().filter(|sh| sh.always) {
+                let max = at + 12 + qlen + budget;
+                let mut n = 0;
+                for &k in &s.written {
+                    let sl = &sh.slots[k as usize];
+                    if sl.ar_len > 0 && out.len() + sl.ar_len as usize <= max {
+                        let o = sl.ar_off as usize;
+                        out.extend_from_slice(&r.body[o..o + sl.ar_len as usize]);
+                        n += sl.ar_n;
+                    }
+                }
+                n
             } else {
-                r.ar_cuts
+                let (end, ar) = r
+                    .ar_cuts
                     .iter()
                     .rev()
                     .find(|(end, _)| *end as usize <= budget)
                     .copied()
-                    .unwrap_or((an_ns as u32, 0))
+                    .unwrap_or((an_ns as u32, 0));
+                out.extend_from_slice(&r.body[an_ns..end as usize]);
+                ar
             };
-            out.extend_from_slice(&r.body[an_ns..end as usize]);
             (r.ancount, r.nscount, ar, false)
         } else if let (true, Some(sh), 0) = (tcp, &r.shuffle, r.nscount) {
             // More than a TCP message holds: a weighted random subset of the records.
@@ -1111,6 +1134,9 @@ mod tests {
                     off: i as u32,
                     len: 1,
                     weight: w,
+                    ar_n: 0,
+                    ar_off: 0,
+                    ar_len: 0,
                 })
                 .collect(),
             groups: vec![(0, weights.len() as u32)].into_boxed_slice(),

@@ -17,6 +17,11 @@ pub(crate) struct SrvSlot {
     pub off: u32,
     pub len: u32,
     pub weight: u16,
+    /// Records in the additional section for this SRV record's target (its addresses,
+    /// when no earlier record has the same target): count, offset and length in the body.
+    pub ar_n: u16,
+    pub ar_off: u32,
+    pub ar_len: u32,
 }
 
 /// The answer records of a set of more than one, grouped by priority (ascending), for the
@@ -189,6 +194,9 @@ pub(crate) fn render_rrset(
             off: s as u32,
             len: (e - s) as u32,
             weight,
+            ar_n: 0,
+            ar_off: 0,
+            ar_len: 0,
         });
         if let Some(g) = groups.last_mut() {
             g.1 = slots.len() as u32;
@@ -198,34 +206,37 @@ pub(crate) fn render_rrset(
     let mut cuts: Vec<(u32, u16)> = Vec::new();
     let mut arcount = 0u16;
     let mut done: std::collections::HashSet<(Vec<u8>, u16)> = std::collections::HashSet::new();
-    // Adds the RRset of `at` at `name` once; false when the message limit is reached.
-    let mut add = |w: &mut Writer<'_>, name: &'_ [u8], at: u16| -> bool {
+    // Adds the RRset of `at` at `name` once: the records added; None when the message
+    // limit is reached.
+    let mut add = |w: &mut Writer<'_>, name: &'_ [u8], at: u16| -> Option<u16> {
         if w.out.len() > MESSAGE_MAX {
-            return false;
+            return None;
         }
+        let mut n = 0;
         if let Some(found) = addrs(name, at)
             && done.insert((name.to_vec(), at))
         {
             for a in found {
                 w.record(name, ttl, a);
-                arcount += 1;
+                n += 1;
             }
+            arcount += n;
             cuts.push((w.out.len() as u32, arcount));
         }
-        true
+        Some(n)
     };
-    'targets: for rd in &set {
+    'targets: for (i, rd) in set.iter().enumerate() {
         match rd {
             RData::Ptr(inst) => {
                 for at in [rtype::SRV, rtype::TXT] {
-                    if !add(&mut w, inst, at) {
+                    if add(&mut w, inst, at).is_none() {
                         break 'targets;
                     }
                 }
                 for srv in addrs(inst, rtype::SRV).unwrap_or_default() {
                     if let RData::Srv { target, .. } = srv {
                         for at in [rtype::A, rtype::AAAA] {
-                            if !add(&mut w, target, at) {
+                            if add(&mut w, target, at).is_none() {
                                 break 'targets;
                             }
                         }
@@ -233,10 +244,18 @@ pub(crate) fn render_rrset(
                 }
             }
             RData::Srv { target, .. } | RData::Ns(target) => {
+                let start = w.out.len();
+                let mut n = 0;
                 for at in [rtype::A, rtype::AAAA] {
-                    if !add(&mut w, target, at) {
-                        break 'targets;
+                    match add(&mut w, target, at) {
+                        Some(k) => n += k,
+                        None => break 'targets,
                     }
+                }
+                if let (RData::Srv { .. }, Some(slot)) = (rd, slots.get_mut(i)) {
+                    slot.ar_n = n;
+                    slot.ar_off = start as u32;
+                    slot.ar_len = (w.out.len() - start) as u32;
                 }
             }
             _ => {}
@@ -248,6 +267,11 @@ pub(crate) fn render_rrset(
     }
     let keep = cuts.last().map_or(an_ns_len, |(e, _)| *e);
     w.out.truncate(keep as usize);
+    for sl in &mut slots {
+        if sl.ar_off + sl.ar_len > keep {
+            (sl.ar_n, sl.ar_off, sl.ar_len) = (0, 0, 0);
+        }
+    }
     let shuffle = (slots.len() > 1).then(|| {
         Box::new(Shuffle {
             slots: slots.into_boxed_slice(),
