@@ -207,7 +207,7 @@ async fn additional_filled_as_far_as_it_fits() {
     );
     // The addresses of the first answer records (the ones a client tries first), in order.
     let glue_names: Vec<String> = glue.iter().map(|r| r.name.to_ascii()).collect();
-    assert_eq!(glue_names, targets[..glue.len()], "{raw:?}");
+    assert_eq!(glue_names, targets[..glue.len()], "{targets:?}");
     // The room left is less than one more A record (16 bytes with a compressed owner).
     assert!(raw.len() + 30 > 1232, "{}", raw.len());
     let m = tcp(srv.addr, "_api._tcp.mid.", RecordType::SRV).await;
