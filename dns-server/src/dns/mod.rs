@@ -27,7 +27,6 @@ use shared::NamespaceName;
 
 use crate::snapshot::NamespaceSnapshot;
 
-pub use edns::NSID_MAX;
 pub use rrl::{DEFAULT_RATE, DEFAULT_SLIP, RateLimit};
 pub use runtime::serve_on_own_threads;
 pub use server::{bind_udp, serve};

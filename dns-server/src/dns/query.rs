@@ -1,7 +1,10 @@
 //! The query path: a minimal parse of the header, question and OPT record, a lookup in the
 //! pre-rendered zone, and a response assembled by copying bytes into a reusable buffer.
 //! Anything the minimal parser does not handle (a compressed question name) goes through
-//! hickory-proto's full parser and is re-encoded in the plain form.
+//! hickory-proto's full parser and is re-encoded in the plain form. The response's OPT
+//! ([`edns`]) is rendered first, so its size counts against the limit; additional records
+//! fill what room is left; a set larger than a TCP message is answered with a random
+//! subset; UDP responses then pass the rate limiter ([`super::rrl`]).
 
 use std::net::IpAddr;
 
