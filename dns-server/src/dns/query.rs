@@ -819,7 +819,8 @@ impl Catalog {
         } else if let (true, Some(sh), 0) = (tcp, &r.shuffle, r.nscount) {
             // More than a TCP message holds: a weighted random subset of the records.
             let n = write_shuffled(out, &r.body, sh, s, budget);
-            (n, 0, 0, false)
+            // Not even one record fits: TC rather than an answer that looks like NODATA.
+            (n, 0, 0, n == 0)
         } else {
             (0, 0, 0, true)
         };
