@@ -473,7 +473,8 @@ async fn reference_alias_routes() {
     assert_eq!(v["namespace_name"], "cognitive-system");
     assert_eq!(v["parent_membrane"], "cognitive-root");
     assert_eq!(v["status"], "active");
-    assert_eq!(v["endpoint"]["mode"], "shared-volume");
+    assert_eq!(v["endpoint"], "/shared");
+    assert_eq!(v["communication_mode"], "shared-volume");
     let (s, v) = h
         .call(
             Method::POST,
@@ -483,13 +484,7 @@ async fn reference_alias_routes() {
         )
         .await;
     assert_eq!((s, v["state"].clone()), (StatusCode::OK, json!("passing")));
-    assert_eq!(
-        h.get("/list").await.1["membranes"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(h.get("/list").await.1.as_array().unwrap().len(), 1);
     assert_eq!(
         h.get("/api/membranes/discover?namespace_id=cognitive-system")
             .await
@@ -512,7 +507,8 @@ async fn reference_alias_routes() {
     assert_eq!(v["service_id"], "hello-service");
     let (_, v) = h.get("/api/capabilities/greet").await;
     assert_eq!(v["id"], "hello-service");
-    assert_eq!(v["status"], "healthy");
+    assert_eq!(v["status"], "active");
+    assert_eq!(v["mode"], "http");
     assert_eq!(v["location"], "http://localhost:3000");
     assert_eq!(v["name"], "Hello Service");
     assert_error(
@@ -560,7 +556,7 @@ async fn reference_alias_routes() {
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid_field",
     );
-    assert_eq!(h.get("/list").await.1["membranes"], json!([]));
+    assert_eq!(h.get("/list").await.1, json!([]));
 }
 
 #[tokio::test]
