@@ -18,6 +18,8 @@ const ADMIN: &str = "admin-token-0123456789";
 
 struct Harness {
     router: Router,
+    /// The registry behind the router (the one DNS serves).
+    registry: Arc<Registry>,
     _dir: tempfile::TempDir,
     _thread: sqlite::WriterThread,
 }
@@ -28,7 +30,7 @@ fn harness(admin: Option<&str>) -> Harness {
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::new(loaded, writer, metrics.clone()));
     let state = AppState {
-        registry,
+        registry: registry.clone(),
         metrics,
         admin_token_hash: admin.map(hash_secret),
         max_body: 4096,
@@ -39,6 +41,7 @@ fn harness(admin: Option<&str>) -> Harness {
     };
     Harness {
         router: router(state),
+        registry,
         _dir: dir,
         _thread: thread,
     }
@@ -648,3 +651,5 @@ async fn events_stream_replays_after_last_event_id() {
     let text = next_frame(&mut events(&h, Some("3".into())).await).await;
     assert!(text.contains("event: resync"), "{text}");
 }
+
+mod compat;
