@@ -230,7 +230,7 @@ async fn seed_clients_calls_show_in_dns() {
     // NamespaceClient: parent and endpoint (a network URL served as host:port).
     let txt = dig(&server, &["TXT", "perception.default", "+short"]).unwrap();
     assert!(txt.contains("\"parent=cognitive-root\""), "{txt}");
-    assert!(txt.contains("\"endpoint=localhost:9623\""), "{txt}");
+    assert!(txt.contains("\"endpoint=localhost:9730\""), "{txt}");
     // Deregistered (NamespaceClient) and unregistered (modularity CLI): gone.
     for name in ["motor.default", "hello-service.default"] {
         let nx = dig(&server, &["TXT", name]).unwrap();

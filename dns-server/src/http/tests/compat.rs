@@ -131,7 +131,7 @@ async fn seed_clients_replayed_get_what_they_read_and_show_in_v1() {
     // The same registry in DNS: what is registered is served, what was removed is not.
     let default = zone(&h, "default");
     let txt = records(&default, "perception.default.").join("\n");
-    assert!(txt.contains("\"endpoint=localhost:9623\""), "{default}");
+    assert!(txt.contains("\"endpoint=localhost:9730\""), "{default}");
     assert!(txt.contains("parent=cognitive-root"), "{default}");
     assert!(!records(&default, "cognitive-root.default.").is_empty());
     assert!(
