@@ -14,7 +14,7 @@
 //!
 //! They map onto the same registry operations and the same auth rules as `/v1`. Writes
 //! without a namespace go to the namespace `default`; reads and writes by id alone find the
-//! one namespace holding that id (409 when several do). The mode and URL a client registered
+//! one namespace holding that id (`default` among several; else 409). The mode and URL a client registered
 //! are kept in the metadata keys `mode` and `location` (so they show in `/v1` and in DNS TXT)
 //! and answered back as registered.
 
@@ -376,6 +376,10 @@ fn locate(
                     ));
                 }
                 [one] => one.clone(),
+                // Writes without a namespace go to `default`, so calls without one find it.
+                many if many.iter().any(|n| n.as_str() == DEFAULT_NAMESPACE) => {
+                    extract::ns(DEFAULT_NAMESPACE)?
+                }
                 many => {
                     let names: Vec<_> = many.iter().map(|n| n.as_str()).collect();
                     return Err(ApiError::new(

@@ -318,4 +318,17 @@ async fn an_id_in_two_namespaces_is_ambiguous_without_a_namespace() {
         )
         .await;
     assert_eq!((s, v["namespace"].clone()), (StatusCode::OK, json!("two")));
+    // Calls without a namespace mean `default` when it is one of them, as writes do.
+    let (s, v) = h
+        .call(Method::POST, "/register", Some(r#"{"id":"m"}"#), &[])
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = h
+        .call(Method::POST, "/heartbeat", Some(r#"{"id":"m"}"#), &[])
+        .await;
+    assert_eq!(
+        (s, v["namespace"].clone()),
+        (StatusCode::OK, json!("default"))
+    );
+    assert_eq!(h.get("/discover/m").await.1["namespace"], "default");
 }
