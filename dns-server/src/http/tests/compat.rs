@@ -217,7 +217,7 @@ async fn bad_compat_input_is_refused_and_changes_nothing() {
         (
             Method::POST,
             "/register",
-            Some(r#"{"id":"x","endpoint":"/a","communication_mode":"carrier-pigeon"}"#),
+            Some(r#"{"id":"x","endpoint":"localhost:9000","communication_mode":"carrier-pigeon"}"#),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_field",
         ),
