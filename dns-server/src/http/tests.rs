@@ -18,6 +18,8 @@ const ADMIN: &str = "admin-token-0123456789";
 
 struct Harness {
     router: Router,
+    /// The registry behind the router (the one DNS serves).
+    registry: Arc<Registry>,
     _dir: tempfile::TempDir,
     _thread: sqlite::WriterThread,
 }
@@ -28,7 +30,7 @@ fn harness(admin: Option<&str>) -> Harness {
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::new(loaded, writer, metrics.clone()));
     let state = AppState {
-        registry,
+        registry: registry.clone(),
         metrics,
         admin_token_hash: admin.map(hash_secret),
         max_body: 4096,
@@ -39,6 +41,7 @@ fn harness(admin: Option<&str>) -> Harness {
     };
     Harness {
         router: router(state),
+        registry,
         _dir: dir,
         _thread: thread,
     }
@@ -473,7 +476,8 @@ async fn reference_alias_routes() {
     assert_eq!(v["namespace_name"], "cognitive-system");
     assert_eq!(v["parent_membrane"], "cognitive-root");
     assert_eq!(v["status"], "active");
-    assert_eq!(v["endpoint"]["mode"], "shared-volume");
+    assert_eq!(v["endpoint"], "/shared");
+    assert_eq!(v["communication_mode"], "shared-volume");
     let (s, v) = h
         .call(
             Method::POST,
@@ -483,13 +487,7 @@ async fn reference_alias_routes() {
         )
         .await;
     assert_eq!((s, v["state"].clone()), (StatusCode::OK, json!("passing")));
-    assert_eq!(
-        h.get("/list").await.1["membranes"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(h.get("/list").await.1.as_array().unwrap().len(), 1);
     assert_eq!(
         h.get("/api/membranes/discover?namespace_id=cognitive-system")
             .await
@@ -512,7 +510,8 @@ async fn reference_alias_routes() {
     assert_eq!(v["service_id"], "hello-service");
     let (_, v) = h.get("/api/capabilities/greet").await;
     assert_eq!(v["id"], "hello-service");
-    assert_eq!(v["status"], "healthy");
+    assert_eq!(v["status"], "active");
+    assert_eq!(v["mode"], "http");
     assert_eq!(v["location"], "http://localhost:3000");
     assert_eq!(v["name"], "Hello Service");
     assert_error(
@@ -560,7 +559,7 @@ async fn reference_alias_routes() {
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid_field",
     );
-    assert_eq!(h.get("/list").await.1["membranes"], json!([]));
+    assert_eq!(h.get("/list").await.1, json!([]));
 }
 
 #[tokio::test]
@@ -652,3 +651,5 @@ async fn events_stream_replays_after_last_event_id() {
     let text = next_frame(&mut events(&h, Some("3".into())).await).await;
     assert!(text.contains("event: resync"), "{text}");
 }
+
+mod compat;

@@ -240,3 +240,44 @@ async fn dig_sees_nsid_cookies_ede_and_ns_hosts() {
     assert!(refused.contains("EDE: 20"), "{refused}");
     assert!(server.terminate().success());
 }
+
+/// The seed systems' clients' captured calls (`tests/fixtures/seed-clients.json`) replayed
+/// against the real binary: what they registered is what `dig` answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_clients_calls_show_in_dns() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let http = Http::new(server.url());
+    let fixture: Vec<serde_json::Value> = serde_json::from_str(include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/seed-clients.json"
+    )))
+    .unwrap();
+    for e in &fixture {
+        let (method, path) = (e["method"].as_str().unwrap(), e["path"].as_str().unwrap());
+        let (s, v) = http.call(method, path, e["body"].as_str()).await.unwrap();
+        assert_eq!(s, e["status"], "{} {method} {path}: {v}", e["client"]);
+    }
+    // RegistryClient: host and port.
+    let Some(srv) = dig(
+        &server,
+        &["SRV", "_visual-cortex._tcp.cognitive-system", "+short"],
+    ) else {
+        return;
+    };
+    assert_eq!(srv.trim(), "0 10 7201 visual-cortex.cognitive-system.");
+    let a = dig(&server, &["A", "visual-cortex.cognitive-system", "+short"]).unwrap();
+    assert_eq!(a.trim(), "10.0.0.21");
+    // The membrane install.sh curl registration.
+    let a = dig(&server, &["A", "motor-cortex.cognitive-system", "+short"]).unwrap();
+    assert_eq!(a.trim(), "192.0.2.2");
+    // NamespaceClient: parent and endpoint (a network URL served as host:port).
+    let txt = dig(&server, &["TXT", "perception.default", "+short"]).unwrap();
+    assert!(txt.contains("\"parent=cognitive-root\""), "{txt}");
+    assert!(txt.contains("\"endpoint=localhost:9730\""), "{txt}");
+    // Deregistered (NamespaceClient) and unregistered (modularity CLI): gone.
+    for name in ["motor.default", "hello-service.default"] {
+        let nx = dig(&server, &["TXT", name]).unwrap();
+        assert!(nx.contains("status: NXDOMAIN"), "{name}: {nx}");
+    }
+}
