@@ -232,10 +232,7 @@ pub fn compose(membranes: &[MembraneView], opts: &ExportOptions) -> String {
         // round: stopping or restarting the app then never takes the network away from an
         // agent that still has to deregister (podman-compose stops every container at
         // once); the dependency makes docker compose stop the app before its agent.
-        app.push((
-            "network_mode".into(),
-            s(format!("service:{agent_service}")),
-        ));
+        app.push(("network_mode".into(), s(format!("service:{agent_service}"))));
         app.push((
             "environment".into(),
             map([
