@@ -92,6 +92,8 @@ impl Drop for Netns {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
             let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(n));
         }
+        // Only when empty: other namespaces' files stay.
+        let _ = std::fs::remove_dir("/etc/netns");
     }
 }
 
