@@ -61,6 +61,8 @@ if [ "$(id -u)" = 0 ] && ! command -v podman-compose >/dev/null 2>&1; then
   echo "tests/run.sh: installing podman-compose (pip)"
   python3 -m pip install --quiet podman-compose >/dev/null 2>&1 ||
     echo "tests/run.sh: WARNING: podman-compose missing; the podman test will SKIP (fail on CI)" >&2
+  # pyenv only sees a new script after a rehash
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash >/dev/null 2>&1 || true; fi
 fi
 if [ "$(id -u)" != 0 ]; then
   echo "############################################################################" >&2
