@@ -6,7 +6,8 @@
 //! answer like a registry (no JSON). API errors (4xx with the registry's JSON error body) are
 //! returned as they are: another replica would answer the same.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -148,6 +149,10 @@ pub struct HttpRegistry {
     token: Option<String>,
     connect_timeout: Duration,
     request_timeout: Duration,
+    /// Per URL, the address the last connection went to: used when the resolver does not
+    /// answer (a container network's DNS is unreliable exactly while containers stop,
+    /// when the agent must deregister).
+    last_addr: Mutex<Vec<Option<SocketAddr>>>,
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -157,6 +162,7 @@ impl HttpRegistry {
     pub fn new(urls: Vec<RegistryUrl>, token: Option<String>) -> Self {
         assert!(!urls.is_empty(), "at least one registry URL");
         HttpRegistry {
+            last_addr: Mutex::new(vec![None; urls.len()]),
             urls,
             current: AtomicUsize::new(0),
             token,
@@ -182,13 +188,30 @@ impl HttpRegistry {
             url: url.to_string(),
             reason,
         };
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            tokio::net::TcpStream::connect((url.host.as_str(), url.port)),
-        )
+        let slot = self.urls.iter().position(|u| std::ptr::eq(u, url));
+        let known = slot.and_then(|i| self.last_addr.lock().unwrap_or_else(|e| e.into_inner())[i]);
+        let stream = tokio::time::timeout(self.connect_timeout, async {
+            let name = (url.host.as_str(), url.port);
+            let Some(known) = known else {
+                return tokio::net::TcpStream::connect(name).await;
+            };
+            // A fresh lookup first (the registry may have moved); when the resolver has
+            // not answered within half the connect timeout, the address that worked last.
+            let half = self.connect_timeout / 2;
+            match tokio::time::timeout(half, tokio::net::lookup_host(name)).await {
+                Ok(Ok(addrs)) => tokio::net::TcpStream::connect(&*addrs.collect::<Vec<_>>()).await,
+                _ => {
+                    tracing::debug!(%url, %known, "no name resolution: the last address");
+                    tokio::net::TcpStream::connect(known).await
+                }
+            }
+        })
         .await
         .map_err(|_| unreachable(format!("no connection within {:?}", self.connect_timeout)))?
         .map_err(|e| unreachable(e.to_string()))?;
+        if let (Some(i), Ok(peer)) = (slot, stream.peer_addr()) {
+            self.last_addr.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(peer);
+        }
         let _ = stream.set_nodelay(true);
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
