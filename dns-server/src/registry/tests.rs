@@ -363,3 +363,70 @@ async fn tree_and_filters() {
     };
     assert!(r.list(&n, &f).unwrap().0.is_empty());
 }
+
+/// Makes every store write of membrane `boom` fail from now on: a trigger added behind the
+/// writer's back (it re-reads the schema before its next statement).
+fn inject_store_failure(path: &Path) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER boom BEFORE INSERT ON membranes WHEN NEW.id = 'boom'
+         BEGIN SELECT RAISE(ABORT, 'injected store failure'); END;",
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn writes_answered_503_are_taken_back_from_memory_and_dns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (r, t) = open(&path);
+    let (a, b, c) = (ns("a"), ns("b"), ns("c"));
+    let oc = open_caller();
+    let boom = r
+        .register(&oc, &a, &id("boom"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.register(&oc, &a, &id("keep"), reg(None)).await.unwrap();
+    r.register(&oc, &c, &id("x"), reg(None)).await.unwrap();
+    inject_store_failure(&path);
+    // The first write fails to commit; the others are queued behind it (or refused).
+    let with_secret = Caller {
+        secret: Some(boom.instance_secret),
+        ..open_caller()
+    };
+    let (boom_id, fresh_id, keep_id, admin) =
+        (id("boom"), id("fresh"), id("keep"), Caller::admin());
+    let (update, fresh, dereg, del) = tokio::join!(
+        r.register(&with_secret, &a, &boom_id, reg(Some(99))),
+        r.register(&oc, &b, &fresh_id, reg(None)),
+        r.deregister(&oc, &a, &keep_id),
+        r.delete_namespace(&admin, &c, true),
+    );
+    for e in [update.err(), fresh.err(), dereg.err(), del.err()] {
+        assert!(matches!(e, Some(RegistryError::Unavailable)), "{e:?}");
+    }
+    assert!(r.store_failed());
+    let check = |r: &Registry| {
+        // API view: exactly what was committed before the failure.
+        let m = r.get(&a, &id("boom")).unwrap();
+        assert_eq!(m.registration.ttl_seconds, Some(30));
+        assert!(r.get(&a, &id("keep")).is_ok());
+        assert!(r.get_namespace(&b).is_err(), "namespace of a failed write");
+        assert!(r.get(&c, &id("x")).is_ok());
+        assert_eq!(r.namespace_names(), vec![a.clone(), c.clone()]);
+        // DNS view.
+        let snap = r.snapshot(&a).unwrap();
+        let ids: Vec<_> = snap.instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["boom", "keep"]);
+        assert_eq!(snap.instances[0].registration.ttl_seconds, Some(30));
+        assert!(r.snapshot(&b).is_none());
+    };
+    check(&r);
+    // Memory matched the disk: a restart shows the same.
+    drop(r);
+    tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+    let (r, _t) = open(&path);
+    check(&r);
+}
