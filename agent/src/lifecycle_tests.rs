@@ -79,6 +79,7 @@ impl RegistryApi for Fake {
         id: &MembraneId,
         reg: &Registration,
         secret: Option<&str>,
+        _replace: bool,
     ) -> Result<RegisterResponse, ClientError> {
         let parent = reg.parent.as_ref().map(|p| p.to_string());
         self.record(Kind::Register, secret, parent)?;
@@ -149,6 +150,7 @@ fn config(jitter: f64) -> LifecycleConfig {
         max_backoff: Duration::from_secs(8),
         shutdown_grace: Duration::from_secs(5),
         state_dir: None,
+        replace: false,
     }
 }
 

@@ -49,6 +49,13 @@ pub enum RegistryError {
     /// Namespace already exists.
     #[error("namespace {0} already exists")]
     NamespaceExists(NamespaceName),
+    /// Open mode: the membrane is registered by another instance (the caller sent neither
+    /// its instance secret nor asked to replace it).
+    #[error(
+        "membrane {1} is already registered in namespace {0} by another instance; send its \
+         X-Membrane-Secret to update it, or register with ?replace=true to take it over"
+    )]
+    AlreadyRegistered(NamespaceName, MembraneId),
     /// Namespace still has membranes.
     #[error("namespace {0} still has {1} membranes; delete them first or pass ?force=true")]
     NamespaceNotEmpty(NamespaceName, usize),
@@ -81,6 +88,8 @@ pub struct Caller {
     pub bearer: Option<String>,
     /// The `X-Membrane-Secret` header, if any.
     pub secret: Option<String>,
+    /// `?replace=true`: take over a registration held by another instance (open mode).
+    pub replace: bool,
 }
 
 impl Caller {
@@ -807,7 +816,11 @@ impl Registry {
     }
 
     /// The instance secret of a (re-)registration: the caller's when it matches the
-    /// existing one, a fresh one for a new membrane (or an admin takeover).
+    /// existing one (the same instance), a fresh one for a new membrane or a takeover.
+    ///
+    /// A takeover (another instance's registration, no matching secret) needs the admin
+    /// token, or in open mode an explicit `?replace=true`: without it, open mode answers
+    /// 409 instead of silently handing the membrane (and its messages) to the newcomer.
     fn choose_secret(
         caller: &Caller,
         ns_name: &NamespaceName,
@@ -816,11 +829,19 @@ impl Registry {
     ) -> Result<String, RegistryError> {
         match (existing, &caller.secret) {
             (Some(e), Some(s)) if e.secret_hash == hash_secret(s) => Ok(s.clone()),
-            (Some(_), _) if !caller.privileged() => Err(RegistryError::Forbidden(format!(
+            (Some(_), _) if caller.admin || (caller.open && caller.replace) => {
+                tracing::info!(namespace = %ns_name, id = %id, "registration taken over by another instance");
+                Ok(new_token())
+            }
+            (Some(_), _) if caller.open => Err(RegistryError::AlreadyRegistered(
+                ns_name.clone(),
+                id.clone(),
+            )),
+            (Some(_), _) => Err(RegistryError::Forbidden(format!(
                 "membrane {id} is already registered in {ns_name} by another instance; \
                  send its X-Membrane-Secret to update it"
             ))),
-            _ => Ok(new_token()),
+            (None, _) => Ok(new_token()),
         }
     }
 

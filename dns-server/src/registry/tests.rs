@@ -46,6 +46,7 @@ fn secured(bearer: Option<&str>, secret: Option<&str>) -> Caller {
         admin: false,
         bearer: bearer.map(Into::into),
         secret: secret.map(Into::into),
+        replace: false,
     }
 }
 
