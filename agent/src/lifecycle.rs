@@ -285,10 +285,19 @@ impl<R: RegistryApi> Lifecycle<R> {
         activity: Arc<Activity>,
         ready: Option<oneshot::Sender<()>>,
     ) -> Self {
-        let secret = cfg
-            .state_dir
-            .as_deref()
-            .and_then(|d| state::load_secret(d, &cfg.namespace, &cfg.id));
+        let secret = cfg.state_dir.as_deref().and_then(|d| {
+            state::load_secret(d, &cfg.namespace, &cfg.id).or_else(|| {
+                // Chosen (and kept) before the first registration: retries are then the
+                // same instance even when an answer was lost.
+                let s = state::new_secret()
+                    .inspect_err(|e| tracing::warn!(error = %e, "cannot make an instance secret"))
+                    .ok()?;
+                if let Err(e) = state::save_secret(d, &cfg.namespace, &cfg.id, &s) {
+                    tracing::warn!(error = %e, "cannot persist the instance secret");
+                }
+                Some(s)
+            })
+        });
         let jitter = if cfg.jitter > 0.0 {
             Jitter::new(cfg.jitter)
         } else {

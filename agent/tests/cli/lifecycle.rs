@@ -326,11 +326,25 @@ fn log_follow_prints_new_activity() {
 #[test]
 fn open_registry_refuses_a_second_agent_with_the_same_id_unless_replace() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&tmp.path().join("data"), 0, &[]);
-    let mut args = quick("w1", "cog", &server.url());
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, 0, &[]);
+    let port = server.port;
+    server.stop();
+    let mut args = quick("w1", "cog", &format!("http://127.0.0.1:{port}"));
     let dir = tmp.path().join("a");
     let agent = Agent::start(&args, &dir, &[]);
+    // The agent picks (and keeps) its instance secret before its first registration, so a
+    // retry after a lost answer is the same instance; the registry adopts it.
+    let secret = || -> Option<String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("secret.json")).ok()?).ok()?;
+        v["secret"].as_str().map(String::from)
+    };
+    let picked = wait_for("secret picked", Duration::from_secs(5), secret);
+    assert_eq!(picked.len(), 64, "{picked}");
+    let server = Server::start(&data, port, &[]);
     agent.wait_registered();
+    assert_eq!(secret().as_deref(), Some(picked.as_str()));
     let first = server.membrane("cog", "w1").unwrap()["registered_at"].clone();
     agent.kill();
     // Restarted with its state dir: the same instance, registered again without a fight.

@@ -816,7 +816,10 @@ impl Registry {
     }
 
     /// The instance secret of a (re-)registration: the caller's when it matches the
-    /// existing one (the same instance), a fresh one for a new membrane or a takeover.
+    /// existing one (the same instance); for a new membrane or a takeover, the caller's own
+    /// when it sent a strong one (an agent picks its secret before its first registration,
+    /// so retrying a registration whose answer was lost is still the same instance), else
+    /// a fresh one.
     ///
     /// A takeover (another instance's registration, no matching secret) needs the admin
     /// token, or in open mode an explicit `?replace=true`: without it, open mode answers
@@ -831,7 +834,7 @@ impl Registry {
             (Some(e), Some(s)) if e.secret_hash == hash_secret(s) => Ok(s.clone()),
             (Some(_), _) if caller.admin || (caller.open && caller.replace) => {
                 tracing::info!(namespace = %ns_name, id = %id, "registration taken over by another instance");
-                Ok(new_token())
+                Ok(Self::own_secret(caller).unwrap_or_else(new_token))
             }
             (Some(_), _) if caller.open => Err(RegistryError::AlreadyRegistered(
                 ns_name.clone(),
@@ -841,8 +844,18 @@ impl Registry {
                 "membrane {id} is already registered in {ns_name} by another instance; \
                  send its X-Membrane-Secret to update it"
             ))),
-            (None, _) => Ok(new_token()),
+            (None, _) => Ok(Self::own_secret(caller).unwrap_or_else(new_token)),
         }
+    }
+
+    /// The secret the caller sent, if strong enough to adopt: 32 to 256 visible ASCII
+    /// characters (a fresh server-made one is 64 hex digits).
+    fn own_secret(caller: &Caller) -> Option<String> {
+        caller
+            .secret
+            .as_ref()
+            .filter(|s| (32..=256).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic()))
+            .cloned()
     }
 
     fn check_secret(

@@ -431,3 +431,62 @@ async fn writes_answered_503_are_taken_back_from_memory_and_dns() {
     let (r, _t) = open(&path);
     check(&r);
 }
+
+#[tokio::test]
+async fn open_mode_same_instance_is_the_one_holding_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (r, t) = open(&path);
+    let (n, m) = (ns("a"), id("m"));
+    let own = "0123456789abcdef0123456789abcdef-agent-picked";
+    let me = Caller {
+        secret: Some(own.into()),
+        ..open_caller()
+    };
+    // A strong secret sent with the first registration is adopted...
+    let first = r.register(&me, &n, &m, reg(None)).await.unwrap();
+    assert!(first.created);
+    assert_eq!(first.instance_secret, own);
+    // ...so a retry whose answer was lost is the same instance, not a takeover.
+    let again = r.register(&me, &n, &m, reg(Some(9))).await.unwrap();
+    assert!(!again.created);
+    // Anyone else: 409 naming the id, nothing changed.
+    for other in [
+        open_caller(),
+        Caller {
+            secret: Some("x".repeat(40)),
+            ..open_caller()
+        },
+    ] {
+        let e = r.register(&other, &n, &m, reg(None)).await.unwrap_err();
+        assert!(
+            matches!(&e, RegistryError::AlreadyRegistered(a, b) if a == &n && b == &m),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("membrane m "), "{e}");
+    }
+    assert_eq!(r.get(&n, &m).unwrap().registration.ttl_seconds, Some(9));
+    // A weak secret is not adopted: a fresh one is made.
+    let weak = Caller {
+        secret: Some("short".into()),
+        ..open_caller()
+    };
+    let other = r.register(&weak, &n, &id("w"), reg(None)).await.unwrap();
+    assert_ne!(other.instance_secret, "short");
+    // After a restart (and after going stale) the secret still proves the instance.
+    drop(r);
+    tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+    let (r, _t) = open(&path);
+    r.register(&me, &n, &m, reg(None)).await.unwrap();
+    // Asked to replace: taken over, the old secret no longer matches.
+    let taker = Caller {
+        replace: true,
+        ..open_caller()
+    };
+    let taken = r.register(&taker, &n, &m, reg(None)).await.unwrap();
+    assert_ne!(taken.instance_secret, own);
+    assert!(matches!(
+        r.register(&me, &n, &m, reg(None)).await,
+        Err(RegistryError::AlreadyRegistered(..))
+    ));
+}
