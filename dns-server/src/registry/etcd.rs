@@ -631,6 +631,12 @@ impl Registry {
                         }
                         if prev.is_some_and(|p| p != state) {
                             self.metrics.state_change(state);
+                            tracing::info!(
+                                namespace = %n,
+                                id = %i,
+                                state = state.as_str(),
+                                "membrane state changed"
+                            );
                             events.push((
                                 n.clone(),
                                 Event::StateChanged {

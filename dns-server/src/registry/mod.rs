@@ -711,7 +711,38 @@ impl Registry {
     }
 
     /// Registers (or updates) a membrane: idempotent upsert keyed by (namespace, id).
+    /// Logs the outcome: info once committed, debug when refused.
     pub async fn register(
+        &self,
+        caller: &Caller,
+        ns_name: &NamespaceName,
+        id: &MembraneId,
+        reg: Registration,
+    ) -> Result<RegisterResponse, RegistryError> {
+        let addresses = reg.addresses.len();
+        match self.register_inner(caller, ns_name, id, reg).await {
+            Ok(resp) => {
+                // Not created and not the caller's secret: someone else's registration.
+                let takeover = !resp.created
+                    && caller.secret.as_deref() != Some(resp.instance_secret.as_str());
+                tracing::info!(
+                    namespace = %ns_name,
+                    id = %id,
+                    created = resp.created,
+                    takeover,
+                    addresses,
+                    "registered"
+                );
+                Ok(resp)
+            }
+            Err(e) => {
+                tracing::debug!(namespace = %ns_name, id = %id, error = %e, "registration refused");
+                Err(e)
+            }
+        }
+    }
+
+    async fn register_inner(
         &self,
         caller: &Caller,
         ns_name: &NamespaceName,
@@ -833,7 +864,6 @@ impl Registry {
         match (existing, &caller.secret) {
             (Some(e), Some(s)) if e.secret_hash == hash_secret(s) => Ok(s.clone()),
             (Some(_), _) if caller.admin || (caller.open && caller.replace) => {
-                tracing::info!(namespace = %ns_name, id = %id, "registration taken over by another instance");
                 Ok(Self::own_secret(caller).unwrap_or_else(new_token))
             }
             (Some(_), _) if caller.open => Err(RegistryError::AlreadyRegistered(
@@ -880,8 +910,22 @@ impl Registry {
 
     /// Records a heartbeat. Returns the state and the TTL in seconds. With the embedded
     /// store this is soft state (nothing is written); with etcd it renews the membrane's
-    /// lease (one round trip) and answers once etcd did.
+    /// lease (one round trip) and answers once etcd did. A refused heartbeat is logged at
+    /// debug (an unknown membrane is the agent's cue to register again).
     pub async fn heartbeat(
+        &self,
+        caller: &Caller,
+        ns_name: &NamespaceName,
+        id: &MembraneId,
+    ) -> Result<(HealthState, u64), RegistryError> {
+        self.heartbeat_inner(caller, ns_name, id)
+            .await
+            .inspect_err(|e| {
+                tracing::debug!(namespace = %ns_name, id = %id, error = %e, "heartbeat refused");
+            })
+    }
+
+    async fn heartbeat_inner(
         &self,
         caller: &Caller,
         ns_name: &NamespaceName,
@@ -911,6 +955,12 @@ impl Registry {
             e.state_since = Instant::now();
             ns.serial = ns.serial.wrapping_add(1);
             self.metrics.state_change(HealthState::Passing);
+            tracing::info!(
+                namespace = %ns_name,
+                id = %id,
+                state = HealthState::Passing.as_str(),
+                "membrane passing again: heartbeat received"
+            );
             // No ops: ordering through the writer only, so this event follows any pending
             // registration event of the same membrane.
             drop(self.submit(
@@ -931,8 +981,27 @@ impl Registry {
         Ok((HealthState::Passing, ttl))
     }
 
-    /// Removes a membrane at once (graceful agent stop).
+    /// Removes a membrane at once (graceful agent stop). Logs the outcome: info once
+    /// committed, debug when refused.
     pub async fn deregister(
+        &self,
+        caller: &Caller,
+        ns_name: &NamespaceName,
+        id: &MembraneId,
+    ) -> Result<(), RegistryError> {
+        match self.deregister_inner(caller, ns_name, id).await {
+            Ok(()) => {
+                tracing::info!(namespace = %ns_name, id = %id, "deregistered");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!(namespace = %ns_name, id = %id, error = %e, "deregistration refused");
+                Err(e)
+            }
+        }
+    }
+
+    async fn deregister_inner(
         &self,
         caller: &Caller,
         ns_name: &NamespaceName,
@@ -1015,7 +1084,7 @@ impl Registry {
                     tracing::info!(
                         namespace = %ns_name,
                         id = %id,
-                        state = "stale",
+                        state = HealthState::Stale.as_str(),
                         silent_ms = silent.as_millis() as u64,
                         "membrane stale: no heartbeat within its TTL"
                     );

@@ -490,3 +490,91 @@ async fn open_mode_same_instance_is_the_one_holding_the_secret() {
         Err(RegistryError::AlreadyRegistered(..))
     ));
 }
+
+/// Log lines written while `f` runs on this thread, at debug and above, without colours.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+    /// The one line with `level` containing `text`.
+    fn one(&self, level: &str, text: &str) -> String {
+        let found: Vec<_> = self
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains(level) && l.contains(text))
+            .collect();
+        assert_eq!(found.len(), 1, "{level} {text:?} in {:#?}", self.lines());
+        found[0].clone()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn activity_is_logged_one_line_each_with_fields() {
+    let log = Captured::default();
+    let w = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || w.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .without_time()
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let (n, m) = (ns("cog"), id("m"));
+    r.register(&open_caller(), &n, &m, reg(Some(30)))
+        .await
+        .unwrap();
+    log.one(
+        "INFO",
+        ": registered namespace=cog id=m created=true takeover=false addresses=1",
+    );
+    // Refused: at debug, with the reason.
+    r.register(&open_caller(), &n, &m, reg(None))
+        .await
+        .unwrap_err();
+    let refused = log.one("DEBUG", "registration refused namespace=cog id=m");
+    assert!(refused.contains("already registered"), "{refused}");
+    r.heartbeat(&open_caller(), &n, &id("nobody"))
+        .await
+        .unwrap_err();
+    log.one("DEBUG", "heartbeat refused namespace=cog id=nobody");
+
+    tokio::time::advance(Duration::from_secs(31)).await;
+    r.sweep();
+    log.one("INFO", "namespace=cog id=m state=\"stale\"");
+    r.heartbeat(&open_caller(), &n, &m).await.unwrap();
+    log.one("INFO", "namespace=cog id=m state=\"passing\"");
+    tokio::time::advance(Duration::from_secs(31 + 60)).await;
+    r.sweep();
+    r.sweep();
+    log.one("INFO", "evicted after eviction delay namespace=cog id=m");
+
+    let other = r
+        .register(&open_caller(), &n, &id("d"), reg(None))
+        .await
+        .unwrap();
+    let owner = Caller {
+        secret: Some(other.instance_secret),
+        ..open_caller()
+    };
+    r.deregister(&owner, &n, &id("d")).await.unwrap();
+    log.one("INFO", ": deregistered namespace=cog id=d");
+}
