@@ -137,3 +137,47 @@ async fn an_empty_or_corrupt_database_is_refused_not_replaced() {
         .unwrap();
     assert_eq!(v["id"], "m1", "{v}");
 }
+
+#[tokio::test]
+async fn rows_of_a_missing_namespace_are_kept_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("registry.sqlite3");
+    {
+        let server = Server::start(dir.path(), &[]);
+        let http = Http::new(server.url());
+        register(&http, "m1").await;
+        register(&http, "m2").await;
+        assert!(server.terminate().success());
+    }
+    // The namespace row is lost (damage, a manual edit): its membranes have no namespace.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute("DELETE FROM namespaces WHERE name = 'store'", [])
+        .unwrap();
+    {
+        let server = Server::start(dir.path(), &[]);
+        let http = Http::new(server.url());
+        let (_, v) = http.call("GET", "/status", None).await.unwrap();
+        assert_eq!(
+            v["store"]["orphaned_membranes"],
+            serde_json::json!({"store": 2})
+        );
+        let (status, _) = http
+            .call("GET", "/v1/namespaces/store/membranes", None)
+            .await
+            .unwrap();
+        assert_eq!(status, 404, "not served");
+        // Give the writer's garbage collection time to run: nothing of them is deleted.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(server.terminate().success());
+    }
+    let rows: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM membranes WHERE namespace = 'store'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 2, "rows of the missing namespace were deleted");
+}
