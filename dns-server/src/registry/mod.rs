@@ -1385,12 +1385,20 @@ impl Registry {
 /// Undoes uncommitted changes, newest first; returns the namespaces touched.
 fn rollback(st: &mut State, undo: BTreeMap<u64, Vec<Undo>>) -> HashSet<NamespaceName> {
     let mut touched = HashSet::new();
-    for (_, changes) in undo.into_iter().rev() {
-        for u in changes.into_iter().rev() {
-            let ns = u.apply(st);
-            tracing::warn!(namespace = %ns, "change not committed (store failure): taken back");
-            touched.insert(ns);
+    let mut changes = 0;
+    for (_, undo) in undo.into_iter().rev() {
+        for u in undo.into_iter().rev() {
+            touched.insert(u.apply(st));
+            changes += 1;
         }
+    }
+    if changes > 0 {
+        let namespaces: Vec<&str> = touched.iter().map(|n| n.as_str()).collect();
+        tracing::warn!(
+            changes,
+            namespaces = namespaces.join(","),
+            "store failure: changes not committed were taken back from memory and DNS"
+        );
     }
     touched
 }
