@@ -181,3 +181,61 @@ async fn rows_of_a_missing_namespace_are_kept_and_reported() {
         .unwrap();
     assert_eq!(rows, 2, "rows of the missing namespace were deleted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_answered_503_is_not_visible_in_the_api_or_dns() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let http = Http::new(server.url());
+    let path = "/v1/namespaces/store/membranes/m1";
+    let body = |ip: &str| format!(r#"{{"addresses":["{ip}"],"services":[]}}"#);
+    let (status, v) = http
+        .call("PUT", path, Some(&body("10.0.0.1")))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    // The disk starts failing every write of m1 (a trigger added behind the server's back).
+    let conn = rusqlite::Connection::open(dir.path().join("registry.sqlite3")).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER fail BEFORE INSERT ON membranes WHEN NEW.id = 'm1'
+         BEGIN SELECT RAISE(ABORT, 'injected store failure'); END;",
+    )
+    .unwrap();
+    // An update by its owner: answered 503...
+    let secret = v["instance_secret"].as_str().unwrap();
+    let req = http::Request::builder()
+        .method("PUT")
+        .uri(format!("{}{path}", server.url()))
+        .header("x-membrane-secret", secret)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body(
+            "10.0.0.9",
+        ))))
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    assert_eq!(client.request(req).await.unwrap().status(), 503);
+    // ...and not visible anywhere: the API and DNS still show the committed address.
+    let (_, v) = http.call("GET", path, None).await.unwrap();
+    assert_eq!(v["addresses"][0], "10.0.0.1", "{v}");
+    if let Some(out) = super::dig::dig(&server, &["+short", "m1.store.", "A"]) {
+        assert_eq!(out.trim(), "10.0.0.1");
+    }
+    let (_, v) = http.call("GET", "/status", None).await.unwrap();
+    assert_eq!(v["status"], "degraded", "{v}");
+    // Later writes are refused up front.
+    let (status, _) = http
+        .call(
+            "PUT",
+            "/v1/namespaces/store/membranes/m2",
+            Some(&body("10.0.0.2")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 503);
+    let (status, _) = http
+        .call("GET", "/v1/namespaces/store/membranes/m2", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+}
