@@ -152,6 +152,12 @@ pub struct RunArgs {
         default_value = "/var/lib/membrane/shared"
     )]
     pub shared_dir: PathBuf,
+    /// Take over this id's registration if another instance holds it (an open registry
+    /// answers 409 otherwise; with tokens only the admin token can). Only for the first
+    /// registration: after that this agent's own instance secret (kept in --state-dir)
+    /// proves it is the same instance, across agent and server restarts.
+    #[arg(long, env = "MEMBRANE_REPLACE")]
+    pub replace: bool,
     /// Message listener: a socket path (ipc mode) or HOST:PORT (tcp mode; with 0.0.0.0 or
     /// [::] the route address is advertised).
     #[arg(long, env = "MEMBRANE_LISTEN")]

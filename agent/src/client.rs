@@ -86,6 +86,11 @@ impl ClientError {
             ClientError::Api {
                 status: 401 | 403, ..
             } => Some("check --token / MEMBRANE_TOKEN (the admin or the namespace's join token)"),
+            ClientError::Api { code, .. } if code == "already_registered" => Some(
+                "another agent holds this --id (or this agent's --state-dir, which keeps its \
+                 instance secret, was lost): stop the other one and wait for its eviction, or \
+                 pass --replace to take the membrane over",
+            ),
             ClientError::Api { code, .. } if code == "namespace_not_found" => {
                 Some("check --namespace, or create it first: dns-server namespace create NAME")
             }
@@ -339,23 +344,22 @@ impl HttpRegistry {
         format!("/v1/namespaces/{ns}/membranes/{id}")
     }
 
-    /// `PUT .../membranes/{id}`.
+    /// `PUT .../membranes/{id}`; `replace` adds `?replace=true` (take over a registration
+    /// another instance holds).
     pub async fn register(
         &self,
         ns: &NamespaceName,
         id: &MembraneId,
         reg: &Registration,
         secret: Option<&str>,
+        replace: bool,
     ) -> Result<RegisterResponse, ClientError> {
         let body = serde_json::to_vec(reg).expect("registration serialises");
-        let (_, bytes) = self
-            .call(
-                Method::PUT,
-                &Self::membrane_path(ns, id),
-                secret,
-                Some(body),
-            )
-            .await?;
+        let mut path = Self::membrane_path(ns, id);
+        if replace {
+            path.push_str("?replace=true");
+        }
+        let (_, bytes) = self.call(Method::PUT, &path, secret, Some(body)).await?;
         self.parse(&bytes)
     }
 

@@ -67,6 +67,8 @@ pub struct RunConfig {
     pub state_dir: PathBuf,
     /// Message relay settings.
     pub relay: RelaySettings,
+    /// `--replace`: take over a registration held by another instance (first time only).
+    pub replace: bool,
 }
 
 /// Message relay settings of `agent run`.
@@ -119,6 +121,7 @@ impl RunConfig {
             max_backoff: self.max_backoff,
             shutdown_grace: self.shutdown_grace,
             state_dir: Some(self.state_dir.clone()),
+            replace: self.replace,
         }
     }
 }
@@ -419,6 +422,7 @@ impl TryFrom<RunArgs> for RunConfig {
             shutdown_grace,
             state_dir,
             relay,
+            replace: a.replace,
         })
     }
 }

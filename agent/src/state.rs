@@ -53,6 +53,16 @@ pub fn load_secret(dir: &Path, ns: &NamespaceName, id: &MembraneId) -> Option<St
     (s.namespace == *ns && s.id == *id).then_some(s.secret)
 }
 
+/// A new instance secret: 32 random bytes from the kernel, hex. The agent picks it before
+/// its first registration (the registry adopts it), so a registration retried after a lost
+/// answer, or after a restart, proves the same instance.
+pub fn new_secret() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 /// Stores the secret (atomically, mode 0600).
 pub fn save_secret(
     dir: &Path,

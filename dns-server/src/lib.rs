@@ -135,7 +135,9 @@ fn udp_sockets() -> usize {
         .clamp(1, 8)
 }
 
-fn open_data_dir(config: &Config) -> Result<std::path::PathBuf, RunError> {
+/// Creates the data directory if needed and locks it for this process; returns the
+/// database path and the lock (hold it until the store is closed).
+fn open_data_dir(config: &Config) -> Result<(std::path::PathBuf, store::DataDirLock), RunError> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = &config.data_dir;
     std::fs::DirBuilder::new()
@@ -143,7 +145,8 @@ fn open_data_dir(config: &Config) -> Result<std::path::PathBuf, RunError> {
         .mode(0o700)
         .create(dir)
         .map_err(io_err(format!("creating data dir {}", dir.display())))?;
-    Ok(dir.join("registry.sqlite3"))
+    let lock = store::lock_data_dir(dir)?;
+    Ok((dir.join("registry.sqlite3"), lock))
 }
 
 fn notify_systemd(state: sd_notify::NotifyState<'_>) {
@@ -162,9 +165,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
-    let (registry, writer_thread, store_kind) = match &config.store {
+    let (registry, writer_thread, store_kind, _dir_lock) = match &config.store {
         StoreKind::Sqlite => {
-            let db = open_data_dir(&config)?;
+            let (db, lock) = open_data_dir(&config)?;
             let (loaded, writer, writer_thread) = store::sqlite::open(&db)?;
             tracing::info!(
                 path = %db.display(),
@@ -172,14 +175,27 @@ pub async fn run(
                 membranes = loaded.membranes.len(),
                 "store opened"
             );
+            for (namespace, membranes) in &loaded.orphaned {
+                tracing::warn!(
+                    namespace,
+                    membranes,
+                    "registrations of a namespace that does not exist: kept on disk, not \
+                     served (create the namespace again and restart to serve them)"
+                );
+            }
             let registry = Registry::new(loaded, writer, metrics.clone());
-            (Arc::new(registry), Some(writer_thread), "sqlite")
+            (
+                Arc::new(registry),
+                Some(writer_thread),
+                "sqlite",
+                Some(lock),
+            )
         }
         #[cfg(feature = "etcd")]
         StoreKind::Etcd(endpoints) => {
             let registry =
                 open_etcd(endpoints, &config.etcd_prefix, metrics.clone(), &shutdown).await?;
-            (registry, None, "etcd")
+            (registry, None, "etcd", None)
         }
         #[cfg(not(feature = "etcd"))]
         StoreKind::Etcd(_) => {

@@ -319,3 +319,63 @@ fn log_follow_prints_new_activity() {
     let _ = follower.kill();
     let _ = follower.wait();
 }
+
+/// Open registry (no tokens): a second agent with the same id is refused instead of
+/// silently taking the membrane (and its messages) over; `--replace` takes it over on
+/// purpose; the real agent's restart (same state dir, same secret) is never refused.
+#[test]
+fn open_registry_refuses_a_second_agent_with_the_same_id_unless_replace() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, 0, &[]);
+    let port = server.port;
+    server.stop();
+    let mut args = quick("w1", "cog", &format!("http://127.0.0.1:{port}"));
+    let dir = tmp.path().join("a");
+    let agent = Agent::start(&args, &dir, &[]);
+    // The agent picks (and keeps) its instance secret before its first registration, so a
+    // retry after a lost answer is the same instance; the registry adopts it.
+    let secret = || -> Option<String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("secret.json")).ok()?).ok()?;
+        v["secret"].as_str().map(String::from)
+    };
+    let picked = wait_for("secret picked", Duration::from_secs(5), secret);
+    assert_eq!(picked.len(), 64, "{picked}");
+    let server = Server::start(&data, port, &[]);
+    agent.wait_registered();
+    assert_eq!(secret().as_deref(), Some(picked.as_str()));
+    let first = server.membrane("cog", "w1").unwrap()["registered_at"].clone();
+    agent.kill();
+    // Restarted with its state dir: the same instance, registered again without a fight.
+    let agent = Agent::start(&args, &dir, &[]);
+    let s = agent.wait_registered();
+    assert_eq!(s["registration"]["last_error"], serde_json::Value::Null);
+
+    // Another agent, another state dir: refused with 409 naming the id, exits 1.
+    let other = tmp.path().join("b");
+    args.extend(["--address".to_string(), "192.0.2.99".to_string()]);
+    let intruder = Agent::start(&args, &other, &[]);
+    let st = intruder.wait(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(1));
+    let log = std::fs::read_to_string(other.with_extension("stderr.log")).unwrap();
+    assert!(
+        log.contains("409") && log.contains("w1") && log.contains("--replace"),
+        "{log}"
+    );
+    let m = server.membrane("cog", "w1").unwrap();
+    assert_eq!(m["addresses"][0], "127.0.0.1", "taken over: {m}");
+    assert_eq!(m["registered_at"], first);
+
+    // --replace: taken over on purpose.
+    args.push("--replace".into());
+    let replacer = Agent::start(&args, &other, &[]);
+    replacer.wait_registered();
+    wait_for("takeover", Duration::from_secs(5), || {
+        (server.membrane("cog", "w1")?["addresses"][0] == "192.0.2.99").then_some(())
+    });
+    drop(agent);
+    let (code, _) = replacer.terminate(Duration::from_secs(10));
+    assert_eq!(code, Some(0));
+    assert!(server.membrane("cog", "w1").is_none());
+}

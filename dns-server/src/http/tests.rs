@@ -106,8 +106,16 @@ async fn register_get_list_heartbeat_deregister() {
     assert_eq!(v["membrane"]["state"], "passing");
     assert_eq!(v["membrane"]["namespace"], "cognitive-system");
     assert!(v["instance_secret"].as_str().unwrap().len() >= 32);
-    // Idempotent upsert.
-    let (s, v) = h.call(Method::PUT, M, Some(&reg_body(7101)), &[]).await;
+    let secret = v["instance_secret"].as_str().unwrap().to_string();
+    // Idempotent upsert (by the same instance).
+    let (s, v) = h
+        .call(
+            Method::PUT,
+            M,
+            Some(&reg_body(7101)),
+            &[("x-membrane-secret", &secret)],
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["created"], false);
     let (s, v) = h.get(M).await;
@@ -650,6 +658,84 @@ async fn events_stream_replays_after_last_event_id() {
     // A position from before this process: resync.
     let text = next_frame(&mut events(&h, Some("3".into())).await).await;
     assert!(text.contains("event: resync"), "{text}");
+}
+
+#[tokio::test]
+async fn open_mode_refuses_a_takeover_unless_asked_to_replace() {
+    let h = harness(None);
+    let (s, first) = h.call(Method::PUT, M, Some(&reg_body(7100)), &[]).await;
+    assert_eq!(s, StatusCode::CREATED, "{first}");
+    let secret = first["instance_secret"].as_str().unwrap().to_string();
+    // Another instance (no secret, or a wrong one): 409 naming the id; nothing changes.
+    for headers in [&[][..], &[("x-membrane-secret", "not-it")][..]] {
+        let resp = h.call(Method::PUT, M, Some(&reg_body(7200)), headers).await;
+        assert_error(&resp, StatusCode::CONFLICT, "already_registered");
+        let msg = resp.1["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("visual-worker-1") && msg.contains("replace=true"),
+            "{msg}"
+        );
+    }
+    // The legacy alias route follows the same rule.
+    assert_error(
+        &h.call(
+            Method::POST,
+            "/register",
+            Some(r#"{"membrane_id":"visual-worker-1","namespace":"cognitive-system"}"#),
+            &[],
+        )
+        .await,
+        StatusCode::CONFLICT,
+        "already_registered",
+    );
+    let (_, v) = h.get(M).await;
+    assert_eq!(v["services"][0]["port"], 7100, "{v}");
+    // The same instance (its secret) updates it and keeps the secret.
+    let (s, v) = h
+        .call(
+            Method::PUT,
+            M,
+            Some(&reg_body(7300)),
+            &[("x-membrane-secret", &secret)],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["instance_secret"], secret.as_str());
+    // A bad flag is a clear 400.
+    assert_error(
+        &h.call(
+            Method::PUT,
+            &format!("{M}?replace=yes"),
+            Some(&reg_body(7400)),
+            &[],
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    );
+    // Asking to replace takes it over with a new secret; the old one is then refused.
+    let (s, v) = h
+        .call(
+            Method::PUT,
+            &format!("{M}?replace=true"),
+            Some(&reg_body(7500)),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_ne!(v["instance_secret"], secret.as_str());
+    assert_eq!(v["membrane"]["services"][0]["port"], 7500);
+    assert_error(
+        &h.call(
+            Method::PUT,
+            M,
+            Some(&reg_body(7600)),
+            &[("x-membrane-secret", &secret)],
+        )
+        .await,
+        StatusCode::CONFLICT,
+        "already_registered",
+    );
 }
 
 mod compat;

@@ -32,6 +32,8 @@ pub async fn status(State(s): State<AppState>) -> Json<Value> {
             "kind": s.store_kind,
             "writable": !failed,
             "reachable": s.registry.store_reachable(),
+            // Live registrations of namespaces that do not exist, kept on disk (see log).
+            "orphaned_membranes": s.registry.orphaned(),
         },
         "auth": if s.admin_token_hash.is_some() { "token" } else { "open" },
         "namespaces": c.namespaces,

@@ -5,7 +5,7 @@ use std::process::Command;
 use super::harness::{Http, Server};
 
 /// `dig` output lines for a query, or None (with a loud SKIP) when dig is not installed.
-fn dig(server: &Server, args: &[&str]) -> Option<String> {
+pub(super) fn dig(server: &Server, args: &[&str]) -> Option<String> {
     if Command::new("dig").arg("-v").output().is_err() {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
