@@ -18,3 +18,6 @@ mod usage;
 
 #[path = "cli/relay.rs"]
 mod relay;
+
+#[path = "cli/relay_security.rs"]
+mod relay_security;

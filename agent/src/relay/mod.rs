@@ -69,9 +69,21 @@ pub struct RelayInfo {
     pub max_message_bytes: usize,
     /// Message lifetime for the sender's retries, in ms.
     pub message_ttl_ms: u64,
+    /// Shared-volume mode: the shared directory (trusted; the `<ns>/<id>` below it must be
+    /// real directories).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_dir: Option<PathBuf>,
 }
 
 impl RelayInfo {
+    /// The membrane's Maildir.
+    pub fn maildir(&self) -> Maildir {
+        match &self.shared_dir {
+            Some(s) => Maildir::for_membrane(s, &self.namespace, &self.id),
+            None => Maildir::new(&self.maildir),
+        }
+    }
+
     /// Reads `relay.json` of `state_dir`.
     pub fn load(state_dir: &Path) -> std::io::Result<RelayInfo> {
         let b = std::fs::read(state_dir.join(RELAY_FILE))?;
@@ -267,9 +279,8 @@ pub async fn watch_maildir(
         let Ok(states) = tokio::task::spawn_blocking(move || {
             ids.into_iter()
                 .map(|id| {
-                    let name = id.to_string();
-                    let in_new = m.new_dir().join(&name).exists();
-                    let dup = in_new && m.cur_dir().join(&name).exists();
+                    let (in_new, in_cur) = m.state_of(id);
+                    let dup = in_new && in_cur;
                     if dup {
                         let _ = m.remove_new(id);
                     }

@@ -103,6 +103,10 @@ pub async fn start(
         after_recv: cfg.relay.after_recv,
         max_message_bytes: cfg.relay.max_body,
         message_ttl_ms: cfg.relay.message_ttl.as_millis() as u64,
+        shared_dir: match &endpoint {
+            Endpoint::SharedVolume { path } => Some(path.into()),
+            _ => None,
+        },
     };
     info.save(&cfg.state_dir)
         .map_err(|e| format!("cannot write {}: {e}", super::RELAY_FILE))?;

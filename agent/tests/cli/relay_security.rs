@@ -1,0 +1,242 @@
+//! Attacks on the relay, each of which must fail: on a shared volume (symbolic links and
+//! special files in a Maildir, a file named by another id than its header's, messages to
+//! another membrane or over the size limit, a symlinked `.recv.lock`, symlinked `tmp/` and
+//! `new/`, `--after-recv delete` through a link).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use shared::envelope::{Envelope, MessageId};
+
+use crate::relay::{Mode, events, flags};
+use crate::support::*;
+
+fn msg(n: u64, from: &str, to: &str, body: Vec<u8>) -> Envelope {
+    Envelope {
+        id: MessageId::from_parts(1_700_000_000_000 + n, u128::from(n) + 77),
+        from: from.parse().unwrap(),
+        to: to.parse().unwrap(),
+        namespace: "relay".parse().unwrap(),
+        sent_at: 1_700_000_000_000 + n,
+        content_type: "text/plain".into(),
+        body,
+        reply_to: None,
+        expires_at: None,
+    }
+}
+
+/// `agent recv --json` of `dir`, killed (and the test failed) after `timeout`.
+fn recv_bounded(dir: &Path, timeout: Duration) -> Output {
+    let mut child = Command::new(agent_bin())
+        .args(["recv", "--json", "--state-dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "agent recv hung for {timeout:?} (stdout {} bytes)",
+                out.stdout.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn ids_printed(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+fn maildir_of(shared_root: &Path, id: &str) -> PathBuf {
+    shared_root.join("shared/relay").join(id)
+}
+
+#[test]
+fn shared_volume_links_special_files_and_foreign_messages_are_set_aside_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), 0, &[]);
+    let b = Agent::start(
+        &flags("b", None, Mode::Shared, &server.url(), dir.path()),
+        &dir.path().join("b"),
+        &[],
+    );
+    b.wait_registered();
+    let md = maildir_of(dir.path(), "b");
+    let new = md.join("new");
+    let secret = dir.path().join("secret.txt");
+    let good = msg(10, "a", "b", b"for b".to_vec());
+    std::fs::write(&secret, good.encode()).unwrap();
+
+    // A FIFO (hangs a reader that opens it blocking), a link to /dev/zero (read until out
+    // of memory), a link to a file elsewhere, a file named by another id than its header's,
+    // a message to another membrane, one over the 1 MiB limit, and one good message.
+    let fifo = msg(1, "a", "b", vec![]).id;
+    nix::unistd::mkfifo(&new.join(fifo.to_string()), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let zero = msg(2, "a", "b", vec![]).id;
+    std::os::unix::fs::symlink("/dev/zero", new.join(zero.to_string())).unwrap();
+    let link = msg(3, "a", "b", vec![]).id;
+    std::os::unix::fs::symlink(&secret, new.join(link.to_string())).unwrap();
+    let renamed = msg(4, "a", "b", b"x".to_vec());
+    let other_name = msg(5, "a", "b", vec![]).id;
+    std::fs::write(new.join(other_name.to_string()), renamed.encode()).unwrap();
+    let foreign = msg(6, "a", "c", b"for c".to_vec());
+    std::fs::write(new.join(foreign.id.to_string()), foreign.encode()).unwrap();
+    let huge = msg(7, "a", "b", vec![b'z'; 2 << 20]);
+    std::fs::write(new.join(huge.id.to_string()), huge.encode()).unwrap();
+    std::fs::write(new.join(good.id.to_string()), good.encode()).unwrap();
+
+    let out = recv_bounded(&b.state_dir, Duration::from_secs(20));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        ids_printed(&out),
+        vec![good.id.to_string()],
+        "only the good message"
+    );
+    let bad: std::collections::BTreeSet<String> = std::fs::read_dir(md.join("bad"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let expect: std::collections::BTreeSet<String> =
+        [fifo, zero, link, other_name, foreign.id, huge.id]
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+    assert_eq!(bad, expect, "each set aside to bad/");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "symbolic link",
+        "not a regular file",
+        "header says id",
+        "addressed to c",
+        "over the limit",
+    ] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    assert_eq!(std::fs::read_dir(&new).unwrap().count(), 0);
+    // Set aside once: never printed (nor logged) again.
+    let again = recv_bounded(&b.state_dir, Duration::from_secs(20));
+    assert!(again.status.success());
+    assert!(ids_printed(&again).is_empty());
+    assert!(
+        again.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&secret).unwrap(),
+        good.encode(),
+        "link target untouched"
+    );
+}
+
+#[test]
+fn shared_volume_delete_through_a_link_and_a_linked_recv_lock_touch_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), 0, &[]);
+    let mut f = flags("b", None, Mode::Shared, &server.url(), dir.path());
+    f.extend(["--after-recv".into(), "delete".into()]);
+    let b = Agent::start(&f, &dir.path().join("b"), &[]);
+    b.wait_registered();
+    let md = maildir_of(dir.path(), "b");
+    // A link in new/ to a file elsewhere: neither printed nor truncated.
+    let target = dir.path().join("precious");
+    let m = msg(1, "a", "b", b"looks fine".to_vec());
+    std::fs::write(&target, m.encode()).unwrap();
+    std::os::unix::fs::symlink(&target, md.join("new").join(m.id.to_string())).unwrap();
+    // A real message, deleted to a tombstone after printing.
+    let ok = msg(2, "a", "b", b"real".to_vec());
+    std::fs::write(md.join("new").join(ok.id.to_string()), ok.encode()).unwrap();
+    let out = recv_bounded(&b.state_dir, Duration::from_secs(20));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ids_printed(&out), vec![ok.id.to_string()]);
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        m.encode(),
+        "link target intact"
+    );
+    let tomb = md.join("cur").join(ok.id.to_string());
+    assert_eq!(std::fs::symlink_metadata(&tomb).unwrap().len(), 0);
+
+    // A symlinked .recv.lock: refused, nothing created where it points.
+    let lock = md.join(".recv.lock");
+    let _ = std::fs::remove_file(&lock);
+    let elsewhere = dir.path().join("created-by-agent");
+    std::os::unix::fs::symlink(&elsewhere, &lock).unwrap();
+    let out = recv_bounded(&b.state_dir, Duration::from_secs(20));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(".recv.lock") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert!(
+        !elsewhere.exists(),
+        "the agent created a file through the link"
+    );
+}
+
+#[test]
+fn shared_volume_sender_does_not_write_through_linked_tmp_and_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), 0, &[]);
+    let a = Agent::start(
+        &flags("a", None, Mode::Shared, &server.url(), dir.path()),
+        &dir.path().join("a"),
+        &[],
+    );
+    let b = Agent::start(
+        &flags("b", None, Mode::Shared, &server.url(), dir.path()),
+        &dir.path().join("b"),
+        &[],
+    );
+    a.wait_registered();
+    b.wait_registered();
+    // Someone with write access to the volume swaps b's tmp/ and new/ for links.
+    let md = maildir_of(dir.path(), "b");
+    let trap = dir.path().join("trap");
+    for d in ["tmp", "new"] {
+        std::fs::create_dir_all(trap.join(d)).unwrap();
+        std::fs::remove_dir(md.join(d)).unwrap();
+        std::os::unix::fs::symlink(trap.join(d), md.join(d)).unwrap();
+    }
+    let out = a.cli(&["send", "b", "hello"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for(
+        "a delivery attempt refused",
+        Duration::from_secs(15),
+        || (events(&a.state_dir, "retry") > 0).then_some(()),
+    );
+    for d in ["tmp", "new"] {
+        assert_eq!(
+            std::fs::read_dir(trap.join(d)).unwrap().count(),
+            0,
+            "the sender wrote through the link {d}/"
+        );
+    }
+    let log = std::fs::read_to_string(a.state_dir.join("activity.log")).unwrap();
+    assert!(log.contains("symbolic link or not a directory"), "{log}");
+}
