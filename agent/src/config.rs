@@ -387,9 +387,20 @@ impl TryFrom<RunArgs> for RunConfig {
             }
         };
 
+        let message_ttl = duration("--message-ttl", &a.message_ttl)?;
+        if message_ttl > crate::relay::MAX_MESSAGE_TTL {
+            return Err(invalid(
+                "--message-ttl",
+                format!(
+                    "{} is over the maximum of {}",
+                    a.message_ttl,
+                    humantime::format_duration(crate::relay::MAX_MESSAGE_TTL)
+                ),
+            ));
+        }
         let relay = RelaySettings {
             max_body: parse_size("--max-message-size", &a.max_message_size)?,
-            message_ttl: duration("--message-ttl", &a.message_ttl)?,
+            message_ttl,
             retry_max_backoff: duration("--retry-max-backoff", &a.retry_max_backoff)?,
             after_recv: a.after_recv,
         };

@@ -35,6 +35,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
         flag: "--state-dir",
         message: format!("cannot create {}: {e}", cfg.state_dir.display()),
     })?;
+    let nofile = crate::util::raise_fd_limit();
+    tracing::debug!(nofile, "open file limit");
     let socket = state::control_socket(&cfg.state_dir);
     let listener = control::bind(&socket).await.map_err(AgentError::runtime)?;
     let activity = Arc::new(Activity::new(cfg.state_dir.join(state::ACTIVITY_LOG)));

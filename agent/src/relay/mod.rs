@@ -39,6 +39,10 @@ use maildir::Maildir;
 /// and `agent send` without a daemon).
 pub const RELAY_FILE: &str = "relay.json";
 
+/// Longest configurable message lifetime (`--message-ttl`); receivers refuse messages that
+/// claim to expire later than this from now.
+pub const MAX_MESSAGE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Largest configurable message body.
 pub const MAX_BODY_LIMIT: usize = 16 * 1024 * 1024;
 

@@ -138,6 +138,7 @@ pub async fn start(
     tasks.spawn(committer);
     // Tombstones of deleted messages are kept well past the longest sender retry.
     let tombstone_age = Duration::from_secs(24 * 3600).max(cfg.relay.message_ttl * 2);
+    let limits = wire::Limits::for_fd_limit(crate::util::fd_limit());
     match &endpoint {
         Endpoint::SharedVolume { .. } => {
             tasks.spawn(super::watch_maildir(
@@ -153,14 +154,14 @@ pub async fn start(
                 .await
                 .map_err(|e| format!("cannot listen on {path}: {e}"))?;
             tracing::info!(path = %path, "relay listening (ipc)");
-            tasks.spawn(wire::serve_unix(l, inbox.clone(), cancel.clone()));
+            tasks.spawn(wire::serve_unix(l, inbox.clone(), limits, cancel.clone()));
         }
         Endpoint::Tcp { address } => {
             let l = tokio::net::TcpListener::bind(address.as_str())
                 .await
                 .map_err(|e| format!("cannot listen on {address}: {e}"))?;
             tracing::info!(address = %address, "relay listening (tcp)");
-            tasks.spawn(wire::serve_tcp(l, inbox.clone(), cancel.clone()));
+            tasks.spawn(wire::serve_tcp(l, inbox.clone(), limits, cancel.clone()));
         }
     }
     if !matches!(endpoint, Endpoint::SharedVolume { .. }) {

@@ -240,3 +240,84 @@ fn shared_volume_sender_does_not_write_through_linked_tmp_and_new() {
     let log = std::fs::read_to_string(a.state_dir.join("activity.log")).unwrap();
     assert!(log.contains("symbolic link or not a directory"), "{log}");
 }
+
+/// One MSG frame holding `e`.
+fn frame(e: &Envelope) -> Vec<u8> {
+    let mut out = Vec::new();
+    shared::envelope::Frame::Msg(e.encode()).encode_into(&mut out);
+    out
+}
+
+/// Reads one frame answered on `s`.
+fn answer(s: &mut std::net::TcpStream) -> shared::envelope::Frame {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(f) = shared::envelope::Frame::take(&mut buf, 1 << 20).unwrap() {
+            return f;
+        }
+        let n = s.read(&mut chunk).expect("an answer");
+        assert!(n > 0, "connection closed without an answer");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn tcp_relay_refuses_far_expiry_and_idle_connections_do_not_starve_heartbeats() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), 0, &[]);
+    let port = crate::relay::free_port();
+    let mut f = flags("b", None, Mode::Tcp, &server.url(), dir.path());
+    let at = f.iter().position(|a| a == "--listen").unwrap();
+    f[at + 1] = format!("127.0.0.1:{port}");
+    // The common default soft limit; the attack needs more connections than that.
+    let b = Agent::start_with_nofile(&f, &dir.path().join("b"), 1024);
+    b.wait_registered();
+
+    // An expiry of 2^63-1 would keep the id (and its memory) for ever: refused.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut e = msg(1, "a", "b", b"forever".to_vec());
+    e.id = MessageId::from_parts(now, 1);
+    e.sent_at = now;
+    e.expires_at = Some((1 << 63) - 1);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&frame(&e)).unwrap();
+    match answer(&mut s) {
+        shared::envelope::Frame::Nack(r) => assert_eq!(r.code, "bad_message", "{r:?}"),
+        other => panic!("accepted: {other:?}"),
+    }
+    drop(s);
+
+    // 1,100 idle connections to the relay port, held past the membrane's TTL (3 s).
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    if hard < 1_300 {
+        assert!(
+            std::env::var("CI").is_err(),
+            "this test needs 1,300 open files (hard limit {hard})"
+        );
+        eprintln!("SKIP: the idle-connection flood needs 1,300 open files (hard limit {hard})");
+        return;
+    }
+    let idle: Vec<std::net::TcpStream> = (0..1_100)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    assert!(idle.len() > 1_024, "{}", idle.len());
+    std::thread::sleep(Duration::from_secs(5));
+    let m = server.membrane("relay", "b").expect("b registered");
+    assert_eq!(m["state"], "passing", "{m}");
+    assert_eq!(events(&b.state_dir, "heartbeat_failed"), 0, "{}", b.log());
+    assert!(
+        b.log().contains("too many relay connections"),
+        "{}",
+        b.log()
+    );
+    drop(idle);
+}
