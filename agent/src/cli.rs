@@ -145,13 +145,11 @@ pub struct RunArgs {
     /// How this membrane receives messages (advertised in its registration).
     #[arg(long, value_enum, default_value_t = Mode::SharedVolume, env = "MEMBRANE_MODE")]
     pub mode: Mode,
-    /// Root of the shared message volume (shared-volume mode).
-    #[arg(
-        long,
-        env = "MEMBRANE_SHARED_DIR",
-        default_value = "/var/lib/membrane/shared"
-    )]
-    pub shared_dir: PathBuf,
+    /// Root of the shared message volume (shared-volume mode); default `<state-dir>/shared`
+    /// (senders write to the path the receiver advertises, so agents of one user on one
+    /// host reach each other, and two deployments never share a directory by default).
+    #[arg(long, env = "MEMBRANE_SHARED_DIR")]
+    pub shared_dir: Option<PathBuf>,
     /// Message listener: a socket path (ipc mode) or HOST:PORT (tcp mode; with 0.0.0.0 or
     /// [::] the route address is advertised).
     #[arg(long, env = "MEMBRANE_LISTEN")]

@@ -322,14 +322,18 @@ impl TryFrom<RunArgs> for RunConfig {
         let mut tcp_port_on_route = None;
         let endpoint = match a.mode {
             Mode::SharedVolume => {
-                if !a.shared_dir.is_absolute() {
+                let shared = a
+                    .shared_dir
+                    .clone()
+                    .unwrap_or_else(|| state_dir.join("shared"));
+                if !shared.is_absolute() {
                     return Err(invalid(
                         "--shared-dir",
-                        format!("{} must be an absolute path", a.shared_dir.display()),
+                        format!("{} must be an absolute path", shared.display()),
                     ));
                 }
                 Endpoint::SharedVolume {
-                    path: a.shared_dir.to_string_lossy().into_owned(),
+                    path: shared.to_string_lossy().into_owned(),
                 }
             }
             Mode::Ipc => {

@@ -91,8 +91,9 @@ fn full_configuration() {
     assert_eq!(
         c.registration.endpoint,
         Some(Endpoint::SharedVolume {
-            path: "/var/lib/membrane/shared".into()
-        })
+            path: c.state_dir.join("shared").to_string_lossy().into_owned()
+        }),
+        "the default shared dir is under the state dir (writable, never another deployment's)"
     );
     let l = c.lifecycle();
     assert_eq!(l.min_backoff, Duration::from_secs(1));

@@ -37,7 +37,12 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
     })?;
     let nofile = crate::util::raise_fd_limit();
     tracing::debug!(nofile, "open file limit");
+    let _lock = state::lock(&cfg.state_dir)
+        .await
+        .map_err(AgentError::runtime)?;
     let socket = state::control_socket(&cfg.state_dir);
+    // With the lock held, a socket file left there is a dead agent's.
+    let _ = std::fs::remove_file(&socket);
     let listener = control::bind(&socket).await.map_err(AgentError::runtime)?;
     let activity = Arc::new(Activity::new(cfg.state_dir.join(state::ACTIVITY_LOG)));
     let client = Arc::new(HttpRegistry::new(

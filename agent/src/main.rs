@@ -27,7 +27,11 @@ fn main() -> ExitCode {
             return ExitCode::from(agent::EXIT_FAILURE as u8);
         }
     };
-    match rt.block_on(agent::commands::dispatch(cli.command)) {
+    let result = rt.block_on(agent::commands::dispatch(cli.command));
+    // Blocking tasks still running (a name lookup in getaddrinfo cannot be cancelled) must
+    // not hold the exit: dropping the runtime would wait for them.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agent: {e}");

@@ -313,7 +313,9 @@ impl Agent {
         Agent::start_in(cmd, args, state_dir, &[])
     }
 
-    fn start_in(
+    /// Starts `CMD run ARGS --state-dir DIR` (CMD: the agent binary, or a wrapper that
+    /// execs it).
+    pub fn start_in(
         mut cmd: Command,
         args: &[String],
         state_dir: &Path,
@@ -465,4 +467,11 @@ pub fn create_namespace(server: &Server, ns: &str) -> String {
     assert_eq!(status, 201, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["join_token"].as_str().expect("join_token").to_string()
+}
+
+impl Agent {
+    /// Sends SIGKILL without waiting for the process to go (as `kill -9` in a shell).
+    pub fn kill_nowait(&self) {
+        signal(&self.child, nix::sys::signal::Signal::SIGKILL);
+    }
 }
