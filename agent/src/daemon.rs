@@ -40,6 +40,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
     let _lock = state::lock(&cfg.state_dir)
         .await
         .map_err(AgentError::runtime)?;
+    crate::relay::auth::load(&cfg.state_dir);
     let socket = state::control_socket(&cfg.state_dir);
     // With the lock held, a socket file left there is a dead agent's.
     let _ = std::fs::remove_file(&socket);

@@ -8,10 +8,12 @@
 //!   sender's pipelined connection;
 //! - [`outbox`]: durable spool (a segment log), per-destination delivery with backoff,
 //!   backpressure, expiry, dead letters;
+//! - [`auth`]: the namespace relay key (sender authentication of TCP frames);
 //! - [`resolve`]: targets (`id`, `parent`, `children`, `_svc._tcp`) to membranes and routes;
 //! - this module: message ids, the relay settings file, the shared-volume watcher, and the
 //!   pieces `agent send` / `agent recv` share with `agent run`.
 
+pub mod auth;
 pub mod inlog;
 pub mod maildir;
 pub mod outbox;

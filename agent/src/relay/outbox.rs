@@ -686,8 +686,13 @@ pub async fn deliver(
         .zip(&bytes)
         .map(|(e, b)| (e.id, &b[..]))
         .collect();
+    let key = super::auth::signing_key(
+        super::auth::current(),
+        first.namespace.as_str(),
+        first.from.as_str(),
+    );
     let c = conn.as_mut().expect("connected");
-    match c.send_batch(&msgs, ack_timeout).await {
+    match c.send_signed(&msgs, key.as_ref(), ack_timeout).await {
         Ok(a) => Ok(a),
         Err(e) => {
             *conn = None;

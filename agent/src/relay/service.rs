@@ -161,6 +161,7 @@ pub async fn start(
                 .await
                 .map_err(|e| format!("cannot listen on {address}: {e}"))?;
             tracing::info!(address = %address, "relay listening (tcp)");
+            inbox.require_auth();
             tasks.spawn(wire::serve_tcp(l, inbox.clone(), limits, cancel.clone()));
         }
     }

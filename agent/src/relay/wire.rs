@@ -87,6 +87,8 @@ pub struct Inbox {
     commits: mpsc::Sender<CommitReq>,
     /// Bumped after each stored batch.
     pub arrivals: watch::Sender<u64>,
+    /// TCP frames must be signed with the namespace relay key ([`super::auth`]).
+    auth: std::sync::atomic::AtomicBool,
 }
 
 impl Inbox {
@@ -113,6 +115,7 @@ impl Inbox {
             max_body,
             commits: tx,
             arrivals,
+            auth: std::sync::atomic::AtomicBool::new(false),
         });
         let store = match log {
             Some(l) => Store::Log(Box::new(l)),
@@ -120,6 +123,12 @@ impl Inbox {
         };
         let task = committer(store, rx, inbox.arrivals.clone(), activity);
         (inbox, task)
+    }
+
+    /// From now on, messages over TCP must carry their sender's tag under the namespace
+    /// relay key (`agent run`; see [`super::auth`]).
+    pub fn require_auth(&self) {
+        self.auth.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Largest frame accepted.
@@ -374,7 +383,7 @@ pub async fn serve_unix(
         };
         let (inbox, cancel) = (inbox.clone(), cancel.clone());
         tokio::spawn(async move {
-            connection(s, inbox, limits, cancel).await;
+            connection(s, inbox, limits, false, cancel).await;
             drop(slot);
         });
     }
@@ -411,7 +420,8 @@ pub async fn serve_tcp(
         let _ = s.set_nodelay(true);
         let (inbox, cancel) = (inbox.clone(), cancel.clone());
         tokio::spawn(async move {
-            connection(s, inbox, limits, cancel).await;
+            let auth = inbox.auth.load(std::sync::atomic::Ordering::Relaxed);
+            connection(s, inbox, limits, auth, cancel).await;
             drop(slot);
         });
     }
@@ -428,8 +438,54 @@ enum Answer {
 /// One connection: the reader validates frames and hands batches to the committer; the
 /// writer sends ACK/NACK in order as commits finish. Reading goes on while a commit runs,
 /// so the next commit gets a bigger batch.
-async fn connection<S>(stream: S, inbox: Arc<Inbox>, limits: Limits, cancel: CancellationToken)
-where
+/// Checks a message's tag against its sender's key (when `required`, i.e. on TCP).
+fn authenticated(
+    required: bool,
+    meta: envelope::Meta,
+    bytes: &[u8],
+    tag: Option<&[u8; 32]>,
+) -> Result<envelope::Meta, Refusal> {
+    use super::auth::{self, KeyState};
+    if !required {
+        return Ok(meta);
+    }
+    let refuse = |code: &str, message: &str| Refusal {
+        id: Some(meta.id),
+        code: code.into(),
+        message: message.into(),
+    };
+    match auth::current() {
+        KeyState::Open => Ok(meta),
+        KeyState::Unknown => Err(refuse(
+            "unavailable",
+            "the receiving agent has no relay key yet (not registered)",
+        )),
+        KeyState::Key(_) => {
+            let key =
+                auth::signing_key(auth::current(), meta.namespace.as_str(), meta.from.as_str())
+                    .expect("a key");
+            match tag {
+                Some(t) if shared::relay_auth::verify(&key, bytes, t) => Ok(meta),
+                Some(_) => Err(refuse(
+                    "unauthenticated",
+                    "the message's tag does not verify under its sender's key",
+                )),
+                None => Err(refuse(
+                    "unauthenticated",
+                    "unsigned message: this relay requires the namespace relay key",
+                )),
+            }
+        }
+    }
+}
+
+async fn connection<S>(
+    stream: S,
+    inbox: Arc<Inbox>,
+    limits: Limits,
+    authenticate: bool,
+    cancel: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut r, mut w) = tokio::io::split(stream);
@@ -521,15 +577,25 @@ where
             }
             match Frame::take(&mut buf, max) {
                 Ok(None) => break,
-                Ok(Some(Frame::Msg(bytes))) => match inbox.check(&bytes) {
-                    Ok(meta) => batch.push(Incoming {
-                        id: meta.id,
-                        sent_at: meta.sent_at,
-                        expires_at: meta.expires_at,
-                        bytes,
-                    }),
-                    Err(refusal) => now.push(Frame::Nack(refusal)),
-                },
+                Ok(Some(f @ (Frame::Msg(_) | Frame::Signed(..)))) => {
+                    let (tag, bytes) = match f {
+                        Frame::Signed(t, b) => (Some(t), b),
+                        Frame::Msg(b) => (None, b),
+                        _ => unreachable!(),
+                    };
+                    match inbox
+                        .check(&bytes)
+                        .and_then(|meta| authenticated(authenticate, meta, &bytes, tag.as_ref()))
+                    {
+                        Ok(meta) => batch.push(Incoming {
+                            id: meta.id,
+                            sent_at: meta.sent_at,
+                            expires_at: meta.expires_at,
+                            bytes,
+                        }),
+                        Err(refusal) => now.push(Frame::Nack(refusal)),
+                    }
+                }
                 Ok(Some(_)) => {} // ACK/NACK from a sender: ignored
                 Err(DecodeError::TooLarge(len)) if buf.len() >= 6 => {
                     buf.drain(..6);
@@ -628,9 +694,25 @@ impl FrameConn {
         msgs: &[(MessageId, &[u8])],
         timeout: Duration,
     ) -> std::io::Result<HashMap<MessageId, Outcome>> {
-        let mut out = Vec::with_capacity(msgs.iter().map(|m| m.1.len() + 6).sum());
+        self.send_signed(msgs, None, timeout).await
+    }
+
+    /// [`FrameConn::send_batch`], each message signed with `key` (the sender's key) when
+    /// given.
+    pub async fn send_signed(
+        &mut self,
+        msgs: &[(MessageId, &[u8])],
+        key: Option<&[u8; 32]>,
+        timeout: Duration,
+    ) -> std::io::Result<HashMap<MessageId, Outcome>> {
+        let mut out = Vec::with_capacity(msgs.iter().map(|m| m.1.len() + 38).sum());
         for (_, b) in msgs {
-            envelope::encode_frame(envelope::FrameKind::Msg, b, &mut out);
+            match key {
+                Some(k) => {
+                    envelope::encode_signed_frame(&shared::relay_auth::sign(k, b), b, &mut out)
+                }
+                None => envelope::encode_frame(envelope::FrameKind::Msg, b, &mut out),
+            }
         }
         let mut answers = HashMap::with_capacity(msgs.len());
         let distinct = msgs
@@ -657,7 +739,7 @@ impl FrameConn {
                             }
                             None => unknown_nacks.push(r),
                         },
-                        Frame::Msg(_) => {}
+                        Frame::Msg(_) | Frame::Signed(..) => {}
                     }
                 }
                 if answers.len() >= distinct {
@@ -857,6 +939,7 @@ mod tests {
             server,
             inbox.clone(),
             limits,
+            false,
             CancellationToken::new(),
         ));
         let mut b = [0u8; 1];
@@ -869,6 +952,7 @@ mod tests {
             server,
             inbox.clone(),
             limits,
+            false,
             CancellationToken::new(),
         ));
         let e = envelope(1, "slow");
@@ -895,6 +979,7 @@ mod tests {
             server,
             inbox.clone(),
             limits,
+            false,
             CancellationToken::new(),
         ));
         for n in 0..4u64 {

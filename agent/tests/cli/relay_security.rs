@@ -248,20 +248,22 @@ fn frame(e: &Envelope) -> Vec<u8> {
     out
 }
 
-/// Reads one frame answered on `s`.
-fn answer(s: &mut std::net::TcpStream) -> shared::envelope::Frame {
+/// Reads `n` frames answered on `s`.
+fn answers(s: &mut std::net::TcpStream, n: usize) -> Vec<shared::envelope::Frame> {
     use std::io::Read;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut buf = Vec::new();
+    let (mut buf, mut out) = (Vec::new(), Vec::new());
     let mut chunk = [0u8; 4096];
-    loop {
+    while out.len() < n {
         if let Some(f) = shared::envelope::Frame::take(&mut buf, 1 << 20).unwrap() {
-            return f;
+            out.push(f);
+            continue;
         }
-        let n = s.read(&mut chunk).expect("an answer");
-        assert!(n > 0, "connection closed without an answer");
-        buf.extend_from_slice(&chunk[..n]);
+        let k = s.read(&mut chunk).expect("an answer");
+        assert!(k > 0, "connection closed without an answer");
+        buf.extend_from_slice(&chunk[..k]);
     }
+    out
 }
 
 #[test]
@@ -288,7 +290,7 @@ fn tcp_relay_refuses_far_expiry_and_idle_connections_do_not_starve_heartbeats() 
     e.expires_at = Some((1 << 63) - 1);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(&frame(&e)).unwrap();
-    match answer(&mut s) {
+    match answers(&mut s, 1).remove(0) {
         shared::envelope::Frame::Nack(r) => assert_eq!(r.code, "bad_message", "{r:?}"),
         other => panic!("accepted: {other:?}"),
     }
@@ -320,4 +322,71 @@ fn tcp_relay_refuses_far_expiry_and_idle_connections_do_not_starve_heartbeats() 
         b.log()
     );
     drop(idle);
+}
+
+#[test]
+fn tcp_relay_refuses_forged_senders() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), 0, &["--admin-token", ADMIN_TOKEN]);
+    let join = create_namespace(&server, "relay");
+    let start = |id: &str, port: u16| {
+        let mut f = flags(id, None, Mode::Tcp, &server.url(), dir.path());
+        let at = f.iter().position(|a| a == "--listen").unwrap();
+        f[at + 1] = format!("127.0.0.1:{port}");
+        f.extend(["--token".into(), join.clone()]);
+        Agent::start(&f, &dir.path().join(id), &[])
+    };
+    let port = crate::relay::free_port();
+    let a = start("a", crate::relay::free_port());
+    let b = start("b", port);
+    a.wait_registered();
+    b.wait_registered();
+    // A member's message is signed with its key and delivered.
+    let out = a.cli(&["send", "b", "from the real a", "--wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Anyone reaching the port: a message claiming to be from a, unsigned, then one signed
+    // with a key that is not the namespace's.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let forged = |n: u64| {
+        let mut e = msg(n, "a", "b", format!("forged {n}").into_bytes());
+        e.id = MessageId::from_parts(now, u128::from(n));
+        e.sent_at = now;
+        e.expires_at = Some(now + 600_000);
+        e
+    };
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut wire = frame(&forged(1));
+    let guess = shared::relay_auth::sender_key(&[9; 32], "relay", "a");
+    let e2 = forged(2).encode();
+    shared::envelope::encode_signed_frame(&shared::relay_auth::sign(&guess, &e2), &e2, &mut wire);
+    s.write_all(&wire).unwrap();
+    for a in answers(&mut s, 2) {
+        match a {
+            shared::envelope::Frame::Nack(r) => assert_eq!(r.code, "unauthenticated", "{r:?}"),
+            other => panic!("forged message accepted: {other:?}"),
+        }
+    }
+    let got = recv_bounded(&b.state_dir, Duration::from_secs(20));
+    let bodies: Vec<String> = String::from_utf8_lossy(&got.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["body"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(bodies, vec!["from the real a"]);
+    // The key is kept (0600) for restarts and `agent send` without a daemon.
+    let key = b.state_dir.join("relay-key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 }
