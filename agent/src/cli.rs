@@ -157,6 +157,12 @@ pub struct RunArgs {
     /// Bearer token for the registry: the admin token or the namespace's join token.
     #[arg(long, env = "MEMBRANE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate(s), PEM, that an https:// registry's certificate must chain to.
+    #[arg(long, env = "MEMBRANE_REGISTRY_CA", value_name = "FILE")]
+    pub registry_ca: Option<PathBuf>,
+    /// Allow the token to go over plain http:// to a registry that is not on loopback.
+    #[arg(long, env = "MEMBRANE_INSECURE")]
+    pub insecure: bool,
     /// Time between heartbeats (±10 % jitter), e.g. 10s, 1m.
     #[arg(long, env = "MEMBRANE_HEARTBEAT_INTERVAL", default_value = "10s")]
     pub heartbeat_interval: String,
@@ -273,6 +279,12 @@ pub struct QueryArgs {
     /// Bearer token for the registry.
     #[arg(long, env = "MEMBRANE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate(s), PEM, that an https:// registry's certificate must chain to.
+    #[arg(long, env = "MEMBRANE_REGISTRY_CA", value_name = "FILE")]
+    pub registry_ca: Option<PathBuf>,
+    /// Allow the token to go over plain http:// to a registry that is not on loopback.
+    #[arg(long, env = "MEMBRANE_INSECURE")]
+    pub insecure: bool,
 }
 
 /// `agent register`.

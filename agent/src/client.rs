@@ -7,6 +7,7 @@
 //! returned as they are: another replica would answer the same.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -148,6 +149,8 @@ pub struct HttpRegistry {
     token: Option<String>,
     connect_timeout: Duration,
     request_timeout: Duration,
+    /// TLS for https URLs.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -162,7 +165,14 @@ impl HttpRegistry {
             token,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(10),
+            tls: None,
         }
+    }
+
+    /// Speaks TLS with this configuration to https URLs.
+    pub fn with_tls(mut self, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Sets the connect and whole-request timeouts.
@@ -190,6 +200,36 @@ impl HttpRegistry {
         .map_err(|_| unreachable(format!("no connection within {:?}", self.connect_timeout)))?
         .map_err(|e| unreachable(e.to_string()))?;
         let _ = stream.set_nodelay(true);
+        if !url.tls {
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return Ok(sender);
+        }
+        let tls = self.tls.clone().ok_or_else(|| ClientError::NotRegistry {
+            url: url.to_string(),
+            reason: "https needs --registry-ca".into(),
+        })?;
+        let name = rustls_pki_types::ServerName::try_from(url.host.clone())
+            .map_err(|e| unreachable(format!("bad TLS server name: {e}")))?;
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio_rustls::TlsConnector::from(tls).connect(name, stream),
+        )
+        .await
+        .map_err(|_| {
+            unreachable(format!(
+                "no TLS handshake within {:?}",
+                self.connect_timeout
+            ))
+        })?
+        .map_err(|e| ClientError::NotRegistry {
+            url: url.to_string(),
+            reason: format!("TLS: {e}"),
+        })?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| unreachable(e.to_string()))?;

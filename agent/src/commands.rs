@@ -174,6 +174,7 @@ async fn send_direct(c: SendConfig) -> Result<(), AgentError> {
     crate::config::check_size(c.body.len(), max)?;
     let client = (!c.query.registry_urls.is_empty()).then(|| {
         HttpRegistry::new(c.query.registry_urls.clone(), c.query.token.clone())
+            .with_tls(c.query.tls.clone())
             .with_timeouts(Duration::from_secs(3), Duration::from_secs(10))
     });
     if client.is_none() && cache.is_none() {
@@ -520,6 +521,7 @@ async fn query(
     };
     let client = (!cfg.registry_urls.is_empty()).then(|| {
         HttpRegistry::new(cfg.registry_urls.clone(), cfg.token.clone())
+            .with_tls(cfg.tls.clone())
             .with_timeouts(Duration::from_secs(3), Duration::from_secs(10))
     });
     answer(

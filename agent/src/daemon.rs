@@ -46,10 +46,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
     let _ = std::fs::remove_file(&socket);
     let listener = control::bind(&socket).await.map_err(AgentError::runtime)?;
     let activity = Arc::new(Activity::new(cfg.state_dir.join(state::ACTIVITY_LOG)));
-    let client = Arc::new(HttpRegistry::new(
-        cfg.registry_urls.clone(),
-        cfg.token.clone(),
-    ));
+    let client = Arc::new(
+        HttpRegistry::new(cfg.registry_urls.clone(), cfg.token.clone()).with_tls(cfg.tls.clone()),
+    );
     let cache = Arc::new(Cache::open(&cfg.state_dir, cfg.namespace.clone()));
     let status = Arc::new(Mutex::new(Status::default()));
     let cancel = CancellationToken::new();

@@ -21,3 +21,6 @@ mod relay;
 
 #[path = "cli/relay_security.rs"]
 mod relay_security;
+
+#[path = "cli/tls.rs"]
+mod tls;
