@@ -382,6 +382,27 @@ fn tcp_relay_refuses_forged_senders() {
         })
         .collect();
     assert_eq!(bodies, vec!["from the real a"]);
+    // Without a running agent, `agent send` signs with the key a's agent stored.
+    let adir = a.state_dir.clone();
+    a.terminate(Duration::from_secs(10));
+    let out = run_agent(&[
+        "send",
+        "b",
+        "direct from a",
+        "--state-dir",
+        &adir.to_string_lossy(),
+        "--registry-url",
+        &server.url(),
+        "--token",
+        &join,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got = recv_bounded(&b.state_dir, Duration::from_secs(20));
+    assert!(
+        String::from_utf8_lossy(&got.stdout).contains("direct from a"),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
     // The key is kept (0600) for restarts and `agent send` without a daemon.
     let key = b.state_dir.join("relay-key");
     use std::os::unix::fs::PermissionsExt;
