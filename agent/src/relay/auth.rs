@@ -79,3 +79,32 @@ pub fn signing_key(state: KeyState, ns: &str, from: &str) -> Option<[u8; 32]> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_kept_private_and_dropped_when_the_registry_gives_none() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(stored(dir.path()), KeyState::Unknown);
+        let k = [5u8; 32];
+        learned(Some(dir.path()), Some(&relay_auth::to_hex(&k)));
+        assert_eq!(current(), KeyState::Key(k));
+        assert_eq!(stored(dir.path()), KeyState::Key(k));
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            signing_key(current(), "ns", "a"),
+            Some(relay_auth::sender_key(&k, "ns", "a"))
+        );
+        learned(Some(dir.path()), None);
+        assert_eq!(current(), KeyState::Open);
+        assert_eq!(stored(dir.path()), KeyState::Unknown);
+        assert_eq!(signing_key(current(), "ns", "a"), None);
+    }
+}
