@@ -22,6 +22,11 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# the agent's test of a hanging name lookup runs it in namespaces (unshare -rnm, ip)
+command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# the agent's https registry test makes its certificates with openssl
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # etcd-client's protos import google/protobuf/descriptor.proto (well-known types)
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 # The compose example under rootful podman (dns-server/tests/deploy/podman.rs): podman with

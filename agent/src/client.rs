@@ -7,8 +7,8 @@
 //! returned as they are: another replica would answer the same.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
@@ -158,6 +158,8 @@ pub struct HttpRegistry {
     /// answer (a container network's DNS is unreliable exactly while containers stop,
     /// when the agent must deregister).
     last_addr: Mutex<Vec<Option<SocketAddr>>>,
+    /// TLS for https URLs.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -173,7 +175,14 @@ impl HttpRegistry {
             token,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(10),
+            tls: None,
         }
+    }
+
+    /// Speaks TLS with this configuration to https URLs.
+    pub fn with_tls(mut self, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Sets the connect and whole-request timeouts.
@@ -218,6 +227,36 @@ impl HttpRegistry {
             self.last_addr.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(peer);
         }
         let _ = stream.set_nodelay(true);
+        if !url.tls {
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return Ok(sender);
+        }
+        let tls = self.tls.clone().ok_or_else(|| ClientError::NotRegistry {
+            url: url.to_string(),
+            reason: "https needs --registry-ca".into(),
+        })?;
+        let name = rustls_pki_types::ServerName::try_from(url.host.clone())
+            .map_err(|e| unreachable(format!("bad TLS server name: {e}")))?;
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio_rustls::TlsConnector::from(tls).connect(name, stream),
+        )
+        .await
+        .map_err(|_| {
+            unreachable(format!(
+                "no TLS handshake within {:?}",
+                self.connect_timeout
+            ))
+        })?
+        .map_err(|e| ClientError::NotRegistry {
+            url: url.to_string(),
+            reason: format!("TLS: {e}"),
+        })?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| unreachable(e.to_string()))?;

@@ -387,6 +387,10 @@ impl<R: RegistryApi> Lifecycle<R> {
             .await;
         match &r {
             Ok(resp) => {
+                crate::relay::auth::learned(
+                    self.cfg.state_dir.as_deref(),
+                    resp.relay_key.as_deref(),
+                );
                 if self.secret.as_deref() != Some(resp.instance_secret.as_str()) {
                     self.secret = Some(resp.instance_secret.clone());
                     if let Some(dir) = &self.cfg.state_dir

@@ -91,6 +91,7 @@ impl RegistryApi for Fake {
             membrane: view(ns.as_str(), id.as_str(), "svc", "cap"),
             instance_secret: "s1".into(),
             created: secret.is_none(),
+            relay_key: None,
         })
     }
     async fn heartbeat(

@@ -379,3 +379,95 @@ fn open_registry_refuses_a_second_agent_with_the_same_id_unless_replace() {
     assert_eq!(code, Some(0));
     assert!(server.membrane("cog", "w1").is_none());
 }
+
+#[test]
+fn restart_right_after_kill_9_starts_and_a_second_agent_on_the_dir_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data"), 0, &[]);
+    let dir = tmp.path().join("a");
+    let args = quick("w1", "cog", &server.url());
+    let mut agent = Agent::start(&args, &dir, &[]);
+    agent.wait_registered();
+    // A second agent on the same state directory: refused, the first one goes on.
+    let mut second = Agent::start(&args, &dir, &[]);
+    let st = wait_for("second agent exits", Duration::from_secs(10), || {
+        second.exited()
+    });
+    assert!(!st.success());
+    assert!(
+        second.log().contains("another agent is already running"),
+        "{}",
+        second.log()
+    );
+    assert!(agent.status().is_some());
+    // `kill -9` returns before the process is gone: the next agent starts anyway.
+    for round in 0..8 {
+        agent.kill_nowait();
+        let mut next = Agent::start(&args, &dir, &[]);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            next.exited().is_none(),
+            "round {round}: restart failed: {}",
+            next.log()
+        );
+        next.wait_registered();
+        drop(agent);
+        agent = next;
+    }
+}
+
+/// The agent run in a user, network and mount namespace whose only name server is routed
+/// into the loopback and never answers: every name lookup hangs for 20 s (the container
+/// case). `None` (after a loud message) when namespaces are not available here.
+fn agent_with_a_silent_resolver(args: &[String], dir: &std::path::Path) -> Option<Agent> {
+    let probe = std::process::Command::new("unshare")
+        .args(["-rnm", "ip", "link", "set", "lo", "up"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var("CI").is_err(),
+            "unshare -rnm and ip (util-linux, iproute2) are needed"
+        );
+        eprintln!("SKIP: no user/network namespaces here (unshare -rnm, ip)");
+        return None;
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let resolv = dir.with_extension("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 10.1.2.3\noptions timeout:10 attempts:1\n",
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-rnm", "sh", "-c"]).arg(format!(
+        "ip link set lo up && ip route add 10.1.2.3/32 dev lo && \
+         mount --bind {} /etc/resolv.conf && exec \"$0\" \"$@\"",
+        resolv.display()
+    ));
+    cmd.arg(agent_bin());
+    Some(Agent::start_in(cmd, args, dir, &[]))
+}
+
+#[test]
+fn sigterm_exits_at_once_while_a_name_lookup_hangs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let mut args = quick("w1", "cog", "http://registry.test:8080");
+    args.extend(["--shutdown-grace".into(), "1s".into()]);
+    let Some(agent) = agent_with_a_silent_resolver(&args, &dir) else {
+        return;
+    };
+    wait_for(
+        "the agent tries to register",
+        Duration::from_secs(10),
+        || agent.log().contains("agent starting").then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(500)); // the lookup is pending now
+    let (_, took) = agent.terminate(Duration::from_secs(30));
+    let log = std::fs::read_to_string(dir.with_extension("stderr.log")).unwrap();
+    assert!(log.contains("agent stopped"), "{log}");
+    assert!(
+        took < Duration::from_secs(4),
+        "exit took {took:?} after SIGTERM (grace 1 s): {log}"
+    );
+}

@@ -106,6 +106,7 @@ async fn register_get_list_heartbeat_deregister() {
     assert_eq!(v["membrane"]["state"], "passing");
     assert_eq!(v["membrane"]["namespace"], "cognitive-system");
     assert!(v["instance_secret"].as_str().unwrap().len() >= 32);
+    assert!(v.get("relay_key").is_none(), "no admin token: no relay key");
     let secret = v["instance_secret"].as_str().unwrap().to_string();
     // Idempotent upsert (by the same instance).
     let (s, v) = h
@@ -387,6 +388,13 @@ async fn auth_with_admin_token_join_token_and_secret() {
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let secret = v["instance_secret"].as_str().unwrap().to_string();
+    // The namespace's relay key goes to the admitted caller: derived from the admin token,
+    // one per namespace.
+    let hash = hash_secret(ADMIN);
+    assert_eq!(
+        v["relay_key"],
+        shared::relay_auth::to_hex(&shared::relay_auth::namespace_key(&hash, "secure"))
+    );
     // Someone else with the join token cannot take the id over.
     assert_error(
         &h.call(

@@ -148,7 +148,12 @@ pub async fn register(
     JsonBody(reg): JsonBody<Registration>,
 ) -> Result<Response, ApiError> {
     let (ns, id) = (extract::ns(&ns)?, extract::id(&id)?);
-    let resp = s.registry.register(&caller, &ns, &id, reg).await?;
+    let mut resp = s.registry.register(&caller, &ns, &id, reg).await?;
+    // Only a caller admitted to register (join or admin token, or the instance secret)
+    // gets here: it receives the namespace's relay key.
+    resp.relay_key = s
+        .admin_token_hash
+        .map(|h| shared::relay_auth::to_hex(&shared::relay_auth::namespace_key(&h, ns.as_str())));
     let status = if resp.created {
         StatusCode::CREATED
     } else {

@@ -914,6 +914,7 @@ impl Registry {
                     membrane: membrane_view(ns_name, id, &entry),
                     instance_secret: secret,
                     created: existing.is_none(),
+                    relay_key: None,
                 };
                 (new_ns, ns_rev, ttl_of(&settings, &reg), prev, row, resp)
             };

@@ -822,6 +822,7 @@ impl Registry {
                     membrane: view,
                     instance_secret: secret,
                     created,
+                    relay_key: None,
                 },
             )
         };
