@@ -49,14 +49,37 @@ pub struct AppState {
 /// Default request body limit: 64 KiB is far above any valid registration.
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 
+/// The `method` label: one of the standard methods, else `other`, so that a client
+/// inventing method names cannot add series to `/metrics`.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    const KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    KNOWN
+        .iter()
+        .find(|m| *m == method)
+        .map(|m| m.as_str())
+        .unwrap_or("other")
+}
+
 async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().to_string();
+    let method = method_label(req.method()).to_string();
+    // The route pattern (a closed set: the routes of `router`), never the raw path.
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
+        .unwrap_or_else(|| "none".into());
     let resp = next.run(req).await;
     s.metrics
         .http

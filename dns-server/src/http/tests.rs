@@ -652,3 +652,43 @@ async fn events_stream_replays_after_last_event_id() {
     let text = next_frame(&mut events(&h, Some("3".into())).await).await;
     assert!(text.contains("event: resync"), "{text}");
 }
+
+/// A client inventing method names (and paths) must not add series to `/metrics`: labels
+/// come from a closed set (known methods + `other`, matched route or `none`).
+#[tokio::test]
+async fn metrics_labels_are_a_closed_set() {
+    let h = harness(None);
+    let metrics_len = |v: Value| v.as_str().unwrap().len();
+    // One request of each kind first, so that every series that can exist does.
+    h.call(
+        Method::from_bytes(b"FIRST").unwrap(),
+        "/nowhere-0",
+        None,
+        &[],
+    )
+    .await;
+    h.call(Method::from_bytes(b"FIRST").unwrap(), "/health", None, &[])
+        .await;
+    h.get("/nowhere-1").await;
+    h.get("/metrics").await;
+    let before = metrics_len(h.get("/metrics").await.1);
+    for i in 0..300 {
+        let method = Method::from_bytes(format!("M{i}X{}", i * 7919).as_bytes()).unwrap();
+        let (s, _) = h.call(method.clone(), "/health", None, &[]).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+        h.call(method, &format!("/nowhere-{i}"), None, &[]).await;
+        h.get(&format!("/random/path/{i}")).await;
+    }
+    let (_, v) = h.get("/metrics").await;
+    let text = v.as_str().unwrap();
+    assert!(!text.contains("M1X"), "a method name became a label");
+    assert!(!text.contains("nowhere"), "a raw path became a label");
+    assert!(text.contains("method=\"other\""), "{text}");
+    assert!(text.contains("route=\"none\""), "{text}");
+    // Counts and sums change length a little; new series would add kilobytes each.
+    assert!(
+        metrics_len(v.clone()) < before + 200,
+        "/metrics grew from {before} to {} bytes",
+        metrics_len(v)
+    );
+}
