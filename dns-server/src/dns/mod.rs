@@ -24,7 +24,7 @@ use shared::NamespaceName;
 
 use crate::snapshot::NamespaceSnapshot;
 
-pub use server::{bind_udp, serve};
+pub use server::{TcpLimits, bind_udp, serve, serve_with};
 pub use stats::DnsStats;
 
 use records::{Naming, label_offsets, parse_text_name};
