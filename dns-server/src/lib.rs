@@ -233,12 +233,18 @@ pub async fn run(
             .clone()
             .run_zone_updates(catalog.clone(), shutdown.clone()),
     );
+    let (http_limits, dns_tcp) = fit_to_open_files(
+        config.http_limits,
+        config.dns_tcp,
+        listeners.dns_tcp.len(),
+        open_file_limit(),
+    );
     {
         let shutdown = shutdown.clone();
         let (udp, tcp) = (listeners.dns_udp, listeners.dns_tcp);
         let catalog = catalog.clone();
         tasks.spawn(async move {
-            if let Err(e) = dns::serve(udp, tcp, catalog, shutdown.clone()).await {
+            if let Err(e) = dns::serve_with(udp, tcp, catalog, shutdown.clone(), dns_tcp).await {
                 tracing::error!(error = %e, "dns server failed");
                 shutdown.cancel();
             }
@@ -248,7 +254,9 @@ pub async fn run(
         let shutdown = shutdown.clone();
         let router = http::router(state);
         tasks.spawn(async move {
-            if let Err(e) = http::serve(listeners.http, router, shutdown.clone()).await {
+            let served =
+                http::accept::serve(listeners.http, router, shutdown.clone(), http_limits).await;
+            if let Err(e) = served {
                 tracing::error!(error = %e, "http server failed");
                 shutdown.cancel();
             }
@@ -277,6 +285,79 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Descriptors kept for everything but client connections (store, listeners, UDP
+/// sockets, logs, etcd).
+const FD_RESERVE: u64 = 128;
+
+/// Raises the soft open-file limit to the hard one (a server holding thousands of
+/// connections needs more than the usual 1024); returns the soft limit in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft >= hard {
+        return Some(soft);
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => {
+            tracing::debug!(from = soft, to = hard, "raised the open-file limit");
+            Some(hard)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            Some(soft)
+        }
+    }
+}
+
+/// The soft open-file limit.
+fn open_file_limit() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}
+
+/// Lowers the HTTP and DNS-over-TCP connection caps (in proportion) so that together they
+/// fit the open-file limit with [`FD_RESERVE`] to spare: connections past a cap are shed
+/// politely, while connections past the file limit would fail every accept (and the store).
+pub fn fit_to_open_files(
+    http: http::HttpLimits,
+    dns_tcp: dns::TcpLimits,
+    dns_listeners: usize,
+    nofile: Option<u64>,
+) -> (http::HttpLimits, dns::TcpLimits) {
+    let Some(nofile) = nofile else {
+        return (http, dns_tcp);
+    };
+    let budget = nofile.saturating_sub(FD_RESERVE).max(2) as u128;
+    let http_want = http.max_connections as u128;
+    let dns_want = (dns_tcp.max_connections * dns_listeners) as u128;
+    if http_want + dns_want <= budget {
+        return (http, dns_tcp);
+    }
+    let total = http_want + dns_want;
+    let http_max = ((http_want * budget / total) as usize).max(1);
+    let dns_max = ((dns_want * budget / total) as usize)
+        .checked_div(dns_listeners)
+        .map_or(dns_tcp.max_connections, |n| n.max(1));
+    tracing::warn!(
+        open_files = nofile,
+        http_max_connections = http_max,
+        dns_tcp_max_connections = dns_max,
+        "the open-file limit is too low for the configured connection caps; lowered them \
+         (raise LimitNOFILE= / ulimit -n)"
+    );
+    (
+        http::HttpLimits {
+            max_connections: http_max,
+            ..http
+        },
+        dns::TcpLimits {
+            max_connections: dns_max,
+            ..dns_tcp
+        },
+    )
 }
 
 /// How long start-up waits for etcd before giving up.
@@ -339,5 +420,26 @@ impl registry::ZoneSink for dns::Catalog {
     }
     fn remove(&self, ns: &shared::NamespaceName) {
         dns::Catalog::remove(self, ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_caps_fit_the_open_file_limit() {
+        let (http, dns) = (http::HttpLimits::default(), dns::TcpLimits::default());
+        assert_eq!(
+            fit_to_open_files(http, dns, 2, Some(1 << 20)),
+            (http, dns),
+            "room enough: unchanged"
+        );
+        let (h, d) = fit_to_open_files(http, dns, 2, Some(1024));
+        assert!(h.max_connections + 2 * d.max_connections <= 1024 - FD_RESERVE as usize);
+        assert!(h.max_connections > d.max_connections && d.max_connections >= 1);
+        assert_eq!(h.idle_timeout, http.idle_timeout);
+        let (h, d) = fit_to_open_files(http, dns, 1, Some(10));
+        assert_eq!((h.max_connections, d.max_connections), (1, 1));
     }
 }

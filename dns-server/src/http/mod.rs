@@ -1,5 +1,6 @@
 //! The HTTP admin API (axum on hyper): routes, shared state, latency metrics, serving.
 
+pub mod accept;
 pub mod error;
 pub mod extract;
 pub mod legacy;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{HttpLabels, Metrics};
 use crate::registry::Registry;
+pub use accept::HttpLimits;
 use error::ApiError;
 
 /// Renders a namespace for `GET /v1/namespaces/{ns}/zone` (the DNS side's master file).
@@ -183,15 +185,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown`, then drains in-flight requests.
+/// Serves `router` on `listener` until `shutdown`, then drains in-flight requests, with
+/// the default [`HttpLimits`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    accept::serve(listener, router, shutdown, HttpLimits::default()).await
 }
 
 #[cfg(test)]

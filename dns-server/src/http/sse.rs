@@ -17,6 +17,9 @@ use shared::{Event, NamespaceName};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::AppState;
+
+/// Default cap on event stream subscribers.
+pub const DEFAULT_MAX_SUBSCRIBERS: usize = 1024;
 use super::error::ApiError;
 use super::extract::{self, P};
 use crate::registry::events::{Published, Sequenced};
