@@ -5,10 +5,14 @@
 //! loop instead:
 //!
 //! - serves every connection from one shared [`Router`] (a clone is a reference count);
-//! - caps connections at [`HttpLimits::max_connections`]: beyond it, a new client gets
-//!   `503` with a JSON error, `Retry-After: 1` and `Connection: close`, written at once
-//!   without reading its request, and the socket is closed (at most [`SHEDDING`] such
-//!   goodbyes at a time; past that the socket is closed without a word);
+//! - caps connections at [`HttpLimits::max_connections`]: when full, a new client takes
+//!   the slot of the connection idle the longest (no request in flight: silent, between
+//!   keep-alive requests, or still sending a request head), so idle or half-sent
+//!   connections cannot lock clients out; when every connection is busy with a request,
+//!   the new client gets `503` with a JSON error, `Retry-After: 1` and
+//!   `Connection: close`, written at once without reading its request, and the socket is
+//!   closed (at most [`SHEDDING`] such goodbyes at a time; past that it is closed without
+//!   a word);
 //! - closes a connection that, between requests, sends nothing for
 //!   [`HttpLimits::idle_timeout`] (keep-alive idle), or has begun a request but not finished
 //!   its head within [`HttpLimits::header_timeout`] of its first byte; a request body must
@@ -18,11 +22,12 @@
 //!   KiB;
 //! - at shutdown stops accepting and lets each connection finish its request (graceful).
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -101,6 +106,12 @@ pub async fn serve(
     shutdown: CancellationToken,
     limits: HttpLimits,
 ) -> io::Result<()> {
+    let table = Arc::new(Table {
+        epoch: Instant::now(),
+        max: limits.max_connections,
+        next_id: AtomicU64::new(0),
+        conns: Mutex::new(BTreeMap::new()),
+    });
     let mut conns = JoinSet::new();
     let mut shedding = JoinSet::new();
     let shed_permits = Arc::new(Semaphore::new(SHEDDING));
@@ -113,7 +124,7 @@ pub async fn serve(
             _ = async { backoff.as_mut().unwrap().await }, if backoff.is_some() => backoff = None,
             r = listener.accept(), if backoff.is_none() => match r {
                 Ok((stream, _peer)) => {
-                    if conns.len() >= limits.max_connections {
+                    let Some(slot) = table.admit(&shutdown) else {
                         if let Ok(permit) = shed_permits.clone().try_acquire_owned() {
                             shedding.spawn(async move {
                                 shed(stream).await;
@@ -121,8 +132,8 @@ pub async fn serve(
                             });
                         }
                         continue;
-                    }
-                    conns.spawn(connection(stream, router.clone(), shutdown.clone(), limits));
+                    };
+                    conns.spawn(connection(stream, router.clone(), slot, limits));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "http accept");
@@ -147,8 +158,64 @@ async fn shed(mut stream: TcpStream) {
     .await;
 }
 
+/// The open connections, to close the longest-idle one when full.
+struct Table {
+    epoch: Instant,
+    max: usize,
+    next_id: AtomicU64,
+    conns: Mutex<BTreeMap<u64, Arc<Activity>>>,
+}
+
+impl Table {
+    /// Registers a new connection, closing the longest-idle one when full; `None` when
+    /// every connection has a request in flight.
+    fn admit(self: &Arc<Self>, shutdown: &CancellationToken) -> Option<Slot> {
+        let mut conns = self.conns.lock().unwrap();
+        if conns.len() >= self.max {
+            let oldest = conns
+                .iter()
+                .filter(|(_, a)| a.in_flight.load(Ordering::SeqCst) == 0)
+                .map(|(id, a)| (a.idle_since.load(Ordering::SeqCst), *id))
+                .min();
+            let (_, id) = oldest?;
+            if let Some(a) = conns.remove(&id) {
+                a.close.cancel();
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let activity = Arc::new(Activity {
+            start: self.epoch,
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+            head_started: AtomicU64::new(NONE),
+            changed: Notify::new(),
+            close: shutdown.child_token(),
+        });
+        conns.insert(id, activity.clone());
+        Some(Slot {
+            table: self.clone(),
+            id,
+            activity,
+        })
+    }
+}
+
+/// A connection's place in [`Table`], given up when the connection ends.
+struct Slot {
+    table: Arc<Table>,
+    id: u64,
+    activity: Arc<Activity>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.table.conns.lock().unwrap().remove(&self.id);
+    }
+}
+
 /// What the watchdog of one connection knows.
 struct Activity {
+    /// The table's epoch (times below are milliseconds since it).
     start: Instant,
     /// Requests being handled (head received, response not yet fully sent).
     in_flight: AtomicUsize,
@@ -157,6 +224,8 @@ struct Activity {
     /// Milliseconds since `start` of the first byte read while idle, or [`NONE`].
     head_started: AtomicU64,
     changed: Notify,
+    /// Cancelled to close the connection now (made room for another, or shutdown).
+    close: CancellationToken,
 }
 
 const NONE: u64 = u64::MAX;
@@ -312,20 +381,11 @@ impl HttpBody for Deadline {
     }
 }
 
-async fn connection(
-    stream: TcpStream,
-    router: Router,
-    shutdown: CancellationToken,
-    limits: HttpLimits,
-) {
+async fn connection(stream: TcpStream, router: Router, slot: Slot, limits: HttpLimits) {
     let _ = stream.set_nodelay(true);
-    let activity = Arc::new(Activity {
-        start: Instant::now(),
-        in_flight: AtomicUsize::new(0),
-        idle_since: AtomicU64::new(0),
-        head_started: AtomicU64::new(NONE),
-        changed: Notify::new(),
-    });
+    let activity = slot.activity.clone();
+    // A child of the shutdown token: shutdown drains, `close` alone (eviction) drops.
+    let shutdown = activity.close.clone();
     let io = TokioIo::new(Watched {
         io: stream,
         activity: activity.clone(),
@@ -368,6 +428,10 @@ async fn connection(
                 return;
             }
             _ = shutdown.cancelled(), if !draining => {
+                if activity.in_flight.load(Ordering::SeqCst) == 0 {
+                    // Evicted, or shutdown with no request in flight: close now.
+                    return;
+                }
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
@@ -502,26 +566,61 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn over_the_cap_a_client_gets_503_and_others_keep_working() {
+    async fn a_full_table_closes_the_longest_idle_connection_for_a_new_client() {
         let srv = start(LIMITS).await;
+        let t0 = Instant::now();
         let mut held = Vec::new();
-        for _ in 0..LIMITS.max_connections {
-            held.push(TcpStream::connect(srv.addr).await.unwrap());
+        for i in 0..LIMITS.max_connections {
+            let mut s = TcpStream::connect(srv.addr).await.unwrap();
+            if i % 2 == 1 {
+                s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+                    .await
+                    .unwrap();
+            }
+            held.push(s);
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::task::yield_now().await;
+        for _ in 0..3 {
+            let text = get_close(srv.addr, "/health").await;
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        }
+        // The oldest made room (once: each /health left, freeing its slot again).
+        assert_eq!(read_all(&mut held[0]).await, "");
+        assert!(t0.elapsed() < LIMITS.header_timeout, "{:?}", t0.elapsed());
+        // The youngest (half-sent) is still there: it can finish its request.
+        held[3]
+            .write_all(b"connection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_all(&mut held[3]).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        srv.shutdown.cancel();
+        drop(held);
+        srv.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_the_cap_with_every_connection_busy_a_client_gets_503() {
+        let srv = start(LIMITS).await;
+        let addr = srv.addr;
+        let busy: Vec<_> = (0..LIMITS.max_connections)
+            .map(|_| tokio::spawn(async move { get_close(addr, "/slow").await }))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let text = get_close(srv.addr, "/health").await;
         assert!(text.starts_with("HTTP/1.1 503"), "{text}");
         assert!(text.contains("connection: close"), "{text}");
         let body = text.split("\r\n\r\n").nth(1).unwrap();
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["error"]["code"], "overloaded");
-        // One client leaves: its slot serves the next one.
-        drop(held.pop());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The busy ones were not disturbed; once done, their slots serve again.
+        for b in busy {
+            let text = b.await.unwrap();
+            assert!(text.ends_with("done"), "{text}");
+        }
         let text = get_close(srv.addr, "/health").await;
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         srv.shutdown.cancel();
-        drop(held);
         srv.task.await.unwrap().unwrap();
     }
 

@@ -58,7 +58,21 @@ impl Server {
     /// Starts the server on loopback port 0 with `data_dir` and extra args, and waits for
     /// its "listening" lines.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(bin())
+        Self::spawn(Command::new(bin()), data_dir, extra)
+    }
+
+    /// [`Server::start`] with the open-file limit (soft and hard) set to `nofile`.
+    #[allow(dead_code)] // used by the limits tests
+    pub fn start_with_open_files(data_dir: &Path, extra: &[&str], nofile: u64) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(bin());
+        Self::spawn(cmd, data_dir, extra)
+    }
+
+    fn spawn(mut cmd: Command, data_dir: &Path, extra: &[&str]) -> Server {
+        let mut child = cmd
             .args(["--data-dir", data_dir.to_str().unwrap()])
             .args([
                 "--http-listen",
