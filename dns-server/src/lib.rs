@@ -213,6 +213,7 @@ pub async fn run(
         zone_exporter: Some(Arc::new(move |snap| {
             dns::export_zone(snap, &exporter_config)
         })),
+        sse_permits: Arc::new(tokio::sync::Semaphore::new(config.sse_max_subscribers)),
     };
     if config.admin_token.is_none() {
         tracing::warn!("no admin token: the admin API is open (no checks at all)");

@@ -46,6 +46,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Zone file rendering, when DNS is compiled in.
     pub zone_exporter: Option<ZoneExporter>,
+    /// One permit per event stream subscriber (`--sse-max-subscribers`).
+    pub sse_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// Default request body limit: 64 KiB is far above any valid registration.

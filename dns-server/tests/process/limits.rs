@@ -96,10 +96,16 @@ async fn idle_and_half_sent_connections_do_not_stop_health_registrations_or_dns_
     .expect("registration not answered within 5 s")
     .unwrap();
     assert_eq!(s, 201, "{v}");
-    let m = tokio::time::timeout(
-        Duration::from_secs(5),
-        dns_tcp_a(&server, "visual-worker-1.cognitive-system."),
-    )
+    // DNS over TCP answers; the zone follows the registration within moments.
+    let m = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let m = dns_tcp_a(&server, "visual-worker-1.cognitive-system.").await;
+            if !m.answers.is_empty() {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
     .await
     .expect("DNS over TCP not answered within 5 s");
     assert_eq!(m.answers.len(), 1, "{m:?}");
