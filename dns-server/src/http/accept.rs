@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -99,9 +100,21 @@ fn shed_response() -> Vec<u8> {
     .into_bytes()
 }
 
+/// Where connections come from: a [`TcpListener`] (a test can inject accept errors).
+pub trait Accept: Send + 'static {
+    /// The next connection.
+    fn accept(&mut self) -> impl Future<Output = io::Result<TcpStream>> + Send;
+}
+
+impl Accept for TcpListener {
+    async fn accept(&mut self) -> io::Result<TcpStream> {
+        TcpListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown`, then lets in-flight requests finish.
 pub async fn serve(
-    listener: TcpListener,
+    mut listener: impl Accept,
     router: Router,
     shutdown: CancellationToken,
     limits: HttpLimits,
@@ -123,9 +136,10 @@ pub async fn serve(
             Some(_) = shedding.join_next(), if !shedding.is_empty() => {}
             _ = async { backoff.as_mut().unwrap().await }, if backoff.is_some() => backoff = None,
             r = listener.accept(), if backoff.is_none() => match r {
-                Ok((stream, _peer)) => {
+                Ok(stream) => {
                     let Some(slot) = table.admit(&shutdown) else {
                         if let Ok(permit) = shed_permits.clone().try_acquire_owned() {
+                            tracing::debug!("http: every connection is busy; answering 503");
                             shedding.spawn(async move {
                                 shed(stream).await;
                                 drop(permit);
@@ -178,6 +192,7 @@ impl Table {
                 .map(|(id, a)| (a.idle_since.load(Ordering::SeqCst), *id))
                 .min();
             let (_, id) = oldest?;
+            tracing::debug!("http: connections full; closing the longest-idle one");
             if let Some(a) = conns.remove(&id) {
                 a.close.cancel();
             }
@@ -622,6 +637,42 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         srv.shutdown.cancel();
         srv.task.await.unwrap().unwrap();
+    }
+
+    /// A listener whose first accepts fail with EMFILE, as when descriptors run out.
+    struct Exhausted {
+        errors: usize,
+        inner: TcpListener,
+    }
+
+    impl Accept for Exhausted {
+        async fn accept(&mut self) -> io::Result<TcpStream> {
+            if self.errors > 0 {
+                self.errors -= 1;
+                return Err(io::Error::from_raw_os_error(24)); // EMFILE
+            }
+            TcpListener::accept(&self.inner).await.map(|(s, _)| s)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_pause_the_loop_for_milliseconds_not_seconds() {
+        let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let router = Router::new().route("/health", get(|| async { "ok" }));
+        let shutdown = CancellationToken::new();
+        let listener = Exhausted { errors: 5, inner };
+        let task = tokio::spawn(serve(listener, router, shutdown.clone(), LIMITS));
+        let t0 = Instant::now();
+        let text = get_close(addr, "/health").await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            t0.elapsed() < Duration::from_millis(200),
+            "5 accept errors stalled the loop for {:?}",
+            t0.elapsed()
+        );
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
     }
 
     #[tokio::test(start_paused = true)]
