@@ -61,12 +61,12 @@ impl Server {
         Self::spawn(Command::new(bin()), data_dir, extra)
     }
 
-    /// [`Server::start`] with the open-file limit (soft and hard) set to `nofile`.
+    /// [`Server::start`] under `ulimit ULIMIT` (e.g. `-n 400`: open files, soft and hard).
     #[allow(dead_code)] // used by the limits tests
-    pub fn start_with_open_files(data_dir: &Path, extra: &[&str], nofile: u64) -> Server {
+    pub fn start_with_ulimit(data_dir: &Path, extra: &[&str], ulimit: &str) -> Server {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
-            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(format!("ulimit {ulimit} && exec \"$0\" \"$@\""))
             .arg(bin());
         Self::spawn(cmd, data_dir, extra)
     }

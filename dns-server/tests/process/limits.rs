@@ -56,7 +56,7 @@ async fn idle_and_half_sent_connections_do_not_stop_health_registrations_or_dns_
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_with_open_files(dir.path(), &[], 400);
+    let server = Server::start_with_ulimit(dir.path(), &[], "-n 400");
     let http = Http::new(server.url());
     let mut held = Vec::new();
     let mut refused = 0;
@@ -111,4 +111,24 @@ async fn idle_and_half_sent_connections_do_not_stop_health_registrations_or_dns_
     assert_eq!(m.answers.len(), 1, "{m:?}");
     drop(held);
     assert!(server.terminate().success());
+}
+
+/// `Max open files` (soft, hard) of a process, from /proc.
+fn open_files(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let v: Vec<&str> = line.split_whitespace().collect();
+    (v[3].to_string(), v[4].to_string())
+}
+
+#[test]
+fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_ulimit(dir.path(), &[], "-S -n 256");
+    let (soft, hard) = open_files(server.child.id());
+    assert_eq!(soft, hard, "soft limit left at {soft} (hard {hard})");
+    assert_ne!(soft, "256");
 }
