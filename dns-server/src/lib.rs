@@ -202,6 +202,13 @@ pub async fn run(
     );
     metrics.register_collector(metrics::DnsCollector(catalog.clone()));
     let exporter_config = dns_config.clone();
+    let (http_limits, dns_tcp) = fit_to_open_files(
+        config.http_limits,
+        config.dns_tcp,
+        listeners.dns_tcp.len(),
+        open_file_limit(),
+    );
+    let sse_max = sse_cap(config.sse_max_subscribers, http_limits.max_connections);
     let state = http::AppState {
         registry: registry.clone(),
         metrics: metrics.clone(),
@@ -213,7 +220,7 @@ pub async fn run(
         zone_exporter: Some(Arc::new(move |snap| {
             dns::export_zone(snap, &exporter_config)
         })),
-        sse_permits: Arc::new(tokio::sync::Semaphore::new(config.sse_max_subscribers)),
+        sse_permits: Arc::new(tokio::sync::Semaphore::new(sse_max)),
     };
     if config.admin_token.is_none() {
         tracing::warn!("no admin token: the admin API is open (no checks at all)");
@@ -233,12 +240,6 @@ pub async fn run(
         registry
             .clone()
             .run_zone_updates(catalog.clone(), shutdown.clone()),
-    );
-    let (http_limits, dns_tcp) = fit_to_open_files(
-        config.http_limits,
-        config.dns_tcp,
-        listeners.dns_tcp.len(),
-        open_file_limit(),
     );
     {
         let shutdown = shutdown.clone();
@@ -361,6 +362,20 @@ pub fn fit_to_open_files(
     )
 }
 
+/// Event streams hold their HTTP connection for good: at most three quarters of the HTTP
+/// connections may be streams, so requests always find room.
+pub fn sse_cap(configured: usize, http_max_connections: usize) -> usize {
+    let room = (http_max_connections * 3 / 4).max(1);
+    if configured > room {
+        tracing::warn!(
+            configured,
+            lowered_to = room,
+            "--sse-max-subscribers above 3/4 of the HTTP connection cap; lowered"
+        );
+    }
+    configured.min(room)
+}
+
 /// How long start-up waits for etcd before giving up.
 #[cfg(feature = "etcd")]
 const ETCD_STARTUP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -442,5 +457,12 @@ mod tests {
         assert_eq!(h.idle_timeout, http.idle_timeout);
         let (h, d) = fit_to_open_files(http, dns, 1, Some(10));
         assert_eq!((h.max_connections, d.max_connections), (1, 1));
+    }
+
+    #[test]
+    fn streams_leave_a_quarter_of_the_http_connections_to_requests() {
+        assert_eq!(sse_cap(1024, 4096), 1024);
+        assert_eq!(sse_cap(1024, 200), 150);
+        assert_eq!(sse_cap(5, 1), 1);
     }
 }
