@@ -25,7 +25,8 @@ use super::Catalog;
 use super::query::{Scratch, TCP_MAX};
 use super::stats::SHARDS;
 
-/// Time allowed to receive the rest of a message once its length arrived.
+/// Time allowed to receive the rest of a message once its length arrived (less under
+/// pressure: [`ConnTable::read_timeout`]).
 const TCP_READ: Duration = Duration::from_secs(5);
 /// Rendered answers at membranes' own names kept per UDP loop (a few hundred bytes each).
 const UDP_ANSWER_CACHE: usize = 4096;
@@ -148,12 +149,26 @@ impl ConnTable {
         now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
+    fn under_pressure(&self) -> bool {
+        self.len.load(Ordering::Relaxed) >= self.limits.pressure()
+    }
+
     /// The idle timeout that applies now.
     fn idle_timeout(&self) -> Duration {
-        if self.len.load(Ordering::Relaxed) >= self.limits.pressure() {
+        if self.under_pressure() {
             self.limits.pressure_idle_timeout
         } else {
             self.limits.idle_timeout
+        }
+    }
+
+    /// Time allowed for the rest of a message now: a slow sender is busy (not closable
+    /// first), so under pressure it gets no more than the pressure idle timeout.
+    fn read_timeout(&self) -> Duration {
+        if self.under_pressure() {
+            TCP_READ.min(self.limits.pressure_idle_timeout)
+        } else {
+            TCP_READ
         }
     }
 
@@ -342,7 +357,7 @@ async fn tcp_conn(stream: TcpStream, catalog: Arc<Catalog>, slot: Slot) {
         req.resize(usize::from(u16::from_be_bytes(len)), 0);
         tokio::select! {
             _ = close.cancelled() => return,
-            res = tokio::time::timeout(TCP_READ, r.read_exact(&mut req)) => match res {
+            res = tokio::time::timeout(slot.table.read_timeout(), r.read_exact(&mut req)) => match res {
                 Ok(Ok(_)) => {}
                 _ => return,
             },
@@ -420,6 +435,7 @@ mod tests {
             Duration::from_secs(1),
             "6 of 8: pressure"
         );
+        assert_eq!(table.read_timeout(), Duration::from_secs(1));
         busy(&slots[0]);
         tokio::time::advance(Duration::from_millis(1500)).await;
         // Admitting under pressure closes what has idled past the short timeout.
@@ -429,5 +445,6 @@ mod tests {
         assert!(slots[1..].iter().all(|s| s.conn.close.is_cancelled()));
         assert_eq!(table.len.load(Ordering::Relaxed), 2);
         assert_eq!(table.idle_timeout(), Duration::from_secs(10));
+        assert_eq!(table.read_timeout(), TCP_READ);
     }
 }
