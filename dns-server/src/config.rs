@@ -164,6 +164,43 @@ pub struct ServerArgs {
     #[arg(long, env = "MEMBRANE_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "10s",
           value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// HTTP connections served at once; more get 503 and are closed. Lowered at start to fit
+    /// the open-file limit.
+    #[arg(long, env = "MEMBRANE_HTTP_MAX_CONNECTIONS", value_name = "N",
+          default_value_t = crate::http::accept::DEFAULT_MAX_CONNECTIONS)]
+    pub http_max_connections: usize,
+
+    /// Time allowed for a request's head from its first byte (and for its body once read).
+    #[arg(long, env = "MEMBRANE_HTTP_HEADER_TIMEOUT", value_name = "DURATION", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// An HTTP connection without a request for this long is closed (keep-alive idle).
+    #[arg(long, env = "MEMBRANE_HTTP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s",
+          value_parser = humantime::parse_duration)]
+    pub http_idle_timeout: Duration,
+
+    /// Event stream (SSE) subscribers at once; more get 503.
+    #[arg(long, env = "MEMBRANE_SSE_MAX_SUBSCRIBERS", value_name = "N",
+          default_value_t = crate::http::sse::DEFAULT_MAX_SUBSCRIBERS)]
+    pub sse_max_subscribers: usize,
+
+    /// DNS-over-TCP connections per address; when full, the longest-idle one makes room.
+    /// Lowered at start to fit the open-file limit.
+    #[arg(
+        long,
+        env = "MEMBRANE_DNS_TCP_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 1024
+    )]
+    pub dns_tcp_max_connections: usize,
+
+    /// A DNS-over-TCP connection without a query for this long is closed (1s once three
+    /// quarters full).
+    #[arg(long, env = "MEMBRANE_DNS_TCP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub dns_tcp_idle_timeout: Duration,
 }
 
 /// Client subcommands: they talk to a running server over HTTP.
@@ -301,6 +338,12 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Shutdown grace.
     pub shutdown_grace: Duration,
+    /// HTTP connection cap and timeouts.
+    pub http_limits: crate::http::HttpLimits,
+    /// Cap on event stream subscribers.
+    pub sse_max_subscribers: usize,
+    /// DNS-over-TCP connection cap and idle timeouts.
+    pub dns_tcp: crate::dns::TcpLimits,
 }
 
 /// Shortest accepted admin token.
@@ -415,6 +458,33 @@ impl TryFrom<ServerArgs> for Config {
         {
             return Err(invalid("--sweep-interval must be between 10ms and 60s"));
         }
+        for (flag, n) in [
+            ("--http-max-connections", a.http_max_connections),
+            ("--sse-max-subscribers", a.sse_max_subscribers),
+            ("--dns-tcp-max-connections", a.dns_tcp_max_connections),
+        ] {
+            if !(1..=1_000_000).contains(&n) {
+                return Err(invalid(format!("{flag} must be between 1 and 1000000")));
+            }
+        }
+        for (flag, d) in [
+            ("--http-header-timeout", a.http_header_timeout),
+            ("--http-idle-timeout", a.http_idle_timeout),
+            ("--dns-tcp-idle-timeout", a.dns_tcp_idle_timeout),
+        ] {
+            if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+                return Err(invalid(format!("{flag} must be between 100ms and 1h")));
+            }
+        }
+        let dns_tcp = crate::dns::TcpLimits {
+            max_connections: a.dns_tcp_max_connections,
+            idle_timeout: a.dns_tcp_idle_timeout,
+            ..crate::dns::TcpLimits::default()
+        };
+        let dns_tcp = crate::dns::TcpLimits {
+            pressure_idle_timeout: dns_tcp.pressure_idle_timeout.min(dns_tcp.idle_timeout),
+            ..dns_tcp
+        };
         let ns_addresses = if a.ns_address.is_empty() {
             let mut v: Vec<_> = a
                 .dns_listen
@@ -466,6 +536,13 @@ impl TryFrom<ServerArgs> for Config {
             max_body_bytes: a.max_body_bytes,
             sweep_interval: a.sweep_interval,
             shutdown_grace: a.shutdown_grace,
+            http_limits: crate::http::HttpLimits {
+                max_connections: a.http_max_connections,
+                header_timeout: a.http_header_timeout,
+                idle_timeout: a.http_idle_timeout,
+            },
+            sse_max_subscribers: a.sse_max_subscribers,
+            dns_tcp,
         })
     }
 }
@@ -492,6 +569,31 @@ mod tests {
         assert_eq!(c.store, StoreKind::Sqlite);
         assert!(c.admin_token.is_none());
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn connection_limits() {
+        let c = Config::try_from(args(&["--data-dir", "/tmp/x"])).unwrap();
+        assert_eq!(c.http_limits, crate::http::HttpLimits::default());
+        assert_eq!(c.dns_tcp, crate::dns::TcpLimits::default());
+        let c = Config::try_from(args(&[
+            "--http-max-connections=10",
+            "--http-header-timeout=2s",
+            "--http-idle-timeout=5s",
+            "--sse-max-subscribers=3",
+            "--dns-tcp-max-connections=7",
+            "--dns-tcp-idle-timeout=500ms",
+        ]))
+        .unwrap();
+        assert_eq!(c.http_limits.max_connections, 10);
+        assert_eq!(c.http_limits.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.http_limits.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.sse_max_subscribers, 3);
+        assert_eq!(c.dns_tcp.max_connections, 7);
+        assert_eq!(c.dns_tcp.pressure_idle_timeout, Duration::from_millis(500));
+        assert!(err(&["--http-max-connections=0"]).contains("--http-max-connections"));
+        assert!(err(&["--http-idle-timeout=1ms"]).contains("--http-idle-timeout"));
+        assert!(err(&["--sse-max-subscribers=0"]).contains("--sse-max-subscribers"));
     }
 
     #[test]

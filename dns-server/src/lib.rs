@@ -214,6 +214,13 @@ pub async fn run(
     );
     metrics.register_collector(metrics::DnsCollector(catalog.clone()));
     let exporter_config = dns_config.clone();
+    let (http_limits, dns_tcp) = fit_to_open_files(
+        config.http_limits,
+        config.dns_tcp,
+        listeners.dns_tcp.len(),
+        open_file_limit(),
+    );
+    let sse_max = sse_cap(config.sse_max_subscribers, http_limits.max_connections);
     let state = http::AppState {
         registry: registry.clone(),
         metrics: metrics.clone(),
@@ -225,6 +232,7 @@ pub async fn run(
         zone_exporter: Some(Arc::new(move |snap| {
             dns::export_zone(snap, &exporter_config)
         })),
+        sse_permits: Arc::new(tokio::sync::Semaphore::new(sse_max)),
     };
     if config.admin_token.is_none() {
         tracing::warn!("no admin token: the admin API is open (no checks at all)");
@@ -249,9 +257,15 @@ pub async fn run(
         let shutdown = shutdown.clone();
         let (udp, tcp) = (listeners.dns_udp, listeners.dns_tcp);
         // On threads of their own: HTTP load must not delay DNS answers.
-        let dns =
-            dns::serve_on_own_threads(udp, tcp, catalog.clone(), shutdown.clone(), udp_sockets())
-                .map_err(io_err("starting the dns threads"))?;
+        let dns = dns::serve_on_own_threads(
+            udp,
+            tcp,
+            catalog.clone(),
+            shutdown.clone(),
+            dns_tcp,
+            udp_sockets(),
+        )
+        .map_err(io_err("starting the dns threads"))?;
         tasks.spawn(async move {
             if let Err(e) = dns.await {
                 tracing::error!(error = %e, "dns server failed");
@@ -263,7 +277,9 @@ pub async fn run(
         let shutdown = shutdown.clone();
         let router = http::router(state);
         tasks.spawn(async move {
-            if let Err(e) = http::serve(listeners.http, router, shutdown.clone()).await {
+            let served =
+                http::accept::serve(listeners.http, router, shutdown.clone(), http_limits).await;
+            if let Err(e) = served {
                 tracing::error!(error = %e, "http server failed");
                 shutdown.cancel();
             }
@@ -292,6 +308,93 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Descriptors kept for everything but client connections (store, listeners, UDP
+/// sockets, logs, etcd).
+const FD_RESERVE: u64 = 128;
+
+/// Raises the soft open-file limit to the hard one (a server holding thousands of
+/// connections needs more than the usual 1024); returns the soft limit in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft >= hard {
+        return Some(soft);
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => {
+            tracing::debug!(from = soft, to = hard, "raised the open-file limit");
+            Some(hard)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            Some(soft)
+        }
+    }
+}
+
+/// The soft open-file limit.
+fn open_file_limit() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}
+
+/// Lowers the HTTP and DNS-over-TCP connection caps (in proportion) so that together they
+/// fit the open-file limit with [`FD_RESERVE`] to spare: connections past a cap are shed
+/// politely, while connections past the file limit would fail every accept (and the store).
+pub fn fit_to_open_files(
+    http: http::HttpLimits,
+    dns_tcp: dns::TcpLimits,
+    dns_listeners: usize,
+    nofile: Option<u64>,
+) -> (http::HttpLimits, dns::TcpLimits) {
+    let Some(nofile) = nofile else {
+        return (http, dns_tcp);
+    };
+    let budget = nofile.saturating_sub(FD_RESERVE).max(2) as u128;
+    let http_want = http.max_connections as u128;
+    let dns_want = (dns_tcp.max_connections * dns_listeners) as u128;
+    if http_want + dns_want <= budget {
+        return (http, dns_tcp);
+    }
+    let total = http_want + dns_want;
+    let http_max = ((http_want * budget / total) as usize).max(1);
+    let dns_max = ((dns_want * budget / total) as usize)
+        .checked_div(dns_listeners)
+        .map_or(dns_tcp.max_connections, |n| n.max(1));
+    tracing::warn!(
+        open_files = nofile,
+        http_max_connections = http_max,
+        dns_tcp_max_connections = dns_max,
+        "the open-file limit is too low for the configured connection caps; lowered them \
+         (raise LimitNOFILE= / ulimit -n)"
+    );
+    (
+        http::HttpLimits {
+            max_connections: http_max,
+            ..http
+        },
+        dns::TcpLimits {
+            max_connections: dns_max,
+            ..dns_tcp
+        },
+    )
+}
+
+/// Event streams hold their HTTP connection for good: at most three quarters of the HTTP
+/// connections may be streams, so requests always find room.
+pub fn sse_cap(configured: usize, http_max_connections: usize) -> usize {
+    let room = (http_max_connections * 3 / 4).max(1);
+    if configured > room {
+        tracing::warn!(
+            configured,
+            lowered_to = room,
+            "--sse-max-subscribers above 3/4 of the HTTP connection cap; lowered"
+        );
+    }
+    configured.min(room)
 }
 
 /// How long start-up waits for etcd before giving up.
@@ -354,5 +457,33 @@ impl registry::ZoneSink for dns::Catalog {
     }
     fn remove(&self, ns: &shared::NamespaceName) {
         dns::Catalog::remove(self, ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_caps_fit_the_open_file_limit() {
+        let (http, dns) = (http::HttpLimits::default(), dns::TcpLimits::default());
+        assert_eq!(
+            fit_to_open_files(http, dns, 2, Some(1 << 20)),
+            (http, dns),
+            "room enough: unchanged"
+        );
+        let (h, d) = fit_to_open_files(http, dns, 2, Some(1024));
+        assert!(h.max_connections + 2 * d.max_connections <= 1024 - FD_RESERVE as usize);
+        assert!(h.max_connections > d.max_connections && d.max_connections >= 1);
+        assert_eq!(h.idle_timeout, http.idle_timeout);
+        let (h, d) = fit_to_open_files(http, dns, 1, Some(10));
+        assert_eq!((h.max_connections, d.max_connections), (1, 1));
+    }
+
+    #[test]
+    fn streams_leave_a_quarter_of_the_http_connections_to_requests() {
+        assert_eq!(sse_cap(1024, 4096), 1024);
+        assert_eq!(sse_cap(1024, 200), 150);
+        assert_eq!(sse_cap(5, 1), 1);
     }
 }

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    dns_server::raise_open_file_limit();
     let result = rt.block_on(async {
         let shutdown = CancellationToken::new();
         dns_server::cancel_on_signals(shutdown.clone()).map_err(|source| RunError::Io {

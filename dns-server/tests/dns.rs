@@ -13,3 +13,5 @@ mod resolver;
 mod rules;
 #[path = "dns/schema.rs"]
 mod schema;
+#[path = "dns/tcp.rs"]
+mod tcp;

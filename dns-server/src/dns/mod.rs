@@ -29,7 +29,7 @@ use crate::snapshot::NamespaceSnapshot;
 
 pub use rrl::{DEFAULT_RATE, DEFAULT_SLIP, RateLimit};
 pub use runtime::serve_on_own_threads;
-pub use server::{bind_udp, serve};
+pub use server::{TcpLimits, bind_udp, serve, serve_with};
 pub use stats::DnsStats;
 
 use records::{Naming, label_offsets, parse_text_name};

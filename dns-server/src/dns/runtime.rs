@@ -12,9 +12,9 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use super::Catalog;
-use super::server::serve;
+use super::server::{TcpLimits, serve_with};
 
-/// Serves DNS like [`serve`], but on `threads` worker threads of a runtime of its own
+/// Serves DNS like [`serve_with`], but on `threads` worker threads of a runtime of its own
 /// (named `dns`). Returns a future that resolves once `shutdown` was cancelled and the
 /// DNS runtime has stopped. Must be called within a tokio runtime (the sockets' own).
 pub fn serve_on_own_threads(
@@ -22,6 +22,7 @@ pub fn serve_on_own_threads(
     tcp: Vec<TcpListener>,
     catalog: Arc<Catalog>,
     shutdown: CancellationToken,
+    limits: TcpLimits,
     threads: usize,
 ) -> io::Result<impl Future<Output = io::Result<()>>> {
     let udp = udp
@@ -50,7 +51,7 @@ pub fn serve_on_own_threads(
                     .into_iter()
                     .map(TcpListener::from_std)
                     .collect::<io::Result<Vec<_>>>()?;
-                serve(udp, tcp, catalog, shutdown).await
+                serve_with(udp, tcp, catalog, shutdown, limits).await
             });
             // `serve` joined its tasks; nothing should be left, but never wait long.
             rt.shutdown_timeout(Duration::from_secs(1));
@@ -76,7 +77,15 @@ mod tests {
         let udp = bind_udp("127.0.0.1:0".parse().unwrap(), 1).unwrap();
         let addr = udp[0].local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let done = serve_on_own_threads(udp, Vec::new(), catalog, shutdown.clone(), 1).unwrap();
+        let done = serve_on_own_threads(
+            udp,
+            Vec::new(),
+            catalog,
+            shutdown.clone(),
+            TcpLimits::default(),
+            1,
+        )
+        .unwrap();
         let client = std::thread::spawn(move || {
             let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();

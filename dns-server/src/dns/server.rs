@@ -1,29 +1,36 @@
 //! Sockets: one receive loop per UDP socket answering from the pre-rendered zones, and an
 //! RFC 7766 TCP server (several queries per connection, pipelining, idle timeout).
+//!
+//! TCP connections are bounded ([`TcpLimits`]). When the table is full, a new client takes
+//! the slot of the connection idle the longest (RFC 7766 6.2.3: close idle connections
+//! first), so clients that connect and send nothing cannot lock everyone else out; only when
+//! every connection is in the middle of a query (each bounded by a read timeout) is the new
+//! one closed. Above three quarters of the cap the idle timeout drops to the shorter
+//! `pressure_idle_timeout`.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Catalog;
 use super::query::{Scratch, TCP_MAX};
 use super::stats::SHARDS;
 
-/// A TCP connection without a new query for this long is closed (RFC 7766 6.2.3).
-const TCP_IDLE: Duration = Duration::from_secs(10);
-/// Time allowed to receive the rest of a message once its length arrived.
+/// Time allowed to receive the rest of a message once its length arrived (less under
+/// pressure: [`ConnTable::read_timeout`]).
 const TCP_READ: Duration = Duration::from_secs(5);
-/// Connections served at once; more are closed on accept.
-const TCP_MAX_CONNECTIONS: usize = 1024;
 /// Rendered answers at membranes' own names kept per UDP loop (a few hundred bytes each).
 const UDP_ANSWER_CACHE: usize = 4096;
-/// The same per TCP connection (up to `TCP_MAX_CONNECTIONS` of them).
+/// The same per TCP connection (up to [`TcpLimits::max_connections`] of them).
 const TCP_ANSWER_CACHE: usize = 32;
 
 /// Binds `sockets` UDP sockets to `addr` (an `SO_REUSEPORT` group when more than one; with
@@ -62,6 +69,167 @@ pub fn bind_udp(addr: SocketAddr, sockets: usize) -> io::Result<Vec<UdpSocket>> 
     Ok(out)
 }
 
+/// Bounds of the DNS-over-TCP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpLimits {
+    /// Connections held at once per listener.
+    pub max_connections: usize,
+    /// A connection without a new query for this long is closed (RFC 7766 6.2.3).
+    pub idle_timeout: Duration,
+    /// The idle timeout once the table is three quarters full.
+    pub pressure_idle_timeout: Duration,
+}
+
+impl Default for TcpLimits {
+    fn default() -> Self {
+        TcpLimits {
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(10),
+            pressure_idle_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl TcpLimits {
+    /// Connections from which on the shorter idle timeout applies.
+    fn pressure(&self) -> usize {
+        (self.max_connections * 3 / 4).max(1)
+    }
+}
+
+/// Marks a connection busy (reading or answering a query) in [`ConnTable`].
+const BUSY: u64 = u64::MAX;
+
+/// One TCP connection as the table sees it.
+struct Conn {
+    /// Milliseconds since the table's epoch at which it began waiting for a query, or
+    /// [`BUSY`].
+    idle_since: AtomicU64,
+    /// Cancelled to close it (eviction or shutdown).
+    close: CancellationToken,
+}
+
+/// The TCP connections of one listener, to close idle ones first when it is full.
+struct ConnTable {
+    limits: TcpLimits,
+    epoch: Instant,
+    next_id: AtomicU64,
+    len: AtomicUsize,
+    conns: Mutex<BTreeMap<u64, Arc<Conn>>>,
+}
+
+/// Removes its connection from the table when the connection task ends.
+struct Slot {
+    table: Arc<ConnTable>,
+    id: u64,
+    conn: Arc<Conn>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut conns = self.table.conns.lock().unwrap();
+        if conns.remove(&self.id).is_some() {
+            self.table.len.store(conns.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+impl ConnTable {
+    fn new(limits: TcpLimits) -> Arc<Self> {
+        Arc::new(ConnTable {
+            limits,
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(0),
+            len: AtomicUsize::new(0),
+            conns: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn millis(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    fn under_pressure(&self) -> bool {
+        self.len.load(Ordering::Relaxed) >= self.limits.pressure()
+    }
+
+    /// The idle timeout that applies now.
+    fn idle_timeout(&self) -> Duration {
+        if self.under_pressure() {
+            self.limits.pressure_idle_timeout
+        } else {
+            self.limits.idle_timeout
+        }
+    }
+
+    /// Time allowed for the rest of a message now: a slow sender is busy (not closable
+    /// first), so under pressure it gets no more than the pressure idle timeout.
+    fn read_timeout(&self) -> Duration {
+        if self.under_pressure() {
+            TCP_READ.min(self.limits.pressure_idle_timeout)
+        } else {
+            TCP_READ
+        }
+    }
+
+    /// Makes room for a new connection and registers it (idle from `now`): under pressure,
+    /// closes connections idle longer than the pressure timeout; when full, closes the one
+    /// idle the longest. `None` when every connection is busy. Returns how many it closed.
+    fn admit(
+        self: &Arc<Self>,
+        now: Instant,
+        shutdown: &CancellationToken,
+    ) -> (Option<Slot>, usize) {
+        let mut conns = self.conns.lock().unwrap();
+        let now_ms = self.millis(now);
+        let mut closed = 0;
+        if conns.len() >= self.limits.pressure() {
+            let limit = self.limits.pressure_idle_timeout.as_millis() as u64;
+            conns.retain(|_, c| {
+                let since = c.idle_since.load(Ordering::Relaxed);
+                let stale = since != BUSY && now_ms.saturating_sub(since) >= limit;
+                if stale {
+                    c.close.cancel();
+                    closed += 1;
+                }
+                !stale
+            });
+        }
+        if conns.len() >= self.limits.max_connections {
+            let oldest = conns
+                .iter()
+                .map(|(id, c)| (c.idle_since.load(Ordering::Relaxed), *id))
+                .filter(|(since, _)| *since != BUSY)
+                .min();
+            if let Some((_, id)) = oldest
+                && let Some(c) = conns.remove(&id)
+            {
+                c.close.cancel();
+                closed += 1;
+            }
+        }
+        if conns.len() >= self.limits.max_connections {
+            self.len.store(conns.len(), Ordering::Relaxed);
+            return (None, closed);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            idle_since: AtomicU64::new(now_ms),
+            close: shutdown.child_token(),
+        });
+        conns.insert(id, conn.clone());
+        self.len.store(conns.len(), Ordering::Relaxed);
+        (
+            Some(Slot {
+                table: self.clone(),
+                id,
+                conn,
+            }),
+            closed,
+        )
+    }
+}
+
 /// Serves DNS on the given sockets until `shutdown` is cancelled.
 pub async fn serve(
     udp: Vec<UdpSocket>,
@@ -69,12 +237,23 @@ pub async fn serve(
     catalog: Arc<Catalog>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
+    serve_with(udp, tcp, catalog, shutdown, TcpLimits::default()).await
+}
+
+/// [`serve`] with explicit TCP limits.
+pub async fn serve_with(
+    udp: Vec<UdpSocket>,
+    tcp: Vec<TcpListener>,
+    catalog: Arc<Catalog>,
+    shutdown: CancellationToken,
+    limits: TcpLimits,
+) -> io::Result<()> {
     let mut set = JoinSet::new();
     for (i, sock) in udp.into_iter().enumerate() {
         set.spawn(udp_loop(sock, catalog.clone(), i % (SHARDS - 1)));
     }
     for l in tcp {
-        set.spawn(tcp_accept(l, catalog.clone(), shutdown.clone()));
+        set.spawn(tcp_accept(l, catalog.clone(), shutdown.clone(), limits));
     }
     loop {
         tokio::select! {
@@ -115,7 +294,13 @@ async fn udp_loop(sock: UdpSocket, catalog: Arc<Catalog>, shard: usize) {
     }
 }
 
-async fn tcp_accept(listener: TcpListener, catalog: Arc<Catalog>, shutdown: CancellationToken) {
+async fn tcp_accept(
+    listener: TcpListener,
+    catalog: Arc<Catalog>,
+    shutdown: CancellationToken,
+    limits: TcpLimits,
+) {
+    let table = ConnTable::new(limits);
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -123,11 +308,15 @@ async fn tcp_accept(listener: TcpListener, catalog: Arc<Catalog>, shutdown: Canc
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
-                    if conns.len() >= TCP_MAX_CONNECTIONS {
-                        tracing::warn!(%peer, "dns tcp: too many connections, closing");
-                        continue;
+                    let (slot, closed) = table.admit(Instant::now(), &shutdown);
+                    if closed > 0 {
+                        tracing::debug!(closed, "dns tcp: closed idle connections to make room");
                     }
-                    conns.spawn(tcp_conn(stream, catalog.clone(), shutdown.clone()));
+                    let Some(slot) = slot else {
+                        tracing::warn!(%peer, "dns tcp: every connection is busy, closing");
+                        continue;
+                    };
+                    conns.spawn(tcp_conn(stream, catalog.clone(), slot));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "dns tcp accept");
@@ -139,7 +328,7 @@ async fn tcp_accept(listener: TcpListener, catalog: Arc<Catalog>, shutdown: Canc
     conns.shutdown().await;
 }
 
-async fn tcp_conn(stream: TcpStream, catalog: Arc<Catalog>, shutdown: CancellationToken) {
+async fn tcp_conn(stream: TcpStream, catalog: Arc<Catalog>, slot: Slot) {
     let _ = stream.set_nodelay(true);
     let peer = stream
         .peer_addr()
@@ -151,19 +340,30 @@ async fn tcp_conn(stream: TcpStream, catalog: Arc<Catalog>, shutdown: Cancellati
     let mut out = Vec::with_capacity(TCP_MAX);
     let mut scratch = Scratch::new(TCP_ANSWER_CACHE);
     let shard = &catalog.stats.shards[SHARDS - 1];
+    let close = slot.conn.close.clone();
     loop {
         let mut len = [0u8; 2];
+        // Idle (closable first) until the next query's length has arrived.
+        if r.buffer().is_empty() {
+            slot.conn
+                .idle_since
+                .store(slot.table.millis(Instant::now()), Ordering::Relaxed);
+        }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            res = tokio::time::timeout(TCP_IDLE, r.read_exact(&mut len)) => match res {
+            _ = close.cancelled() => return,
+            res = tokio::time::timeout(slot.table.idle_timeout(), r.read_exact(&mut len)) => match res {
                 Ok(Ok(_)) => {}
                 _ => return,
             },
         }
+        slot.conn.idle_since.store(BUSY, Ordering::Relaxed);
         req.resize(usize::from(u16::from_be_bytes(len)), 0);
-        match tokio::time::timeout(TCP_READ, r.read_exact(&mut req)).await {
-            Ok(Ok(_)) => {}
-            _ => return,
+        tokio::select! {
+            _ = close.cancelled() => return,
+            res = tokio::time::timeout(slot.table.read_timeout(), r.read_exact(&mut req)) => match res {
+                Ok(Ok(_)) => {}
+                _ => return,
+            },
         }
         if catalog
             .respond(&req, true, peer, &mut out, &mut scratch, shard)
@@ -178,5 +378,76 @@ async fn tcp_conn(stream: TcpStream, catalog: Arc<Catalog>, shutdown: Cancellati
         if r.buffer().is_empty() && w.flush().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max: usize) -> TcpLimits {
+        TcpLimits {
+            max_connections: max,
+            idle_timeout: Duration::from_secs(10),
+            pressure_idle_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn busy(slot: &Slot) {
+        slot.conn.idle_since.store(BUSY, Ordering::Relaxed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_closes_the_longest_idle_connection_never_a_busy_one() {
+        let table = ConnTable::new(limits(3));
+        let shutdown = CancellationToken::new();
+        let a = table.admit(Instant::now(), &shutdown).0.unwrap();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let b = table.admit(Instant::now(), &shutdown).0.unwrap();
+        let c = table.admit(Instant::now(), &shutdown).0.unwrap();
+        busy(&a);
+        // Full: b (idle since 100 ms, the longest among idle ones) makes room.
+        let (d, closed) = table.admit(Instant::now(), &shutdown);
+        assert_eq!(closed, 1);
+        assert!(d.is_some());
+        assert!(b.conn.close.is_cancelled());
+        assert!(!a.conn.close.is_cancelled() && !c.conn.close.is_cancelled());
+        // Every connection busy: the new one is refused and nobody is closed.
+        busy(&c);
+        busy(d.as_ref().unwrap());
+        let (e, closed) = table.admit(Instant::now(), &shutdown);
+        assert!(e.is_none());
+        assert_eq!(closed, 0);
+        drop(b);
+        assert_eq!(table.len.load(Ordering::Relaxed), 3, "b left on eviction");
+        drop(a);
+        assert!(table.admit(Instant::now(), &shutdown).0.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_pressure_the_idle_timeout_is_the_shorter_one() {
+        let table = ConnTable::new(limits(8));
+        let shutdown = CancellationToken::new();
+        let mut slots: Vec<Slot> = (0..5)
+            .map(|_| table.admit(Instant::now(), &shutdown).0.unwrap())
+            .collect();
+        assert_eq!(table.idle_timeout(), Duration::from_secs(10));
+        slots.push(table.admit(Instant::now(), &shutdown).0.unwrap());
+        assert_eq!(
+            table.idle_timeout(),
+            Duration::from_secs(1),
+            "6 of 8: pressure"
+        );
+        assert_eq!(table.read_timeout(), Duration::from_secs(1));
+        busy(&slots[0]);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        // Admitting under pressure closes what has idled past the short timeout.
+        let (_new, closed) = table.admit(Instant::now(), &shutdown);
+        assert_eq!(closed, 5);
+        assert!(!slots[0].conn.close.is_cancelled());
+        assert!(slots[1..].iter().all(|s| s.conn.close.is_cancelled()));
+        assert_eq!(table.len.load(Ordering::Relaxed), 2);
+        assert_eq!(table.idle_timeout(), Duration::from_secs(10));
+        assert_eq!(table.read_timeout(), TCP_READ);
     }
 }

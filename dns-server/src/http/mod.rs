@@ -1,5 +1,6 @@
 //! The HTTP admin API (axum on hyper): routes, shared state, latency metrics, serving.
 
+pub mod accept;
 pub mod error;
 pub mod extract;
 pub mod legacy;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{HttpLabels, Metrics};
 use crate::registry::Registry;
+pub use accept::HttpLimits;
 use error::ApiError;
 
 /// Renders a namespace for `GET /v1/namespaces/{ns}/zone` (the DNS side's master file).
@@ -44,19 +46,44 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Zone file rendering, when DNS is compiled in.
     pub zone_exporter: Option<ZoneExporter>,
+    /// One permit per event stream subscriber (`--sse-max-subscribers`).
+    pub sse_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// Default request body limit: 64 KiB is far above any valid registration.
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 
+/// The `method` label: one of the standard methods, else `other`, so that a client
+/// inventing method names cannot add series to `/metrics`.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    const KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    KNOWN
+        .iter()
+        .find(|m| *m == method)
+        .map(|m| m.as_str())
+        .unwrap_or("other")
+}
+
 async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().to_string();
+    let method = method_label(req.method()).to_string();
+    // The route pattern (a closed set: the routes of `router`), never the raw path.
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
+        .unwrap_or_else(|| "none".into());
     let resp = next.run(req).await;
     s.metrics
         .http
@@ -175,15 +202,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown`, then drains in-flight requests.
+/// Serves `router` on `listener` until `shutdown`, then drains in-flight requests, with
+/// the default [`HttpLimits`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    accept::serve(listener, router, shutdown, HttpLimits::default()).await
 }
 
 #[cfg(test)]

@@ -16,10 +16,14 @@ use crate::store::sqlite;
 
 const ADMIN: &str = "admin-token-0123456789";
 
+/// Event stream subscribers the harness allows.
+const SSE_MAX: usize = 8;
+
 struct Harness {
     router: Router,
     /// The registry behind the router (the one DNS serves).
     registry: Arc<Registry>,
+    state: AppState,
     _dir: tempfile::TempDir,
     _thread: sqlite::WriterThread,
 }
@@ -38,10 +42,12 @@ fn harness(admin: Option<&str>) -> Harness {
         store_kind: "sqlite",
         shutdown: CancellationToken::new(),
         zone_exporter: Some(Arc::new(|s| format!("zone {}", s.name))),
+        sse_permits: Arc::new(tokio::sync::Semaphore::new(SSE_MAX)),
     };
     Harness {
-        router: router(state),
+        router: router(state.clone()),
         registry,
+        state,
         _dir: dir,
         _thread: thread,
     }
@@ -747,3 +753,117 @@ async fn open_mode_refuses_a_takeover_unless_asked_to_replace() {
 }
 
 mod compat;
+
+/// A client inventing method names (and paths) must not add series to `/metrics`: labels
+/// come from a closed set (known methods + `other`, matched route or `none`).
+#[tokio::test]
+async fn metrics_labels_are_a_closed_set() {
+    let h = harness(None);
+    let metrics_len = |v: Value| v.as_str().unwrap().len();
+    // One request of each kind first, so that every series that can exist does.
+    h.call(
+        Method::from_bytes(b"FIRST").unwrap(),
+        "/nowhere-0",
+        None,
+        &[],
+    )
+    .await;
+    h.call(Method::from_bytes(b"FIRST").unwrap(), "/health", None, &[])
+        .await;
+    h.get("/nowhere-1").await;
+    h.get("/metrics").await;
+    let before = metrics_len(h.get("/metrics").await.1);
+    for i in 0..300 {
+        let method = Method::from_bytes(format!("M{i}X{}", i * 7919).as_bytes()).unwrap();
+        let (s, _) = h.call(method.clone(), "/health", None, &[]).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+        h.call(method, &format!("/nowhere-{i}"), None, &[]).await;
+        h.get(&format!("/random/path/{i}")).await;
+    }
+    let (_, v) = h.get("/metrics").await;
+    let text = v.as_str().unwrap();
+    assert!(!text.contains("M1X"), "a method name became a label");
+    assert!(!text.contains("nowhere"), "a raw path became a label");
+    assert!(text.contains("method=\"other\""), "{text}");
+    assert!(text.contains("route=\"none\""), "{text}");
+    // Counts and sums change length a little; new series would add kilobytes each.
+    assert!(
+        metrics_len(v.clone()) < before + 200,
+        "/metrics grew from {before} to {} bytes",
+        metrics_len(v)
+    );
+}
+
+fn gone(ns: &shared::NamespaceName, i: usize) -> shared::Event {
+    shared::Event::Deregistered {
+        namespace: ns.clone(),
+        id: shared::MembraneId::new(&format!("m{i}")).unwrap(),
+        reason: "deregistered".into(),
+    }
+}
+
+/// Subscribers resuming from an old `Last-Event-ID` and never reading must not pin private
+/// copies of the history: far behind they get `resync` (nothing replayed), near behind
+/// they get references to the bytes published once, and a stalled live subscriber is
+/// bounded by the shared live ring (then `resync`).
+#[tokio::test]
+async fn sse_subscribers_share_event_bytes_and_have_bounded_queues() {
+    use crate::registry::events::{LIVE, REPLAY_MAX};
+    let h = harness(None);
+    h.call(Method::PUT, M, Some(&reg_body(1)), &[]).await;
+    let ns = shared::NamespaceName::new("cognitive-system").unwrap();
+    let hub = h.state.registry.events();
+    let first = hub.publish(&ns, gone(&ns, 0));
+    for i in 1..3 * REPLAY_MAX {
+        hub.publish(&ns, gone(&ns, i));
+    }
+    // Far behind (but within the history): a resync, not 3,000 replayed events each.
+    let mut stalled = Vec::new();
+    for _ in 0..SSE_MAX - 1 {
+        let mut body = events(&h, Some(first.to_string())).await;
+        let text = next_frame(&mut body).await;
+        assert!(text.contains("event: resync"), "{text}");
+        stalled.push(body);
+    }
+    // Near behind: replayed, each frame the very bytes the hub published.
+    let rev = hub.revision();
+    let mut body = events(&h, Some((rev - 10).to_string())).await;
+    let published = hub.subscribe(&ns, Some(rev - 10));
+    assert_eq!(published.replay.len(), 10);
+    for (seq, p) in &published.replay {
+        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(frame.as_ptr(), p.frame().as_ptr(), "event {seq} was copied");
+    }
+    // A live subscriber that stops reading: more than the live ring later, its next frame
+    // is a resync, not a queue of everything it missed.
+    for i in 0..LIVE + 10 {
+        hub.publish(&ns, gone(&ns, i));
+    }
+    let text = next_frame(&mut body).await;
+    assert!(text.contains("event: resync"), "{text}");
+}
+
+#[tokio::test]
+async fn sse_subscribers_are_capped_with_a_clear_503() {
+    let h = harness(None);
+    h.call(Method::PUT, M, Some(&reg_body(1)), &[]).await;
+    let mut open = Vec::new();
+    for _ in 0..SSE_MAX {
+        open.push(events(&h, None).await);
+    }
+    // (A stream would never end: the timeout turns that into a failure.)
+    let resp = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        h.get("/v1/namespaces/cognitive-system/events"),
+    )
+    .await
+    .expect("a ninth subscriber was accepted");
+    assert_error(
+        &resp,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_subscribers",
+    );
+    // A subscriber leaving frees its place.
+    drop(open.pop());
+    open.push(events(&h, None).await);
+}

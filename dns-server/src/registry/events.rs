@@ -4,7 +4,14 @@
 //! restarts (it starts from the wall clock in microseconds), so a client's `Last-Event-ID`
 //! either resumes from the bounded history or, when that history is gone (too old,
 //! or from before a restart), gets a `resync` telling it to refetch the list.
+//!
+//! Each event is framed for SSE once, at publication, into shared [`Bytes`]: history,
+//! live channels and every subscriber hold references to the same bytes. What one
+//! subscriber can hold is bounded: a replay of at most [`REPLAY_MAX`] events (further
+//! behind: `resync`), and a position in the namespace's live ring of [`LIVE`] events
+//! (further behind: `resync`).
 
+use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
@@ -13,34 +20,41 @@ use tokio::sync::broadcast;
 
 /// Events kept (across all namespaces) for resumption.
 const RING: usize = 16_384;
-/// Live buffer per subscribed namespace; a subscriber further behind gets `resync`.
-const LIVE: usize = 1024;
+/// Live buffer per subscribed namespace (shared by its subscribers); a subscriber further
+/// behind gets `resync`.
+pub const LIVE: usize = 1024;
+/// Most events replayed to a resuming subscriber; further behind, it gets `resync`.
+pub const REPLAY_MAX: usize = LIVE;
 
-/// An event as sent: its type and its JSON, serialised once at publication (so history
-/// costs a few hundred bytes per event, and subscribers share the text).
+/// An event as sent: its type and its whole SSE frame (`id:`, `event:`, `data:` JSON),
+/// framed once at publication (so history costs a few hundred bytes per event, and
+/// subscribers share the bytes).
 #[derive(Debug)]
 pub struct Published {
     kind: &'static str,
-    json: Box<str>,
+    frame: Bytes,
 }
 
 impl Published {
-    /// Serialises `event`.
-    pub fn new(event: &Event) -> Self {
+    /// Frames `event` as number `seq`.
+    pub fn new(seq: u64, event: &Event) -> Self {
+        // Compact JSON has no newline, so one `data:` line holds it.
+        let json = serde_json::to_string(event).unwrap_or_default();
         Published {
             kind: event.kind(),
-            json: serde_json::to_string(event)
-                .unwrap_or_default()
-                .into_boxed_str(),
+            frame: Bytes::from(format!(
+                "id: {seq}\nevent: {}\ndata: {json}\n\n",
+                event.kind()
+            )),
         }
     }
     /// The SSE `event:` name.
     pub fn kind(&self) -> &'static str {
         self.kind
     }
-    /// The SSE `data:` JSON.
-    pub fn json(&self) -> &str {
-        &self.json
+    /// The SSE frame (a reference to the shared bytes).
+    pub fn frame(&self) -> Bytes {
+        self.frame.clone()
     }
 }
 
@@ -93,7 +107,7 @@ impl EventHub {
         let mut inner = self.inner.lock().unwrap();
         inner.last_seq += 1;
         let seq = inner.last_seq;
-        let item = (seq, Arc::new(Published::new(&event)));
+        let item = (seq, Arc::new(Published::new(seq, &event)));
         if inner.ring.len() == RING
             && let Some((old_ns, (old, _))) = inner.ring.pop_front()
         {
@@ -132,19 +146,32 @@ impl EventHub {
         let dropped = inner.dropped_upto.get(ns).copied().unwrap_or(0);
         // An id from the future, from before this process, or older than the history.
         let lost = last_id > inner.last_seq || last_id < inner.start_seq || last_id < dropped;
-        if lost {
+        // Too far behind: a resync costs one list, a replay would hold this many events.
+        let behind = || {
+            inner
+                .ring
+                .iter()
+                .rev()
+                .take_while(|(_, (seq, _))| *seq > last_id)
+                .filter(|(n, _)| n == ns)
+                .count()
+        };
+        if lost || behind() > REPLAY_MAX {
             return Subscription {
                 replay: Vec::new(),
                 resync: true,
                 live,
             };
         }
-        let replay = inner
+        let mut replay: Vec<Sequenced> = inner
             .ring
             .iter()
-            .filter(|(n, (seq, _))| n == ns && *seq > last_id)
+            .rev()
+            .take_while(|(_, (seq, _))| *seq > last_id)
+            .filter(|(n, _)| n == ns)
             .map(|(_, item)| item.clone())
             .collect();
+        replay.reverse();
         Subscription {
             replay,
             resync: false,
@@ -201,6 +228,39 @@ mod tests {
         let sub = hub.subscribe(&a, Some(rev - 3));
         assert!(!sub.resync);
         assert_eq!(sub.replay.len(), 3);
+    }
+
+    #[test]
+    fn replays_are_bounded_and_share_the_published_bytes() {
+        let hub = EventHub::new(0);
+        let a = NamespaceName::new("a").unwrap();
+        let b = NamespaceName::new("b").unwrap();
+        for i in 0..REPLAY_MAX + 100 {
+            hub.publish(&a, ev(&a, &format!("m{i}")));
+            hub.publish(&b, ev(&b, &format!("m{i}")));
+        }
+        let rev = hub.revision();
+        // Within the ring but more than REPLAY_MAX of its namespace behind: resync.
+        let far = hub.subscribe(&a, Some(rev - 2 * REPLAY_MAX as u64 - 10));
+        assert!(far.resync && far.replay.is_empty());
+        // Exactly REPLAY_MAX of `a` behind (interleaved with `b`): replayed, in order.
+        let near = hub.subscribe(&a, Some(rev - 2 * REPLAY_MAX as u64));
+        assert!(!near.resync);
+        assert_eq!(near.replay.len(), REPLAY_MAX);
+        assert!(near.replay.windows(2).all(|w| w[0].0 < w[1].0));
+        // Two subscribers hold the same bytes, not copies.
+        let other = hub.subscribe(&a, Some(rev - 2 * REPLAY_MAX as u64));
+        assert!(Arc::ptr_eq(&near.replay[0].1, &other.replay[0].1));
+        assert_eq!(
+            near.replay[0].1.frame().as_ptr(),
+            other.replay[0].1.frame().as_ptr()
+        );
+        let text = String::from_utf8(near.replay[0].1.frame().to_vec()).unwrap();
+        assert!(text.starts_with(&format!(
+            "id: {}\nevent: deregistered\ndata: {{",
+            near.replay[0].0
+        )));
+        assert!(text.ends_with("}\n\n"), "{text}");
     }
 
     #[tokio::test]

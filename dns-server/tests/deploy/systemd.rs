@@ -82,6 +82,19 @@ fn units_declare_notify_state_and_least_privilege() {
         );
     }
     assert!(agent.iter().any(|l| l.starts_with("WatchdogSec=")));
+    // One open-file limit (soft = hard: setrlimit is filtered by @resources) with room for
+    // the default connection caps (HTTP 4096 + DNS-over-TCP 1024 per address).
+    for (name, unit) in [("dns-server.service", &server), ("agent@.service", &agent)] {
+        let limit: Vec<u64> = unit
+            .iter()
+            .filter_map(|l| l.strip_prefix("LimitNOFILE="))
+            .map(|v| v.parse().expect("LimitNOFILE= is one number"))
+            .collect();
+        assert!(
+            matches!(limit[..], [n] if n >= 8192),
+            "{name}: LimitNOFILE= {limit:?}"
+        );
+    }
     assert!(
         !agent
             .iter()

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dns_server::dns::{Catalog, DnsConfig, bind_udp, serve};
+use dns_server::dns::{Catalog, DnsConfig, TcpLimits, bind_udp, serve_with};
 use dns_server::snapshot::{Instance, NamespaceSnapshot};
 use hickory_proto::op::{Edns, Message, Query};
 use hickory_proto::rr::{Name, RecordType};
@@ -119,6 +119,15 @@ pub struct Server {
 
 impl Server {
     pub async fn start(config: DnsConfig, snaps: &[NamespaceSnapshot]) -> Server {
+        Self::start_with(config, snaps, TcpLimits::default()).await
+    }
+
+    /// [`Server::start`] with explicit TCP limits.
+    pub async fn start_with(
+        config: DnsConfig,
+        snaps: &[NamespaceSnapshot],
+        limits: TcpLimits,
+    ) -> Server {
         let catalog = Arc::new(Catalog::new(config).unwrap());
         for s in snaps {
             catalog.update(s);
@@ -134,7 +143,13 @@ impl Server {
         };
         let addr = udp[0].local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(serve(udp, vec![tcp], catalog.clone(), shutdown.clone()));
+        let handle = tokio::spawn(serve_with(
+            udp,
+            vec![tcp],
+            catalog.clone(),
+            shutdown.clone(),
+            limits,
+        ));
         Server {
             addr,
             catalog,

@@ -58,7 +58,21 @@ impl Server {
     /// Starts the server on loopback port 0 with `data_dir` and extra args, and waits for
     /// its "listening" lines.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(bin())
+        Self::spawn(Command::new(bin()), data_dir, extra)
+    }
+
+    /// [`Server::start`] under `ulimit ULIMIT` (e.g. `-n 400`: open files, soft and hard).
+    #[allow(dead_code)] // used by the limits tests
+    pub fn start_with_ulimit(data_dir: &Path, extra: &[&str], ulimit: &str) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit {ulimit} && exec \"$0\" \"$@\""))
+            .arg(bin());
+        Self::spawn(cmd, data_dir, extra)
+    }
+
+    fn spawn(mut cmd: Command, data_dir: &Path, extra: &[&str]) -> Server {
+        let mut child = cmd
             .args(["--data-dir", data_dir.to_str().unwrap()])
             .args([
                 "--http-listen",

@@ -1,0 +1,693 @@
+//! The HTTP accept loop: one hyper HTTP/1 connection per accepted socket, bounded.
+//!
+//! `axum::serve` has no timeouts, no connection cap, sleeps a whole second after an accept
+//! error (so `EMFILE` stalls every client) and rebuilds the router per connection. This
+//! loop instead:
+//!
+//! - serves every connection from one shared [`Router`] (a clone is a reference count);
+//! - caps connections at [`HttpLimits::max_connections`]: when full, a new client takes
+//!   the slot of the connection idle the longest (no request in flight: silent, between
+//!   keep-alive requests, or still sending a request head), so idle or half-sent
+//!   connections cannot lock clients out; when every connection is busy with a request,
+//!   the new client gets `503` with a JSON error, `Retry-After: 1` and
+//!   `Connection: close`, written at once without reading its request, and the socket is
+//!   closed (at most [`SHEDDING`] such goodbyes at a time; past that it is closed without
+//!   a word);
+//! - closes a connection that, between requests, sends nothing for
+//!   [`HttpLimits::idle_timeout`] (keep-alive idle), or has begun a request but not finished
+//!   its head within [`HttpLimits::header_timeout`] of its first byte; a request body must
+//!   also arrive within `header_timeout` of the handler asking for it (`408`);
+//! - on an accept error waits only until a connection ends or [`ACCEPT_BACKOFF`] passes;
+//! - keeps hyper's read buffer small ([`MAX_BUF`]), so that an idle connection costs a few
+//!   KiB;
+//! - at shutdown stops accepting and lets each connection finish its request (graceful).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, HttpBody};
+use axum::http::Request;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+use tower::Service;
+
+/// After an accept error (EMFILE, ENFILE, ENOBUFS), the longest pause before accepting
+/// again; a connection that ends (freeing a descriptor) ends it sooner.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// Largest hyper read buffer per connection (its floor is 8 KiB); a request head longer
+/// than this gets 431.
+pub const MAX_BUF: usize = 16 * 1024;
+/// Over-cap clients being told 503 at once; more are closed without a response.
+pub const SHEDDING: usize = 64;
+/// How long an over-cap client's 503 may take to write.
+const SHED_WRITE: Duration = Duration::from_millis(500);
+
+/// Bounds of the HTTP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections served at once; more get 503 and are closed.
+    pub max_connections: usize,
+    /// Time from the first byte of a request to the end of its head, and for a request
+    /// body once the handler reads it.
+    pub header_timeout: Duration,
+    /// Time a connection may sit without a request (before its first one, between
+    /// keep-alive requests).
+    pub idle_timeout: Duration,
+}
+
+/// Default connection cap.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default header (and body) read timeout.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default keep-alive idle timeout.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// The 503 an over-cap client gets.
+const SHED_BODY: &str =
+    r#"{"error":{"code":"overloaded","message":"too many connections; retry shortly"}}"#;
+
+fn shed_response() -> Vec<u8> {
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{SHED_BODY}",
+        SHED_BODY.len()
+    )
+    .into_bytes()
+}
+
+/// Where connections come from: a [`TcpListener`] (a test can inject accept errors).
+pub trait Accept: Send + 'static {
+    /// The next connection.
+    fn accept(&mut self) -> impl Future<Output = io::Result<TcpStream>> + Send;
+}
+
+impl Accept for TcpListener {
+    async fn accept(&mut self) -> io::Result<TcpStream> {
+        TcpListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown`, then lets in-flight requests finish.
+pub async fn serve(
+    mut listener: impl Accept,
+    router: Router,
+    shutdown: CancellationToken,
+    limits: HttpLimits,
+) -> io::Result<()> {
+    let table = Arc::new(Table {
+        epoch: Instant::now(),
+        max: limits.max_connections,
+        next_id: AtomicU64::new(0),
+        conns: Mutex::new(BTreeMap::new()),
+    });
+    let mut conns = JoinSet::new();
+    let mut shedding = JoinSet::new();
+    let shed_permits = Arc::new(Semaphore::new(SHEDDING));
+    let mut backoff: Option<Pin<Box<Sleep>>> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => backoff = None,
+            Some(_) = shedding.join_next(), if !shedding.is_empty() => {}
+            _ = async { backoff.as_mut().unwrap().await }, if backoff.is_some() => backoff = None,
+            r = listener.accept(), if backoff.is_none() => match r {
+                Ok(stream) => {
+                    let Some(slot) = table.admit(&shutdown) else {
+                        if let Ok(permit) = shed_permits.clone().try_acquire_owned() {
+                            tracing::debug!("http: every connection is busy; answering 503");
+                            shedding.spawn(async move {
+                                shed(stream).await;
+                                drop(permit);
+                            });
+                        }
+                        continue;
+                    };
+                    conns.spawn(connection(stream, router.clone(), slot, limits));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept");
+                    backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
+                }
+            },
+        }
+    }
+    drop(listener);
+    shedding.abort_all();
+    // Each connection finishes its request (SSE streams end on the same token).
+    while conns.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Tells an over-cap client 503 and closes.
+async fn shed(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(SHED_WRITE, async {
+        stream.write_all(&shed_response()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// The open connections, to close the longest-idle one when full.
+struct Table {
+    epoch: Instant,
+    max: usize,
+    next_id: AtomicU64,
+    conns: Mutex<BTreeMap<u64, Arc<Activity>>>,
+}
+
+impl Table {
+    /// Registers a new connection, closing the longest-idle one when full; `None` when
+    /// every connection has a request in flight.
+    fn admit(self: &Arc<Self>, shutdown: &CancellationToken) -> Option<Slot> {
+        let mut conns = self.conns.lock().unwrap();
+        if conns.len() >= self.max {
+            let oldest = conns
+                .iter()
+                .filter(|(_, a)| a.in_flight.load(Ordering::SeqCst) == 0)
+                .map(|(id, a)| (a.idle_since.load(Ordering::SeqCst), *id))
+                .min();
+            let (_, id) = oldest?;
+            tracing::debug!("http: connections full; closing the longest-idle one");
+            if let Some(a) = conns.remove(&id) {
+                a.close.cancel();
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let activity = Arc::new(Activity {
+            start: self.epoch,
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+            head_started: AtomicU64::new(NONE),
+            changed: Notify::new(),
+            close: shutdown.child_token(),
+        });
+        conns.insert(id, activity.clone());
+        Some(Slot {
+            table: self.clone(),
+            id,
+            activity,
+        })
+    }
+}
+
+/// A connection's place in [`Table`], given up when the connection ends.
+struct Slot {
+    table: Arc<Table>,
+    id: u64,
+    activity: Arc<Activity>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.table.conns.lock().unwrap().remove(&self.id);
+    }
+}
+
+/// What the watchdog of one connection knows.
+struct Activity {
+    /// The table's epoch (times below are milliseconds since it).
+    start: Instant,
+    /// Requests being handled (head received, response not yet fully sent).
+    in_flight: AtomicUsize,
+    /// Milliseconds since `start` when the connection last became idle.
+    idle_since: AtomicU64,
+    /// Milliseconds since `start` of the first byte read while idle, or [`NONE`].
+    head_started: AtomicU64,
+    changed: Notify,
+    /// Cancelled to close the connection now (made room for another, or shutdown).
+    close: CancellationToken,
+}
+
+const NONE: u64 = u64::MAX;
+
+impl Activity {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// A request head was parsed: busy until the returned guard drops.
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.head_started.store(NONE, Ordering::SeqCst);
+        self.changed.notify_one();
+        Busy(self.clone())
+    }
+
+    /// Bytes arrived.
+    fn read(&self) {
+        if self.in_flight.load(Ordering::SeqCst) == 0
+            && self.head_started.load(Ordering::SeqCst) == NONE
+        {
+            self.head_started.store(self.now_ms(), Ordering::SeqCst);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Resolves when the connection has been idle, or slow with a request head, too long.
+    async fn expired(&self, limits: HttpLimits) {
+        loop {
+            let changed = self.changed.notified();
+            if self.in_flight.load(Ordering::SeqCst) > 0 {
+                changed.await;
+                continue;
+            }
+            let head = self.head_started.load(Ordering::SeqCst);
+            let deadline = if head != NONE {
+                head + limits.header_timeout.as_millis() as u64
+            } else {
+                self.idle_since.load(Ordering::SeqCst) + limits.idle_timeout.as_millis() as u64
+            };
+            let at = self.start + Duration::from_millis(deadline);
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(at) => {
+                    if self.in_flight.load(Ordering::SeqCst) == 0
+                        && self.head_started.load(Ordering::SeqCst) == head
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One request being handled; dropped with the response body.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.idle_since.store(a.now_ms(), Ordering::SeqCst);
+        a.in_flight.fetch_sub(1, Ordering::SeqCst);
+        a.changed.notify_one();
+    }
+}
+
+/// The socket, telling [`Activity`] when bytes arrive.
+struct Watched {
+    io: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.read();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// A request body that must arrive within a deadline (else the handler sees an error and
+/// answers 408 or 400).
+struct Deadline {
+    inner: hyper::body::Incoming,
+    timeout: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+/// The request body took longer than the header timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("request body not received within {0:?}")]
+struct BodyTimeout(Duration);
+
+impl HttpBody for Deadline {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let timeout = self.timeout;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(BodyTimeout(timeout).into())));
+        }
+        Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(axum::BoxError::from)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+async fn connection(stream: TcpStream, router: Router, slot: Slot, limits: HttpLimits) {
+    let _ = stream.set_nodelay(true);
+    let activity = slot.activity.clone();
+    // A child of the shutdown token: shutdown drains, `close` alone (eviction) drops.
+    let shutdown = activity.close.clone();
+    let io = TokioIo::new(Watched {
+        io: stream,
+        activity: activity.clone(),
+    });
+    let svc = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let busy = activity.begin();
+            let mut router = router.clone();
+            let req = req.map(|inner| {
+                Body::new(Deadline {
+                    inner,
+                    timeout: limits.header_timeout,
+                    sleep: None,
+                })
+            });
+            async move {
+                let resp = router.call(req).await?;
+                // Busy until hyper has sent (or dropped) the whole response body.
+                Ok::<_, Infallible>(resp.map(|b| {
+                    Body::new(b.map_frame(move |f| {
+                        let _ = &busy;
+                        f
+                    }))
+                }))
+            }
+        })
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .max_buf_size(MAX_BUF)
+        .serve_connection(io, svc);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "http connection");
+                }
+                return;
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                if activity.in_flight.load(Ordering::SeqCst) == 0 {
+                    // Evicted, or shutdown with no request in flight: close now.
+                    return;
+                }
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = activity.expired(limits) => {
+                tracing::debug!("http connection: idle or slow request head; closing");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::{get, post};
+    use tokio::io::AsyncReadExt;
+
+    const LIMITS: HttpLimits = HttpLimits {
+        max_connections: 4,
+        header_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(30),
+    };
+
+    struct Running {
+        addr: std::net::SocketAddr,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<io::Result<()>>,
+    }
+
+    async fn start(limits: HttpLimits) -> Running {
+        let router = Router::new()
+            .route("/health", get(|| async { "ok" }))
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "done"
+                }),
+            )
+            .route("/echo", post(|b: Bytes| async move { b }))
+            .route(
+                "/stream",
+                get(|| async {
+                    // A long response (like SSE): one chunk every 20 s for 100 s.
+                    let s = futures_util::stream::unfold(0, |i| async move {
+                        if i == 5 {
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_secs(20)).await;
+                        Some((Ok::<_, Infallible>(Bytes::from("tick\n")), i + 1))
+                    });
+                    Body::from_stream(s)
+                }),
+            );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, router, shutdown.clone(), limits));
+        Running {
+            addr,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Reads until EOF (or an error such as a reset); the text read.
+    async fn read_all(s: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3600), s.read_to_end(&mut out))
+            .await
+            .expect("the server never closed the connection");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    async fn get_close(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        read_all(&mut s).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_sent_heads_and_idle_connections_are_closed_on_time() {
+        let srv = start(LIMITS).await;
+        let t0 = Instant::now();
+        let mut half = TcpStream::connect(srv.addr).await.unwrap();
+        half.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        let mut idle = TcpStream::connect(srv.addr).await.unwrap();
+        // A keep-alive client: one request, then silence.
+        let mut kept = TcpStream::connect(srv.addr).await.unwrap();
+        kept.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = kept.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+        assert_eq!(read_all(&mut half).await, "", "no response to half a head");
+        let waited = t0.elapsed();
+        assert!(
+            waited >= LIMITS.header_timeout && waited < LIMITS.idle_timeout,
+            "{waited:?}"
+        );
+        assert_eq!(read_all(&mut idle).await, "");
+        assert!(t0.elapsed() >= LIMITS.idle_timeout, "{:?}", t0.elapsed());
+        assert_eq!(read_all(&mut kept).await, "");
+        srv.shutdown.cancel();
+        srv.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_body_times_out_and_a_long_response_is_not_idle() {
+        let srv = start(LIMITS).await;
+        let t0 = Instant::now();
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        let text = read_all(&mut s).await;
+        assert!(text.starts_with("HTTP/1.1 4"), "{text}");
+        assert!(t0.elapsed() >= LIMITS.header_timeout, "{:?}", t0.elapsed());
+        // 100 s of a streaming response, far past the idle timeout: served in full.
+        let text = get_close(srv.addr, "/stream").await;
+        assert_eq!(text.matches("tick").count(), 5, "{text}");
+        srv.shutdown.cancel();
+        srv.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_closes_the_longest_idle_connection_for_a_new_client() {
+        let srv = start(LIMITS).await;
+        let t0 = Instant::now();
+        let mut held = Vec::new();
+        for i in 0..LIMITS.max_connections {
+            let mut s = TcpStream::connect(srv.addr).await.unwrap();
+            if i % 2 == 1 {
+                s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+                    .await
+                    .unwrap();
+            }
+            held.push(s);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..3 {
+            let text = get_close(srv.addr, "/health").await;
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        }
+        // The oldest made room (once: each /health left, freeing its slot again).
+        assert_eq!(read_all(&mut held[0]).await, "");
+        assert!(t0.elapsed() < LIMITS.header_timeout, "{:?}", t0.elapsed());
+        // The youngest (half-sent) is still there: it can finish its request.
+        held[3]
+            .write_all(b"connection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_all(&mut held[3]).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        srv.shutdown.cancel();
+        drop(held);
+        srv.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_the_cap_with_every_connection_busy_a_client_gets_503() {
+        let srv = start(LIMITS).await;
+        let addr = srv.addr;
+        let busy: Vec<_> = (0..LIMITS.max_connections)
+            .map(|_| tokio::spawn(async move { get_close(addr, "/slow").await }))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = get_close(srv.addr, "/health").await;
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+        assert!(text.contains("connection: close"), "{text}");
+        let body = text.split("\r\n\r\n").nth(1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "overloaded");
+        // The busy ones were not disturbed; once done, their slots serve again.
+        for b in busy {
+            let text = b.await.unwrap();
+            assert!(text.ends_with("done"), "{text}");
+        }
+        let text = get_close(srv.addr, "/health").await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        srv.shutdown.cancel();
+        srv.task.await.unwrap().unwrap();
+    }
+
+    /// A listener whose first accepts fail with EMFILE, as when descriptors run out.
+    struct Exhausted {
+        errors: usize,
+        inner: TcpListener,
+    }
+
+    impl Accept for Exhausted {
+        async fn accept(&mut self) -> io::Result<TcpStream> {
+            if self.errors > 0 {
+                self.errors -= 1;
+                return Err(io::Error::from_raw_os_error(24)); // EMFILE
+            }
+            TcpListener::accept(&self.inner).await.map(|(s, _)| s)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_pause_the_loop_for_milliseconds_not_seconds() {
+        let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let router = Router::new().route("/health", get(|| async { "ok" }));
+        let shutdown = CancellationToken::new();
+        let listener = Exhausted { errors: 5, inner };
+        let task = tokio::spawn(serve(listener, router, shutdown.clone(), LIMITS));
+        let t0 = Instant::now();
+        let text = get_close(addr, "/health").await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            t0.elapsed() < Duration::from_millis(200),
+            "5 accept errors stalled the loop for {:?}",
+            t0.elapsed()
+        );
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_lets_the_request_in_flight_finish() {
+        let srv = start(LIMITS).await;
+        let addr = srv.addr;
+        let slow = tokio::spawn(async move { get_close(addr, "/slow").await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        srv.shutdown.cancel();
+        let text = slow.await.unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with("done"),
+            "{text}"
+        );
+        srv.task.await.unwrap().unwrap();
+        assert!(TcpStream::connect(addr).await.is_err(), "stopped accepting");
+    }
+}
