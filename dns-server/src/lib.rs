@@ -196,12 +196,18 @@ pub async fn run(
         ns_host: config.ns_host.clone(),
         ns_addresses: config.ns_addresses.clone(),
     };
-    let catalog = Arc::new(
-        dns::Catalog::new(dns_config.clone())
-            .map_err(|e| config::ConfigError::Invalid(e.to_string()))?,
-    );
+    let mut catalog = dns::Catalog::new(dns_config.clone())
+        .map_err(|e| config::ConfigError::Invalid(e.to_string()))?
+        .with_transfer(config.transfer.clone());
+    if store_kind == "sqlite" {
+        // SOA serials kept increasing across restarts (the etcd store: per process only).
+        let table = store::sqlite::SerialTable::open(&open_data_dir(&config)?)?;
+        catalog = catalog.with_serial_store(Arc::new(table))?;
+    }
+    let catalog = Arc::new(catalog);
     metrics.register_collector(metrics::DnsCollector(catalog.clone()));
     let exporter_config = dns_config.clone();
+    let exporter_catalog = catalog.clone();
     let state = http::AppState {
         registry: registry.clone(),
         metrics: metrics.clone(),
@@ -211,7 +217,12 @@ pub async fn run(
         store_kind,
         shutdown: shutdown.clone(),
         zone_exporter: Some(Arc::new(move |snap| {
-            dns::export_zone(snap, &exporter_config)
+            // With the serial DNS serves (which the registry's snapshot does not carry).
+            let mut snap = snap.clone();
+            if let Some(serial) = exporter_catalog.serial(&snap.name) {
+                snap.serial = serial;
+            }
+            dns::export_zone(&snap, &exporter_config)
         })),
     };
     if config.admin_token.is_none() {
@@ -233,6 +244,7 @@ pub async fn run(
             .clone()
             .run_zone_updates(catalog.clone(), shutdown.clone()),
     );
+    tasks.spawn(dns::run_notify(catalog.clone(), shutdown.clone()));
     {
         let shutdown = shutdown.clone();
         let (udp, tcp) = (listeners.dns_udp, listeners.dns_tcp);

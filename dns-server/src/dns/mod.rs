@@ -9,11 +9,15 @@
 //! schema" table; [`export_zone`] writes the same records as a master file.
 
 mod export;
+mod notify;
 mod query;
 mod records;
+mod serial;
 mod server;
 mod stats;
+mod tsig;
 mod wire;
+mod xfr;
 mod zone;
 
 use std::collections::HashMap;
@@ -24,8 +28,12 @@ use shared::NamespaceName;
 
 use crate::snapshot::NamespaceSnapshot;
 
+pub use notify::run_notify;
+pub use serial::SerialStore;
 pub use server::{bind_udp, serve};
 pub use stats::DnsStats;
+pub use tsig::{Algorithm as TsigAlgorithm, TsigKey};
+pub use xfr::{AllowNet, TransferConfig};
 
 use records::{Naming, label_offsets, parse_text_name};
 use zone::{NsState, Zone};
@@ -101,6 +109,13 @@ pub struct Catalog {
     /// Namespace label -> what the incremental rebuild remembers; also serialises updates.
     states: Mutex<HashMap<Box<[u8]>, NsState>>,
     stats: stats::Stats,
+    /// The SOA serial each zone serves (persisted ceilings).
+    serials: serial::Serials,
+    /// Recent versions of each zone: AXFR and IXFR answers, NOTIFY serials.
+    history: xfr::History,
+    /// Who may transfer, and which secondaries are notified.
+    transfer: xfr::TransferConfig,
+    notify: notify::Queue,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -122,7 +137,34 @@ impl Catalog {
             zones: RwLock::new(HashMap::new()),
             states: Mutex::new(HashMap::new()),
             stats: stats::Stats::default(),
+            serials: serial::Serials::default(),
+            history: xfr::History::default(),
+            transfer: xfr::TransferConfig::default(),
+            notify: notify::Queue::default(),
         })
+    }
+
+    /// Zone transfers and NOTIFY as configured (default: every transfer REFUSED, no
+    /// NOTIFY).
+    pub fn with_transfer(mut self, config: TransferConfig) -> Self {
+        self.notify = notify::Queue::new(&config.notify);
+        self.transfer = config;
+        self
+    }
+
+    /// Keeps SOA serials increasing across restarts through `store` (see
+    /// [`SerialStore`]); reads and raises the stored ceilings now.
+    pub fn with_serial_store(
+        mut self,
+        store: std::sync::Arc<dyn SerialStore>,
+    ) -> Result<Self, crate::store::StoreError> {
+        self.serials = serial::Serials::with_store(store)?;
+        Ok(self)
+    }
+
+    /// The SOA serial served for `ns` (None: not served yet).
+    pub fn serial(&self, ns: &NamespaceName) -> Option<u32> {
+        self.serials.current(ns.as_str())
     }
 
     /// Brings the zone of `snap.name` up to the snapshot; visible to the next query. Only
@@ -131,6 +173,12 @@ impl Catalog {
     pub fn update(&self, snap: &NamespaceSnapshot) {
         let key: Box<[u8]> = snap.name.as_str().as_bytes().into();
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        // Served with our own serial (increasing across restarts), under `states`' lock.
+        let snap = &{
+            let mut s = snap.clone();
+            s.serial = self.serials.next(snap.name.as_str(), snap.serial);
+            s
+        };
         let delta = states
             .entry(key.clone())
             .or_default()
@@ -155,6 +203,9 @@ impl Catalog {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(key, zone);
         }
+        self.history.push(std::sync::Arc::new(snap.clone()));
+        drop(states);
+        self.notify.changed(snap.name.as_str());
     }
 
     /// Removes the zone of `ns`: its names are then REFUSED.
@@ -162,6 +213,7 @@ impl Catalog {
         let key = ns.as_str().as_bytes();
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         let state = states.remove(key);
+        self.history.remove(ns.as_str());
         let old = self
             .zones
             .write()
@@ -350,8 +402,9 @@ mod tests {
         }
         live.remove(&NamespaceName::new("ns").unwrap());
         assert!(dump(&live, "ns").is_none());
-        // Served again after removal: from scratch.
-        let s = snap(1000, 5, state.clone());
+        // Served again after removal: from scratch, the serial continuing where it was
+        // (300 updates so far: serials 0-299).
+        let s = snap(300, 5, state.clone());
         live.update(&s);
         let fresh = Catalog::new(config).unwrap();
         fresh.update(&s);

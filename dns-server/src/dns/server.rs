@@ -21,6 +21,8 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 const TCP_READ: Duration = Duration::from_secs(5);
 /// Connections served at once; more are closed on accept.
 const TCP_MAX_CONNECTIONS: usize = 1024;
+/// Zone transfers rendered at once (each holds a whole zone in memory); more wait.
+const XFR_CONCURRENT: usize = 4;
 /// Rendered answers at membranes' own names kept per UDP loop (a few hundred bytes each).
 const UDP_ANSWER_CACHE: usize = 4096;
 /// The same per TCP connection (up to `TCP_MAX_CONNECTIONS` of them).
@@ -105,10 +107,16 @@ async fn udp_loop(sock: UdpSocket, catalog: Arc<Catalog>, shard: usize) {
                 continue;
             }
         };
-        if catalog
-            .respond(&buf[..n], false, &mut out, &mut scratch, shard)
-            .is_some()
-            && let Err(e) = sock.send_to(&out, peer).await
+        // Transfers and TSIG-signed queries first (xfr.rs), then the ordinary path.
+        let special = catalog.respond_special(&buf[..n], false, peer.ip(), &mut scratch, shard);
+        let reply = match &special {
+            Some(msgs) => msgs.first().map(Vec::as_slice),
+            None => catalog
+                .respond(&buf[..n], false, &mut out, &mut scratch, shard)
+                .map(|_| out.as_slice()),
+        };
+        if let Some(reply) = reply
+            && let Err(e) = sock.send_to(reply, peer).await
         {
             tracing::debug!(error = %e, %peer, "dns udp send");
         }
@@ -117,6 +125,7 @@ async fn udp_loop(sock: UdpSocket, catalog: Arc<Catalog>, shard: usize) {
 
 async fn tcp_accept(listener: TcpListener, catalog: Arc<Catalog>, shutdown: CancellationToken) {
     let mut conns = JoinSet::new();
+    let xfr = Arc::new(tokio::sync::Semaphore::new(XFR_CONCURRENT));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -127,7 +136,7 @@ async fn tcp_accept(listener: TcpListener, catalog: Arc<Catalog>, shutdown: Canc
                         tracing::warn!(%peer, "dns tcp: too many connections, closing");
                         continue;
                     }
-                    conns.spawn(tcp_conn(stream, catalog.clone(), shutdown.clone()));
+                    conns.spawn(tcp_conn(stream, peer, catalog.clone(), xfr.clone(), shutdown.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "dns tcp accept");
@@ -139,7 +148,13 @@ async fn tcp_accept(listener: TcpListener, catalog: Arc<Catalog>, shutdown: Canc
     conns.shutdown().await;
 }
 
-async fn tcp_conn(stream: TcpStream, catalog: Arc<Catalog>, shutdown: CancellationToken) {
+async fn tcp_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    catalog: Arc<Catalog>,
+    xfr: Arc<tokio::sync::Semaphore>,
+    shutdown: CancellationToken,
+) {
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
     let mut r = BufReader::new(r);
@@ -162,12 +177,34 @@ async fn tcp_conn(stream: TcpStream, catalog: Arc<Catalog>, shutdown: Cancellati
             Ok(Ok(_)) => {}
             _ => return,
         }
-        if catalog
-            .respond(&req, true, &mut out, &mut scratch, shard)
-            .is_some()
-        {
-            let n = (out.len() as u16).to_be_bytes();
-            if w.write_all(&n).await.is_err() || w.write_all(&out).await.is_err() {
+        // Transfers are rendered off the async workers, a few at a time.
+        let special = if super::xfr::is_transfer(&req) {
+            let Ok(permit) = xfr.clone().acquire_owned().await else {
+                return;
+            };
+            let (c, q) = (catalog.clone(), std::mem::take(&mut req));
+            let job = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let shard = &c.stats.shards[SHARDS - 1];
+                c.respond_special(&q, true, peer.ip(), &mut Scratch::new(0), shard)
+            });
+            match job.await {
+                Ok(m) => m,
+                Err(_) => return,
+            }
+        } else {
+            catalog.respond_special(&req, true, peer.ip(), &mut scratch, shard)
+        };
+        let msgs: Vec<&[u8]> = match &special {
+            Some(m) => m.iter().map(Vec::as_slice).collect(),
+            None => match catalog.respond(&req, true, &mut out, &mut scratch, shard) {
+                Some(_) => vec![out.as_slice()],
+                None => vec![],
+            },
+        };
+        for m in msgs {
+            let n = (m.len() as u16).to_be_bytes();
+            if w.write_all(&n).await.is_err() || w.write_all(m).await.is_err() {
                 return;
             }
         }

@@ -1,0 +1,211 @@
+//! NOTIFY (RFC 1996): tells the configured secondaries that a zone changed, so they
+//! transfer it at once instead of at their next refresh.
+//!
+//! Zone updates mark the zone; after a short debounce each secondary's worker sends one
+//! NOTIFY per marked zone (the SOA with the current serial in the answer section, signed
+//! with the first TSIG key when keys are configured) and waits for the reply, retrying a few
+//! times with a growing timeout. Changes arriving meanwhile are coalesced: a worker holds at
+//! most one pending entry per zone.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use super::Catalog;
+use super::tsig::{Signer, TsigKey};
+use super::wire::Writer;
+
+/// Changes closer together than this are sent as one NOTIFY.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// Reply timeout of the first try; doubled for each retry.
+const FIRST_TIMEOUT: Duration = Duration::from_millis(500);
+/// Tries per zone and secondary.
+const TRIES: u32 = 5;
+
+/// Zones waiting for a NOTIFY, per secondary.
+#[derive(Default)]
+pub(crate) struct Queue {
+    targets: Vec<Target>,
+}
+
+struct Target {
+    addr: SocketAddr,
+    pending: Mutex<HashSet<String>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Queue {
+    pub(crate) fn new(addrs: &[SocketAddr]) -> Self {
+        Queue {
+            targets: addrs
+                .iter()
+                .map(|a| Target {
+                    addr: *a,
+                    pending: Mutex::default(),
+                    wake: tokio::sync::Notify::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Zone `ns` changed.
+    pub(crate) fn changed(&self, ns: &str) {
+        for t in &self.targets {
+            t.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ns.to_string());
+            t.wake.notify_one();
+        }
+    }
+}
+
+/// Sends NOTIFYs until `shutdown` (returns at once without secondaries).
+pub async fn run_notify(catalog: Arc<Catalog>, shutdown: CancellationToken) {
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..catalog.notify.targets.len() {
+        set.spawn(worker(catalog.clone(), i, shutdown.clone()));
+    }
+    while set.join_next().await.is_some() {}
+}
+
+async fn worker(catalog: Arc<Catalog>, i: usize, shutdown: CancellationToken) {
+    let t = &catalog.notify.targets[i];
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = t.wake.notified() => {}
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+        loop {
+            let zones: Vec<String> = {
+                let mut p = t.pending.lock().unwrap_or_else(|e| e.into_inner());
+                p.drain().collect()
+            };
+            if zones.is_empty() {
+                break;
+            }
+            for ns in zones {
+                let Some(msg) = catalog.notify_message(&ns) else {
+                    continue;
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = send(t.addr, msg, catalog.transfer.keys.first()) => {
+                        if let Err(e) = r {
+                            tracing::warn!(secondary = %t.addr, zone = ns, error = e, "dns NOTIFY not acknowledged");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Catalog {
+    /// NOTIFY for zone `ns` (without id and TSIG): the apex SOA question and the current SOA.
+    fn notify_message(&self, ns: &str) -> Option<Vec<u8>> {
+        let snap = self.history.current(ns)?;
+        let z = super::records::soa_of(&snap, &self.naming);
+        let apex = self.naming.apex(ns);
+        let mut m = vec![0, 0, 0x24, 0, 0, 1, 0, 1, 0, 0, 0, 0];
+        m.extend_from_slice(&apex);
+        m.extend_from_slice(&[0, 6, 0, 1]);
+        let mut w = Writer::new(&[]);
+        w.record(&apex, snap.settings.record_ttl, &z);
+        m.extend_from_slice(&w.out);
+        Some(m)
+    }
+}
+
+/// Sends `msg` to `addr` until a matching reply arrives or the tries are used up.
+async fn send(addr: SocketAddr, mut msg: Vec<u8>, key: Option<&TsigKey>) -> Result<(), String> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap_or(addr)
+    } else {
+        "[::]:0".parse().unwrap_or(addr)
+    };
+    let sock = UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 4096];
+    let mut timeout = FIRST_TIMEOUT;
+    let mut last = String::from("no reply");
+    for _ in 0..TRIES {
+        let id: u16 = rand::random();
+        msg[0..2].copy_from_slice(&id.to_be_bytes());
+        let mut m = msg.clone();
+        let signer = key.map(|k| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let mut s = Signer::for_request(k, now);
+            s.sign(&mut m);
+            s
+        });
+        if let Err(e) = sock.send_to(&m, addr).await {
+            last = e.to_string();
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let r = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await;
+            let Ok(Ok((n, from))) = r else { break };
+            let b = &buf[..n];
+            if from != addr || n < 12 || b[0..2] != id.to_be_bytes() || b[2] & 0xF8 != 0xA0 {
+                continue;
+            }
+            let rcode = b[3] & 0xF;
+            if let Some(s) = &signer
+                && !reply_signed_by(s, b)
+            {
+                last = format!("reply rcode {rcode} without a valid TSIG signature");
+                break;
+            }
+            if rcode != 0 {
+                return Err(format!("refused with rcode {rcode}"));
+            }
+            return Ok(());
+        }
+        timeout *= 2;
+    }
+    Err(last)
+}
+
+/// Whether the reply's last record is a TSIG that checks against our request's MAC.
+fn reply_signed_by(s: &Signer, b: &[u8]) -> bool {
+    let count: usize = [6, 8, 10]
+        .iter()
+        .map(|&i| usize::from(u16::from_be_bytes([b[i], b[i + 1]])))
+        .sum();
+    let mut i = 12;
+    // The question.
+    for _ in 0..u16::from_be_bytes([b[4], b[5]]) {
+        let Some(j) = skip(b, i) else { return false };
+        i = j + 4;
+    }
+    let mut last = None;
+    for _ in 0..count {
+        let Some(j) = skip(b, i) else { return false };
+        if j + 10 > b.len() {
+            return false;
+        }
+        last = Some(i);
+        i = j + 10 + usize::from(u16::from_be_bytes([b[j + 8], b[j + 9]]));
+    }
+    last.is_some_and(|at| s.verify_response(b, at))
+}
+
+fn skip(b: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        let l = *b.get(i)?;
+        match l & 0xC0 {
+            0 if l == 0 => return Some(i + 1),
+            0 => i += 1 + l as usize,
+            0xC0 => return Some(i + 2),
+            _ => return None,
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! Zone transfers out: AXFR (RFC 5936) and IXFR (RFC 1995) over TCP, and TSIG-signed
+//! queries (RFC 8945), for secondaries (NSD, Knot, BIND) that serve the zones at scale.
+//!
+//! Who may transfer: a request signed with a configured TSIG key, or one from an address of
+//! the allow-list. Without keys and allow-list (the default) every transfer is REFUSED.
+//!
+//! IXFR is answered from a bounded in-memory history of each zone's recent versions (the
+//! snapshots the registry produced, which share the membranes' records by pointer): the
+//! difference between the client's version and the current one, as one condensed change
+//! (RFC 1995 5). A serial no longer (or never) in the history, for example after a restart,
+//! gets the whole zone in AXFR form, which RFC 1995 4 allows. Over UDP an IXFR gets the
+//! current SOA only (up to date, or "use TCP", RFC 1995 2).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::Catalog;
+use super::query::Scratch;
+use super::records::{self, WireName, rtype};
+use super::stats::Shard;
+use super::tsig::{self, Failure, Signer, TsigKey};
+use super::wire::Writer;
+use crate::snapshot::NamespaceSnapshot;
+
+/// Older versions of a zone kept for IXFR (besides the current one).
+const HISTORY_VERSIONS: usize = 32;
+/// At most this many membrane pointers (8 bytes each) over a zone's older versions.
+const HISTORY_POINTERS: usize = 1 << 18;
+/// Bytes of records per transfer message (well below 64 KiB, room for TSIG).
+const MESSAGE_BYTES: usize = 16_000;
+
+mod rcode {
+    pub const FORMERR: u16 = 1;
+    pub const NOTIMP: u16 = 4;
+    pub const REFUSED: u16 = 5;
+    pub const NOTAUTH: u16 = 9;
+}
+
+/// An address or network allowed to transfer zones (`192.0.2.7`, `10.0.0.0/8`, `::1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for AllowNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or ADDRESS/PREFIX"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0-{max}"))?,
+            None => max,
+        };
+        Ok(AllowNet { addr, prefix })
+    }
+}
+
+impl AllowNet {
+    fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Zone transfer settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransferConfig {
+    /// TSIG keys: a request signed with one of them may transfer; the first also signs
+    /// our NOTIFY messages.
+    pub keys: Vec<TsigKey>,
+    /// Addresses that may transfer without TSIG.
+    pub allow: Vec<AllowNet>,
+    /// Secondaries sent a NOTIFY (RFC 1996) when a zone's serial changes.
+    pub notify: Vec<SocketAddr>,
+}
+
+/// Recent versions of every zone, newest last.
+#[derive(Default)]
+pub(crate) struct History {
+    zones: Mutex<HashMap<String, VecDeque<Arc<NamespaceSnapshot>>>>,
+}
+
+impl History {
+    pub(crate) fn push(&self, snap: Arc<NamespaceSnapshot>) {
+        let mut zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
+        let v = zones.entry(snap.name.as_str().to_string()).or_default();
+        v.push_back(snap);
+        // Older versions within both bounds (the current one is always kept).
+        let mut pointers: usize = v.iter().rev().skip(1).map(|s| s.instances.len()).sum();
+        while v.len() > 1 && (v.len() - 1 > HISTORY_VERSIONS || pointers > HISTORY_POINTERS) {
+            if let Some(old) = v.pop_front() {
+                pointers -= old.instances.len();
+            }
+        }
+    }
+
+    pub(crate) fn remove(&self, ns: &str) {
+        self.zones
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(ns);
+    }
+
+    /// The current version of `ns`.
+    pub(crate) fn current(&self, ns: &str) -> Option<Arc<NamespaceSnapshot>> {
+        let zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
+        zones.get(ns)?.back().cloned()
+    }
+
+    /// The current version and, if still kept, the version with `serial`.
+    fn get(
+        &self,
+        ns: &str,
+        serial: Option<u32>,
+    ) -> Option<(Arc<NamespaceSnapshot>, Option<Arc<NamespaceSnapshot>>)> {
+        let zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
+        let v = zones.get(ns)?;
+        let cur = v.back()?.clone();
+        let old = serial.and_then(|s| v.iter().find(|x| x.serial == s).cloned());
+        Some((cur, old))
+    }
+}
+
+fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+/// Skips a possibly compressed name.
+fn skip_name(b: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        let l = *b.get(i)?;
+        match l & 0xC0 {
+            0x00 if l == 0 => return Some(i + 1),
+            0x00 => i += 1 + l as usize,
+            0xC0 => return (i + 2 <= b.len()).then_some(i + 2),
+            _ => return None,
+        }
+    }
+}
+
+/// What this module handles of a request.
+struct Request {
+    id: u16,
+    flags: u16,
+    /// End of the question.
+    qend: usize,
+    qname: WireName,
+    qtype: u16,
+    qclass: u16,
+    /// IXFR: the serial of the client's SOA in the authority section.
+    client_serial: Option<u32>,
+    /// Offset of the TSIG record (the last one).
+    tsig_at: Option<usize>,
+    /// A TSIG record that is not the last one.
+    misplaced_tsig: bool,
+}
+
+/// Reads a QUERY that is a transfer or carries TSIG; None for anything else (served by
+/// the normal path).
+fn scan(req: &[u8]) -> Option<Request> {
+    if req.len() < 12 {
+        return None;
+    }
+    let flags = be16(req, 2);
+    if flags & 0x8000 != 0 || (flags >> 11) & 0xF != 0 || be16(req, 4) != 1 {
+        return None;
+    }
+    let mut i = 12;
+    let mut qname = Vec::new();
+    loop {
+        let l = *req.get(i)? as usize;
+        if l & 0xC0 != 0 || qname.len() + l + 1 > 255 {
+            return None;
+        }
+        qname.push(l as u8);
+        if l == 0 {
+            i += 1;
+            break;
+        }
+        qname.extend(
+            req.get(i + 1..i + 1 + l)?
+                .iter()
+                .map(u8::to_ascii_lowercase),
+        );
+        i += 1 + l;
+    }
+    if i + 4 > req.len() {
+        return None;
+    }
+    let (qtype, qclass) = (be16(req, i), be16(req, i + 2));
+    i += 4;
+    let qend = i;
+    let (an, ns, ar) = (be16(req, 6), be16(req, 8), be16(req, 10));
+    let mut client_serial = None;
+    let (mut tsig_at, mut misplaced_tsig) = (None, false);
+    let total = u32::from(an) + u32::from(ns) + u32::from(ar);
+    for k in 0..total {
+        let start = i;
+        let j = skip_name(req, i)?;
+        if j + 10 > req.len() {
+            return None;
+        }
+        let t = be16(req, j);
+        let rd = j + 10;
+        i = rd + be16(req, j + 8) as usize;
+        if i > req.len() {
+            return None;
+        }
+        let section_ns = k >= u32::from(an) && k < u32::from(an) + u32::from(ns);
+        if section_ns && t == rtype::SOA {
+            let s = skip_name(req, skip_name(req, rd)?)?;
+            if s + 4 <= i {
+                client_serial = Some(u32::from_be_bytes([
+                    req[s],
+                    req[s + 1],
+                    req[s + 2],
+                    req[s + 3],
+                ]));
+            }
+        }
+        if t == tsig::TSIG {
+            if k + 1 == total && k >= u32::from(an) + u32::from(ns) {
+                tsig_at = Some(start);
+            } else {
+                misplaced_tsig = true;
+            }
+        }
+    }
+    let transfer = qtype == rtype::AXFR || qtype == rtype::IXFR;
+    (transfer || tsig_at.is_some() || misplaced_tsig).then_some(Request {
+        id: be16(req, 0),
+        flags,
+        qend,
+        qname,
+        qtype,
+        qclass,
+        client_serial,
+        tsig_at,
+        misplaced_tsig,
+    })
+}
+
+/// Whether `req` asks for a zone transfer (served off the async workers).
+pub(crate) fn is_transfer(req: &[u8]) -> bool {
+    scan(req).is_some_and(|r| r.qtype == rtype::AXFR || r.qtype == rtype::IXFR)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Header and question of a response to `r` with `counts` answers.
+fn start(req: &[u8], r: &Request, rcode: u16, aa: bool, ancount: u16) -> Vec<u8> {
+    let flags = 0x8000
+        | (r.flags & 0x7800)
+        | if aa { 0x0400 } else { 0 }
+        | (r.flags & 0x0100)
+        | (rcode & 0xF);
+    let mut m = Vec::with_capacity(MESSAGE_BYTES + 512);
+    m.extend_from_slice(&r.id.to_be_bytes());
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&[0, 1]);
+    m.extend_from_slice(&ancount.to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    m.extend_from_slice(&req[12..r.qend]);
+    m
+}
+
+/// Every record of a zone version, uncompressed: the SOA, and the others in name order.
+fn encode(snap: &NamespaceSnapshot, naming: &records::Naming) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let z = records::zone_data(snap, naming);
+    let mut w = Writer::new(&[]);
+    let (s, e) = w.record(&z.apex, z.ttl, &z.soa);
+    let soa = w.out[s..e].to_vec();
+    let mut rest = Vec::new();
+    for (owner, data) in &z.nodes {
+        for (t, set) in data {
+            if *t == rtype::SOA {
+                continue;
+            }
+            for rd in set {
+                w.out.clear();
+                w.record(owner, z.ttl, rd);
+                rest.push(w.out.clone());
+            }
+        }
+    }
+    (soa, rest)
+}
+
+/// Packs records into messages of at most [`MESSAGE_BYTES`] of records each.
+fn pack<'a>(req: &[u8], r: &Request, rrs: impl Iterator<Item = &'a [u8]>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut cur = start(req, r, 0, true, 0);
+    let (base, mut n) = (cur.len(), 0u16);
+    for rr in rrs {
+        if n > 0 && (cur.len() - base + rr.len() > MESSAGE_BYTES || n == u16::MAX) {
+            cur[6..8].copy_from_slice(&n.to_be_bytes());
+            out.push(std::mem::replace(&mut cur, start(req, r, 0, true, 0)));
+            n = 0;
+        }
+        cur.extend_from_slice(rr);
+        n += 1;
+    }
+    cur[6..8].copy_from_slice(&n.to_be_bytes());
+    out.push(cur);
+    out
+}
+
+impl Catalog {
+    /// The namespace whose apex is `qname`, if `qname` is a zone apex of our form.
+    fn zone_of_apex(&self, qname: &[u8]) -> Option<String> {
+        let suffix = &self.naming.suffix;
+        let l = *qname.first()? as usize;
+        if l == 0 || 1 + l + suffix.len() != qname.len() || !qname.ends_with(suffix) {
+            return None;
+        }
+        String::from_utf8(qname[1..1 + l].to_vec()).ok()
+    }
+
+    /// Answers transfers (AXFR, IXFR) and TSIG-signed queries: the messages to send, in
+    /// order. None: an ordinary query, for [`Catalog::respond`].
+    pub(crate) fn respond_special(
+        &self,
+        req: &[u8],
+        tcp: bool,
+        peer: IpAddr,
+        s: &mut Scratch,
+        shard: &Shard,
+    ) -> Option<Vec<Vec<u8>>> {
+        let r = scan(req)?;
+        let cfg = &self.transfer;
+        let now = unix_now();
+        let bare = |rcode: u16| start(req, &r, rcode, false, 0);
+        if r.misplaced_tsig {
+            return Some(vec![bare(rcode::FORMERR)]);
+        }
+        let mut signer: Option<Signer> = None;
+        if let Some(at) = r.tsig_at {
+            match tsig::verify(req, at, &cfg.keys, now) {
+                Ok(mut sg) if sg.error() != 0 => {
+                    let mut m = bare(rcode::NOTAUTH);
+                    sg.sign(&mut m);
+                    tracing::info!(%peer, "dns: TSIG time outside the fudge (BADTIME)");
+                    return Some(vec![m]);
+                }
+                Ok(sg) => signer = Some(sg),
+                Err(Failure::Malformed) => return Some(vec![bare(rcode::FORMERR)]),
+                Err(Failure::Unsigned { error, key, alg }) => {
+                    let mut m = bare(rcode::NOTAUTH);
+                    tsig::append_unsigned(&mut m, &key, &alg, error, now);
+                    tracing::info!(%peer, error, "dns: TSIG check failed");
+                    return Some(vec![m]);
+                }
+            }
+        }
+        let mut msgs = if r.qtype != rtype::AXFR && r.qtype != rtype::IXFR {
+            // A signed ordinary query: answered as if unsigned, then signed.
+            let at = r.tsig_at?;
+            let mut plain = req[..at].to_vec();
+            let ar = be16(&plain, 10) - 1;
+            plain[10..12].copy_from_slice(&ar.to_be_bytes());
+            let mut out = Vec::new();
+            self.respond(&plain, tcp, &mut out, s, shard)?;
+            vec![out]
+        } else {
+            self.transfer_messages(req, &r, tcp, peer, signer.is_some())
+        };
+        if let Some(sg) = &mut signer {
+            for m in &mut msgs {
+                sg.sign(m);
+            }
+        }
+        Some(msgs)
+    }
+
+    fn transfer_messages(
+        &self,
+        req: &[u8],
+        r: &Request,
+        tcp: bool,
+        peer: IpAddr,
+        signed: bool,
+    ) -> Vec<Vec<u8>> {
+        let bare = |rcode: u16| vec![start(req, r, rcode, false, 0)];
+        let allowed = signed || self.transfer.allow.iter().any(|n| n.contains(peer));
+        let kind = if r.qtype == rtype::AXFR {
+            "AXFR"
+        } else {
+            "IXFR"
+        };
+        if !allowed {
+            tracing::info!(%peer, kind, "dns: zone transfer refused (no TSIG, not allowed)");
+            return bare(rcode::REFUSED);
+        }
+        if r.qclass != 1 {
+            return bare(rcode::REFUSED);
+        }
+        if r.qtype == rtype::AXFR && !tcp {
+            return bare(rcode::NOTIMP);
+        }
+        if r.qtype == rtype::IXFR && r.client_serial.is_none() {
+            return bare(rcode::FORMERR);
+        }
+        let Some((cur, old)) = self
+            .zone_of_apex(&r.qname)
+            .and_then(|ns| self.history.get(&ns, r.client_serial))
+        else {
+            return bare(rcode::NOTAUTH);
+        };
+        let (soa, rest) = encode(&cur, &self.naming);
+        if r.qtype == rtype::IXFR {
+            let client = r.client_serial.unwrap_or_default();
+            if !super::serial::gt(cur.serial, client) || !tcp {
+                // Up to date, or over UDP: the current SOA only.
+                return pack(req, r, std::iter::once(soa.as_slice()));
+            }
+            if let Some(old) = old {
+                let (old_soa, old_rest) = encode(&old, &self.naming);
+                let before: HashSet<&[u8]> = old_rest.iter().map(Vec::as_slice).collect();
+                let after: HashSet<&[u8]> = rest.iter().map(Vec::as_slice).collect();
+                let deleted = old_rest.iter().filter(|x| !after.contains(x.as_slice()));
+                let added = rest.iter().filter(|x| !before.contains(x.as_slice()));
+                tracing::debug!(%peer, from = client, to = cur.serial, "dns: IXFR");
+                let seq = std::iter::once(soa.as_slice())
+                    .chain(std::iter::once(old_soa.as_slice()))
+                    .chain(deleted.map(Vec::as_slice))
+                    .chain(std::iter::once(soa.as_slice()))
+                    .chain(added.map(Vec::as_slice))
+                    .chain(std::iter::once(soa.as_slice()));
+                return pack(req, r, seq);
+            }
+        }
+        tracing::debug!(%peer, kind, serial = cur.serial, records = rest.len() + 1, "dns: full zone transfer");
+        let seq = std::iter::once(soa.as_slice())
+            .chain(rest.iter().map(Vec::as_slice))
+            .chain(std::iter::once(soa.as_slice()));
+        pack(req, r, seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list_matching() {
+        let n: AllowNet = "10.1.0.0/16".parse().unwrap();
+        assert!(n.contains("10.1.200.3".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let one: AllowNet = "::1".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.1".parse().unwrap()));
+        let all: AllowNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "x", "10.0.0.0/", "::/129"] {
+            assert!(bad.parse::<AllowNet>().is_err(), "{bad}");
+        }
+    }
+}
