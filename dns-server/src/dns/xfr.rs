@@ -472,6 +472,258 @@ impl Catalog {
 mod tests {
     use super::*;
 
+    use hickory_proto::op::Message;
+    use hickory_proto::rr::RData;
+    use shared::model::Registration;
+    use shared::{MembraneId, NamespaceName, NamespaceSettings};
+
+    use crate::dns::{DnsConfig, stats::Shard};
+    use crate::snapshot::Instance;
+
+    const KEY: &str = "xfr-key:hmac-sha256:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    fn snap(ids: &[u8]) -> NamespaceSnapshot {
+        NamespaceSnapshot {
+            name: NamespaceName::new("ns").unwrap(),
+            settings: NamespaceSettings::default(),
+            instances: ids
+                .iter()
+                .map(|i| {
+                    Arc::new(Instance {
+                        id: MembraneId::new(&format!("m{i}")).unwrap(),
+                        registration: Arc::new(Registration {
+                            addresses: vec![IpAddr::from([10, 0, 0, *i])],
+                            ..Default::default()
+                        }),
+                    })
+                })
+                .collect(),
+            serial: 100,
+        }
+    }
+
+    fn catalog(allow: &[&str]) -> Catalog {
+        Catalog::new(DnsConfig::default())
+            .unwrap()
+            .with_transfer(TransferConfig {
+                keys: vec![KEY.parse().unwrap()],
+                allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
+                notify: vec![],
+            })
+    }
+
+    /// AXFR or IXFR (with the client's serial) of `ns.`.
+    fn request(qtype: u16, serial: Option<u32>) -> Vec<u8> {
+        let mut m = vec![
+            0xab,
+            0xcd,
+            0,
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+            u8::from(serial.is_some()),
+            0,
+            0,
+        ];
+        m.extend_from_slice(b"\x02ns\x00");
+        m.extend_from_slice(&qtype.to_be_bytes());
+        m.extend_from_slice(&[0, 1]);
+        if let Some(s) = serial {
+            m.extend_from_slice(b"\x02ns\x00\x00\x06\x00\x01\x00\x00\x00\x00\x00\x16");
+            m.extend_from_slice(&[0, 0]);
+            m.extend_from_slice(&s.to_be_bytes());
+            m.extend_from_slice(&[0; 16]);
+        }
+        m
+    }
+
+    fn ask(c: &Catalog, req: &[u8], tcp: bool, peer: &str) -> Vec<Message> {
+        let mut s = Scratch::new(0);
+        c.respond_special(req, tcp, peer.parse().unwrap(), &mut s, &Shard::default())
+            .expect("handled here")
+            .iter()
+            .map(|m| Message::from_vec(m).unwrap())
+            .collect()
+    }
+
+    /// (rcode, answer records as text) over every message.
+    fn records(msgs: &[Message]) -> (u16, Vec<String>) {
+        let rcode = u16::from(msgs[0].metadata.response_code);
+        let rrs = msgs
+            .iter()
+            .flat_map(|m| m.answers.iter())
+            .map(|r| match &r.data {
+                RData::SOA(soa) => format!("SOA {}", soa.serial),
+                RData::A(a) => format!("{} A {a}", r.name),
+                other => format!("{} {}", r.name, other.record_type()),
+            })
+            .collect();
+        (rcode, rrs)
+    }
+
+    #[test]
+    fn transfers_are_refused_unless_allowed_or_signed() {
+        let c = catalog(&["192.0.2.0/24"]);
+        c.update(&snap(&[1, 2]));
+        let axfr = request(rtype::AXFR, None);
+        // Not on the list, unsigned: REFUSED, nothing of the zone.
+        assert_eq!(records(&ask(&c, &axfr, true, "198.51.100.1")), (5, vec![]));
+        // On the list: the zone, SOA first and last.
+        let (rc, rrs) = records(&ask(&c, &axfr, true, "192.0.2.9"));
+        assert_eq!(rc, 0);
+        assert_eq!(rrs.first(), Some(&"SOA 100".to_string()));
+        assert_eq!(rrs.last(), Some(&"SOA 100".to_string()));
+        assert!(rrs.contains(&"m2.ns. A 10.0.0.2".to_string()), "{rrs:?}");
+        // Over UDP: never the zone.
+        assert_eq!(records(&ask(&c, &axfr, false, "192.0.2.9")).0, 4);
+        // Signed with the key, from anywhere: the zone, every message signed.
+        let key: TsigKey = KEY.parse().unwrap();
+        let mut signed = axfr.clone();
+        let mut signer = Signer::for_request(&key, unix_now());
+        signer.sign(&mut signed);
+        let raw = c
+            .respond_special(
+                &signed,
+                true,
+                "198.51.100.1".parse().unwrap(),
+                &mut Scratch::new(0),
+                &Shard::default(),
+            )
+            .unwrap();
+        let msgs: Vec<Message> = raw.iter().map(|m| Message::from_vec(m).unwrap()).collect();
+        assert_eq!(records(&msgs).1.len(), 7, "{:?}", records(&msgs));
+        // The TSIG record is last and its MAC covers our request's MAC.
+        let at = raw[0].len() - TSIG_LEN;
+        assert!(signer.verify_response(&raw[0], at));
+        // A wrong key: NOTAUTH (BADSIG), nothing of the zone.
+        let bad: TsigKey = "xfr-key:hmac-sha256:AQECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+            .parse()
+            .unwrap();
+        let mut forged = axfr.clone();
+        Signer::for_request(&bad, unix_now()).sign(&mut forged);
+        assert_eq!(
+            records(&ask(&c, &forged, true, "198.51.100.1")),
+            (9, vec![])
+        );
+        // An unknown key name: NOTAUTH (BADKEY).
+        let other: TsigKey = "other:hmac-sha256:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+            .parse()
+            .unwrap();
+        let mut unknown = axfr.clone();
+        Signer::for_request(&other, unix_now()).sign(&mut unknown);
+        assert_eq!(
+            records(&ask(&c, &unknown, true, "198.51.100.1")),
+            (9, vec![])
+        );
+        // A zone we do not serve.
+        let mut elsewhere = axfr.clone();
+        elsewhere[13] = b'x';
+        assert_eq!(records(&ask(&c, &elsewhere, true, "192.0.2.9")).0, 9);
+    }
+
+    /// Length of our TSIG record with this key: the name "xfr-key." (9), type to rdlength
+    /// (10), the algorithm (13), timers and MAC size (10), the MAC (32), id to other (6).
+    const TSIG_LEN: usize = 9 + 10 + 13 + 10 + 32 + 6;
+
+    #[test]
+    fn ixfr_sends_the_difference_or_the_whole_zone() {
+        let c = catalog(&["127.0.0.1"]);
+        c.update(&snap(&[1, 2])); // serial 100
+        c.update(&snap(&[2, 3])); // 101
+        c.update(&snap(&[2, 3, 4])); // 102
+        let (rc, rrs) = records(&ask(
+            &c,
+            &request(rtype::IXFR, Some(100)),
+            true,
+            "127.0.0.1",
+        ));
+        assert_eq!(rc, 0);
+        // Current SOA, old SOA, deletions, current SOA, additions, current SOA.
+        let pos = |x: &str| rrs.iter().position(|r| r == x).unwrap_or(usize::MAX);
+        assert_eq!(rrs[0], "SOA 102");
+        assert_eq!(rrs[1], "SOA 100");
+        let mid = 2 + rrs[2..].iter().position(|r| r == "SOA 102").unwrap();
+        assert!(pos("m1.ns. A 10.0.0.1") < mid, "{rrs:?}");
+        assert!(
+            pos("m3.ns. A 10.0.0.3") > mid && pos("m4.ns. A 10.0.0.4") > mid,
+            "{rrs:?}"
+        );
+        assert_eq!(
+            pos("m2.ns. A 10.0.0.2"),
+            usize::MAX,
+            "unchanged records are not sent"
+        );
+        assert_eq!(rrs.last().unwrap(), "SOA 102");
+        // Up to date: the SOA alone.
+        assert_eq!(
+            records(&ask(
+                &c,
+                &request(rtype::IXFR, Some(102)),
+                true,
+                "127.0.0.1"
+            ))
+            .1,
+            ["SOA 102"]
+        );
+        // Over UDP: the SOA alone (use TCP).
+        assert_eq!(
+            records(&ask(
+                &c,
+                &request(rtype::IXFR, Some(100)),
+                false,
+                "127.0.0.1"
+            ))
+            .1,
+            ["SOA 102"]
+        );
+        // A serial not in the history: the whole zone, AXFR style.
+        let (_, full) = records(&ask(&c, &request(rtype::IXFR, Some(7)), true, "127.0.0.1"));
+        assert_eq!(full.first().unwrap(), "SOA 102");
+        assert_eq!(full.iter().filter(|r| r.starts_with("SOA")).count(), 2);
+        assert!(full.contains(&"m2.ns. A 10.0.0.2".to_string()));
+        // IXFR without the client's SOA: FORMERR.
+        assert_eq!(
+            records(&ask(&c, &request(rtype::IXFR, None), true, "127.0.0.1")).0,
+            1
+        );
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let h = History::default();
+        for serial in 0..100 {
+            let mut s = snap(&[1]);
+            s.serial = serial;
+            h.push(Arc::new(s));
+        }
+        let zones = h.zones.lock().unwrap();
+        assert_eq!(zones["ns"].len(), HISTORY_VERSIONS + 1);
+        assert_eq!(zones["ns"].back().unwrap().serial, 99);
+    }
+
+    #[test]
+    fn large_zones_span_several_messages() {
+        let c = catalog(&["127.0.0.1"]);
+        let mut big = snap(&(0..=250).collect::<Vec<u8>>());
+        for inst in &mut big.instances {
+            let mut reg = (*inst.registration).clone();
+            reg.addresses = (0..8).map(|k| IpAddr::from([10, 1, k, 1])).collect();
+            Arc::make_mut(inst).registration = Arc::new(reg);
+        }
+        c.update(&big);
+        let msgs = ask(&c, &request(rtype::AXFR, None), true, "127.0.0.1");
+        assert!(msgs.len() > 1, "{}", msgs.len());
+        let (_, rrs) = records(&msgs);
+        assert_eq!(
+            rrs.iter().filter(|r| r.contains(" A 10.1.")).count(),
+            251 * 8
+        );
+        assert_eq!(rrs.iter().filter(|r| r.starts_with("SOA")).count(), 2);
+    }
+
     #[test]
     fn allow_list_matching() {
         let n: AllowNet = "10.1.0.0/16".parse().unwrap();
