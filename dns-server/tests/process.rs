@@ -5,4 +5,5 @@ mod process {
     mod dig;
     mod durability;
     pub mod harness;
+    mod xfr;
 }

@@ -209,3 +209,77 @@ fn skip(b: &[u8], mut i: usize) -> Option<usize> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::{DnsConfig, TransferConfig, tsig};
+    use crate::snapshot::NamespaceSnapshot;
+    use shared::{NamespaceName, NamespaceSettings};
+
+    const KEY: &str = "xfr-key:hmac-sha256:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    /// A silent secondary gets the NOTIFY again with a growing timeout; once it answers
+    /// (signed) nothing more is sent. The NOTIFY carries the zone's SOA and our signature.
+    #[tokio::test(start_paused = true)]
+    async fn notify_is_signed_and_retried_until_acknowledged() {
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let key: TsigKey = KEY.parse().unwrap();
+        let catalog = Arc::new(Catalog::new(DnsConfig::default()).unwrap().with_transfer(
+            TransferConfig {
+                keys: vec![key.clone()],
+                allow: vec![],
+                notify: vec![peer.local_addr().unwrap()],
+            },
+        ));
+        catalog.update(&NamespaceSnapshot {
+            name: NamespaceName::new("ns").unwrap(),
+            settings: NamespaceSettings::default(),
+            instances: vec![],
+            serial: 4242,
+        });
+        let unsigned_len = catalog.notify_message("ns").unwrap().len();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_notify(catalog.clone(), shutdown.clone()));
+        let start = tokio::time::Instant::now();
+        let mut buf = [0u8; 1024];
+        let mut times = Vec::new();
+        for attempt in 0..3 {
+            let (n, from) = tokio::time::timeout(Duration::from_secs(60), peer.recv_from(&mut buf))
+                .await
+                .expect("a NOTIFY (again)")
+                .unwrap();
+            times.push(start.elapsed());
+            let req = &buf[..n];
+            // Opcode NOTIFY, AA, question ns. SOA, the SOA with the serial in the answer.
+            assert_eq!(req[2] & 0x7C, 0x24, "{req:?}");
+            assert_eq!(&req[12..16], b"\x02ns\x00");
+            assert!(
+                req[..unsigned_len]
+                    .windows(4)
+                    .any(|w| w == 4242u32.to_be_bytes())
+            );
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let mut signer = tsig::verify(req, unsigned_len, std::slice::from_ref(&key), now)
+                .expect("the NOTIFY is signed with our key");
+            if attempt == 2 {
+                let mut reply = req[..unsigned_len].to_vec();
+                reply[2] |= 0x80;
+                reply[11] = 0; // no additional records
+                signer.sign(&mut reply);
+                peer.send_to(&reply, from).await.unwrap();
+            }
+        }
+        // Timeouts of 0.5 s, then 1 s.
+        assert!(times[1] - times[0] >= FIRST_TIMEOUT, "{times:?}");
+        assert!(times[2] - times[1] >= FIRST_TIMEOUT * 2, "{times:?}");
+        // Acknowledged: no further NOTIFY.
+        let more = tokio::time::timeout(Duration::from_secs(60), peer.recv_from(&mut buf)).await;
+        assert!(more.is_err(), "NOTIFY sent again after the acknowledgement");
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}
