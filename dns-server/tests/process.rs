@@ -5,5 +5,6 @@ mod process {
     mod dig;
     mod durability;
     pub mod harness;
-    mod xfr;
+    mod secondaries;
+    pub mod xfr;
 }

@@ -16,7 +16,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use super::Catalog;
-use super::tsig::{Signer, TsigKey};
+use super::tsig::Signer;
 use super::wire::Writer;
 
 /// Changes closer together than this are sent as one NOTIFY.
@@ -90,12 +90,9 @@ async fn worker(catalog: Arc<Catalog>, i: usize, shutdown: CancellationToken) {
                 break;
             }
             for ns in zones {
-                let Some(msg) = catalog.notify_message(&ns) else {
-                    continue;
-                };
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    r = send(t.addr, msg, catalog.transfer.keys.first()) => {
+                    r = notify_zone(&catalog, t, &ns) => {
                         if let Err(e) = r {
                             tracing::warn!(secondary = %t.addr, zone = ns, error = e, "dns NOTIFY not acknowledged");
                         }
@@ -122,36 +119,62 @@ impl Catalog {
     }
 }
 
-/// Sends `msg` to `addr` until a matching reply arrives or the tries are used up.
-async fn send(addr: SocketAddr, mut msg: Vec<u8>, key: Option<&TsigKey>) -> Result<(), String> {
+/// Sends the NOTIFY of zone `ns` to `t` until a matching reply arrives or the tries are
+/// used up. A newer change of the zone meanwhile is sent at once (its serial), with fresh
+/// tries.
+async fn notify_zone(catalog: &Catalog, t: &Target, ns: &str) -> Result<(), String> {
+    let addr = t.addr;
+    let key = catalog.transfer.keys.first();
     let bind: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0".parse().unwrap_or(addr)
+        SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
-        "[::]:0".parse().unwrap_or(addr)
+        SocketAddr::from(([0u16; 8], 0))
     };
     let sock = UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 4096];
     let mut timeout = FIRST_TIMEOUT;
     let mut last = String::from("no reply");
-    for _ in 0..TRIES {
+    let mut tries = 0;
+    'tries: while tries < TRIES {
+        tries += 1;
+        // Built at each try: the zone's current serial.
+        let Some(mut msg) = catalog.notify_message(ns) else {
+            return Ok(());
+        };
         let id: u16 = rand::random();
         msg[0..2].copy_from_slice(&id.to_be_bytes());
-        let mut m = msg.clone();
         let signer = key.map(|k| {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             let mut s = Signer::for_request(k, now);
-            s.sign(&mut m);
+            s.sign(&mut msg);
             s
         });
-        if let Err(e) = sock.send_to(&m, addr).await {
-            last = e.to_string();
+        match sock.send_to(&msg, addr).await {
+            Ok(_) => tracing::debug!(secondary = %addr, zone = ns, tries, "dns NOTIFY sent"),
+            Err(e) => last = e.to_string(),
         }
         let deadline = tokio::time::Instant::now() + timeout;
+        timeout *= 2;
         loop {
-            let r = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await;
+            let r = tokio::select! {
+                r = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)) => r,
+                _ = t.wake.notified() => {
+                    let again = t
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(ns);
+                    if again {
+                        (tries, timeout) = (0, FIRST_TIMEOUT);
+                        continue 'tries;
+                    }
+                    // Another zone: its turn comes after this one.
+                    continue;
+                }
+            };
             let Ok(Ok((n, from))) = r else { break };
             let b = &buf[..n];
             if from != addr || n < 12 || b[0..2] != id.to_be_bytes() || b[2] & 0xF8 != 0xA0 {
@@ -167,9 +190,9 @@ async fn send(addr: SocketAddr, mut msg: Vec<u8>, key: Option<&TsigKey>) -> Resu
             if rcode != 0 {
                 return Err(format!("refused with rcode {rcode}"));
             }
+            tracing::debug!(secondary = %addr, zone = ns, "dns NOTIFY acknowledged");
             return Ok(());
         }
-        timeout *= 2;
     }
     Err(last)
 }
