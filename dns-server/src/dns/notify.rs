@@ -236,7 +236,7 @@ fn skip(b: &[u8], mut i: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::{DnsConfig, TransferConfig, tsig};
+    use crate::dns::{DnsConfig, TransferConfig, TsigKey, tsig};
     use crate::snapshot::NamespaceSnapshot;
     use shared::{NamespaceName, NamespaceSettings};
 

@@ -412,6 +412,10 @@ impl Catalog {
         signed: bool,
     ) -> Vec<Vec<u8>> {
         let bare = |rcode: u16| vec![start(req, r, rcode, false, 0)];
+        if r.qtype == rtype::AXFR && !tcp {
+            // RFC 5936 4.2: AXFR is TCP only.
+            return bare(rcode::NOTIMP);
+        }
         let allowed = signed || self.transfer.allow.iter().any(|n| n.contains(peer));
         let kind = if r.qtype == rtype::AXFR {
             "AXFR"
@@ -424,9 +428,6 @@ impl Catalog {
         }
         if r.qclass != 1 {
             return bare(rcode::REFUSED);
-        }
-        if r.qtype == rtype::AXFR && !tcp {
-            return bare(rcode::NOTIMP);
         }
         if r.qtype == rtype::IXFR && r.client_serial.is_none() {
             return bare(rcode::FORMERR);
