@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::Catalog;
 use super::query::Scratch;
 use super::records::{self, WireName, rtype};
-use super::stats::Shard;
+use super::stats::{Counter, Shard};
 use super::tsig::{self, Failure, Signer, TsigKey};
 use super::wire::Writer;
 use crate::snapshot::NamespaceSnapshot;
@@ -357,12 +357,34 @@ impl Catalog {
         s: &mut Scratch,
         shard: &Shard,
     ) -> Option<Vec<Vec<u8>>> {
+        let (msgs, counted) = self.special(req, tcp, peer, s, shard)?;
+        if !counted {
+            shard.add(if tcp {
+                Counter::QueriesTcp
+            } else {
+                Counter::QueriesUdp
+            });
+            let rcode = msgs.first().map_or(0, |m| u16::from(m[3] & 0xF));
+            shard.add(Counter::for_rcode(rcode));
+        }
+        Some(msgs)
+    }
+
+    /// [`Catalog::respond_special`]'s work; the flag: already counted (by `respond`).
+    fn special(
+        &self,
+        req: &[u8],
+        tcp: bool,
+        peer: IpAddr,
+        s: &mut Scratch,
+        shard: &Shard,
+    ) -> Option<(Vec<Vec<u8>>, bool)> {
         let r = scan(req)?;
         let cfg = &self.transfer;
         let now = unix_now();
         let bare = |rcode: u16| start(req, &r, rcode, false, 0);
         if r.misplaced_tsig {
-            return Some(vec![bare(rcode::FORMERR)]);
+            return Some((vec![bare(rcode::FORMERR)], false));
         }
         let mut signer: Option<Signer> = None;
         if let Some(at) = r.tsig_at {
@@ -371,19 +393,20 @@ impl Catalog {
                     let mut m = bare(rcode::NOTAUTH);
                     sg.sign(&mut m);
                     tracing::info!(%peer, "dns: TSIG time outside the fudge (BADTIME)");
-                    return Some(vec![m]);
+                    return Some((vec![m], false));
                 }
                 Ok(sg) => signer = Some(sg),
-                Err(Failure::Malformed) => return Some(vec![bare(rcode::FORMERR)]),
+                Err(Failure::Malformed) => return Some((vec![bare(rcode::FORMERR)], false)),
                 Err(Failure::Unsigned { error, key, alg }) => {
                     let mut m = bare(rcode::NOTAUTH);
                     tsig::append_unsigned(&mut m, &key, &alg, error, now);
                     tracing::info!(%peer, error, "dns: TSIG check failed");
-                    return Some(vec![m]);
+                    return Some((vec![m], false));
                 }
             }
         }
-        let mut msgs = if r.qtype != rtype::AXFR && r.qtype != rtype::IXFR {
+        let ordinary = r.qtype != rtype::AXFR && r.qtype != rtype::IXFR;
+        let mut msgs = if ordinary {
             // A signed ordinary query: answered as if unsigned, then signed.
             let at = r.tsig_at?;
             let mut plain = req[..at].to_vec();
@@ -400,7 +423,7 @@ impl Catalog {
                 sg.sign(m);
             }
         }
-        Some(msgs)
+        Some((msgs, ordinary))
     }
 
     fn transfer_messages(
@@ -690,6 +713,72 @@ mod tests {
             records(&ask(&c, &request(rtype::IXFR, None), true, "127.0.0.1")).0,
             1
         );
+    }
+
+    /// Mutated transfer and signed requests never panic; every reply parses and echoes the
+    /// id; nothing of the zone goes to a request that is neither signed nor allowed.
+    #[test]
+    fn garbage_never_panics_or_leaks() {
+        let c = catalog(&[]);
+        c.update(&snap(&[1, 2, 3]));
+        c.update(&snap(&[1, 2]));
+        let key: TsigKey = KEY.parse().unwrap();
+        let mut valid = vec![request(rtype::AXFR, None), request(rtype::IXFR, Some(100))];
+        let mut signed = request(rtype::IXFR, Some(100));
+        Signer::for_request(&key, unix_now()).sign(&mut signed);
+        valid.push(signed);
+        let mut q = vec![1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x02ns\x00\x00\x06\x00\x01");
+        Signer::for_request(&key, unix_now()).sign(&mut q);
+        valid.push(q);
+        let mut x: u64 = 99;
+        let mut rnd = |n: usize| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) as usize) % n.max(1)
+        };
+        let (mut s, shard) = (Scratch::new(0), Shard::default());
+        for round in 0..40_000 {
+            let mut pkt = valid[round % valid.len()].clone();
+            match rnd(3) {
+                0 => {
+                    for _ in 0..=rnd(3) {
+                        let i = rnd(pkt.len());
+                        pkt[i] = rnd(256) as u8;
+                    }
+                }
+                1 => pkt.truncate(rnd(pkt.len() + 1)),
+                _ => {
+                    let i = rnd(pkt.len());
+                    pkt[i] ^= 1 << rnd(8);
+                }
+            }
+            let tcp = round % 3 != 0;
+            let Some(msgs) =
+                c.respond_special(&pkt, tcp, "198.51.100.7".parse().unwrap(), &mut s, &shard)
+            else {
+                continue;
+            };
+            for m in &msgs {
+                assert_eq!(m[..2], pkt[..2]);
+                let parsed = Message::from_vec(m).unwrap_or_else(|e| panic!("{e}: {pkt:?}"));
+                // Records of the zone only with a verified signature (the mutation may
+                // have left the signed request intact).
+                if !parsed.answers.is_empty() {
+                    assert!(
+                        tsig::verify(
+                            &pkt,
+                            pkt.len() - TSIG_LEN,
+                            std::slice::from_ref(&key),
+                            unix_now()
+                        )
+                        .is_ok(),
+                        "zone data for an unsigned request {pkt:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
