@@ -199,10 +199,26 @@ pub async fn run(
     let mut catalog = dns::Catalog::new(dns_config.clone())
         .map_err(|e| config::ConfigError::Invalid(e.to_string()))?
         .with_transfer(config.transfer.clone());
+    // SOA serials kept increasing across restarts: in the embedded store, or with etcd in a
+    // small SQLite file of this replica's data dir (each replica serves its own serials;
+    // without a usable data dir they increase within the process only).
     if store_kind == "sqlite" {
-        // SOA serials kept increasing across restarts (the etcd store: per process only).
         let table = store::sqlite::SerialTable::open(&open_data_dir(&config)?)?;
         catalog = catalog.with_serial_store(Arc::new(table))?;
+    } else {
+        let local = open_data_dir(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|db| {
+                let path = db.with_file_name("zone-serials.sqlite3");
+                store::sqlite::SerialTable::open(&path).map_err(|e| e.to_string())
+            });
+        match local {
+            Ok(table) => catalog = catalog.with_serial_store(Arc::new(table))?,
+            Err(e) => tracing::warn!(
+                error = %e,
+                "SOA serials are not stored (data dir unusable): they may go backwards after a restart"
+            ),
+        }
     }
     let catalog = Arc::new(catalog);
     metrics.register_collector(metrics::DnsCollector(catalog.clone()));

@@ -6,8 +6,8 @@
 //! At start every stored ceiling is raised by [`LEASE`] in one write and each zone
 //! continues just above its old ceiling; a running zone writes a new ceiling only once
 //! every [`LEASE`] updates. A zone never seen before starts at the registry's serial (the
-//! clock in seconds). Without a store (the etcd backend) serials increase within a process
-//! only; they start from the clock again after a restart.
+//! clock in seconds). Without a store serials increase within a process only; they start
+//! from the clock again after a restart.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
