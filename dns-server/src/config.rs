@@ -557,6 +557,47 @@ mod tests {
     }
 
     #[test]
+    fn transfer_flags() {
+        const K: &str = "xfr:hmac-sha256:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let c = Config::try_from(args(&[])).unwrap();
+        assert!(c.transfer.keys.is_empty() && c.transfer.allow.is_empty());
+        assert!(c.transfer.notify.is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("keys");
+        let k2 = K.replacen("xfr", "other", 1);
+        std::fs::write(&f, format!("# keys\n\n{k2}\n")).unwrap();
+        let c = Config::try_from(args(&[
+            "--tsig-key",
+            K,
+            "--tsig-key-file",
+            f.to_str().unwrap(),
+            "--xfr-allow",
+            "10.0.0.0/8,::1",
+            "--notify",
+            "127.0.0.1:5300",
+        ]))
+        .unwrap();
+        assert_eq!(c.transfer.keys.len(), 2);
+        assert_eq!(c.transfer.allow.len(), 2);
+        assert_eq!(c.transfer.notify.len(), 1);
+        // The secret never shows in logs of the config.
+        assert!(!format!("{c:?}").contains("AAECAwQF"));
+        let e = err(&["--tsig-key", K, "--tsig-key", K]);
+        assert!(e.contains("defined twice"), "{e}");
+        let e = err(&[
+            "--tsig-key",
+            "xfr:hmac-md5:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        ]);
+        assert!(e.contains("hmac-sha256"), "{e}");
+        std::fs::write(&f, "broken line\n").unwrap();
+        let e = err(&["--tsig-key-file", f.to_str().unwrap()]);
+        assert!(e.contains(":1:"), "{e}");
+        assert!(err(&["--xfr-allow", "10.0.0.0/40"]).contains("prefix"));
+        assert!(err(&["--notify", "0.0.0.0:53"]).contains("--notify"));
+        assert!(err(&["--notify", "127.0.0.1:0"]).contains("--notify"));
+    }
+
+    #[test]
     fn token_rules_and_file() {
         assert!(err(&["--admin-token", "short"]).contains("at least"));
         let dir = tempfile::tempdir().unwrap();
