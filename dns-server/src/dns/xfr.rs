@@ -179,6 +179,8 @@ struct Request {
     tsig_at: Option<usize>,
     /// A TSIG record that is not the last one.
     misplaced_tsig: bool,
+    /// Largest UDP reply the client takes (512, or its EDNS payload up to ours).
+    udp_limit: usize,
 }
 
 /// Reads a QUERY that is a transfer or carries TSIG; None for anything else (served by
@@ -219,6 +221,7 @@ fn scan(req: &[u8]) -> Option<Request> {
     let (an, ns, ar) = (be16(req, 6), be16(req, 8), be16(req, 10));
     let mut client_serial = None;
     let (mut tsig_at, mut misplaced_tsig) = (None, false);
+    let mut udp_limit = 512;
     let total = u32::from(an) + u32::from(ns) + u32::from(ar);
     for k in 0..total {
         let start = i;
@@ -244,6 +247,10 @@ fn scan(req: &[u8]) -> Option<Request> {
                 ]));
             }
         }
+        if t == rtype::OPT && k >= u32::from(an) + u32::from(ns) {
+            let payload = usize::from(be16(req, j + 2));
+            udp_limit = payload.clamp(512, usize::from(super::query::EDNS_PAYLOAD));
+        }
         if t == tsig::TSIG {
             if k + 1 == total && k >= u32::from(an) + u32::from(ns) {
                 tsig_at = Some(start);
@@ -263,6 +270,7 @@ fn scan(req: &[u8]) -> Option<Request> {
         client_serial,
         tsig_at,
         misplaced_tsig,
+        udp_limit,
     })
 }
 
@@ -421,6 +429,17 @@ impl Catalog {
         if let Some(sg) = &mut signer {
             for m in &mut msgs {
                 sg.sign(m);
+            }
+            if !tcp && msgs.iter().any(|m| m.len() > r.udp_limit) {
+                // The signature pushed the answer over the client's limit: TC, signed
+                // afresh (over the request's MAC), so that it retries over TCP.
+                let mut tc = start(req, &r, 0, true, 0);
+                tc[2] |= 0x02;
+                let Ok(mut fresh) = tsig::verify(req, r.tsig_at?, &cfg.keys, now) else {
+                    return None;
+                };
+                fresh.sign(&mut tc);
+                msgs = vec![tc];
             }
         }
         Some((msgs, ordinary))
@@ -779,6 +798,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A signed answer that the signature pushes over 512 bytes (no EDNS) is sent as a
+    /// signed TC instead, so the client retries over TCP; over TCP the whole answer.
+    #[test]
+    fn signed_udp_answers_stay_within_the_limit() {
+        let c = catalog(&[]);
+        let mut big = snap(&[1]);
+        let mut reg = (*big.instances[0].registration).clone();
+        reg.addresses = (0..28).map(|k| IpAddr::from([10, 9, 0, k])).collect();
+        Arc::make_mut(&mut big.instances[0]).registration = Arc::new(reg);
+        c.update(&big);
+        let key: TsigKey = KEY.parse().unwrap();
+        let mut q = vec![1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x02m1\x02ns\x00\x00\x01\x00\x01");
+        let mut signer = Signer::for_request(&key, unix_now());
+        signer.sign(&mut q);
+        let (mut s, shard) = (Scratch::new(0), Shard::default());
+        let peer = "198.51.100.7".parse().unwrap();
+        let udp = c.respond_special(&q, false, peer, &mut s, &shard).unwrap();
+        assert!(udp[0].len() <= 512, "{}", udp[0].len());
+        let m = Message::from_vec(&udp[0]).unwrap();
+        assert!(m.metadata.truncation && m.answers.is_empty());
+        assert!(signer.verify_response(&udp[0], udp[0].len() - TSIG_LEN));
+        let tcp = c.respond_special(&q, true, peer, &mut s, &shard).unwrap();
+        let m = Message::from_vec(&tcp[0]).unwrap();
+        assert_eq!(m.answers.len(), 28);
+        assert!(tcp[0].len() > 512);
     }
 
     #[test]
