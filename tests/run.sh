@@ -8,7 +8,9 @@
 # Needs: dig (dnsutils), named-checkzone (bind9-utils), nsd-checkzone and nsd (nsd), knotd
 # (knot; NSD and Knot run as zone-transfer secondaries in dns-server's process tests),
 # systemd-analyze (systemd), chromium, python3 with PyYAML, etcd + protoc + the protobuf
-# well-known types (libprotobuf-dev) for the etcd feature.
+# well-known types (libprotobuf-dev) for the etcd feature; as root also podman (+ runc,
+# netavark, aardvark-dns, catatonit, iptables) and podman-compose (pip) for the compose
+# test, and iproute2 for the network-namespace test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,8 +24,27 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# the agent's test of a hanging name lookup runs it in namespaces (unshare -rnm, ip)
+command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# the agent's https registry test makes its certificates with openssl
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # etcd-client's protos import google/protobuf/descriptor.proto (well-known types)
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+# The compose example under rootful podman (dns-server/tests/deploy/podman.rs): podman with
+# runc (crun fails on hybrid cgroup hosts), netavark + aardvark-dns + iptables for the
+# compose network, catatonit for `init: true`; the test writes its own containers.conf.
+# The multi-host test (tests/e2e/multihost.rs) needs `ip netns` (iproute2).
+if [ "$(id -u)" = 0 ]; then
+  command -v podman >/dev/null 2>&1 || need+=(podman)
+  command -v runc >/dev/null 2>&1 || need+=(runc)
+  command -v catatonit >/dev/null 2>&1 || need+=(catatonit)
+  [ -x /usr/lib/podman/netavark ] || need+=(netavark aardvark-dns)
+  command -v iptables >/dev/null 2>&1 || need+=(iptables)
+  command -v ip >/dev/null 2>&1 || need+=(iproute2)
+  command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+  command -v strip >/dev/null 2>&1 || need+=(binutils)
+fi
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -42,6 +63,20 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "# Tests that need them print SKIP (and fail when CI=true).                   " >&2
     echo "############################################################################" >&2
   fi
+fi
+
+if [ "$(id -u)" = 0 ] && ! command -v podman-compose >/dev/null 2>&1; then
+  echo "tests/run.sh: installing podman-compose (pip)"
+  python3 -m pip install --quiet podman-compose >/dev/null 2>&1 ||
+    echo "tests/run.sh: WARNING: podman-compose missing; the podman test will SKIP (fail on CI)" >&2
+  # pyenv only sees a new script after a rehash
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash >/dev/null 2>&1 || true; fi
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "############################################################################" >&2
+  echo "# tests/run.sh: WARNING: not root: the podman compose test and the network-   " >&2
+  echo "# namespace multi-host test print SKIP (and fail when CI=true).               " >&2
+  echo "############################################################################" >&2
 fi
 
 if ! python3 -c 'import yaml' >/dev/null 2>&1; then

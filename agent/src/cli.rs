@@ -145,13 +145,17 @@ pub struct RunArgs {
     /// How this membrane receives messages (advertised in its registration).
     #[arg(long, value_enum, default_value_t = Mode::SharedVolume, env = "MEMBRANE_MODE")]
     pub mode: Mode,
-    /// Root of the shared message volume (shared-volume mode).
-    #[arg(
-        long,
-        env = "MEMBRANE_SHARED_DIR",
-        default_value = "/var/lib/membrane/shared"
-    )]
-    pub shared_dir: PathBuf,
+    /// Take over this id's registration if another instance holds it (an open registry
+    /// answers 409 otherwise; with tokens only the admin token can). Only for the first
+    /// registration: after that this agent's own instance secret (kept in --state-dir)
+    /// proves it is the same instance, across agent and server restarts.
+    #[arg(long, env = "MEMBRANE_REPLACE")]
+    pub replace: bool,
+    /// Root of the shared message volume (shared-volume mode); default `<state-dir>/shared`
+    /// (senders write to the path the receiver advertises, so agents of one user on one
+    /// host reach each other, and two deployments never share a directory by default).
+    #[arg(long, env = "MEMBRANE_SHARED_DIR")]
+    pub shared_dir: Option<PathBuf>,
     /// Message listener: a socket path (ipc mode) or HOST:PORT (tcp mode; with 0.0.0.0 or
     /// [::] the route address is advertised).
     #[arg(long, env = "MEMBRANE_LISTEN")]
@@ -159,6 +163,12 @@ pub struct RunArgs {
     /// Bearer token for the registry: the admin token or the namespace's join token.
     #[arg(long, env = "MEMBRANE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate(s), PEM, that an https:// registry's certificate must chain to.
+    #[arg(long, env = "MEMBRANE_REGISTRY_CA", value_name = "FILE")]
+    pub registry_ca: Option<PathBuf>,
+    /// Allow the token to go over plain http:// to a registry that is not on loopback.
+    #[arg(long, env = "MEMBRANE_INSECURE")]
+    pub insecure: bool,
     /// Time between heartbeats (±10 % jitter), e.g. 10s, 1m.
     #[arg(long, env = "MEMBRANE_HEARTBEAT_INTERVAL", default_value = "10s")]
     pub heartbeat_interval: String,
@@ -275,6 +285,12 @@ pub struct QueryArgs {
     /// Bearer token for the registry.
     #[arg(long, env = "MEMBRANE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate(s), PEM, that an https:// registry's certificate must chain to.
+    #[arg(long, env = "MEMBRANE_REGISTRY_CA", value_name = "FILE")]
+    pub registry_ca: Option<PathBuf>,
+    /// Allow the token to go over plain http:// to a registry that is not on loopback.
+    #[arg(long, env = "MEMBRANE_INSECURE")]
+    pub insecure: bool,
 }
 
 /// `agent register`.

@@ -6,8 +6,9 @@
 //! answer like a registry (no JSON). API errors (4xx with the registry's JSON error body) are
 //! returned as they are: another replica would answer the same.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
@@ -85,6 +86,11 @@ impl ClientError {
             ClientError::Api {
                 status: 401 | 403, ..
             } => Some("check --token / MEMBRANE_TOKEN (the admin or the namespace's join token)"),
+            ClientError::Api { code, .. } if code == "already_registered" => Some(
+                "another agent holds this --id (or this agent's --state-dir, which keeps its \
+                 instance secret, was lost): stop the other one and wait for its eviction, or \
+                 pass --replace to take the membrane over",
+            ),
             ClientError::Api { code, .. } if code == "namespace_not_found" => {
                 Some("check --namespace, or create it first: dns-server namespace create NAME")
             }
@@ -148,6 +154,12 @@ pub struct HttpRegistry {
     token: Option<String>,
     connect_timeout: Duration,
     request_timeout: Duration,
+    /// Per URL, the address the last connection went to: used when the resolver does not
+    /// answer (a container network's DNS is unreliable exactly while containers stop,
+    /// when the agent must deregister).
+    last_addr: Mutex<Vec<Option<SocketAddr>>>,
+    /// TLS for https URLs.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -157,12 +169,20 @@ impl HttpRegistry {
     pub fn new(urls: Vec<RegistryUrl>, token: Option<String>) -> Self {
         assert!(!urls.is_empty(), "at least one registry URL");
         HttpRegistry {
+            last_addr: Mutex::new(vec![None; urls.len()]),
             urls,
             current: AtomicUsize::new(0),
             token,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(10),
+            tls: None,
         }
+    }
+
+    /// Speaks TLS with this configuration to https URLs.
+    pub fn with_tls(mut self, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Sets the connect and whole-request timeouts.
@@ -182,14 +202,61 @@ impl HttpRegistry {
             url: url.to_string(),
             reason,
         };
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            tokio::net::TcpStream::connect((url.host.as_str(), url.port)),
-        )
+        let slot = self.urls.iter().position(|u| std::ptr::eq(u, url));
+        let known = slot.and_then(|i| self.last_addr.lock().unwrap_or_else(|e| e.into_inner())[i]);
+        let stream = tokio::time::timeout(self.connect_timeout, async {
+            let name = (url.host.as_str(), url.port);
+            let Some(known) = known else {
+                return tokio::net::TcpStream::connect(name).await;
+            };
+            // A fresh lookup first (the registry may have moved); when the resolver has
+            // not answered within half the connect timeout, the address that worked last.
+            let half = self.connect_timeout / 2;
+            match tokio::time::timeout(half, tokio::net::lookup_host(name)).await {
+                Ok(Ok(addrs)) => tokio::net::TcpStream::connect(&*addrs.collect::<Vec<_>>()).await,
+                _ => {
+                    tracing::debug!(%url, %known, "no name resolution: the last address");
+                    tokio::net::TcpStream::connect(known).await
+                }
+            }
+        })
         .await
         .map_err(|_| unreachable(format!("no connection within {:?}", self.connect_timeout)))?
         .map_err(|e| unreachable(e.to_string()))?;
+        if let (Some(i), Ok(peer)) = (slot, stream.peer_addr()) {
+            self.last_addr.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(peer);
+        }
         let _ = stream.set_nodelay(true);
+        if !url.tls {
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return Ok(sender);
+        }
+        let tls = self.tls.clone().ok_or_else(|| ClientError::NotRegistry {
+            url: url.to_string(),
+            reason: "https needs --registry-ca".into(),
+        })?;
+        let name = rustls_pki_types::ServerName::try_from(url.host.clone())
+            .map_err(|e| unreachable(format!("bad TLS server name: {e}")))?;
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio_rustls::TlsConnector::from(tls).connect(name, stream),
+        )
+        .await
+        .map_err(|_| {
+            unreachable(format!(
+                "no TLS handshake within {:?}",
+                self.connect_timeout
+            ))
+        })?
+        .map_err(|e| ClientError::NotRegistry {
+            url: url.to_string(),
+            reason: format!("TLS: {e}"),
+        })?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
@@ -316,23 +383,22 @@ impl HttpRegistry {
         format!("/v1/namespaces/{ns}/membranes/{id}")
     }
 
-    /// `PUT .../membranes/{id}`.
+    /// `PUT .../membranes/{id}`; `replace` adds `?replace=true` (take over a registration
+    /// another instance holds).
     pub async fn register(
         &self,
         ns: &NamespaceName,
         id: &MembraneId,
         reg: &Registration,
         secret: Option<&str>,
+        replace: bool,
     ) -> Result<RegisterResponse, ClientError> {
         let body = serde_json::to_vec(reg).expect("registration serialises");
-        let (_, bytes) = self
-            .call(
-                Method::PUT,
-                &Self::membrane_path(ns, id),
-                secret,
-                Some(body),
-            )
-            .await?;
+        let mut path = Self::membrane_path(ns, id);
+        if replace {
+            path.push_str("?replace=true");
+        }
+        let (_, bytes) = self.call(Method::PUT, &path, secret, Some(body)).await?;
         self.parse(&bytes)
     }
 

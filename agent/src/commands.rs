@@ -145,6 +145,8 @@ fn print_debug(debug: bool, v: &Value) {
 /// Without a running agent: resolve and deliver once, failing loudly.
 async fn send_direct(c: SendConfig) -> Result<(), AgentError> {
     let dir = &c.query.local.state_dir;
+    // The namespace relay key the agent stored, to sign TCP frames.
+    relay::auth::load(dir);
     let info = RelayInfo::load(dir).ok();
     let cache = CacheData::load(&dir.join(CACHE_FILE)).ok().flatten();
     let from = c
@@ -172,6 +174,7 @@ async fn send_direct(c: SendConfig) -> Result<(), AgentError> {
     crate::config::check_size(c.body.len(), max)?;
     let client = (!c.query.registry_urls.is_empty()).then(|| {
         HttpRegistry::new(c.query.registry_urls.clone(), c.query.token.clone())
+            .with_tls(c.query.tls.clone())
             .with_timeouts(Duration::from_secs(3), Duration::from_secs(10))
     });
     if client.is_none() && cache.is_none() {
@@ -268,13 +271,10 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
             cfg.state_dir.join(relay::RELAY_FILE).display()
         ))
     })?;
-    let md = Maildir::new(&info.maildir);
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(info.maildir.join(".recv.lock"))
-        .map_err(|e| AgentError::runtime(format!("{}: {e}", info.maildir.display())))?;
+    let md = info.maildir();
+    let lock_file = md
+        .open_recv_lock()
+        .map_err(|e| AgentError::runtime(format!("cannot lock the Maildir: {e}")))?;
     let _lock = tokio::task::spawn_blocking(move || {
         nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
     })
@@ -287,7 +287,8 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
         .map_err(|e| AgentError::runtime(format!("{}: {e}", info.maildir.display())))?;
     loop {
         let m = md.clone();
-        let (batch, full) = tokio::task::spawn_blocking(move || take_batch(&m, 512))
+        let me = info.clone();
+        let (batch, full) = tokio::task::spawn_blocking(move || take_batch(&m, &me, 512))
             .await
             .map_err(AgentError::runtime)?
             .map_err(|e| AgentError::runtime(format!("{}: {e}", info.maildir.display())))?;
@@ -345,24 +346,48 @@ async fn recv(cfg: &LocalConfig, follow: bool, as_json: bool) -> Result<(), Agen
 const LOG_BATCH: usize = 1024;
 
 /// Up to `max` readable messages of `new/`, oldest first; duplicates of taken messages are
-/// removed and unreadable files moved to `bad/`. `true` when more may be waiting.
-fn take_batch(md: &Maildir, max: usize) -> std::io::Result<(Vec<Envelope>, bool)> {
+/// removed. A file that is not a message for this membrane is moved to `bad/` (once, and
+/// logged; never printed): a symbolic link or special file, one over the size limit, one
+/// not in the message format, one whose name is not its header's id (else it would be
+/// printed again and again), one addressed to another membrane. `true` when more may be
+/// waiting.
+fn take_batch(
+    md: &Maildir,
+    info: &RelayInfo,
+    max: usize,
+) -> std::io::Result<(Vec<Envelope>, bool)> {
+    use crate::relay::maildir::ReadError;
     let ids = md.list_new()?;
     let full = ids.len() > max;
     let mut out = Vec::new();
+    let limit = info.max_message_bytes + shared::envelope::HEADER_ROOM;
     for id in ids.into_iter().take(max) {
-        if md.cur_dir().join(id.to_string()).exists() {
+        let (_, in_cur) = md.state_of(id);
+        if in_cur {
             let _ = md.remove_new(id);
             continue;
         }
-        match md.read_new(id) {
-            Ok(e) => out.push(e),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                let to = md.quarantine(id);
-                tracing::warn!(id = %id, error = %e, moved_to = ?to.ok(), "unreadable message set aside");
+        let why = match md.read_new(id, limit) {
+            Ok(e) if e.id != id => format!("its header says id {}", e.id),
+            Ok(e) if e.to != info.id || e.namespace != info.namespace => format!(
+                "addressed to {} in {}, not to {} in {}",
+                e.to, e.namespace, info.id, info.namespace
+            ),
+            Ok(e) if e.body.len() > info.max_message_bytes => format!(
+                "body of {} bytes, over the limit of {} bytes",
+                e.body.len(),
+                info.max_message_bytes
+            ),
+            Ok(e) => {
+                out.push(e);
+                continue;
             }
-        }
+            Err(ReadError::NotFound) => continue,
+            Err(ReadError::Unsafe(why)) => why,
+            Err(ReadError::Io(e)) => return Err(e),
+        };
+        let to = md.quarantine(id)?;
+        tracing::warn!(id = %id, reason = %why, moved_to = ?to, "message file set aside, not delivered");
     }
     Ok((out, full))
 }
@@ -496,6 +521,7 @@ async fn query(
     };
     let client = (!cfg.registry_urls.is_empty()).then(|| {
         HttpRegistry::new(cfg.registry_urls.clone(), cfg.token.clone())
+            .with_tls(cfg.tls.clone())
             .with_timeouts(Duration::from_secs(3), Duration::from_secs(10))
     });
     answer(

@@ -53,6 +53,8 @@ pub struct RunConfig {
     pub registry_urls: Vec<RegistryUrl>,
     /// Bearer token.
     pub token: Option<String>,
+    /// TLS for https registry URLs.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// The registration sent (addresses may be empty: route address).
     pub registration: Registration,
     /// tcp mode on an unspecified address: advertise the route address with this port.
@@ -67,6 +69,8 @@ pub struct RunConfig {
     pub state_dir: PathBuf,
     /// Message relay settings.
     pub relay: RelaySettings,
+    /// `--replace`: take over a registration held by another instance (first time only).
+    pub replace: bool,
 }
 
 /// Message relay settings of `agent run`.
@@ -119,6 +123,7 @@ impl RunConfig {
             max_backoff: self.max_backoff,
             shutdown_grace: self.shutdown_grace,
             state_dir: Some(self.state_dir.clone()),
+            replace: self.replace,
         }
     }
 }
@@ -153,6 +158,64 @@ fn urls(v: &[String]) -> Result<Vec<RegistryUrl>, ConfigError> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().map_err(|e| invalid("--registry-url", e)))
         .collect()
+}
+
+/// The TLS settings for the registry: a rustls client trusting the CAs of `ca` when a URL is
+/// https (required then); refuses a token over plain http to a host off loopback unless
+/// `insecure`.
+pub fn registry_tls(
+    urls: &[RegistryUrl],
+    token: Option<&str>,
+    ca: Option<&Path>,
+    insecure: bool,
+) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, ConfigError> {
+    if token.is_some()
+        && !insecure
+        && let Some(u) = urls.iter().find(|u| !u.tls && !u.is_loopback())
+    {
+        return Err(invalid(
+            "--registry-url",
+            format!(
+                "{u} would carry the token in clear to another host: use https:// with \
+                 --registry-ca (MEMBRANE_REGISTRY_CA), or --insecure (MEMBRANE_INSECURE) on a \
+                 trusted network"
+            ),
+        ));
+    }
+    if !urls.iter().any(|u| u.tls) {
+        return Ok(None);
+    }
+    let ca = ca.ok_or_else(|| {
+        invalid(
+            "--registry-ca",
+            "an https:// registry URL needs the CA certificate(s) to verify it (PEM file; \
+             no system roots are loaded)",
+        )
+    })?;
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<rustls_pki_types::CertificateDer<'static>> =
+        rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| invalid("--registry-ca", format!("{}: {e}", ca.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots
+            .add(c)
+            .map_err(|e| invalid("--registry-ca", format!("{}: {e}", ca.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid(
+            "--registry-ca",
+            format!("{}: no PEM certificate in it", ca.display()),
+        ));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("--registry-ca", e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(std::sync::Arc::new(cfg)))
 }
 
 fn token(v: &Option<String>) -> Result<Option<String>, ConfigError> {
@@ -311,6 +374,12 @@ impl TryFrom<RunArgs> for RunConfig {
         let max_backoff = duration("--max-backoff", &a.max_backoff)?;
         let shutdown_grace = duration("--shutdown-grace", &a.shutdown_grace)?;
         let token = token(&a.token)?;
+        let tls = registry_tls(
+            &registry_urls,
+            token.as_deref(),
+            a.registry_ca.as_deref(),
+            a.insecure,
+        )?;
         let state_dir = state_dir(&a.state_dir, Some(&id))?;
         if !state_dir.is_absolute() {
             return Err(invalid(
@@ -322,14 +391,18 @@ impl TryFrom<RunArgs> for RunConfig {
         let mut tcp_port_on_route = None;
         let endpoint = match a.mode {
             Mode::SharedVolume => {
-                if !a.shared_dir.is_absolute() {
+                let shared = a
+                    .shared_dir
+                    .clone()
+                    .unwrap_or_else(|| state_dir.join("shared"));
+                if !shared.is_absolute() {
                     return Err(invalid(
                         "--shared-dir",
-                        format!("{} must be an absolute path", a.shared_dir.display()),
+                        format!("{} must be an absolute path", shared.display()),
                     ));
                 }
                 Endpoint::SharedVolume {
-                    path: a.shared_dir.to_string_lossy().into_owned(),
+                    path: shared.to_string_lossy().into_owned(),
                 }
             }
             Mode::Ipc => {
@@ -387,9 +460,20 @@ impl TryFrom<RunArgs> for RunConfig {
             }
         };
 
+        let message_ttl = duration("--message-ttl", &a.message_ttl)?;
+        if message_ttl > crate::relay::MAX_MESSAGE_TTL {
+            return Err(invalid(
+                "--message-ttl",
+                format!(
+                    "{} is over the maximum of {}",
+                    a.message_ttl,
+                    humantime::format_duration(crate::relay::MAX_MESSAGE_TTL)
+                ),
+            ));
+        }
         let relay = RelaySettings {
             max_body: parse_size("--max-message-size", &a.max_message_size)?,
-            message_ttl: duration("--message-ttl", &a.message_ttl)?,
+            message_ttl,
             retry_max_backoff: duration("--retry-max-backoff", &a.retry_max_backoff)?,
             after_recv: a.after_recv,
         };
@@ -412,6 +496,7 @@ impl TryFrom<RunArgs> for RunConfig {
             namespace,
             registry_urls,
             token,
+            tls,
             registration,
             tcp_port_on_route,
             heartbeat_interval,
@@ -419,6 +504,7 @@ impl TryFrom<RunArgs> for RunConfig {
             shutdown_grace,
             state_dir,
             relay,
+            replace: a.replace,
         })
     }
 }
@@ -483,6 +569,8 @@ pub struct QueryConfig {
     pub registry_urls: Vec<RegistryUrl>,
     /// Bearer token.
     pub token: Option<String>,
+    /// TLS for https registry URLs.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl TryFrom<QueryArgs> for QueryConfig {
@@ -494,11 +582,20 @@ impl TryFrom<QueryArgs> for QueryConfig {
                 Some(NamespaceName::new(s).map_err(|e| invalid("--namespace", e.to_string()))?)
             }
         };
+        let registry_urls = urls(&a.registry_urls)?;
+        let token = token(&a.token)?;
+        let tls = registry_tls(
+            &registry_urls,
+            token.as_deref(),
+            a.registry_ca.as_deref(),
+            a.insecure,
+        )?;
         Ok(QueryConfig {
             local: a.local.try_into()?,
             namespace,
-            registry_urls: urls(&a.registry_urls)?,
-            token: token(&a.token)?,
+            registry_urls,
+            token,
+            tls,
         })
     }
 }

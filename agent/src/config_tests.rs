@@ -91,8 +91,9 @@ fn full_configuration() {
     assert_eq!(
         c.registration.endpoint,
         Some(Endpoint::SharedVolume {
-            path: "/var/lib/membrane/shared".into()
-        })
+            path: c.state_dir.join("shared").to_string_lossy().into_owned()
+        }),
+        "the default shared dir is under the state dir (writable, never another deployment's)"
     );
     let l = c.lifecycle();
     assert_eq!(l.min_backoff, Duration::from_secs(1));
@@ -124,7 +125,7 @@ fn invalid_values_name_the_flag() {
         (vec!["--parent", "w"], "--parent", "own parent"),
         (
             vec!["--registry-url", "https://r"],
-            "--registry-url",
+            "--registry-ca",
             "https",
         ),
         (
@@ -323,4 +324,31 @@ fn register_parent_choices() {
             .starts_with("--parent")
     );
     assert!(Cli::try_parse_from(["agent", "register", "--parent", "a", "--no-parent"]).is_err());
+}
+
+#[test]
+fn token_over_plain_http_off_loopback_needs_insecure_and_https_needs_a_ca() {
+    use crate::config::registry_tls;
+    use crate::url::RegistryUrl;
+    let off: Vec<RegistryUrl> = vec!["http://10.0.0.1:1".parse().unwrap()];
+    let e = registry_tls(&off, Some("t"), None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("in clear") && e.contains("--insecure"), "{e}");
+    assert!(registry_tls(&off, Some("t"), None, true).unwrap().is_none());
+    assert!(registry_tls(&off, None, None, false).unwrap().is_none());
+    let lo: Vec<RegistryUrl> = vec!["http://localhost:1".parse().unwrap()];
+    assert!(registry_tls(&lo, Some("t"), None, false).is_ok());
+    let https: Vec<RegistryUrl> = vec!["https://r:1".parse().unwrap()];
+    let e = registry_tls(&https, Some("t"), None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--registry-ca"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("ca.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let e = registry_tls(&https, Some("t"), Some(&junk), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no PEM certificate"), "{e}");
 }

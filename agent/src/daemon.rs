@@ -35,13 +35,20 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
         flag: "--state-dir",
         message: format!("cannot create {}: {e}", cfg.state_dir.display()),
     })?;
+    let nofile = crate::util::raise_fd_limit();
+    tracing::debug!(nofile, "open file limit");
+    let _lock = state::lock(&cfg.state_dir)
+        .await
+        .map_err(AgentError::runtime)?;
+    crate::relay::auth::load(&cfg.state_dir);
     let socket = state::control_socket(&cfg.state_dir);
+    // With the lock held, a socket file left there is a dead agent's.
+    let _ = std::fs::remove_file(&socket);
     let listener = control::bind(&socket).await.map_err(AgentError::runtime)?;
     let activity = Arc::new(Activity::new(cfg.state_dir.join(state::ACTIVITY_LOG)));
-    let client = Arc::new(HttpRegistry::new(
-        cfg.registry_urls.clone(),
-        cfg.token.clone(),
-    ));
+    let client = Arc::new(
+        HttpRegistry::new(cfg.registry_urls.clone(), cfg.token.clone()).with_tls(cfg.tls.clone()),
+    );
     let cache = Arc::new(Cache::open(&cfg.state_dir, cfg.namespace.clone()));
     let status = Arc::new(Mutex::new(Status::default()));
     let cancel = CancellationToken::new();

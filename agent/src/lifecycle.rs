@@ -26,13 +26,15 @@ use crate::util::{self, Backoff, Jitter};
 
 /// The registry operations the lifecycle needs.
 pub trait RegistryApi: Send + Sync + 'static {
-    /// Registers (or updates) the membrane; `secret` proves ownership of an existing one.
+    /// Registers (or updates) the membrane; `secret` proves ownership of an existing one,
+    /// `replace` asks to take over a registration held by another instance.
     fn register(
         &self,
         ns: &NamespaceName,
         id: &MembraneId,
         reg: &Registration,
         secret: Option<&str>,
+        replace: bool,
     ) -> impl Future<Output = Result<RegisterResponse, ClientError>> + Send;
     /// Heartbeats the membrane.
     fn heartbeat(
@@ -61,8 +63,9 @@ impl RegistryApi for HttpRegistry {
         id: &MembraneId,
         reg: &Registration,
         secret: Option<&str>,
+        replace: bool,
     ) -> impl Future<Output = Result<RegisterResponse, ClientError>> + Send {
-        HttpRegistry::register(self, ns, id, reg, secret)
+        HttpRegistry::register(self, ns, id, reg, secret, replace)
     }
     fn heartbeat(
         &self,
@@ -95,8 +98,9 @@ impl<T: RegistryApi> RegistryApi for Arc<T> {
         id: &MembraneId,
         reg: &Registration,
         secret: Option<&str>,
+        replace: bool,
     ) -> impl Future<Output = Result<RegisterResponse, ClientError>> + Send {
-        (**self).register(ns, id, reg, secret)
+        (**self).register(ns, id, reg, secret, replace)
     }
     fn heartbeat(
         &self,
@@ -146,6 +150,10 @@ pub struct LifecycleConfig {
     pub shutdown_grace: Duration,
     /// Where the instance secret is persisted (none in tests).
     pub state_dir: Option<PathBuf>,
+    /// Take over a registration another instance holds, on this process's first
+    /// registration only (afterwards its own secret proves it; replacing again would make
+    /// two agents with one id steal the membrane from each other forever).
+    pub replace: bool,
 }
 
 /// Where the lifecycle stands.
@@ -277,10 +285,19 @@ impl<R: RegistryApi> Lifecycle<R> {
         activity: Arc<Activity>,
         ready: Option<oneshot::Sender<()>>,
     ) -> Self {
-        let secret = cfg
-            .state_dir
-            .as_deref()
-            .and_then(|d| state::load_secret(d, &cfg.namespace, &cfg.id));
+        let secret = cfg.state_dir.as_deref().and_then(|d| {
+            state::load_secret(d, &cfg.namespace, &cfg.id).or_else(|| {
+                // Chosen (and kept) before the first registration: retries are then the
+                // same instance even when an answer was lost.
+                let s = state::new_secret()
+                    .inspect_err(|e| tracing::warn!(error = %e, "cannot make an instance secret"))
+                    .ok()?;
+                if let Err(e) = state::save_secret(d, &cfg.namespace, &cfg.id, &s) {
+                    tracing::warn!(error = %e, "cannot persist the instance secret");
+                }
+                Some(s)
+            })
+        });
         let jitter = if cfg.jitter > 0.0 {
             Jitter::new(cfg.jitter)
         } else {
@@ -365,10 +382,15 @@ impl<R: RegistryApi> Lifecycle<R> {
                 &self.cfg.id,
                 &reg,
                 self.secret.as_deref(),
+                self.cfg.replace && !self.ever_registered,
             )
             .await;
         match &r {
             Ok(resp) => {
+                crate::relay::auth::learned(
+                    self.cfg.state_dir.as_deref(),
+                    resp.relay_key.as_deref(),
+                );
                 if self.secret.as_deref() != Some(resp.instance_secret.as_str()) {
                     self.secret = Some(resp.instance_secret.clone());
                     if let Some(dir) = &self.cfg.state_dir

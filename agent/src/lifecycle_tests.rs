@@ -16,6 +16,7 @@ struct Call {
     kind: Kind,
     secret: Option<String>,
     parent: Option<String>,
+    replace: bool,
 }
 
 type Script = Box<dyn FnMut(Kind, usize) -> Result<(), ClientError> + Send>;
@@ -46,6 +47,7 @@ impl Fake {
         kind: Kind,
         secret: Option<&str>,
         parent: Option<String>,
+        replace: bool,
     ) -> Result<(), ClientError> {
         let mut calls = self.calls.lock().unwrap();
         let n = calls.iter().filter(|c| c.kind == kind).count();
@@ -54,6 +56,7 @@ impl Fake {
             kind,
             secret: secret.map(String::from),
             parent,
+            replace,
         });
         drop(calls);
         (self.script.lock().unwrap())(kind, n)
@@ -79,14 +82,16 @@ impl RegistryApi for Fake {
         id: &MembraneId,
         reg: &Registration,
         secret: Option<&str>,
+        replace: bool,
     ) -> Result<RegisterResponse, ClientError> {
         let parent = reg.parent.as_ref().map(|p| p.to_string());
-        self.record(Kind::Register, secret, parent)?;
+        self.record(Kind::Register, secret, parent, replace)?;
         tokio::time::sleep(self.register_delay).await;
         Ok(RegisterResponse {
             membrane: view(ns.as_str(), id.as_str(), "svc", "cap"),
             instance_secret: "s1".into(),
             created: secret.is_none(),
+            relay_key: None,
         })
     }
     async fn heartbeat(
@@ -95,7 +100,7 @@ impl RegistryApi for Fake {
         _id: &MembraneId,
         secret: &str,
     ) -> Result<HeartbeatAnswer, ClientError> {
-        self.record(Kind::Heartbeat, Some(secret), None)?;
+        self.record(Kind::Heartbeat, Some(secret), None, false)?;
         Ok(HeartbeatAnswer {
             state: Some("passing".into()),
             ttl_seconds: Some(30),
@@ -107,7 +112,7 @@ impl RegistryApi for Fake {
         _id: &MembraneId,
         secret: &str,
     ) -> Result<(), ClientError> {
-        self.record(Kind::Deregister, Some(secret), None)?;
+        self.record(Kind::Deregister, Some(secret), None, false)?;
         if self.hang_deregister {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
@@ -149,6 +154,7 @@ fn config(jitter: f64) -> LifecycleConfig {
         max_backoff: Duration::from_secs(8),
         shutdown_grace: Duration::from_secs(5),
         state_dir: None,
+        replace: false,
     }
 }
 
@@ -520,4 +526,52 @@ async fn grace_time_bounds_the_request_in_flight_and_the_deregistration_together
         "one grace time in all"
     );
     assert_eq!(fake.times(Kind::Deregister), [4]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replace_is_asked_until_the_first_registration_succeeds_only() {
+    let mut cfg = config(0.0);
+    cfg.replace = true;
+    let fake = Fake::new(|k, n| match (k, n) {
+        (Kind::Register, 0) => Err(unreachable()),
+        (Kind::Heartbeat, 1) => Err(api(404, "unknown membrane")),
+        _ => Ok(()),
+    });
+    let r = start(&fake, cfg);
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    stop(r).await.unwrap();
+    let replace: Vec<bool> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.kind == Kind::Register)
+        .map(|c| c.replace)
+        .collect();
+    // The failed first attempt and its retry ask; the re-registration after 404 does not.
+    assert_eq!(replace, [true, true, false]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_secret_is_picked_and_stored_before_the_first_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(0.0);
+    cfg.state_dir = Some(dir.path().to_path_buf());
+    // The first answer is lost: the retry must carry the same secret.
+    let fake = Fake::new(|k, n| match (k, n) {
+        (Kind::Register, 0) => Err(unreachable()),
+        _ => Ok(()),
+    });
+    let r = start(&fake, cfg.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop(r).await.unwrap();
+    let regs: Vec<_> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.kind == Kind::Register)
+        .map(|c| c.secret)
+        .collect();
+    let picked = regs[0]
+        .clone()
+        .expect("a secret with the first registration");
+    assert_eq!(picked.len(), 64);
+    assert_eq!(regs[1].as_deref(), Some(picked.as_str()));
 }

@@ -27,7 +27,13 @@ fn main() -> ExitCode {
             return ExitCode::from(agent::EXIT_FAILURE as u8);
         }
     };
-    match rt.block_on(agent::commands::dispatch(cli.command)) {
+    let result = rt.block_on(agent::commands::dispatch(cli.command));
+    // Dropping the runtime would wait for every blocking task, such as a name lookup of the
+    // registry that hangs on an unreachable resolver (a container network being torn
+    // down): the agent would outlive its stop timeout and be killed. Finished work is
+    // already durable here; give what is left a moment, then exit.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agent: {e}");

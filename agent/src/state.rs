@@ -2,7 +2,8 @@
 //! that lets a restarted agent re-register, heartbeat and deregister its membrane.
 //!
 //! Layout: `secret.json` (instance secret), `cache.json` (namespace cache), `control.sock`
-//! (control socket, 0600), `activity.log` (+ `activity.log.1`, JSON lines).
+//! (control socket, 0600), `activity.log` (+ `activity.log.1`, JSON lines), `agent.lock`
+//! (held with `flock` by the running agent: the kernel releases it when the process dies).
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,46 @@ pub const SECRET_FILE: &str = "secret.json";
 pub const CONTROL_SOCKET: &str = "control.sock";
 /// Activity log (JSON lines).
 pub const ACTIVITY_LOG: &str = "activity.log";
+
+/// Lock file of the running agent.
+pub const LOCK_FILE: &str = "agent.lock";
+
+/// How long a starting agent waits for the lock: an agent killed with SIGKILL holds it
+/// until the kernel has closed its files, a little after `kill -9` returned.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Takes the state directory's lock (`flock` on `agent.lock`), waiting up to
+/// [`LOCK_WAIT`] for a dying agent to release it. Held as long as the value lives.
+pub async fn lock(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LOCK_FILE);
+    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    loop {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) if tokio::time::Instant::now() < deadline => {
+                file = f;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(format!(
+                    "another agent is already running with state directory {} (it holds {})",
+                    dir.display(),
+                    path.display()
+                ));
+            }
+            Err((_, e)) => return Err(format!("cannot lock {}: {e}", path.display())),
+        }
+    }
+}
 
 /// The control socket path in `dir`.
 pub fn control_socket(dir: &Path) -> PathBuf {
@@ -51,6 +92,16 @@ pub fn load_secret(dir: &Path, ns: &NamespaceName, id: &MembraneId) -> Option<St
     let bytes = std::fs::read(dir.join(SECRET_FILE)).ok()?;
     let s: StoredSecret = serde_json::from_slice(&bytes).ok()?;
     (s.namespace == *ns && s.id == *id).then_some(s.secret)
+}
+
+/// A new instance secret: 32 random bytes from the kernel, hex. The agent picks it before
+/// its first registration (the registry adopts it), so a registration retried after a lost
+/// answer, or after a restart, proves the same instance.
+pub fn new_secret() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// Stores the secret (atomically, mode 0600).

@@ -1,5 +1,5 @@
-//! Registry URLs: plain `http://HOST[:PORT][/BASE]` only (the sidecar carries no TLS stack;
-//! put a local TLS-terminating proxy in front of a remote registry if needed).
+//! Registry URLs: `http://HOST[:PORT][/BASE]` or `https://HOST[:PORT][/BASE]` (TLS with
+//! rustls, verified against `--registry-ca`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -7,9 +7,11 @@ use std::str::FromStr;
 /// One parsed registry URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryUrl {
+    /// `https://`.
+    pub tls: bool,
     /// Host name or IP address, without IPv6 brackets.
     pub host: String,
-    /// TCP port (80 when absent).
+    /// TCP port (80, or 443 for https, when absent).
     pub port: u16,
     /// Path prefix without trailing slash (`""` for the root).
     pub base_path: String,
@@ -25,6 +27,16 @@ impl RegistryUrl {
         }
     }
 
+    /// Whether the host is a loopback address (or `localhost`): traffic never leaves the
+    /// machine.
+    pub fn is_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
     /// The request target for an API path like `/v1/...`.
     pub fn path(&self, p: &str) -> String {
         format!("{}{}", self.base_path, p)
@@ -33,7 +45,8 @@ impl RegistryUrl {
 
 impl fmt::Display for RegistryUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}{}", self.authority(), self.base_path)
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority(), self.base_path)
     }
 }
 
@@ -42,16 +55,13 @@ impl FromStr for RegistryUrl {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let rest = if let Some(r) = s.strip_prefix("http://") {
-            r
-        } else if s.starts_with("https://") {
-            return Err(format!(
-                "{s:?}: https is not supported by the agent (no TLS in the sidecar); \
-                 use http:// (for example through a local TLS-terminating proxy)"
-            ));
+        let (tls, rest) = if let Some(r) = s.strip_prefix("http://") {
+            (false, r)
+        } else if let Some(r) = s.strip_prefix("https://") {
+            (true, r)
         } else {
             return Err(format!(
-                "{s:?} is not an http:// URL (expected http://HOST[:PORT], e.g. http://127.0.0.1:8765)"
+                "{s:?} is not an http:// or https:// URL (expected http[s]://HOST[:PORT], e.g. http://127.0.0.1:8765)"
             ));
         };
         if rest.contains(['?', '#']) {
@@ -90,6 +100,7 @@ impl FromStr for RegistryUrl {
             return Err(format!("{s:?}: missing host"));
         }
         let port = match port {
+            None if tls => 443,
             None => 80,
             Some(p) => match p.parse::<u16>() {
                 Ok(n) if n > 0 => n,
@@ -97,6 +108,7 @@ impl FromStr for RegistryUrl {
             },
         };
         Ok(RegistryUrl {
+            tls,
             host: host.to_string(),
             port,
             base_path: path.trim_end_matches('/').to_string(),
@@ -123,14 +135,30 @@ mod tests {
         assert_eq!((u.host.as_str(), u.port), ("::1", 99));
         assert_eq!(u.authority(), "[::1]:99");
         assert_eq!(u.to_string(), "http://[::1]:99");
+        let u: RegistryUrl = "https://registry.example".parse().unwrap();
+        assert_eq!((u.tls, u.port), (true, 443));
+        assert_eq!(u.to_string(), "https://registry.example:443");
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for (u, lo) in [
+            ("http://127.0.0.1:1", true),
+            ("http://127.3.4.5:1", true),
+            ("http://[::1]:1", true),
+            ("http://localhost:1", true),
+            ("http://10.0.0.1:1", false),
+            ("http://registry:1", false),
+        ] {
+            assert_eq!(u.parse::<RegistryUrl>().unwrap().is_loopback(), lo, "{u}");
+        }
     }
 
     #[test]
     fn rejects_with_reason() {
         for (bad, needle) in [
-            ("https://r:1", "https is not supported"),
-            ("ftp://r", "not an http:// URL"),
-            ("r:8765", "not an http:// URL"),
+            ("ftp://r", "not an http:// or https:// URL"),
+            ("r:8765", "not an http:// or https:// URL"),
             ("http://:80", "missing host"),
             ("http://r:0", "port"),
             ("http://r:x", "port"),

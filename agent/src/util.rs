@@ -5,6 +5,29 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Raises the soft limit on open files to the hard limit (at most 1M), so that peers
+/// holding connections cannot exhaust the descriptors the agent needs for its heartbeats;
+/// returns the soft limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            let want = hard.min(1 << 20);
+            if want > soft && setrlimit(Resource::RLIMIT_NOFILE, want, hard).is_ok() {
+                return want;
+            }
+            soft
+        }
+        Err(_) => 1024,
+    }
+}
+
+/// The soft limit on open files.
+pub fn fd_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft)
+}
+
 /// RFC 3339 (UTC, seconds) rendering of a wall-clock time.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()

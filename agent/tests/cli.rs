@@ -18,3 +18,9 @@ mod usage;
 
 #[path = "cli/relay.rs"]
 mod relay;
+
+#[path = "cli/relay_security.rs"]
+mod relay_security;
+
+#[path = "cli/tls.rs"]
+mod tls;

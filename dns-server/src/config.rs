@@ -85,9 +85,33 @@ pub struct ServerArgs {
     #[arg(long, env = "MEMBRANE_DOMAIN_SUFFIX", value_name = "SUFFIX")]
     pub domain_suffix: Option<String>,
 
-    /// Host name in every zone's NS and SOA records [default: ns.dns.<zone>.]
-    #[arg(long, env = "MEMBRANE_NS_HOST", value_name = "NAME")]
-    pub ns_host: Option<String>,
+    /// NS hosts of every zone, the first one also the SOA's primary; repeat or
+    /// comma-separate. NAME=IP gives a host its address (repeat the host for more);
+    /// without, a host in the zone gets the --ns-address ones [default: ns.dns.<zone>.]
+    #[arg(
+        long,
+        env = "MEMBRANE_NS_HOST",
+        value_name = "NAME[=IP]",
+        value_delimiter = ','
+    )]
+    pub ns_host: Vec<String>,
+
+    /// NSID (RFC 5001) returned to DNS queries that ask for it, e.g. the host name
+    /// [default: none]
+    #[arg(long, env = "MEMBRANE_NSID", value_name = "ID")]
+    pub nsid: Option<String>,
+
+    /// UDP responses per second to one source /24 (IPv4) or /56 (IPv6); 0: no limit.
+    /// TCP, loopback and queries with a valid DNS cookie are never limited.
+    #[arg(long, env = "MEMBRANE_DNS_RATE_LIMIT", value_name = "N",
+          default_value_t = crate::dns::DEFAULT_RATE)]
+    pub dns_rate_limit: u32,
+
+    /// Of the UDP responses over the rate limit, send every Nth truncated (TC=1, so real
+    /// clients retry over TCP) and drop the rest; 0: drop them all.
+    #[arg(long, env = "MEMBRANE_DNS_RATE_LIMIT_SLIP", value_name = "N",
+          default_value_t = crate::dns::DEFAULT_SLIP)]
+    pub dns_rate_limit_slip: u32,
 
     /// Address(es) served for the NS host [default: the specific --dns-listen addresses]
     #[arg(
@@ -297,12 +321,9 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Admin token; `None`: open.
     pub admin_token: Option<String>,
-    /// Zone suffix, lowercase, without leading or trailing dot.
-    pub domain_suffix: Option<String>,
-    /// NS host name, when not the default.
-    pub ns_host: Option<String>,
-    /// Addresses of the NS host.
-    pub ns_addresses: Vec<std::net::IpAddr>,
+    /// DNS settings (zone suffix lowercase, without leading or trailing dot; NS hosts;
+    /// NSID; rate limit), validated.
+    pub dns: crate::dns::DnsConfig,
     /// Store.
     pub store: StoreKind,
     /// Key prefix in etcd (ends with `/`).
@@ -441,13 +462,33 @@ impl TryFrom<ServerArgs> for Config {
         } else {
             a.ns_address.clone()
         };
-        let dns_check = crate::dns::DnsConfig {
+        let mut ns_hosts = Vec::new();
+        for h in &a.ns_host {
+            let (name, addr) = match h.split_once('=') {
+                Some((n, ip)) => {
+                    let ip: std::net::IpAddr = ip.trim().parse().map_err(|_| {
+                        invalid(format!("--ns-host {h:?}: {ip:?} is not an IP address"))
+                    })?;
+                    (n.trim(), Some(ip))
+                }
+                None => (h.trim(), None),
+            };
+            ns_hosts.push(crate::dns::NsHost {
+                name: name.to_string(),
+                addresses: addr.into_iter().collect(),
+            });
+        }
+        let dns = crate::dns::DnsConfig {
             domain_suffix: a.domain_suffix.as_deref().map(parse_suffix).transpose()?,
-            ns_host: a.ns_host.clone(),
-            ns_addresses: ns_addresses.clone(),
+            ns_hosts,
+            ns_addresses,
+            nsid: a.nsid.clone(),
+            rate_limit: crate::dns::RateLimit {
+                responses_per_second: a.dns_rate_limit,
+                slip: a.dns_rate_limit_slip,
+            },
         };
-        dns_check
-            .validate()
+        dns.validate()
             .map_err(|e| invalid(format!("DNS settings: {e}")))?;
         let mut keys = Vec::new();
         let mut key_lines: Vec<(String, String)> = a
@@ -500,13 +541,11 @@ impl TryFrom<ServerArgs> for Config {
         };
         Ok(Config {
             transfer,
-            ns_host: a.ns_host,
-            ns_addresses,
+            dns,
             data_dir: a.data_dir.unwrap_or_else(default_data_dir),
             dns_listen: a.dns_listen,
             http_listen: a.http_listen,
             admin_token,
-            domain_suffix: a.domain_suffix.as_deref().map(parse_suffix).transpose()?,
             store,
             etcd_prefix,
             max_body_bytes: a.max_body_bytes,
@@ -629,7 +668,7 @@ mod tests {
         assert!(err(&["--store", "etcd://nohost"]).contains("HOST:PORT"));
         assert!(err(&["--store", "redis"]).contains("not known"));
         let c = Config::try_from(args(&["--domain-suffix", "Svc.Example."])).unwrap();
-        assert_eq!(c.domain_suffix.as_deref(), Some("svc.example"));
+        assert_eq!(c.dns.domain_suffix.as_deref(), Some("svc.example"));
         assert!(err(&["--domain-suffix", "bad_label.x"]).contains("domain-suffix"));
     }
 
@@ -638,6 +677,47 @@ mod tests {
         let c = Config::try_from(args(&["--dns-listen", "127.0.0.1:0,[::1]:0"])).unwrap();
         assert_eq!(c.dns_listen.len(), 2);
         assert!(Cli::try_parse_from(["dns-server", "--dns-listen", "nope"]).is_err());
+    }
+
+    #[test]
+    fn dns_flags() {
+        let c = Config::try_from(args(&[
+            "--dns-listen",
+            "192.0.2.9:53",
+            "--ns-host",
+            "ns1.example.=192.0.2.1,ns1.example.=2001:db8::1,ns2.example",
+            "--nsid",
+            "dns-a",
+            "--dns-rate-limit",
+            "50",
+            "--dns-rate-limit-slip",
+            "3",
+        ]))
+        .unwrap();
+        let hosts: Vec<_> = c
+            .dns
+            .ns_hosts
+            .iter()
+            .map(|h| (h.name.as_str(), h.addresses.len()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [("ns1.example.", 1), ("ns1.example.", 1), ("ns2.example", 0)]
+        );
+        assert_eq!(
+            c.dns.ns_addresses,
+            ["192.0.2.9".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(c.dns.nsid.as_deref(), Some("dns-a"));
+        assert_eq!(c.dns.rate_limit.responses_per_second, 50);
+        assert_eq!(c.dns.rate_limit.slip, 3);
+        let d = Config::try_from(args(&[])).unwrap();
+        assert_eq!(d.dns.rate_limit, crate::dns::RateLimit::default());
+        assert!(d.dns.nsid.is_none());
+        assert!(err(&["--ns-host", "ns1.example=300.1.1.1"]).contains("not an IP"));
+        assert!(err(&["--ns-host", "bad host"]).contains("NS host"));
+        assert!(err(&["--nsid", ""]).contains("NSID"));
+        assert!(err(&["--nsid", &"x".repeat(129)]).contains("NSID"));
     }
 
     #[test]

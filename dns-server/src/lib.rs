@@ -135,7 +135,9 @@ fn udp_sockets() -> usize {
         .clamp(1, 8)
 }
 
-fn open_data_dir(config: &Config) -> Result<std::path::PathBuf, RunError> {
+/// Creates the data directory if needed and locks it for this process; returns the
+/// database path and the lock (hold it until the store is closed).
+fn open_data_dir(config: &Config) -> Result<(std::path::PathBuf, store::DataDirLock), RunError> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = &config.data_dir;
     std::fs::DirBuilder::new()
@@ -143,7 +145,8 @@ fn open_data_dir(config: &Config) -> Result<std::path::PathBuf, RunError> {
         .mode(0o700)
         .create(dir)
         .map_err(io_err(format!("creating data dir {}", dir.display())))?;
-    Ok(dir.join("registry.sqlite3"))
+    let lock = store::lock_data_dir(dir)?;
+    Ok((dir.join("registry.sqlite3"), lock))
 }
 
 fn notify_systemd(state: sd_notify::NotifyState<'_>) {
@@ -162,9 +165,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
-    let (registry, writer_thread, store_kind) = match &config.store {
+    let (registry, writer_thread, store_kind, _dir_lock) = match &config.store {
         StoreKind::Sqlite => {
-            let db = open_data_dir(&config)?;
+            let (db, lock) = open_data_dir(&config)?;
             let (loaded, writer, writer_thread) = store::sqlite::open(&db)?;
             tracing::info!(
                 path = %db.display(),
@@ -172,14 +175,27 @@ pub async fn run(
                 membranes = loaded.membranes.len(),
                 "store opened"
             );
+            for (namespace, membranes) in &loaded.orphaned {
+                tracing::warn!(
+                    namespace,
+                    membranes,
+                    "registrations of a namespace that does not exist: kept on disk, not \
+                     served (create the namespace again and restart to serve them)"
+                );
+            }
             let registry = Registry::new(loaded, writer, metrics.clone());
-            (Arc::new(registry), Some(writer_thread), "sqlite")
+            (
+                Arc::new(registry),
+                Some(writer_thread),
+                "sqlite",
+                Some(lock),
+            )
         }
         #[cfg(feature = "etcd")]
         StoreKind::Etcd(endpoints) => {
             let registry =
                 open_etcd(endpoints, &config.etcd_prefix, metrics.clone(), &shutdown).await?;
-            (registry, None, "etcd")
+            (registry, None, "etcd", None)
         }
         #[cfg(not(feature = "etcd"))]
         StoreKind::Etcd(_) => {
@@ -191,29 +207,32 @@ pub async fn run(
             .into());
         }
     };
-    let dns_config = dns::DnsConfig {
-        domain_suffix: config.domain_suffix.clone(),
-        ns_host: config.ns_host.clone(),
-        ns_addresses: config.ns_addresses.clone(),
-    };
+    let dns_config = config.dns.clone();
     let mut catalog = dns::Catalog::new(dns_config.clone())
         .map_err(|e| config::ConfigError::Invalid(e.to_string()))?
         .with_transfer(config.transfer.clone());
     // SOA serials kept increasing across restarts: in the embedded store, or with etcd in a
     // small SQLite file of this replica's data dir (each replica serves its own serials;
     // without a usable data dir they increase within the process only).
+    // (The embedded store's data dir is locked above; with etcd it is locked here, so two
+    // replicas never share one serial file.)
+    let mut _serial_dir_lock = None;
     if store_kind == "sqlite" {
-        let table = store::sqlite::SerialTable::open(&open_data_dir(&config)?)?;
+        let table = store::sqlite::SerialTable::open(&config.data_dir.join("registry.sqlite3"))?;
         catalog = catalog.with_serial_store(Arc::new(table))?;
     } else {
         let local = open_data_dir(&config)
             .map_err(|e| e.to_string())
-            .and_then(|db| {
+            .and_then(|(db, lock)| {
                 let path = db.with_file_name("zone-serials.sqlite3");
-                store::sqlite::SerialTable::open(&path).map_err(|e| e.to_string())
+                let table = store::sqlite::SerialTable::open(&path).map_err(|e| e.to_string())?;
+                Ok((table, lock))
             });
         match local {
-            Ok(table) => catalog = catalog.with_serial_store(Arc::new(table))?,
+            Ok((table, lock)) => {
+                catalog = catalog.with_serial_store(Arc::new(table))?;
+                _serial_dir_lock = Some(lock);
+            }
             Err(e) => tracing::warn!(
                 error = %e,
                 "SOA serials are not stored (data dir unusable): they may go backwards after a restart"
@@ -264,9 +283,12 @@ pub async fn run(
     {
         let shutdown = shutdown.clone();
         let (udp, tcp) = (listeners.dns_udp, listeners.dns_tcp);
-        let catalog = catalog.clone();
+        // On threads of their own: HTTP load must not delay DNS answers.
+        let dns =
+            dns::serve_on_own_threads(udp, tcp, catalog.clone(), shutdown.clone(), udp_sockets())
+                .map_err(io_err("starting the dns threads"))?;
         tasks.spawn(async move {
-            if let Err(e) = dns::serve(udp, tcp, catalog, shutdown.clone()).await {
+            if let Err(e) = dns.await {
                 tracing::error!(error = %e, "dns server failed");
                 shutdown.cancel();
             }

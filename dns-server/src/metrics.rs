@@ -89,6 +89,11 @@ impl prometheus_client::collector::Collector for DnsCollector {
             "DNS packets dropped without an answer",
             &[(&[], s.dropped)],
         )?;
+        family(
+            "dns_rate_limited",
+            "UDP responses over the rate limit (dropped or sent truncated)",
+            &[(&[], s.rate_limited)],
+        )?;
         Ok(())
     }
 }

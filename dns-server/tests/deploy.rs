@@ -10,6 +10,7 @@ mod deploy {
     pub mod browser;
     pub mod common;
     pub mod export;
+    pub mod podman;
     pub mod run_local;
     pub mod systemd;
 }

@@ -3,6 +3,8 @@
 
 #[path = "dns/common.rs"]
 mod common;
+#[path = "dns/conformance.rs"]
+mod conformance;
 #[path = "dns/export.rs"]
 mod export;
 #[path = "dns/resolver.rs"]

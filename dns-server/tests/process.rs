@@ -6,5 +6,6 @@ mod process {
     mod durability;
     pub mod harness;
     mod secondaries;
+    mod storage;
     pub mod xfr;
 }

@@ -245,6 +245,8 @@ pub enum FrameKind {
     Ack = 2,
     /// Refused for good.
     Nack = 3,
+    /// A message with its sender's HMAC-SHA256 tag (32 bytes, then the message).
+    SignedMsg = 4,
 }
 
 /// A refusal, the payload of a NACK frame.
@@ -267,6 +269,8 @@ pub enum Frame {
     Ack(MessageId),
     /// Refused.
     Nack(Refusal),
+    /// A message with the HMAC-SHA256 tag of its sender (see [`crate::relay_auth`]).
+    Signed([u8; 32], Vec<u8>),
 }
 
 /// Appends one frame of `kind` with `payload` to `out`.
@@ -276,6 +280,16 @@ pub fn encode_frame(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) {
     out.push(FRAME_VERSION);
     out.push(kind as u8);
     out.extend_from_slice(payload);
+}
+
+/// Appends one signed message frame (`tag`, then the message `msg`) to `out`.
+pub fn encode_signed_frame(tag: &[u8; 32], msg: &[u8], out: &mut Vec<u8>) {
+    let len = u32::try_from(msg.len() + 34).expect("frame fits u32");
+    out.extend_from_slice(&len.to_be_bytes());
+    out.push(FRAME_VERSION);
+    out.push(FrameKind::SignedMsg as u8);
+    out.extend_from_slice(tag);
+    out.extend_from_slice(msg);
 }
 
 impl Frame {
@@ -289,6 +303,7 @@ impl Frame {
                 &serde_json::to_vec(r).expect("refusal serialises"),
                 out,
             ),
+            Frame::Signed(tag, b) => encode_signed_frame(tag, b, out),
         }
     }
 
@@ -329,6 +344,15 @@ impl Frame {
                 serde_json::from_slice(&payload)
                     .map_err(|e| DecodeError::BadFrame(format!("nack: {e}")))?,
             ),
+            4 if payload.len() >= 32 => {
+                let tag: [u8; 32] = payload[..32].try_into().expect("32 bytes");
+                Frame::Signed(tag, payload[32..].to_vec())
+            }
+            4 => {
+                return Err(DecodeError::BadFrame(
+                    "signed message without its tag".into(),
+                ));
+            }
             k => return Err(DecodeError::BadFrame(format!("unknown kind {k}"))),
         };
         Ok(Some(frame))
@@ -340,6 +364,8 @@ impl Frame {
 pub struct Meta {
     /// Id.
     pub id: MessageId,
+    /// Sender.
+    pub from: MembraneId,
     /// Recipient.
     pub to: MembraneId,
     /// Namespace.
@@ -373,6 +399,7 @@ pub fn peek(bytes: &[u8]) -> Result<Meta, DecodeError> {
     }
     Ok(Meta {
         id: h.id,
+        from: h.from,
         to: h.to,
         namespace: h.namespace,
         body_len: h.body_len,

@@ -9,6 +9,7 @@
 pub mod envelope;
 pub mod model;
 pub mod name;
+pub mod relay_auth;
 
 pub use model::{
     CreateNamespace, Endpoint, ErrorBody, ErrorDetail, Event, HealthState, MembraneView,

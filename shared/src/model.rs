@@ -636,6 +636,10 @@ pub struct RegisterResponse {
     pub instance_secret: String,
     /// Whether this created the registration (false: updated an existing one).
     pub created: bool,
+    /// The namespace's relay key (64 hex digits) for signing and checking relay messages
+    /// ([`crate::relay_auth`]); absent when the registry runs without an admin token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_key: Option<String>,
 }
 
 /// The JSON error shape: `{"error": {"code": "...", "message": "..."}}`.

@@ -1,4 +1,5 @@
 //! End-to-end: `dns-server` and `agent` processes together on loopback.
 
 mod harness;
+mod multihost;
 mod sidecar;

@@ -8,10 +8,12 @@
 //!   sender's pipelined connection;
 //! - [`outbox`]: durable spool (a segment log), per-destination delivery with backoff,
 //!   backpressure, expiry, dead letters;
+//! - [`auth`]: the namespace relay key (sender authentication of TCP frames);
 //! - [`resolve`]: targets (`id`, `parent`, `children`, `_svc._tcp`) to membranes and routes;
 //! - this module: message ids, the relay settings file, the shared-volume watcher, and the
 //!   pieces `agent send` / `agent recv` share with `agent run`.
 
+pub mod auth;
 pub mod inlog;
 pub mod maildir;
 pub mod outbox;
@@ -38,6 +40,10 @@ use maildir::Maildir;
 /// File in the state directory describing the relay of the running agent (for `agent recv`
 /// and `agent send` without a daemon).
 pub const RELAY_FILE: &str = "relay.json";
+
+/// Longest configurable message lifetime (`--message-ttl`); receivers refuse messages that
+/// claim to expire later than this from now.
+pub const MAX_MESSAGE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Largest configurable message body.
 pub const MAX_BODY_LIMIT: usize = 16 * 1024 * 1024;
@@ -69,9 +75,21 @@ pub struct RelayInfo {
     pub max_message_bytes: usize,
     /// Message lifetime for the sender's retries, in ms.
     pub message_ttl_ms: u64,
+    /// Shared-volume mode: the shared directory (trusted; the `<ns>/<id>` below it must be
+    /// real directories).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_dir: Option<PathBuf>,
 }
 
 impl RelayInfo {
+    /// The membrane's Maildir.
+    pub fn maildir(&self) -> Maildir {
+        match &self.shared_dir {
+            Some(s) => Maildir::for_membrane(s, &self.namespace, &self.id),
+            None => Maildir::new(&self.maildir),
+        }
+    }
+
     /// Reads `relay.json` of `state_dir`.
     pub fn load(state_dir: &Path) -> std::io::Result<RelayInfo> {
         let b = std::fs::read(state_dir.join(RELAY_FILE))?;
@@ -267,9 +285,8 @@ pub async fn watch_maildir(
         let Ok(states) = tokio::task::spawn_blocking(move || {
             ids.into_iter()
                 .map(|id| {
-                    let name = id.to_string();
-                    let in_new = m.new_dir().join(&name).exists();
-                    let dup = in_new && m.cur_dir().join(&name).exists();
+                    let (in_new, in_cur) = m.state_of(id);
+                    let dup = in_new && in_cur;
                     if dup {
                         let _ = m.remove_new(id);
                     }

@@ -449,9 +449,10 @@ impl Spool {
         let mut spool = Spool { log, live, per_seg };
         // The previous format: one file per message in new/.
         let old = Maildir::new(dir);
-        if old.new_dir().is_dir() {
+        if old.exists() {
             for id in old.list_new()? {
-                if let Ok(e) = old.read_new(id)
+                if let Ok(e) =
+                    old.read_new(id, super::MAX_BODY_LIMIT + shared::envelope::HEADER_ROOM)
                     && !spool.live.contains_key(&id)
                 {
                     spool.append(&e.id, &e.encode());
@@ -650,11 +651,15 @@ pub async fn deliver(
             let owned: Vec<(MessageId, Vec<u8>)> =
                 batch.iter().map(|e| (e.id, e.encode())).collect();
             return tokio::task::spawn_blocking(move || {
-                if !md.exists() {
-                    return Err(format!(
-                        "Maildir {} does not exist (has the receiving agent started?)",
-                        md.root().display()
-                    ));
+                match md.check() {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(format!(
+                            "Maildir {} does not exist (has the receiving agent started?)",
+                            md.root().display()
+                        ));
+                    }
+                    Err(e) => return Err(format!("Maildir {}: {e}", md.root().display())),
+                    Ok(()) => {}
                 }
                 let refs: Vec<(MessageId, &[u8])> =
                     owned.iter().map(|(i, b)| (*i, &b[..])).collect();
@@ -681,8 +686,18 @@ pub async fn deliver(
         .zip(&bytes)
         .map(|(e, b)| (e.id, &b[..]))
         .collect();
+    // Only TCP receivers check tags (ipc peers are checked by uid).
+    let key = matches!(addr, Addr::Tcp(_))
+        .then(|| {
+            super::auth::signing_key(
+                super::auth::current(),
+                first.namespace.as_str(),
+                first.from.as_str(),
+            )
+        })
+        .flatten();
     let c = conn.as_mut().expect("connected");
-    match c.send_batch(&msgs, ack_timeout).await {
+    match c.send_signed(&msgs, key.as_ref(), ack_timeout).await {
         Ok(a) => Ok(a),
         Err(e) => {
             *conn = None;

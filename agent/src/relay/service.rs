@@ -103,6 +103,10 @@ pub async fn start(
         after_recv: cfg.relay.after_recv,
         max_message_bytes: cfg.relay.max_body,
         message_ttl_ms: cfg.relay.message_ttl.as_millis() as u64,
+        shared_dir: match &endpoint {
+            Endpoint::SharedVolume { path } => Some(path.into()),
+            _ => None,
+        },
     };
     info.save(&cfg.state_dir)
         .map_err(|e| format!("cannot write {}: {e}", super::RELAY_FILE))?;
@@ -134,6 +138,7 @@ pub async fn start(
     tasks.spawn(committer);
     // Tombstones of deleted messages are kept well past the longest sender retry.
     let tombstone_age = Duration::from_secs(24 * 3600).max(cfg.relay.message_ttl * 2);
+    let limits = wire::Limits::for_fd_limit(crate::util::fd_limit());
     match &endpoint {
         Endpoint::SharedVolume { .. } => {
             tasks.spawn(super::watch_maildir(
@@ -149,14 +154,15 @@ pub async fn start(
                 .await
                 .map_err(|e| format!("cannot listen on {path}: {e}"))?;
             tracing::info!(path = %path, "relay listening (ipc)");
-            tasks.spawn(wire::serve_unix(l, inbox.clone(), cancel.clone()));
+            tasks.spawn(wire::serve_unix(l, inbox.clone(), limits, cancel.clone()));
         }
         Endpoint::Tcp { address } => {
             let l = tokio::net::TcpListener::bind(address.as_str())
                 .await
                 .map_err(|e| format!("cannot listen on {address}: {e}"))?;
             tracing::info!(address = %address, "relay listening (tcp)");
-            tasks.spawn(wire::serve_tcp(l, inbox.clone(), cancel.clone()));
+            inbox.require_auth();
+            tasks.spawn(wire::serve_tcp(l, inbox.clone(), limits, cancel.clone()));
         }
     }
     if !matches!(endpoint, Endpoint::SharedVolume { .. }) {

@@ -22,6 +22,43 @@ use crate::activity::Activity;
 /// Largest batch handed to one group commit.
 const MAX_COMMIT: usize = 4096;
 
+/// How far in the future a message's `sent_at` may be (clock skew between hosts).
+pub const MAX_CLOCK_SKEW_MS: u64 = 3_600_000;
+
+/// Bounds on the connections of a listener: a peer can hold neither file descriptors nor
+/// buffers for long.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most connections served at once; more are accepted and closed at once (they do not
+    /// wait in the kernel's backlog, and hold no descriptor).
+    pub max_connections: usize,
+    /// A connection with no frame in progress is closed after this long without a byte.
+    pub idle_timeout: Duration,
+    /// A frame must be read whole within this long of its first byte (slow senders).
+    pub frame_deadline: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 256,
+            idle_timeout: Duration::from_secs(60),
+            frame_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Limits {
+    /// The default limits, with at most a quarter of the `nofile` soft limit (and at most
+    /// 1,024: a sender agent holds one connection per destination) in relay connections (the rest stays for the registry client, the control socket and files).
+    pub fn for_fd_limit(nofile: u64) -> Limits {
+        Limits {
+            max_connections: (nofile / 4).clamp(16, 1024) as usize,
+            ..Limits::default()
+        }
+    }
+}
+
 /// A checked message on its way to the inbox, with what [`Inbox::check`] read of its
 /// header (so the committer does not parse it again).
 struct Incoming {
@@ -50,6 +87,8 @@ pub struct Inbox {
     commits: mpsc::Sender<CommitReq>,
     /// Bumped after each stored batch.
     pub arrivals: watch::Sender<u64>,
+    /// TCP frames must be signed with the namespace relay key ([`super::auth`]).
+    auth: std::sync::atomic::AtomicBool,
 }
 
 impl Inbox {
@@ -76,6 +115,7 @@ impl Inbox {
             max_body,
             commits: tx,
             arrivals,
+            auth: std::sync::atomic::AtomicBool::new(false),
         });
         let store = match log {
             Some(l) => Store::Log(Box::new(l)),
@@ -83,6 +123,12 @@ impl Inbox {
         };
         let task = committer(store, rx, inbox.arrivals.clone(), activity);
         (inbox, task)
+    }
+
+    /// From now on, messages over TCP must carry their sender's tag under the namespace
+    /// relay key (`agent run`; see [`super::auth`]).
+    pub fn require_auth(&self) {
+        self.auth.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Largest frame accepted.
@@ -121,14 +167,34 @@ impl Inbox {
                 ),
             ));
         }
-        if self.expiring {
-            let now = crate::util::unix_millis(std::time::SystemTime::now());
-            if inlog::forget_at(meta.sent_at, meta.expires_at, 0) <= now {
-                return Err(refuse(
-                    "expired",
-                    "the message expired before it arrived".to_string(),
-                ));
-            }
+        let now = crate::util::unix_millis(std::time::SystemTime::now());
+        // The id of a stored message is remembered until it expires: a far expiry (or
+        // sending time) would pin it, and the memory, for ever.
+        if meta.sent_at > now.saturating_add(MAX_CLOCK_SKEW_MS) {
+            return Err(refuse(
+                "bad_message",
+                format!(
+                    "sent_at is more than {} s in the future",
+                    MAX_CLOCK_SKEW_MS / 1000
+                ),
+            ));
+        }
+        if meta.expires_at.is_some_and(|x| {
+            x > now.saturating_add(super::MAX_MESSAGE_TTL.as_millis() as u64 + MAX_CLOCK_SKEW_MS)
+        }) {
+            return Err(refuse(
+                "bad_message",
+                format!(
+                    "expires_at is more than {} s in the future",
+                    super::MAX_MESSAGE_TTL.as_secs()
+                ),
+            ));
+        }
+        if self.expiring && inlog::forget_at(meta.sent_at, meta.expires_at, 0) <= now {
+            return Err(refuse(
+                "expired",
+                "the message expired before it arrived".to_string(),
+            ));
         }
         Ok(meta)
     }
@@ -285,7 +351,13 @@ pub async fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
 
 /// Serves frames on a Unix socket until `cancel` (peers of another uid than ours or root
 /// are refused).
-pub async fn serve_unix(listener: UnixListener, inbox: Arc<Inbox>, cancel: CancellationToken) {
+pub async fn serve_unix(
+    listener: UnixListener,
+    inbox: Arc<Inbox>,
+    limits: Limits,
+    cancel: CancellationToken,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let s = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -302,12 +374,30 @@ pub async fn serve_unix(listener: UnixListener, inbox: Arc<Inbox>, cancel: Cance
             tracing::warn!("ipc connection from another user refused");
             continue;
         }
-        tokio::spawn(connection(s, inbox.clone(), cancel.clone()));
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                max = limits.max_connections,
+                "too many ipc connections; closing a new one"
+            );
+            continue;
+        };
+        let (inbox, cancel) = (inbox.clone(), cancel.clone());
+        tokio::spawn(async move {
+            connection(s, inbox, limits, false, cancel).await;
+            drop(slot);
+        });
     }
 }
 
 /// Serves frames over TCP until `cancel`.
-pub async fn serve_tcp(listener: TcpListener, inbox: Arc<Inbox>, cancel: CancellationToken) {
+pub async fn serve_tcp(
+    listener: TcpListener,
+    inbox: Arc<Inbox>,
+    limits: Limits,
+    cancel: CancellationToken,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut refused = 0u64;
     loop {
         let s = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -316,8 +406,24 @@ pub async fn serve_tcp(listener: TcpListener, inbox: Arc<Inbox>, cancel: Cancell
                 Err(e) => { tracing::warn!(error = %e, "tcp accept failed"); tokio::time::sleep(Duration::from_millis(100)).await; continue; }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    max = limits.max_connections,
+                    refused,
+                    "too many relay connections; closing new ones"
+                );
+            }
+            continue;
+        };
         let _ = s.set_nodelay(true);
-        tokio::spawn(connection(s, inbox.clone(), cancel.clone()));
+        let (inbox, cancel) = (inbox.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let auth = inbox.auth.load(std::sync::atomic::Ordering::Relaxed);
+            connection(s, inbox, limits, auth, cancel).await;
+            drop(slot);
+        });
     }
 }
 
@@ -332,8 +438,54 @@ enum Answer {
 /// One connection: the reader validates frames and hands batches to the committer; the
 /// writer sends ACK/NACK in order as commits finish. Reading goes on while a commit runs,
 /// so the next commit gets a bigger batch.
-async fn connection<S>(stream: S, inbox: Arc<Inbox>, cancel: CancellationToken)
-where
+/// Checks a message's tag against its sender's key (when `required`, i.e. on TCP).
+fn authenticated(
+    required: bool,
+    meta: envelope::Meta,
+    bytes: &[u8],
+    tag: Option<&[u8; 32]>,
+) -> Result<envelope::Meta, Refusal> {
+    use super::auth::{self, KeyState};
+    if !required {
+        return Ok(meta);
+    }
+    let refuse = |code: &str, message: &str| Refusal {
+        id: Some(meta.id),
+        code: code.into(),
+        message: message.into(),
+    };
+    match auth::current() {
+        KeyState::Open => Ok(meta),
+        KeyState::Unknown => Err(refuse(
+            "unavailable",
+            "the receiving agent has no relay key yet (not registered)",
+        )),
+        KeyState::Key(_) => {
+            let key =
+                auth::signing_key(auth::current(), meta.namespace.as_str(), meta.from.as_str())
+                    .expect("a key");
+            match tag {
+                Some(t) if shared::relay_auth::verify(&key, bytes, t) => Ok(meta),
+                Some(_) => Err(refuse(
+                    "unauthenticated",
+                    "the message's tag does not verify under its sender's key",
+                )),
+                None => Err(refuse(
+                    "unauthenticated",
+                    "unsigned message: this relay requires the namespace relay key",
+                )),
+            }
+        }
+    }
+}
+
+async fn connection<S>(
+    stream: S,
+    inbox: Arc<Inbox>,
+    limits: Limits,
+    authenticate: bool,
+    cancel: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut r, mut w) = tokio::io::split(stream);
@@ -377,11 +529,24 @@ where
     let mut chunk = vec![0u8; 64 * 1024];
     // Skipping an oversized frame: bytes left, and its first bytes (to read the id).
     let mut skip: Option<(usize, Vec<u8>)> = None;
+    // When the frame being read started (None: between frames).
+    let mut frame_start: Option<tokio::time::Instant> = None;
     'outer: loop {
+        let deadline = match frame_start {
+            Some(t) => t + limits.frame_deadline,
+            None => tokio::time::Instant::now() + limits.idle_timeout,
+        };
         let n = tokio::select! {
             _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::debug!(in_frame = frame_start.is_some(), "relay connection timed out; closing it");
+                break;
+            }
             r = r.read(&mut chunk) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
         };
+        if frame_start.is_none() {
+            frame_start = Some(tokio::time::Instant::now());
+        }
         buf.extend_from_slice(&chunk[..n]);
         let mut batch = Vec::new();
         let mut now = Vec::new();
@@ -412,15 +577,25 @@ where
             }
             match Frame::take(&mut buf, max) {
                 Ok(None) => break,
-                Ok(Some(Frame::Msg(bytes))) => match inbox.check(&bytes) {
-                    Ok(meta) => batch.push(Incoming {
-                        id: meta.id,
-                        sent_at: meta.sent_at,
-                        expires_at: meta.expires_at,
-                        bytes,
-                    }),
-                    Err(refusal) => now.push(Frame::Nack(refusal)),
-                },
+                Ok(Some(f @ (Frame::Msg(_) | Frame::Signed(..)))) => {
+                    let (tag, bytes) = match f {
+                        Frame::Signed(t, b) => (Some(t), b),
+                        Frame::Msg(b) => (None, b),
+                        _ => unreachable!(),
+                    };
+                    match inbox
+                        .check(&bytes)
+                        .and_then(|meta| authenticated(authenticate, meta, &bytes, tag.as_ref()))
+                    {
+                        Ok(meta) => batch.push(Incoming {
+                            id: meta.id,
+                            sent_at: meta.sent_at,
+                            expires_at: meta.expires_at,
+                            bytes,
+                        }),
+                        Err(refusal) => now.push(Frame::Nack(refusal)),
+                    }
+                }
                 Ok(Some(_)) => {} // ACK/NACK from a sender: ignored
                 Err(DecodeError::TooLarge(len)) if buf.len() >= 6 => {
                     buf.drain(..6);
@@ -438,6 +613,9 @@ where
                     break 'outer;
                 }
             }
+        }
+        if buf.is_empty() && skip.is_none() {
+            frame_start = None;
         }
         if !now.is_empty() && tx.send(Answer::Now(now)).await.is_err() {
             break;
@@ -516,9 +694,25 @@ impl FrameConn {
         msgs: &[(MessageId, &[u8])],
         timeout: Duration,
     ) -> std::io::Result<HashMap<MessageId, Outcome>> {
-        let mut out = Vec::with_capacity(msgs.iter().map(|m| m.1.len() + 6).sum());
+        self.send_signed(msgs, None, timeout).await
+    }
+
+    /// [`FrameConn::send_batch`], each message signed with `key` (the sender's key) when
+    /// given.
+    pub async fn send_signed(
+        &mut self,
+        msgs: &[(MessageId, &[u8])],
+        key: Option<&[u8; 32]>,
+        timeout: Duration,
+    ) -> std::io::Result<HashMap<MessageId, Outcome>> {
+        let mut out = Vec::with_capacity(msgs.iter().map(|m| m.1.len() + 38).sum());
         for (_, b) in msgs {
-            envelope::encode_frame(envelope::FrameKind::Msg, b, &mut out);
+            match key {
+                Some(k) => {
+                    envelope::encode_signed_frame(&shared::relay_auth::sign(k, b), b, &mut out)
+                }
+                None => envelope::encode_frame(envelope::FrameKind::Msg, b, &mut out),
+            }
         }
         let mut answers = HashMap::with_capacity(msgs.len());
         let distinct = msgs
@@ -545,7 +739,7 @@ impl FrameConn {
                             }
                             None => unknown_nacks.push(r),
                         },
-                        Frame::Msg(_) => {}
+                        Frame::Msg(_) | Frame::Signed(..) => {}
                     }
                 }
                 if answers.len() >= distinct {
@@ -602,7 +796,12 @@ mod tests {
         let path = dir.path().join("m.sock");
         let l = bind_unix(&path).await.unwrap();
         let cancel = CancellationToken::new();
-        tokio::spawn(serve_unix(l, inbox.clone(), cancel.clone()));
+        tokio::spawn(serve_unix(
+            l,
+            inbox.clone(),
+            Limits::default(),
+            cancel.clone(),
+        ));
         let mut conn = FrameConn::connect(&Addr::Unix(path.clone()), Duration::from_secs(5))
             .await
             .unwrap();
@@ -651,7 +850,12 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = Addr::Tcp(l.local_addr().unwrap().to_string());
         let cancel = CancellationToken::new();
-        tokio::spawn(serve_tcp(l, inbox.clone(), cancel.clone()));
+        tokio::spawn(serve_tcp(
+            l,
+            inbox.clone(),
+            Limits::default(),
+            cancel.clone(),
+        ));
         let mut conn = FrameConn::connect(&addr, Duration::from_secs(5))
             .await
             .unwrap();
@@ -690,6 +894,7 @@ mod tests {
         tokio::spawn(serve_unix(
             bind_unix(&path).await.unwrap(),
             inbox,
+            Limits::default(),
             cancel.clone(),
         ));
         let mut conn = FrameConn::connect(&Addr::Unix(path), Duration::from_secs(5))
@@ -715,5 +920,116 @@ mod tests {
         assert!(a[&ok.id].is_ok());
         assert_eq!(inlog::pending_count(md.root()), 1);
         cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_and_slow_connections_are_closed_on_time() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = inbox(dir.path(), 1000).await;
+        let limits = Limits {
+            max_connections: 4,
+            idle_timeout: Duration::from_secs(60),
+            frame_deadline: Duration::from_secs(30),
+        };
+        // Idle: closed after 60 s without a byte, not before.
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let t0 = tokio::time::Instant::now();
+        let h = tokio::spawn(connection(
+            server,
+            inbox.clone(),
+            limits,
+            false,
+            CancellationToken::new(),
+        ));
+        let mut b = [0u8; 1];
+        assert_eq!(client.read(&mut b).await.unwrap(), 0);
+        h.await.unwrap();
+        assert_eq!(t0.elapsed().as_secs(), 60);
+        // Slow: a frame trickled a byte every 10 s is cut 30 s after its first byte.
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let h = tokio::spawn(connection(
+            server,
+            inbox.clone(),
+            limits,
+            false,
+            CancellationToken::new(),
+        ));
+        let e = envelope(1, "slow");
+        let mut f = Vec::new();
+        Frame::Msg(e.encode()).encode_into(&mut f);
+        let t0 = tokio::time::Instant::now();
+        for byte in &f[..10] {
+            if client.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        assert_eq!(client.read(&mut b).await.unwrap(), 0);
+        h.await.unwrap();
+        assert!(
+            t0.elapsed() <= Duration::from_secs(40),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(inbox.maildir.list_new().unwrap().is_empty());
+        // A complete frame resets the clock: a live sender is not cut.
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let h = tokio::spawn(connection(
+            server,
+            inbox.clone(),
+            limits,
+            false,
+            CancellationToken::new(),
+        ));
+        for n in 0..4u64 {
+            let e = envelope(10 + n, "ok");
+            let mut f = Vec::new();
+            Frame::Msg(e.encode()).encode_into(&mut f);
+            client.write_all(&f).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(50)).await;
+        }
+        assert!(!h.is_finished());
+        drop(client);
+        h.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = inbox(dir.path(), 1000).await;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 2,
+            ..Limits::default()
+        };
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve_tcp(l, inbox, limits, cancel.clone()));
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let _b = TcpStream::connect(addr).await.unwrap();
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+            .await
+            .expect("closed at once");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn far_expiry_and_future_sending_time_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = inbox(dir.path(), 1000).await;
+        let now = crate::util::unix_millis(std::time::SystemTime::now());
+        let mut e = envelope(1, "x");
+        e.sent_at = now;
+        e.expires_at = Some((1 << 63) - 1);
+        assert_eq!(inbox.check(&e.encode()).unwrap_err().code, "bad_message");
+        e.expires_at = Some(now + 3_600_000);
+        assert!(inbox.check(&e.encode()).is_ok());
+        e.sent_at = u64::MAX / 2;
+        e.expires_at = None;
+        assert_eq!(inbox.check(&e.encode()).unwrap_err().code, "bad_message");
     }
 }

@@ -319,3 +319,155 @@ fn log_follow_prints_new_activity() {
     let _ = follower.kill();
     let _ = follower.wait();
 }
+
+/// Open registry (no tokens): a second agent with the same id is refused instead of
+/// silently taking the membrane (and its messages) over; `--replace` takes it over on
+/// purpose; the real agent's restart (same state dir, same secret) is never refused.
+#[test]
+fn open_registry_refuses_a_second_agent_with_the_same_id_unless_replace() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, 0, &[]);
+    let port = server.port;
+    server.stop();
+    let mut args = quick("w1", "cog", &format!("http://127.0.0.1:{port}"));
+    let dir = tmp.path().join("a");
+    let agent = Agent::start(&args, &dir, &[]);
+    // The agent picks (and keeps) its instance secret before its first registration, so a
+    // retry after a lost answer is the same instance; the registry adopts it.
+    let secret = || -> Option<String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("secret.json")).ok()?).ok()?;
+        v["secret"].as_str().map(String::from)
+    };
+    let picked = wait_for("secret picked", Duration::from_secs(5), secret);
+    assert_eq!(picked.len(), 64, "{picked}");
+    let server = Server::start(&data, port, &[]);
+    agent.wait_registered();
+    assert_eq!(secret().as_deref(), Some(picked.as_str()));
+    let first = server.membrane("cog", "w1").unwrap()["registered_at"].clone();
+    agent.kill();
+    // Restarted with its state dir: the same instance, registered again without a fight.
+    let agent = Agent::start(&args, &dir, &[]);
+    let s = agent.wait_registered();
+    assert_eq!(s["registration"]["last_error"], serde_json::Value::Null);
+
+    // Another agent, another state dir: refused with 409 naming the id, exits 1.
+    let other = tmp.path().join("b");
+    args.extend(["--address".to_string(), "192.0.2.99".to_string()]);
+    let intruder = Agent::start(&args, &other, &[]);
+    let st = intruder.wait(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(1));
+    let log = std::fs::read_to_string(other.with_extension("stderr.log")).unwrap();
+    assert!(
+        log.contains("409") && log.contains("w1") && log.contains("--replace"),
+        "{log}"
+    );
+    let m = server.membrane("cog", "w1").unwrap();
+    assert_eq!(m["addresses"][0], "127.0.0.1", "taken over: {m}");
+    assert_eq!(m["registered_at"], first);
+
+    // --replace: taken over on purpose.
+    args.push("--replace".into());
+    let replacer = Agent::start(&args, &other, &[]);
+    replacer.wait_registered();
+    wait_for("takeover", Duration::from_secs(5), || {
+        (server.membrane("cog", "w1")?["addresses"][0] == "192.0.2.99").then_some(())
+    });
+    drop(agent);
+    let (code, _) = replacer.terminate(Duration::from_secs(10));
+    assert_eq!(code, Some(0));
+    assert!(server.membrane("cog", "w1").is_none());
+}
+
+#[test]
+fn restart_right_after_kill_9_starts_and_a_second_agent_on_the_dir_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data"), 0, &[]);
+    let dir = tmp.path().join("a");
+    let args = quick("w1", "cog", &server.url());
+    let mut agent = Agent::start(&args, &dir, &[]);
+    agent.wait_registered();
+    // A second agent on the same state directory: refused, the first one goes on.
+    let mut second = Agent::start(&args, &dir, &[]);
+    let st = wait_for("second agent exits", Duration::from_secs(10), || {
+        second.exited()
+    });
+    assert!(!st.success());
+    assert!(
+        second.log().contains("another agent is already running"),
+        "{}",
+        second.log()
+    );
+    assert!(agent.status().is_some());
+    // `kill -9` returns before the process is gone: the next agent starts anyway.
+    for round in 0..8 {
+        agent.kill_nowait();
+        let mut next = Agent::start(&args, &dir, &[]);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            next.exited().is_none(),
+            "round {round}: restart failed: {}",
+            next.log()
+        );
+        next.wait_registered();
+        drop(agent);
+        agent = next;
+    }
+}
+
+/// The agent run in a user, network and mount namespace whose only name server is routed
+/// into the loopback and never answers: every name lookup hangs for 20 s (the container
+/// case). `None` (after a loud message) when namespaces are not available here.
+fn agent_with_a_silent_resolver(args: &[String], dir: &std::path::Path) -> Option<Agent> {
+    let probe = std::process::Command::new("unshare")
+        .args(["-rnm", "ip", "link", "set", "lo", "up"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var("CI").is_err(),
+            "unshare -rnm and ip (util-linux, iproute2) are needed"
+        );
+        eprintln!("SKIP: no user/network namespaces here (unshare -rnm, ip)");
+        return None;
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let resolv = dir.with_extension("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 10.1.2.3\noptions timeout:10 attempts:1\n",
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-rnm", "sh", "-c"]).arg(format!(
+        "ip link set lo up && ip route add 10.1.2.3/32 dev lo && \
+         mount --bind {} /etc/resolv.conf && exec \"$0\" \"$@\"",
+        resolv.display()
+    ));
+    cmd.arg(agent_bin());
+    Some(Agent::start_in(cmd, args, dir, &[]))
+}
+
+#[test]
+fn sigterm_exits_at_once_while_a_name_lookup_hangs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let mut args = quick("w1", "cog", "http://registry.test:8080");
+    args.extend(["--shutdown-grace".into(), "1s".into()]);
+    let Some(agent) = agent_with_a_silent_resolver(&args, &dir) else {
+        return;
+    };
+    wait_for(
+        "the agent tries to register",
+        Duration::from_secs(10),
+        || agent.log().contains("agent starting").then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(500)); // the lookup is pending now
+    let (_, took) = agent.terminate(Duration::from_secs(30));
+    let log = std::fs::read_to_string(dir.with_extension("stderr.log")).unwrap();
+    assert!(log.contains("agent stopped"), "{log}");
+    assert!(
+        took < Duration::from_secs(4),
+        "exit took {took:?} after SIGTERM (grace 1 s): {log}"
+    );
+}

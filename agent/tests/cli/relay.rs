@@ -16,7 +16,7 @@ use shared::envelope::MessageId;
 use crate::support::*;
 
 #[derive(Clone, Copy, Debug)]
-enum Mode {
+pub(crate) enum Mode {
     Shared,
     Ipc,
     Tcp,
@@ -24,7 +24,7 @@ enum Mode {
 
 const MODES: [Mode; 3] = [Mode::Shared, Mode::Ipc, Mode::Tcp];
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -33,7 +33,13 @@ fn free_port() -> u16 {
 }
 
 /// `agent run` flags of membrane `id` in `mode`.
-fn flags(id: &str, parent: Option<&str>, mode: Mode, url: &str, dir: &Path) -> Vec<String> {
+pub(crate) fn flags(
+    id: &str,
+    parent: Option<&str>,
+    mode: Mode,
+    url: &str,
+    dir: &Path,
+) -> Vec<String> {
     let mut f = quick(id, "relay", url);
     if let Some(p) = parent {
         f.extend(["--parent".into(), p.into()]);
@@ -72,7 +78,7 @@ fn recv_json(agent_dir: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn events(agent_dir: &Path, event: &str) -> usize {
+pub(crate) fn events(agent_dir: &Path, event: &str) -> usize {
     std::fs::read_to_string(agent_dir.join("activity.log"))
         .unwrap_or_default()
         .lines()

@@ -300,10 +300,30 @@ pub fn quick(id: &str, ns: &str, url: &str) -> Vec<String> {
 impl Agent {
     /// Starts `agent run ARGS --state-dir DIR` with extra environment.
     pub fn start(args: &[String], state_dir: &Path, env: &[(&str, &str)]) -> Agent {
+        Agent::start_in(Command::new(agent_bin()), args, state_dir, env)
+    }
+
+    /// Starts `agent run ARGS --state-dir DIR` with its soft limit on open files set to
+    /// `nofile` (through `sh -c 'ulimit -Sn N; exec agent ...'`).
+    pub fn start_with_nofile(args: &[String], state_dir: &Path, nofile: u64) -> Agent {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -Sn {nofile} && exec \"$0\" \"$@\""))
+            .arg(agent_bin());
+        Agent::start_in(cmd, args, state_dir, &[])
+    }
+
+    /// Starts `CMD run ARGS --state-dir DIR` (CMD: the agent binary, or a wrapper that
+    /// execs it).
+    pub fn start_in(
+        mut cmd: Command,
+        args: &[String],
+        state_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Agent {
         std::fs::create_dir_all(state_dir).unwrap();
         let log_path = state_dir.with_extension("stderr.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(agent_bin());
         cmd.arg("run").args(args).arg("--state-dir").arg(state_dir);
         clean_env(&mut cmd);
         for (k, v) in env {
@@ -447,4 +467,11 @@ pub fn create_namespace(server: &Server, ns: &str) -> String {
     assert_eq!(status, 201, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["join_token"].as_str().expect("join_token").to_string()
+}
+
+impl Agent {
+    /// Sends SIGKILL without waiting for the process to go (as `kill -9` in a shell).
+    pub fn kill_nowait(&self) {
+        signal(&self.child, nix::sys::signal::Signal::SIGKILL);
+    }
 }

@@ -84,7 +84,7 @@ fn usage_errors_exit_64_and_name_the_flag() {
                 "--registry-url",
                 "https://r:1",
             ],
-            "--registry-url",
+            "--registry-ca",
         ),
         (
             vec![

@@ -8,10 +8,13 @@
 //! path with a 64 KiB limit. The names and types served are those of the spec's "DNS name
 //! schema" table; [`export_zone`] writes the same records as a master file.
 
+mod edns;
 mod export;
 mod notify;
 mod query;
 mod records;
+mod rrl;
+mod runtime;
 mod serial;
 mod server;
 mod stats;
@@ -29,6 +32,8 @@ use shared::NamespaceName;
 use crate::snapshot::NamespaceSnapshot;
 
 pub use notify::run_notify;
+pub use rrl::{DEFAULT_RATE, DEFAULT_SLIP, RateLimit};
+pub use runtime::serve_on_own_threads;
 pub use serial::SerialStore;
 pub use server::{bind_udp, serve};
 pub use stats::DnsStats;
@@ -43,12 +48,26 @@ use zone::{NsState, Zone};
 pub struct DnsConfig {
     /// Suffix of every zone: namespace `ns` is served as `ns.<suffix>.` (None: `ns.`).
     pub domain_suffix: Option<String>,
-    /// Host name of every zone's NS record (absolute; the trailing dot is optional).
-    /// None: `ns.dns.<zone>.`.
-    pub ns_host: Option<String>,
-    /// Addresses served as A/AAAA of the NS host when it lies inside the zone (the default
-    /// one always does); empty: that name answers NODATA.
+    /// Host names of every zone's NS RRset (absolute; the trailing dot is optional), the
+    /// first one also the SOA's MNAME, each with the addresses served for it when it lies
+    /// inside the zone (empty: `ns_addresses`). Empty: the one host `ns.dns.<zone>.`.
+    pub ns_hosts: Vec<NsHost>,
+    /// Addresses served as A/AAAA of the default NS host (the default one always lies in
+    /// the zone) and of configured hosts without their own; empty: NODATA.
     pub ns_addresses: Vec<IpAddr>,
+    /// NSID (RFC 5001) returned to queries asking for it; None: not returned.
+    pub nsid: Option<String>,
+    /// UDP response rate limiting.
+    pub rate_limit: RateLimit,
+}
+
+/// One configured NS host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NsHost {
+    /// Absolute host name (trailing dot optional).
+    pub name: String,
+    /// Its addresses (empty: [`DnsConfig::ns_addresses`]).
+    pub addresses: Vec<IpAddr>,
 }
 
 impl DnsConfig {
@@ -69,19 +88,35 @@ impl DnsConfig {
                 self.domain_suffix.as_deref().unwrap_or_default()
             )));
         }
-        let ns_host = match &self.ns_host {
-            Some(h) => {
-                let w = parse_text_name(h).map_err(DnsError::NsHost)?;
-                if w == [0] {
-                    return Err(DnsError::NsHost("the root is not a host name".into()));
-                }
-                Some(w)
+        let mut ns_hosts: Vec<(records::WireName, Vec<IpAddr>)> = Vec::new();
+        for h in &self.ns_hosts {
+            let w = parse_text_name(&h.name).map_err(DnsError::NsHost)?;
+            if w == [0] {
+                return Err(DnsError::NsHost("the root is not a host name".into()));
             }
-            None => None,
-        };
+            // The same host named twice: one NS record, the addresses merged.
+            match ns_hosts.iter_mut().find(|(n, _)| *n == w) {
+                Some((_, a)) => a.extend(&h.addresses),
+                None => ns_hosts.push((w, h.addresses.clone())),
+            }
+        }
+        for (_, a) in &mut ns_hosts {
+            if a.is_empty() {
+                a.clone_from(&self.ns_addresses);
+            }
+        }
+        if let Some(n) = &self.nsid
+            && (n.is_empty() || n.len() > edns::NSID_MAX)
+        {
+            return Err(DnsError::Nsid(format!(
+                "must be 1 to {} bytes, got {}",
+                edns::NSID_MAX,
+                n.len()
+            )));
+        }
         Ok(Naming {
             suffix,
-            ns_host,
+            ns_hosts,
             ns_addresses: self.ns_addresses.clone(),
         })
     }
@@ -96,6 +131,9 @@ pub enum DnsError {
     /// The NS host name is not a valid domain name.
     #[error("invalid NS host name: {0}")]
     NsHost(String),
+    /// The NSID is empty or too long.
+    #[error("invalid NSID: {0}")]
+    Nsid(String),
 }
 
 /// Every served zone with its pre-rendered answers. Shared as `Arc<Catalog>` between the
@@ -116,6 +154,10 @@ pub struct Catalog {
     /// Who may transfer, and which secondaries are notified.
     transfer: xfr::TransferConfig,
     notify: notify::Queue,
+    edns: edns::EdnsServer,
+    rrl: rrl::Limiter,
+    /// Clock of the rate limiter's seconds.
+    started: tokio::time::Instant,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -141,6 +183,9 @@ impl Catalog {
             history: xfr::History::default(),
             transfer: xfr::TransferConfig::default(),
             notify: notify::Queue::default(),
+            edns: edns::EdnsServer::new(config.nsid.as_deref()),
+            rrl: rrl::Limiter::new(config.rate_limit),
+            started: tokio::time::Instant::now(),
         })
     }
 
@@ -245,7 +290,7 @@ impl Catalog {
 pub fn export_zone(snap: &NamespaceSnapshot, config: &DnsConfig) -> String {
     let naming = config.naming().unwrap_or_else(|_| Naming {
         suffix: vec![0],
-        ns_host: None,
+        ns_hosts: Vec::new(),
         ns_addresses: config.ns_addresses.clone(),
     });
     export::master_file(&records::zone_data(snap, &naming))
@@ -353,8 +398,14 @@ mod tests {
         let bad = |suffix: Option<&str>, ns: Option<&str>| {
             Catalog::new(DnsConfig {
                 domain_suffix: suffix.map(String::from),
-                ns_host: ns.map(String::from),
-                ns_addresses: vec![],
+                ns_hosts: ns
+                    .map(|n| NsHost {
+                        name: n.into(),
+                        addresses: vec![],
+                    })
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
             })
             .is_err()
         };

@@ -1,10 +1,17 @@
 //! The query path: a minimal parse of the header, question and OPT record, a lookup in the
 //! pre-rendered zone, and a response assembled by copying bytes into a reusable buffer.
 //! Anything the minimal parser does not handle (a compressed question name) goes through
-//! hickory-proto's full parser and is re-encoded in the plain form.
+//! hickory-proto's full parser and is re-encoded in the plain form. The response's OPT
+//! ([`edns`]) is rendered first, so its size counts against the limit; additional records
+//! fill what room is left; a set larger than a TCP message is answered with a random
+//! subset; UDP responses then pass the rate limiter ([`super::rrl`]).
+
+use std::net::IpAddr;
 
 use super::Catalog;
+use super::edns::{self, OptExtras, ReqEdns, parse_opt, write_opt};
 use super::records::rtype;
+use super::rrl::Verdict;
 use super::stats::{Counter, Shard};
 use super::wire::{Rendered, Shuffle};
 use super::zone::{InstanceAnswer, Zone};
@@ -57,12 +64,16 @@ pub(crate) struct Scratch {
     pub rng: Rng,
     order: Vec<u32>,
     keys: Vec<(bool, f64, u32)>,
+    /// Slots in the order `write_shuffled` wrote them.
+    written: Vec<u32>,
     /// Answers at membranes' own names rendered by this loop, keyed by zone generation,
     /// type and name: reused until the zone changes. Private to the loop (no lock); at
     /// most `cache_cap` entries, emptied when full.
     cache: HashMap<Box<[u8]>, InstanceAnswer>,
     cache_cap: usize,
     key: Vec<u8>,
+    /// The response's OPT record, rendered before the rest (its size counts in the limit).
+    opt: Vec<u8>,
 }
 
 impl Scratch {
@@ -72,9 +83,11 @@ impl Scratch {
             rng: Rng::new(),
             order: Vec::with_capacity(64),
             keys: Vec::with_capacity(256),
+            written: Vec::with_capacity(64),
             cache: HashMap::new(),
             cache_cap,
             key: Vec::with_capacity(8 + 2 + 255),
+            opt: Vec::with_capacity(64),
         }
     }
 
@@ -105,12 +118,21 @@ impl Scratch {
 pub(crate) struct Outcome {
     pub rcode: u16,
     pub truncated: bool,
+    /// Length of the question echoed after the header (0: none).
+    qlen: usize,
+    /// The request carried a valid server cookie: its source address is proven.
+    verified: bool,
 }
 
-#[derive(Clone, Copy)]
-struct ReqEdns {
-    payload: u16,
-    version: u8,
+impl Outcome {
+    fn new(rcode: u16, truncated: bool, qlen: usize) -> Self {
+        Outcome {
+            rcode,
+            truncated,
+            qlen,
+            verified: false,
+        }
+    }
 }
 
 /// A query as the minimal parser sees it.
@@ -133,8 +155,14 @@ struct Parsed<'a> {
 enum ParseError {
     /// Too broken to answer.
     Drop,
-    /// Answer with this rcode, echoing the question if there is one.
-    Fail { rcode: u16, question: Option<usize> },
+    /// Answer with this rcode, echoing the question if there is one, with an OPT record
+    /// when the request had one (RFC 6891 6.1.1), carrying `ede` if set.
+    Fail {
+        rcode: u16,
+        question: Option<usize>,
+        edns: Option<ReqEdns>,
+        ede: Option<(u16, &'static str)>,
+    },
     /// Needs the full parser.
     Slow,
 }
@@ -157,6 +185,42 @@ fn skip_name(b: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
+/// Finds the OPT record of a request the minimal parser gave up on (several questions,
+/// another opcode, a signature), so that the error response can carry one too.
+fn scan_opt(req: &[u8]) -> Option<ReqEdns> {
+    let (j, end) = opt_range(req)?;
+    let ttl = u32::from_be_bytes([req[j + 4], req[j + 5], req[j + 6], req[j + 7]]);
+    Some(parse_opt(be16(req, j + 2), ttl, &req[j + 10..end]).unwrap_or_else(|e| e))
+}
+
+/// Where the OPT record of the additional section lies: from its TYPE to its end.
+fn opt_range(req: &[u8]) -> Option<(usize, usize)> {
+    let (qd, an, ns, ar) = (be16(req, 4), be16(req, 6), be16(req, 8), be16(req, 10));
+    let mut i = 12;
+    for _ in 0..qd {
+        i = skip_name(req, i)? + 4;
+        if i > req.len() {
+            return None;
+        }
+    }
+    let before = u32::from(an) + u32::from(ns);
+    for k in 0..before + u32::from(ar) {
+        let j = skip_name(req, i)?;
+        if j + 10 > req.len() {
+            return None;
+        }
+        let end = j + 10 + usize::from(be16(req, j + 8));
+        if end > req.len() {
+            return None;
+        }
+        if k >= before && be16(req, j) == rtype::OPT {
+            return Some((j, end));
+        }
+        i = end;
+    }
+    None
+}
+
 fn parse(req: &[u8]) -> Result<Parsed<'_>, ParseError> {
     if req.len() < 12 {
         return Err(ParseError::Drop);
@@ -168,15 +232,18 @@ fn parse(req: &[u8]) -> Result<Parsed<'_>, ParseError> {
     }
     let opcode = (flags >> 11) & 0xF;
     let (qd, an, ns, ar) = (be16(req, 4), be16(req, 6), be16(req, 8), be16(req, 10));
+    let not_supported = Some((edns::ede::NOT_SUPPORTED, "opcode not supported"));
     if qd != 1 {
-        let rcode = if opcode != 0 {
-            rcode::NOTIMP
+        let (rcode, ede) = if opcode != 0 {
+            (rcode::NOTIMP, not_supported)
         } else {
-            rcode::FORMERR
+            (rcode::FORMERR, None)
         };
         return Err(ParseError::Fail {
             rcode,
             question: None,
+            edns: scan_opt(req),
+            ede,
         });
     }
     let mut p = Parsed {
@@ -191,14 +258,17 @@ fn parse(req: &[u8]) -> Result<Parsed<'_>, ParseError> {
         qclass: 0,
         edns: None,
     };
-    let formerr = ParseError::Fail {
+    // A question too broken to echo: FORMERR, with an OPT when one can still be found.
+    let formerr = || ParseError::Fail {
         rcode: rcode::FORMERR,
         question: None,
+        edns: scan_opt(req),
+        ede: None,
     };
     let mut i = 12;
     loop {
         let Some(&l) = req.get(i) else {
-            return Err(formerr);
+            return Err(formerr());
         };
         let pos = i - 12;
         if l == 0 {
@@ -209,11 +279,11 @@ fn parse(req: &[u8]) -> Result<Parsed<'_>, ParseError> {
         match l & 0xC0 {
             0x00 => {}
             0xC0 => return Err(ParseError::Slow),
-            _ => return Err(formerr),
+            _ => return Err(formerr()),
         }
         let l = l as usize;
         if pos + 1 + l + 1 > 255 || i + 1 + l > req.len() {
-            return Err(formerr);
+            return Err(formerr());
         }
         p.labels[p.nlabels] = pos as u8;
         p.nlabels += 1;
@@ -228,69 +298,62 @@ fn parse(req: &[u8]) -> Result<Parsed<'_>, ParseError> {
     }
     p.qname_len = i - 12;
     if i + 4 > req.len() {
-        return Err(formerr);
+        return Err(formerr());
     }
     p.qtype = be16(req, i);
     p.qclass = be16(req, i + 2);
     i += 4;
     p.question = &req[12..i];
     let qlen = i - 12;
+    let fail = |rcode: u16, edns: Option<ReqEdns>, ede| ParseError::Fail {
+        rcode,
+        question: Some(qlen),
+        edns,
+        ede,
+    };
     if opcode != 0 {
-        return Err(ParseError::Fail {
-            rcode: rcode::NOTIMP,
-            question: Some(qlen),
-        });
+        return Err(fail(rcode::NOTIMP, scan_opt(req), not_supported));
     }
     if an != 0 || ns != 0 {
-        return Err(ParseError::Fail {
-            rcode: rcode::FORMERR,
-            question: Some(qlen),
-        });
+        return Err(fail(rcode::FORMERR, scan_opt(req), None));
     }
     for _ in 0..ar {
         let start = i;
         let Some(j) = skip_name(req, i) else {
-            return Err(ParseError::Fail {
-                rcode: rcode::FORMERR,
-                question: Some(qlen),
-            });
+            return Err(fail(rcode::FORMERR, p.edns, None));
         };
         if j + 10 > req.len() {
-            return Err(ParseError::Fail {
-                rcode: rcode::FORMERR,
-                question: Some(qlen),
-            });
+            return Err(fail(rcode::FORMERR, p.edns, None));
         }
         let (t, class) = (be16(req, j), be16(req, j + 2));
         let ttl = u32::from_be_bytes([req[j + 4], req[j + 5], req[j + 6], req[j + 7]]);
         let rdlen = be16(req, j + 8) as usize;
         i = j + 10 + rdlen;
         if i > req.len() {
-            return Err(ParseError::Fail {
-                rcode: rcode::FORMERR,
-                question: Some(qlen),
-            });
+            return Err(fail(rcode::FORMERR, p.edns, None));
         }
         match t {
             rtype::OPT => {
                 if p.edns.is_some() || j != start + 1 {
                     // RFC 6891: more than one OPT, or an OPT not owned by the root.
-                    return Err(ParseError::Fail {
-                        rcode: rcode::FORMERR,
-                        question: Some(qlen),
-                    });
+                    let e = p
+                        .edns
+                        .or_else(|| parse_opt(class, ttl, &req[j + 10..i]).ok());
+                    return Err(fail(rcode::FORMERR, e, None));
                 }
-                p.edns = Some(ReqEdns {
-                    payload: class,
-                    version: (ttl >> 16) as u8,
-                });
+                match parse_opt(class, ttl, &req[j + 10..i]) {
+                    Ok(e) => p.edns = Some(e),
+                    // An option running past the OPT data (or a malformed COOKIE).
+                    Err(e) => return Err(fail(rcode::FORMERR, Some(e), None)),
+                }
             }
             // TSIG and SIG(0): signed requests are not supported.
             250 | 24 => {
-                return Err(ParseError::Fail {
-                    rcode: rcode::NOTIMP,
-                    question: Some(qlen),
-                });
+                return Err(fail(
+                    rcode::NOTIMP,
+                    p.edns.or_else(|| scan_opt(req)),
+                    Some((edns::ede::NOT_SUPPORTED, "signed requests not supported")),
+                ));
             }
             _ => {}
         }
@@ -306,9 +369,10 @@ fn canonicalize(req: &[u8]) -> Option<Vec<u8>> {
     let [q] = msg.queries.as_slice() else {
         return None;
     };
+    let opt = opt_range(req);
     let mut out = Vec::with_capacity(req.len());
     out.extend_from_slice(&req[..4]);
-    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(msg.edns.is_some())]);
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(opt.is_some())]);
     for label in q.name().iter() {
         out.push(label.len() as u8);
         out.extend_from_slice(label);
@@ -316,10 +380,10 @@ fn canonicalize(req: &[u8]) -> Option<Vec<u8>> {
     out.push(0);
     out.extend_from_slice(&u16::from(q.query_type()).to_be_bytes());
     out.extend_from_slice(&u16::from(q.query_class()).to_be_bytes());
-    if let Some(e) = &msg.edns {
-        out.extend_from_slice(&[0, 0, 41]);
-        out.extend_from_slice(&e.max_payload().to_be_bytes());
-        out.extend_from_slice(&[e.rcode_high(), e.version(), 0, 0, 0, 0]);
+    if let Some((j, end)) = opt {
+        // The OPT as sent (options, DO bit), owned by the root.
+        out.push(0);
+        out.extend_from_slice(&req[j..end]);
     }
     Some(out)
 }
@@ -357,25 +421,37 @@ fn header(
     }
 }
 
-/// Our OPT record: payload 1232, version 0, DO clear, no options.
-#[inline]
-fn opt(out: &mut Vec<u8>, rcode: u16) {
-    out.extend_from_slice(&[0, 0, 41]);
-    push16(out, EDNS_PAYLOAD);
-    out.extend_from_slice(&[(rcode >> 4) as u8, 0, 0, 0, 0, 0]);
-}
-
 /// Writes the answer records of `r` in RFC 2782 order: by priority, then a weighted random
-/// order within each priority.
-fn write_shuffled(out: &mut Vec<u8>, body: &[u8], sh: &Shuffle, s: &mut Scratch) {
+/// order within each priority; stops before the first record that would take the output
+/// past `budget` bytes (so a set too large for a message yields a weighted random subset).
+/// Returns the number of records written.
+fn write_shuffled(
+    out: &mut Vec<u8>,
+    body: &[u8],
+    sh: &Shuffle,
+    s: &mut Scratch,
+    budget: usize,
+) -> u16 {
+    let limit = out.len().saturating_add(budget);
+    let mut written = 0u16;
+    s.written.clear();
     for &(gs, ge) in sh.groups.iter() {
         let slots = &sh.slots[gs as usize..ge as usize];
-        let copy = |out: &mut Vec<u8>, k: usize| {
+        let order = &mut s.written;
+        let mut copy = |out: &mut Vec<u8>, k: usize| -> bool {
             let sl = slots[k];
+            if out.len() + sl.len as usize > limit {
+                return false;
+            }
             out.extend_from_slice(&body[sl.off as usize..(sl.off + sl.len) as usize]);
+            order.push(gs + k as u32);
+            written += 1;
+            true
         };
         if slots.len() == 1 {
-            copy(out, 0);
+            if !copy(out, 0) {
+                return written;
+            }
         } else if slots.len() <= 64 {
             // RFC 2782's selection: pick the first record whose running weight sum reaches
             // a uniform random number. The RFC draws it from [0, total], which favours the
@@ -403,7 +479,9 @@ fn write_shuffled(out: &mut Vec<u8>, body: &[u8], sh: &Shuffle, s: &mut Scratch)
                 };
                 let k = s.order.remove(pick) as usize;
                 total -= u64::from(slots[k].weight);
-                copy(out, k);
+                if !copy(out, k) {
+                    return written;
+                }
             }
         } else {
             // Large groups: Efraimidis-Spirakis sampling (exponential keys of rate weight),
@@ -425,67 +503,123 @@ fn write_shuffled(out: &mut Vec<u8>, body: &[u8], sh: &Shuffle, s: &mut Scratch)
             });
             for i in 0..s.keys.len() {
                 let k = s.keys[i].2 as usize;
-                copy(out, k);
+                if !copy(out, k) {
+                    return written;
+                }
             }
         }
     }
+    written
+}
+
+/// Seconds since the Unix epoch, for cookie timestamps (RFC 9018 serial arithmetic wraps).
+fn unix_now() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(0)
 }
 
 impl Catalog {
-    /// Answers the request `req` into `out` (cleared first). None: send nothing.
+    /// Renders into `s.opt` the OPT record answering `e` (nothing without one): DO
+    /// copied, NSID if asked for and configured, a fresh server cookie for a client
+    /// cookie, and `ede`. Returns whether the request's server cookie was valid.
+    fn render_opt(
+        &self,
+        s: &mut Scratch,
+        e: Option<&ReqEdns>,
+        rcode: u16,
+        peer: IpAddr,
+        ede: Option<(u16, &'static str)>,
+    ) -> bool {
+        s.opt.clear();
+        let Some(e) = e else {
+            return false;
+        };
+        let mut verified = false;
+        let cookie = e.cookie.map(|c| {
+            let now = unix_now();
+            verified = self.edns.cookie_valid(&c, peer, now);
+            (c.client, self.edns.server_cookie(&c.client, peer, now))
+        });
+        let extras = OptExtras {
+            nsid: if e.nsid {
+                self.edns.nsid.as_deref()
+            } else {
+                None
+            },
+            cookie,
+            ede,
+        };
+        write_opt(&mut s.opt, EDNS_PAYLOAD, rcode, e.dnssec_ok, &extras);
+        verified
+    }
+
+    /// Answers the request `req` from `peer` into `out` (cleared first). None: send
+    /// nothing.
     pub(crate) fn respond(
         &self,
         req: &[u8],
         tcp: bool,
+        peer: IpAddr,
         out: &mut Vec<u8>,
         s: &mut Scratch,
         shard: &Shard,
     ) -> Option<Outcome> {
         out.clear();
-        let res = match parse(req) {
-            Ok(p) => Some(self.answer(&p, tcp, out, s)),
+        let fail = |s: &mut Scratch,
+                    out: &mut Vec<u8>,
+                    rcode: u16,
+                    q: Option<&[u8]>,
+                    edns: Option<ReqEdns>,
+                    ede| {
+            let verified = self.render_opt(s, edns.as_ref(), rcode, peer, ede);
+            header(
+                out,
+                be16(req, 0),
+                be16(req, 2),
+                false,
+                false,
+                rcode,
+                u16::from(q.is_some()),
+                [0, 0, u16::from(!s.opt.is_empty())],
+            );
+            if let Some(q) = q {
+                out.extend_from_slice(q);
+            }
+            out.extend_from_slice(&s.opt);
+            Outcome {
+                verified,
+                ..Outcome::new(rcode, false, q.map_or(0, <[u8]>::len))
+            }
+        };
+        let mut res = match parse(req) {
+            Ok(p) => Some(self.answer(&p, tcp, peer, out, s)),
             Err(ParseError::Drop) => None,
-            Err(ParseError::Fail { rcode, question }) => {
+            Err(ParseError::Fail {
+                rcode,
+                question,
+                edns,
+                ede,
+            }) => {
                 let q = question.map(|l| &req[12..12 + l]);
-                header(
-                    out,
-                    be16(req, 0),
-                    be16(req, 2),
-                    false,
-                    false,
-                    rcode,
-                    u16::from(q.is_some()),
-                    [0; 3],
-                );
-                if let Some(q) = q {
-                    out.extend_from_slice(q);
-                }
-                Some(Outcome {
-                    rcode,
-                    truncated: false,
-                })
+                Some(fail(s, out, rcode, q, edns, ede))
             }
             Err(ParseError::Slow) => match canonicalize(req) {
                 Some(c) => match parse(&c) {
-                    Ok(p) => Some(self.answer(&p, tcp, out, s)),
+                    Ok(p) => Some(self.answer(&p, tcp, peer, out, s)),
+                    Err(ParseError::Fail {
+                        rcode,
+                        question,
+                        edns,
+                        ede,
+                    }) => {
+                        let q = question.map(|l| &c[12..12 + l]);
+                        Some(fail(s, out, rcode, q, edns, ede))
+                    }
                     Err(_) => None,
                 },
-                None => {
-                    header(
-                        out,
-                        be16(req, 0),
-                        be16(req, 2),
-                        false,
-                        false,
-                        rcode::FORMERR,
-                        0,
-                        [0; 3],
-                    );
-                    Some(Outcome {
-                        rcode: rcode::FORMERR,
-                        truncated: false,
-                    })
-                }
+                None => Some(fail(s, out, rcode::FORMERR, None, scan_opt(req), None)),
             },
         };
         shard.add(if tcp {
@@ -493,6 +627,31 @@ impl Catalog {
         } else {
             Counter::QueriesUdp
         });
+        // Response rate limiting: UDP only, unless the source proved itself with a cookie.
+        if !tcp
+            && let Some(o) = res
+            && !o.verified
+        {
+            match self.rrl.check(peer, self.started.elapsed().as_secs()) {
+                Verdict::Send => {}
+                Verdict::Slip => {
+                    // Header and question only (plus OPT): no larger than the query.
+                    out.truncate(12 + o.qlen);
+                    out[2] |= 0x02;
+                    out[6..12].copy_from_slice(&[0, 0, 0, 0, 0, u8::from(!s.opt.is_empty())]);
+                    out.extend_from_slice(&s.opt);
+                    shard.add(Counter::RateLimited);
+                    res = Some(Outcome {
+                        truncated: true,
+                        ..o
+                    });
+                }
+                Verdict::Drop => {
+                    shard.add(Counter::RateLimited);
+                    return None;
+                }
+            }
+        }
         match res {
             Some(o) => {
                 shard.add(Counter::for_rcode(o.rcode));
@@ -505,47 +664,65 @@ impl Catalog {
         res
     }
 
-    fn answer(&self, p: &Parsed<'_>, tcp: bool, out: &mut Vec<u8>, s: &mut Scratch) -> Outcome {
-        let edns = p.edns.is_some();
-        let fail = |out: &mut Vec<u8>, rcode: u16, aa: bool| {
+    fn answer(
+        &self,
+        p: &Parsed<'_>,
+        tcp: bool,
+        peer: IpAddr,
+        out: &mut Vec<u8>,
+        s: &mut Scratch,
+    ) -> Outcome {
+        let qlen = p.question.len();
+        let fail = |out: &mut Vec<u8>, s: &mut Scratch, rcode: u16, ede| {
+            let verified = self.render_opt(s, p.edns.as_ref(), rcode, peer, ede);
             header(
                 out,
                 p.id,
                 p.flags,
-                aa,
+                false,
                 false,
                 rcode,
                 1,
-                [0, 0, u16::from(edns)],
+                [0, 0, u16::from(!s.opt.is_empty())],
             );
             out.extend_from_slice(p.question);
-            if edns {
-                opt(out, rcode);
-            }
+            out.extend_from_slice(&s.opt);
             Outcome {
-                rcode,
-                truncated: false,
+                verified,
+                ..Outcome::new(rcode, false, qlen)
             }
         };
+        let not_auth = Some((edns::ede::NOT_AUTHORITATIVE, ""));
         if let Some(e) = p.edns
             && e.version > 0
         {
-            return fail(out, rcode::BADVERS, false);
+            return fail(out, s, rcode::BADVERS, None);
         }
         if p.qclass != 1 {
-            return fail(out, rcode::REFUSED, false);
+            return fail(
+                out,
+                s,
+                rcode::REFUSED,
+                Some((edns::ede::NOT_SUPPORTED, "class not served")),
+            );
         }
+        // Meta types: the zone-transfer types answered NOTIMP until transfers exist.
         match p.qtype {
-            0 => return fail(out, rcode::FORMERR, false),
+            0 => return fail(out, s, rcode::FORMERR, None),
             rtype::IXFR | rtype::AXFR | rtype::MAILA | rtype::MAILB => {
-                return fail(out, rcode::NOTIMP, false);
+                return fail(
+                    out,
+                    s,
+                    rcode::NOTIMP,
+                    Some((edns::ede::NOT_SUPPORTED, "query type not supported")),
+                );
             }
             _ => {}
         }
         // Zone: the label just before the suffix.
         let k = self.suffix_labels;
         if p.nlabels <= k {
-            return fail(out, rcode::REFUSED, false);
+            return fail(out, s, rcode::REFUSED, not_auth);
         }
         let suffix_at = if k == 0 {
             p.qname_len - 1
@@ -553,14 +730,14 @@ impl Catalog {
             p.labels[p.nlabels - k] as usize
         };
         if p.lower[suffix_at..p.qname_len] != self.naming.suffix[..] {
-            return fail(out, rcode::REFUSED, false);
+            return fail(out, s, rcode::REFUSED, not_auth);
         }
         let zl = p.labels[p.nlabels - k - 1] as usize;
         let zone_label = &p.lower[zl + 1..zl + 1 + p.lower[zl] as usize];
         let zones = self.zones.read().unwrap_or_else(|e| e.into_inner());
         let Some(zone) = zones.get(zone_label) else {
             drop(zones);
-            return fail(out, rcode::REFUSED, false);
+            return fail(out, s, rcode::REFUSED, not_auth);
         };
         // Pre-rendered names first, then the names membranes own (rendered now).
         let qname = &p.lower[..p.qname_len];
@@ -585,6 +762,8 @@ impl Catalog {
                 InstanceAnswer::NoName => &zone.nxdomain,
             },
         };
+        let rcode = u16::from(r.rcode);
+        let verified = self.render_opt(s, p.edns.as_ref(), rcode, peer, None);
         let limit = if tcp {
             TCP_MAX
         } else if let Some(e) = p.edns {
@@ -592,53 +771,71 @@ impl Catalog {
         } else {
             512
         };
-        let base = 12 + p.question.len() + if edns { 11 } else { 0 };
-        let (with_additional, tc) = if base + r.body.len() <= limit {
-            (true, false)
-        } else if base + r.an_ns_len as usize <= limit {
-            (false, false)
-        } else {
-            (false, true)
-        };
-        let rcode = u16::from(r.rcode);
-        let opt_count = u16::from(edns);
-        let counts = if tc {
-            [0, 0, opt_count]
-        } else {
-            [
-                r.ancount,
-                r.nscount,
-                if with_additional { r.arcount } else { 0 } + opt_count,
-            ]
-        };
-        header(out, p.id, p.flags, true, tc, rcode, 1, counts);
+        let opt_count = u16::from(!s.opt.is_empty());
+        let base = 12 + qlen + s.opt.len();
+        let budget = limit.saturating_sub(base);
+        let an_ns = r.an_ns_len as usize;
+        let at = out.len();
+        header(out, p.id, p.flags, true, false, rcode, 1, [0; 3]);
         out.extend_from_slice(p.question);
-        if !tc {
-            let an_ns = r.an_ns_len as usize;
+        let (ancount, nscount, arcount, tc) = if an_ns <= budget {
             match &r.shuffle {
-                Some(sh) => {
-                    write_shuffled(out, &r.body, sh, s);
-                    let end = sh
-                        .slots
-                        .iter()
-                        .map(|x| (x.off + x.len) as usize)
-                        .max()
-                        .unwrap_or(0);
-                    out.extend_from_slice(&r.body[end..an_ns]);
+                Some(sh) if sh.always => {
+                    write_shuffled(out, &r.body, sh, s, usize::MAX);
+                    out.extend_from_slice(&r.body[sh.end as usize..an_ns]);
                 }
-                None => out.extend_from_slice(&r.body[..an_ns]),
+                _ => out.extend_from_slice(&r.body[..an_ns]),
             }
-            if with_additional {
+            // Additional: the whole RRsets that fit (RFC 2181 9: no TC for them); for a
+            // shuffled SRV answer the targets' addresses in the order of the answer, else
+            // in rendering order.
+            let ar = if r.body.len() <= budget {
                 out.extend_from_slice(&r.body[an_ns..]);
-            }
-        }
+                r.arcount
+            } else if let Some(sh) = r.shuffle.as_ref().filter(|sh| sh.always) {
+                let max = at + 12 + qlen + budget;
+                let mut n = 0;
+                for &k in &s.written {
+                    let sl = &sh.slots[k as usize];
+                    if sl.ar_len > 0 && out.len() + sl.ar_len as usize <= max {
+                        let o = sl.ar_off as usize;
+                        out.extend_from_slice(&r.body[o..o + sl.ar_len as usize]);
+                        n += sl.ar_n;
+                    }
+                }
+                n
+            } else {
+                let (end, ar) = r
+                    .ar_cuts
+                    .iter()
+                    .rev()
+                    .find(|(end, _)| *end as usize <= budget)
+                    .copied()
+                    .unwrap_or((an_ns as u32, 0));
+                out.extend_from_slice(&r.body[an_ns..end as usize]);
+                ar
+            };
+            (r.ancount, r.nscount, ar, false)
+        } else if let (true, Some(sh), 0) = (tcp, &r.shuffle, r.nscount) {
+            // More than a TCP message holds: a weighted random subset of the records.
+            let n = write_shuffled(out, &r.body, sh, s, budget);
+            // Not even one record fits: TC rather than an answer that looks like NODATA.
+            (n, 0, 0, n == 0)
+        } else {
+            (0, 0, 0, true)
+        };
         drop(zones);
-        if edns {
-            opt(out, rcode);
+        let counts = [ancount, nscount, arcount + opt_count];
+        for (i, c) in counts.iter().enumerate() {
+            out[at + 6 + 2 * i..at + 8 + 2 * i].copy_from_slice(&c.to_be_bytes());
         }
+        if tc {
+            out[at + 2] |= 0x02;
+        }
+        out.extend_from_slice(&s.opt);
         Outcome {
-            rcode,
-            truncated: tc,
+            verified,
+            ..Outcome::new(rcode, tc, qlen)
         }
     }
 }
@@ -647,6 +844,8 @@ impl Catalog {
 mod tests {
     use super::*;
     use crate::dns::wire::SrvSlot;
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     /// Mutated and random packets never panic the parser, and every answer is a message
     /// hickory-proto can parse, with the request's id.
@@ -726,7 +925,7 @@ mod tests {
             }
             let tcp = round % 2 == 0;
             if catalog
-                .respond(&pkt, tcp, &mut out, &mut s, &shard)
+                .respond(&pkt, tcp, LOCAL, &mut out, &mut s, &shard)
                 .is_some()
             {
                 answered += 1;
@@ -777,7 +976,7 @@ mod tests {
         let mut ask = |s: &mut Scratch, name: &str| -> Vec<String> {
             let mut m = Message::query();
             m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-            catalog.respond(&m.to_vec().unwrap(), false, &mut out, s, &shard);
+            catalog.respond(&m.to_vec().unwrap(), false, LOCAL, &mut out, s, &shard);
             Message::from_vec(&out)
                 .unwrap()
                 .answers
@@ -804,6 +1003,130 @@ mod tests {
         assert!(ask(&mut s, "m20.ns.").is_empty());
     }
 
+    /// A raw query for `name` type `t` with an OPT (payload 1232) carrying `options`.
+    fn raw_query(name: &str, t: u16, options: &[u8]) -> Vec<u8> {
+        let mut q = vec![0x55, 0x66, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1];
+        for l in name.split('.').filter(|l| !l.is_empty()) {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&t.to_be_bytes());
+        q.extend_from_slice(&[0, 1, 0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0]);
+        q.extend_from_slice(&(options.len() as u16).to_be_bytes());
+        q.extend_from_slice(options);
+        q
+    }
+
+    /// UDP answers over the limit are dropped or, every `slip`-th, sent truncated and no
+    /// larger than the query, whatever the answer's size (a TXT padded to ~1 KB: ~20x);
+    /// TCP, another /24 and a valid server cookie are not limited.
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_bounds_udp_reflection() {
+        use std::sync::Arc;
+
+        use shared::model::Registration;
+        use shared::{MembraneId, NamespaceName, NamespaceSettings};
+
+        use crate::dns::{Catalog, DnsConfig, RateLimit};
+        use crate::snapshot::{Instance, NamespaceSnapshot};
+
+        let catalog = Catalog::new(DnsConfig {
+            rate_limit: RateLimit {
+                responses_per_second: 5,
+                slip: 2,
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        catalog.update(&NamespaceSnapshot {
+            name: NamespaceName::new("ns").unwrap(),
+            settings: NamespaceSettings::default(),
+            instances: vec![Arc::new(Instance {
+                id: MembraneId::new("pad").unwrap(),
+                registration: Arc::new(Registration {
+                    addresses: vec![std::net::IpAddr::from([10, 0, 0, 1])],
+                    services: vec![shared::model::ServiceSpec {
+                        name: shared::ServiceName::new("api").unwrap(),
+                        proto: shared::model::Proto::Tcp,
+                        port: 80,
+                        priority: 0,
+                        weight: 1,
+                    }],
+                    metadata: std::collections::BTreeMap::from([(
+                        "k".to_string(),
+                        "v".repeat(900),
+                    )])
+                    .into(),
+                    ..Default::default()
+                }),
+            })],
+            serial: 1,
+        });
+        let shard = &catalog.stats.shards[0];
+        let mut s = Scratch::new(8);
+        let mut out = Vec::new();
+        let q = raw_query("pad._api._tcp.ns.", rtype::TXT, &[]);
+        let victim: IpAddr = "192.0.2.10".parse().unwrap();
+        let (mut full, mut slipped, mut dropped) = (0, 0, 0);
+        for _ in 0..20 {
+            match catalog.respond(&q, false, victim, &mut out, &mut s, shard) {
+                None => dropped += 1,
+                Some(o) if o.truncated => {
+                    slipped += 1;
+                    assert!(out.len() <= q.len(), "{} > {}", out.len(), q.len());
+                    assert_eq!(out[2] & 0x02, 0x02, "TC");
+                    assert_eq!(&out[6..10], &[0, 0, 0, 0], "no records");
+                }
+                Some(_) => {
+                    full += 1;
+                    assert!(out.len() > 15 * q.len(), "amplifying answer {}", out.len());
+                }
+            }
+        }
+        assert_eq!((full, slipped, dropped), (5, 7, 8));
+        assert_eq!(catalog.stats().rate_limited, 15);
+        // Same /24, other host: limited too. Another /24: its own budget.
+        let near: IpAddr = "192.0.2.200".parse().unwrap();
+        assert!(
+            catalog
+                .respond(&q, false, near, &mut out, &mut s, shard)
+                .is_none_or(|o| o.truncated)
+        );
+        let other: IpAddr = "192.0.3.10".parse().unwrap();
+        let o = catalog.respond(&q, false, other, &mut out, &mut s, shard);
+        assert!(!o.unwrap().truncated);
+        // TCP is never limited.
+        for _ in 0..20 {
+            let o = catalog.respond(&q, true, victim, &mut out, &mut s, shard);
+            assert!(!o.unwrap().truncated);
+        }
+        // A valid server cookie proves the source: not limited either.
+        let client = [4u8; 8];
+        let sc = catalog.edns.server_cookie(&client, victim, unix_now());
+        let mut opt = vec![0, 10, 0, 24];
+        opt.extend_from_slice(&client);
+        opt.extend_from_slice(&sc);
+        let with_cookie = raw_query("pad._api._tcp.ns.", rtype::TXT, &opt);
+        for _ in 0..20 {
+            let o = catalog.respond(&with_cookie, false, victim, &mut out, &mut s, shard);
+            assert!(!o.unwrap().truncated);
+        }
+        // A forged one does not.
+        let mut forged = with_cookie.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert!(
+            catalog
+                .respond(&forged, false, victim, &mut out, &mut s, shard)
+                .is_none_or(|o| o.truncated)
+        );
+        // The next second: a fresh budget.
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        let o = catalog.respond(&q, false, victim, &mut out, &mut s, shard);
+        assert!(!o.unwrap().truncated);
+    }
+
     fn shuffle_counts(weights: &[u16], rounds: usize) -> Vec<Vec<usize>> {
         // Body: one byte per record, the byte being its index.
         let body: Vec<u8> = (0..weights.len() as u8).collect();
@@ -815,9 +1138,14 @@ mod tests {
                     off: i as u32,
                     len: 1,
                     weight: w,
+                    ar_n: 0,
+                    ar_off: 0,
+                    ar_len: 0,
                 })
                 .collect(),
             groups: vec![(0, weights.len() as u32)].into_boxed_slice(),
+            always: true,
+            end: weights.len() as u32,
         };
         let mut s = Scratch::new(64);
         s.rng = Rng::seeded(42);
@@ -826,7 +1154,7 @@ mod tests {
         let mut out = Vec::new();
         for _ in 0..rounds {
             out.clear();
-            write_shuffled(&mut out, &body, &sh, &mut s);
+            write_shuffled(&mut out, &body, &sh, &mut s, usize::MAX);
             let mut seen = out.clone();
             seen.sort();
             assert_eq!(seen, body, "every record exactly once");

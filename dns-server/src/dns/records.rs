@@ -236,9 +236,11 @@ fn txt_list(out: &mut Vec<Vec<u8>>, key: &str, items: &[&str]) {
 pub(crate) struct Naming {
     /// Suffix appended to every namespace label (wire form; `[0]` for none).
     pub suffix: WireName,
-    /// NS host for every zone (None: `ns.dns.<zone>.`).
-    pub ns_host: Option<WireName>,
-    /// Addresses of the NS host (served when it lies inside the zone).
+    /// NS hosts of every zone with their addresses (served when the host lies inside the
+    /// zone), in order: the first one is the SOA's MNAME. Empty: the one host
+    /// `ns.dns.<zone>.` with `ns_addresses`.
+    pub ns_hosts: Vec<(WireName, Vec<IpAddr>)>,
+    /// Addresses of the default NS host.
     pub ns_addresses: Vec<IpAddr>,
 }
 
@@ -247,10 +249,23 @@ impl Naming {
         name_with(&[ns], &self.suffix)
     }
 
-    pub(crate) fn ns_target(&self, apex: &[u8]) -> WireName {
-        self.ns_host
-            .clone()
-            .unwrap_or_else(|| name_with(&["ns", "dns"], apex))
+    /// The NS hosts of the zone at `apex` with their addresses.
+    pub(crate) fn ns_targets(&self, apex: &[u8]) -> Vec<(WireName, &[IpAddr])> {
+        if self.ns_hosts.is_empty() {
+            return vec![(name_with(&["ns", "dns"], apex), &self.ns_addresses)];
+        }
+        self.ns_hosts
+            .iter()
+            .map(|(h, a)| (h.clone(), a.as_slice()))
+            .collect()
+    }
+
+    /// The primary NS host (the SOA's MNAME).
+    pub(crate) fn primary_ns(&self, apex: &[u8]) -> WireName {
+        match self.ns_hosts.first() {
+            Some((h, _)) => h.clone(),
+            None => name_with(&["ns", "dns"], apex),
+        }
     }
 }
 
@@ -279,20 +294,25 @@ fn touch(nodes: &mut NodeList, owner: &[u8]) {
     }
 }
 
-/// The records at the apex: SOA, NS, the NS host's addresses (and its empty ancestors).
+/// The records at the apex: SOA, NS, the NS hosts' addresses (and their empty ancestors).
 pub(crate) fn apex_group(snap: &NamespaceSnapshot, naming: &Naming) -> NodeList {
     let apex = naming.apex(snap.name.as_str());
-    let ns_target = naming.ns_target(&apex);
     let mut n = NodeList::new();
     push(&mut n, &apex, soa_of(snap, naming));
-    push(&mut n, &apex, RData::Ns(ns_target.clone()));
-    if is_within(&ns_target, &apex) && ns_target != apex {
-        touch(&mut n, &ns_target);
-        let addrs: BTreeSet<IpAddr> = naming.ns_addresses.iter().copied().collect();
-        for a in addrs {
-            push(&mut n, &ns_target, addr_rdata(a));
+    let targets = naming.ns_targets(&apex);
+    for (host, _) in &targets {
+        push(&mut n, &apex, RData::Ns(host.clone()));
+    }
+    for (host, addrs) in targets {
+        if !is_within(&host, &apex) || host == apex {
+            continue;
         }
-        let mut cur = parent(&ns_target);
+        touch(&mut n, &host);
+        let addrs: BTreeSet<IpAddr> = addrs.iter().copied().collect();
+        for a in addrs {
+            push(&mut n, &host, addr_rdata(a));
+        }
+        let mut cur = parent(&host);
         while let Some(p) = cur {
             if p.len() <= apex.len() {
                 break;
@@ -308,7 +328,7 @@ pub(crate) fn apex_group(snap: &NamespaceSnapshot, naming: &Naming) -> NodeList 
 pub(crate) fn soa_of(snap: &NamespaceSnapshot, naming: &Naming) -> RData {
     let apex = naming.apex(snap.name.as_str());
     RData::Soa {
-        mname: naming.ns_target(&apex),
+        mname: naming.primary_ns(&apex),
         rname: name_with(&["hostmaster"], &apex),
         serial: snap.serial,
         minimum: snap.settings.negative_ttl,

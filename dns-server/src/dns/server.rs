@@ -112,7 +112,7 @@ async fn udp_loop(sock: UdpSocket, catalog: Arc<Catalog>, shard: usize) {
         let reply = match &special {
             Some(msgs) => msgs.first().map(Vec::as_slice),
             None => catalog
-                .respond(&buf[..n], false, &mut out, &mut scratch, shard)
+                .respond(&buf[..n], false, peer.ip(), &mut out, &mut scratch, shard)
                 .map(|_| out.as_slice()),
         };
         if let Some(reply) = reply
@@ -136,7 +136,7 @@ async fn tcp_accept(listener: TcpListener, catalog: Arc<Catalog>, shutdown: Canc
                         tracing::warn!(%peer, "dns tcp: too many connections, closing");
                         continue;
                     }
-                    conns.spawn(tcp_conn(stream, peer, catalog.clone(), xfr.clone(), shutdown.clone()));
+                    conns.spawn(tcp_conn(stream, catalog.clone(), xfr.clone(), shutdown.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "dns tcp accept");
@@ -150,12 +150,14 @@ async fn tcp_accept(listener: TcpListener, catalog: Arc<Catalog>, shutdown: Canc
 
 async fn tcp_conn(
     stream: TcpStream,
-    peer: SocketAddr,
     catalog: Arc<Catalog>,
     xfr: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let peer = stream
+        .peer_addr()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
     let (r, w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut w = BufWriter::new(w);
@@ -186,18 +188,18 @@ async fn tcp_conn(
             let job = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
                 let shard = &c.stats.shards[SHARDS - 1];
-                c.respond_special(&q, true, peer.ip(), &mut Scratch::new(0), shard)
+                c.respond_special(&q, true, peer, &mut Scratch::new(0), shard)
             });
             match job.await {
                 Ok(m) => m,
                 Err(_) => return,
             }
         } else {
-            catalog.respond_special(&req, true, peer.ip(), &mut scratch, shard)
+            catalog.respond_special(&req, true, peer, &mut scratch, shard)
         };
         let msgs: Vec<&[u8]> = match &special {
             Some(m) => m.iter().map(Vec::as_slice).collect(),
-            None => match catalog.respond(&req, true, &mut out, &mut scratch, shard) {
+            None => match catalog.respond(&req, true, peer, &mut out, &mut scratch, shard) {
                 Some(_) => vec![out.as_slice()],
                 None => vec![],
             },

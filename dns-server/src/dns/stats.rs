@@ -15,9 +15,10 @@ pub(crate) enum Counter {
     OtherRcode,
     Truncated,
     Dropped,
+    RateLimited,
 }
 
-const COUNTERS: usize = 10;
+const COUNTERS: usize = 11;
 pub(crate) const SHARDS: usize = 16;
 
 impl Counter {
@@ -72,6 +73,7 @@ impl Stats {
             other_rcode: t[Counter::OtherRcode as usize],
             truncated: t[Counter::Truncated as usize],
             dropped: t[Counter::Dropped as usize],
+            rate_limited: t[Counter::RateLimited as usize],
         }
     }
 }
@@ -99,6 +101,9 @@ pub struct DnsStats {
     pub truncated: u64,
     /// Requests dropped without an answer (too short, or responses).
     pub dropped: u64,
+    /// UDP responses over the rate limit (dropped, or sent truncated: those also count in
+    /// `truncated`).
+    pub rate_limited: u64,
 }
 
 impl DnsStats {

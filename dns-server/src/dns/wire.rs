@@ -6,7 +6,7 @@
 //! position independent: records can be copied in any order (the SRV weighted shuffle)
 //! after any question of the same name, and a whole section can be dropped.
 
-use super::records::{RData, WireName, label_offsets, rtype};
+use super::records::{RData, label_offsets, rtype};
 
 /// Offset of the question name in every message.
 pub(crate) const QNAME_OFFSET: usize = 12;
@@ -17,14 +17,25 @@ pub(crate) struct SrvSlot {
     pub off: u32,
     pub len: u32,
     pub weight: u16,
+    /// Records in the additional section for this SRV record's target (its addresses,
+    /// when no earlier record has the same target): count, offset and length in the body.
+    pub ar_n: u16,
+    pub ar_off: u32,
+    pub ar_len: u32,
 }
 
-/// The SRV answer records grouped by priority (ascending), for the RFC 2782 order.
+/// The answer records of a set of more than one, grouped by priority (ascending), for the
+/// RFC 2782 order of SRV answers and for the weighted random subset of a set too large for
+/// one message (other types: one group, equal weights).
 #[derive(Debug, Clone)]
 pub(crate) struct Shuffle {
     pub slots: Box<[SrvSlot]>,
     /// `[start, end)` ranges of `slots`, one per priority, in ascending priority.
     pub groups: Box<[(u32, u32)]>,
+    /// Shuffle every answer (SRV); otherwise only to pick a subset.
+    pub always: bool,
+    /// End of the last answer record in the body.
+    pub end: u32,
 }
 
 /// A pre-rendered response body.
@@ -39,7 +50,10 @@ pub(crate) struct Rendered {
     pub body: Box<[u8]>,
     /// Bytes of answer + authority: the additional records start here.
     pub an_ns_len: u32,
-    /// Present when the answer is an SRV RRset of more than one record.
+    /// Where each additional RRset ends in the body, with the number of additional
+    /// records up to there: a response takes the longest prefix that fits.
+    pub ar_cuts: Box<[(u32, u16)]>,
+    /// Present when the answer has more than one record.
     pub shuffle: Option<Box<Shuffle>>,
 }
 
@@ -135,10 +149,17 @@ impl<'q> Writer<'q> {
     }
 }
 
-/// Where the additional section finds the addresses (`A` or `AAAA` RRset) of a target.
+/// Where the additional section finds the records (of a type) at a name: the addresses of
+/// targets, and the SRV and TXT of service instances.
 pub(crate) type AddrLookup<'a> = dyn Fn(&[u8], u16) -> Option<&'a [RData]> + 'a;
 
-/// Renders the positive answer for the RRset `t` at `owner` (the question name).
+/// Largest DNS message: additional records past it could never be sent.
+const MESSAGE_MAX: usize = 65_535;
+
+/// Renders the positive answer for the RRset `t` at `owner` (the question name). The
+/// additional section holds, as whole RRsets in this order, for a PTR answer the SRV and
+/// TXT of each instance pointed to (RFC 6763 12.1) each followed by the addresses of its
+/// SRV targets, and for SRV and NS answers the addresses of the targets.
 pub(crate) fn render_rrset(
     owner: &[u8],
     t: u16,
@@ -159,59 +180,114 @@ pub(crate) fn render_rrset(
     let mut last_prio = None;
     for rd in &set {
         let (s, e) = w.record(owner, ttl, rd);
-        if let RData::Srv {
-            priority, weight, ..
-        } = rd
-        {
-            if last_prio != Some(*priority) {
-                groups.push((slots.len() as u32, slots.len() as u32));
-                last_prio = Some(*priority);
-            }
-            slots.push(SrvSlot {
-                off: s as u32,
-                len: (e - s) as u32,
-                weight: *weight,
-            });
-            if let Some(g) = groups.last_mut() {
-                g.1 = slots.len() as u32;
-            }
+        let (priority, weight) = match rd {
+            RData::Srv {
+                priority, weight, ..
+            } => (*priority, *weight),
+            _ => (0, 1),
+        };
+        if last_prio != Some(priority) {
+            groups.push((slots.len() as u32, slots.len() as u32));
+            last_prio = Some(priority);
+        }
+        slots.push(SrvSlot {
+            off: s as u32,
+            len: (e - s) as u32,
+            weight,
+            ar_n: 0,
+            ar_off: 0,
+            ar_len: 0,
+        });
+        if let Some(g) = groups.last_mut() {
+            g.1 = slots.len() as u32;
         }
     }
     let an_ns_len = w.out.len() as u32;
-    // Additional section: addresses of SRV targets and of the NS host.
-    let mut targets: Vec<&WireName> = Vec::new();
-    let mut seen: std::collections::HashSet<&WireName> = std::collections::HashSet::new();
-    for rd in &set {
-        if let RData::Srv { target, .. } | RData::Ns(target) = rd
-            && seen.insert(target)
-        {
-            targets.push(target);
-        }
-    }
+    let mut cuts: Vec<(u32, u16)> = Vec::new();
     let mut arcount = 0u16;
-    for tgt in targets {
-        for at in [rtype::A, rtype::AAAA] {
-            if let Some(found) = addrs(tgt, at) {
-                for a in found {
-                    w.record(tgt, ttl, a);
-                    arcount += 1;
+    let mut done: std::collections::HashSet<(Vec<u8>, u16)> = std::collections::HashSet::new();
+    // Adds the RRset of `at` at `name` once: the records added; None when the message
+    // limit is reached.
+    let mut add = |w: &mut Writer<'_>, name: &'_ [u8], at: u16| -> Option<u16> {
+        if w.out.len() > MESSAGE_MAX {
+            return None;
+        }
+        let mut n = 0;
+        if let Some(found) = addrs(name, at)
+            && done.insert((name.to_vec(), at))
+        {
+            for a in found {
+                w.record(name, ttl, a);
+                n += 1;
+            }
+            arcount += n;
+            cuts.push((w.out.len() as u32, arcount));
+        }
+        Some(n)
+    };
+    'targets: for (i, rd) in set.iter().enumerate() {
+        match rd {
+            RData::Ptr(inst) => {
+                for at in [rtype::SRV, rtype::TXT] {
+                    if add(&mut w, inst, at).is_none() {
+                        break 'targets;
+                    }
+                }
+                for srv in addrs(inst, rtype::SRV).unwrap_or_default() {
+                    if let RData::Srv { target, .. } = srv {
+                        for at in [rtype::A, rtype::AAAA] {
+                            if add(&mut w, target, at).is_none() {
+                                break 'targets;
+                            }
+                        }
+                    }
                 }
             }
+            RData::Srv { target, .. } | RData::Ns(target) => {
+                let start = w.out.len();
+                let mut n = 0;
+                for at in [rtype::A, rtype::AAAA] {
+                    match add(&mut w, target, at) {
+                        Some(k) => n += k,
+                        None => break 'targets,
+                    }
+                }
+                if let (RData::Srv { .. }, Some(slot)) = (rd, slots.get_mut(i)) {
+                    slot.ar_n = n;
+                    slot.ar_off = start as u32;
+                    slot.ar_len = (w.out.len() - start) as u32;
+                }
+            }
+            _ => {}
+        }
+    }
+    // Never keep records past what a message can hold.
+    while cuts.last().is_some_and(|(e, _)| *e as usize > MESSAGE_MAX) {
+        cuts.pop();
+    }
+    let keep = cuts.last().map_or(an_ns_len, |(e, _)| *e);
+    w.out.truncate(keep as usize);
+    for sl in &mut slots {
+        if sl.ar_off + sl.ar_len > keep {
+            (sl.ar_n, sl.ar_off, sl.ar_len) = (0, 0, 0);
         }
     }
     let shuffle = (slots.len() > 1).then(|| {
         Box::new(Shuffle {
             slots: slots.into_boxed_slice(),
             groups: groups.into_boxed_slice(),
+            always: t == rtype::SRV,
+            end: an_ns_len,
         })
     });
     Rendered {
         rcode: 0,
         ancount: set.len() as u16,
         nscount: 0,
-        arcount,
+        arcount: cuts.last().map_or(0, |(_, n)| *n),
         body: w.out.into_boxed_slice(),
         an_ns_len,
+        ar_cuts: cuts.into_boxed_slice(),
         shuffle,
     }
 }
@@ -233,6 +309,7 @@ pub(crate) fn render_negative(apex: &[u8], soa: &RData, ttl: u32, rcode: u8) -> 
         arcount: 0,
         an_ns_len: w.out.len() as u32,
         body: w.out.into_boxed_slice(),
+        ar_cuts: Box::new([]),
         shuffle: None,
     }
 }

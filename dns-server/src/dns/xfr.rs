@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::Catalog;
+use super::edns::{OptExtras, ede, write_opt};
 use super::query::Scratch;
 use super::records::{self, WireName, rtype};
 use super::stats::{Counter, Shard};
@@ -181,6 +182,8 @@ struct Request {
     misplaced_tsig: bool,
     /// Largest UDP reply the client takes (512, or its EDNS payload up to ours).
     udp_limit: usize,
+    /// The request's OPT record: its DO bit (error replies then carry an OPT too).
+    edns_do: Option<bool>,
 }
 
 /// Reads a QUERY that is a transfer or carries TSIG; None for anything else (served by
@@ -222,6 +225,7 @@ fn scan(req: &[u8]) -> Option<Request> {
     let mut client_serial = None;
     let (mut tsig_at, mut misplaced_tsig) = (None, false);
     let mut udp_limit = 512;
+    let mut edns_do = None;
     let total = u32::from(an) + u32::from(ns) + u32::from(ar);
     for k in 0..total {
         let start = i;
@@ -250,6 +254,7 @@ fn scan(req: &[u8]) -> Option<Request> {
         if t == rtype::OPT && k >= u32::from(an) + u32::from(ns) {
             let payload = usize::from(be16(req, j + 2));
             udp_limit = payload.clamp(512, usize::from(super::query::EDNS_PAYLOAD));
+            edns_do = Some(req[j + 6] & 0x80 != 0);
         }
         if t == tsig::TSIG {
             if k + 1 == total && k >= u32::from(an) + u32::from(ns) {
@@ -271,6 +276,7 @@ fn scan(req: &[u8]) -> Option<Request> {
         tsig_at,
         misplaced_tsig,
         udp_limit,
+        edns_do,
     })
 }
 
@@ -300,6 +306,24 @@ fn start(req: &[u8], r: &Request, rcode: u16, aa: bool, ancount: u16) -> Vec<u8>
     m.extend_from_slice(&ancount.to_be_bytes());
     m.extend_from_slice(&[0, 0, 0, 0]);
     m.extend_from_slice(&req[12..r.qend]);
+    m
+}
+
+/// Extended DNS Error "Prohibited" (RFC 8914 4.19): a transfer not allowed.
+const EDE_PROHIBITED: u16 = 18;
+
+/// An error reply to `r`: header and question, and an OPT record (DO copied, `ede`) when
+/// the request had one (RFC 6891 6.1.1).
+fn error_reply(req: &[u8], r: &Request, rcode: u16, ede: Option<(u16, &'static str)>) -> Vec<u8> {
+    let mut m = start(req, r, rcode, false, 0);
+    if let Some(dnssec_ok) = r.edns_do {
+        let x = OptExtras {
+            ede,
+            ..Default::default()
+        };
+        write_opt(&mut m, super::query::EDNS_PAYLOAD, rcode, dnssec_ok, &x);
+        m[10..12].copy_from_slice(&1u16.to_be_bytes());
+    }
     m
 }
 
@@ -390,7 +414,7 @@ impl Catalog {
         let r = scan(req)?;
         let cfg = &self.transfer;
         let now = unix_now();
-        let bare = |rcode: u16| start(req, &r, rcode, false, 0);
+        let bare = |rcode: u16| error_reply(req, &r, rcode, None);
         if r.misplaced_tsig {
             return Some((vec![bare(rcode::FORMERR)], false));
         }
@@ -421,7 +445,7 @@ impl Catalog {
             let ar = be16(&plain, 10) - 1;
             plain[10..12].copy_from_slice(&ar.to_be_bytes());
             let mut out = Vec::new();
-            self.respond(&plain, tcp, &mut out, s, shard)?;
+            self.respond(&plain, tcp, peer, &mut out, s, shard)?;
             vec![out]
         } else {
             self.transfer_messages(req, &r, tcp, peer, signer.is_some())
@@ -453,10 +477,12 @@ impl Catalog {
         peer: IpAddr,
         signed: bool,
     ) -> Vec<Vec<u8>> {
-        let bare = |rcode: u16| vec![start(req, r, rcode, false, 0)];
+        let bare = |rcode: u16| vec![error_reply(req, r, rcode, None)];
+        let fail =
+            |rcode: u16, ede: (u16, &'static str)| vec![error_reply(req, r, rcode, Some(ede))];
         if r.qtype == rtype::AXFR && !tcp {
             // RFC 5936 4.2: AXFR is TCP only.
-            return bare(rcode::NOTIMP);
+            return fail(rcode::NOTIMP, (ede::NOT_SUPPORTED, "AXFR over TCP only"));
         }
         let allowed = signed || self.transfer.allow.iter().any(|n| n.contains(peer));
         let kind = if r.qtype == rtype::AXFR {
@@ -466,7 +492,10 @@ impl Catalog {
         };
         if !allowed {
             tracing::info!(%peer, kind, "dns: zone transfer refused (no TSIG, not allowed)");
-            return bare(rcode::REFUSED);
+            return fail(
+                rcode::REFUSED,
+                (EDE_PROHIBITED, "zone transfer not allowed"),
+            );
         }
         if r.qclass != 1 {
             return bare(rcode::REFUSED);
@@ -478,7 +507,7 @@ impl Catalog {
             .zone_of_apex(&r.qname)
             .and_then(|ns| self.history.get(&ns, r.client_serial))
         else {
-            return bare(rcode::NOTAUTH);
+            return fail(rcode::NOTAUTH, (ede::NOT_AUTHORITATIVE, ""));
         };
         let (soa, rest) = encode(&cur, &self.naming);
         if r.qtype == rtype::IXFR {

@@ -234,31 +234,12 @@ fn render_part(list: &NodeList, ttl: u32, members: Option<&HashMap<WireName, Nod
         .collect()
 }
 
-/// The addresses of membranes, as the additional section of their service type needs them.
-fn member_addresses(apex: &[u8], members: &[&Instance]) -> HashMap<WireName, NodeData> {
+/// The records membranes own (addresses, and SRV and TXT at their instance names), as the
+/// additional section of their service type's answers needs them.
+fn member_records(apex: &[u8], members: &[&Instance]) -> HashMap<WireName, NodeData> {
     members
         .iter()
-        .map(|inst| {
-            let host = records::name_with(&[inst.id.as_str()], apex);
-            let mut nd: NodeData = Vec::new();
-            let (mut a, mut aaaa) = (Vec::new(), Vec::new());
-            let mut addrs = inst.registration.addresses.clone();
-            addrs.sort();
-            addrs.dedup();
-            for ip in addrs {
-                match ip {
-                    std::net::IpAddr::V4(v4) => a.push(RData::A(v4)),
-                    std::net::IpAddr::V6(v6) => aaaa.push(RData::Aaaa(v6)),
-                }
-            }
-            if !a.is_empty() {
-                nd.push((rtype::A, a));
-            }
-            if !aaaa.is_empty() {
-                nd.push((rtype::AAAA, aaaa));
-            }
-            (host, nd)
-        })
+        .flat_map(|inst| records::instance_group(apex, inst))
         .collect()
 }
 
@@ -432,7 +413,7 @@ impl NsState {
                 let key = PartKey::Service(name.clone());
                 match members.get(name) {
                     Some(m) => {
-                        let addrs = member_addresses(&apex, m);
+                        let addrs = member_records(&apex, m);
                         let list = records::service_group(&apex, st, m);
                         let part = render_part(&list, ttl, Some(&addrs));
                         self.replace(key, Some(part), &mut changed);

@@ -50,6 +50,7 @@ impl From<RegistryError> for ApiError {
             MembraneNotFound(..) => (StatusCode::NOT_FOUND, "membrane_not_found"),
             NamespaceExists(_) => (StatusCode::CONFLICT, "namespace_exists"),
             NamespaceNotEmpty(..) => (StatusCode::CONFLICT, "namespace_not_empty"),
+            AlreadyRegistered(..) => (StatusCode::CONFLICT, "already_registered"),
             Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),

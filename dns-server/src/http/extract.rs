@@ -101,6 +101,23 @@ impl FromRequestParts<AppState> for Caller {
             },
         };
         let secret = header(SECRET_HEADER)?.map(str::to_string);
+        // `replace=true` in the query: the one flag every route reads the same way (a route
+        // with its own query parameters rejects it as unknown, as any stray parameter).
+        let mut replace = false;
+        for pair in parts.uri.query().unwrap_or("").split('&') {
+            match pair {
+                "replace=true" => replace = true,
+                "replace=false" => replace = false,
+                p if p == "replace" || p.starts_with("replace=") => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_query",
+                        "replace must be true or false",
+                    ));
+                }
+                _ => {}
+            }
+        }
         let open = state.admin_token_hash.is_none();
         let admin = match (&state.admin_token_hash, &bearer) {
             (Some(h), Some(t)) => hash_secret(t) == *h,
@@ -111,6 +128,7 @@ impl FromRequestParts<AppState> for Caller {
             admin,
             bearer: if admin { None } else { bearer },
             secret,
+            replace,
         })
     }
 }

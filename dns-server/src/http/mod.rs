@@ -15,7 +15,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{HttpLabels, Metrics};
@@ -131,20 +131,35 @@ pub fn router(state: AppState) -> Router {
         .route("/namespaces/{ns}/tree", get(v1::tree))
         .route("/namespaces/{ns}/events", get(sse::events))
         .route("/namespaces/{ns}/zone", get(zone));
+    // The seed systems' routes (legacy.rs says which client uses which).
     let aliases = Router::new()
         .route("/register", post(legacy::register))
         .route("/deregister", post(legacy::deregister))
         .route("/heartbeat", post(legacy::heartbeat))
         .route("/discover/{id}", get(legacy::discover))
         .route("/list", get(legacy::list))
-        .route("/api/membranes", get(legacy::list))
-        .route("/api/membranes/discover", get(legacy::list))
+        .route(
+            "/api/namespaces",
+            get(legacy::namespaces).post(legacy::create_namespace),
+        )
+        .route("/api/membranes", get(legacy::membranes))
+        .route("/api/membranes/discover", get(legacy::membranes))
+        .route("/api/membranes/register", post(legacy::register))
+        .route(
+            "/api/membranes/{id}/heartbeat",
+            post(legacy::heartbeat_path),
+        )
+        .route("/api/stats", get(legacy::stats))
         .route("/api/register", post(legacy::register))
+        .route("/api/heartbeat/{id}", post(legacy::heartbeat_path))
+        .route("/api/unregister/{id}", delete(legacy::delete_service))
+        .route("/api/discover", post(legacy::discover_services))
         .route("/api/services", get(legacy::services))
         .route(
             "/api/services/{id}",
             get(legacy::service).delete(legacy::delete_service),
         )
+        .route("/api/capabilities", get(legacy::capabilities))
         .route("/api/capabilities/{cap}", get(legacy::capability));
     Router::new()
         .route("/", get(ui::index))

@@ -18,6 +18,8 @@ const ADMIN: &str = "admin-token-0123456789";
 
 struct Harness {
     router: Router,
+    /// The registry behind the router (the one DNS serves).
+    registry: Arc<Registry>,
     _dir: tempfile::TempDir,
     _thread: sqlite::WriterThread,
 }
@@ -28,7 +30,7 @@ fn harness(admin: Option<&str>) -> Harness {
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::new(loaded, writer, metrics.clone()));
     let state = AppState {
-        registry,
+        registry: registry.clone(),
         metrics,
         admin_token_hash: admin.map(hash_secret),
         max_body: 4096,
@@ -39,6 +41,7 @@ fn harness(admin: Option<&str>) -> Harness {
     };
     Harness {
         router: router(state),
+        registry,
         _dir: dir,
         _thread: thread,
     }
@@ -103,8 +106,17 @@ async fn register_get_list_heartbeat_deregister() {
     assert_eq!(v["membrane"]["state"], "passing");
     assert_eq!(v["membrane"]["namespace"], "cognitive-system");
     assert!(v["instance_secret"].as_str().unwrap().len() >= 32);
-    // Idempotent upsert.
-    let (s, v) = h.call(Method::PUT, M, Some(&reg_body(7101)), &[]).await;
+    assert!(v.get("relay_key").is_none(), "no admin token: no relay key");
+    let secret = v["instance_secret"].as_str().unwrap().to_string();
+    // Idempotent upsert (by the same instance).
+    let (s, v) = h
+        .call(
+            Method::PUT,
+            M,
+            Some(&reg_body(7101)),
+            &[("x-membrane-secret", &secret)],
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["created"], false);
     let (s, v) = h.get(M).await;
@@ -376,6 +388,13 @@ async fn auth_with_admin_token_join_token_and_secret() {
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let secret = v["instance_secret"].as_str().unwrap().to_string();
+    // The namespace's relay key goes to the admitted caller: derived from the admin token,
+    // one per namespace.
+    let hash = hash_secret(ADMIN);
+    assert_eq!(
+        v["relay_key"],
+        shared::relay_auth::to_hex(&shared::relay_auth::namespace_key(&hash, "secure"))
+    );
     // Someone else with the join token cannot take the id over.
     assert_error(
         &h.call(
@@ -473,7 +492,8 @@ async fn reference_alias_routes() {
     assert_eq!(v["namespace_name"], "cognitive-system");
     assert_eq!(v["parent_membrane"], "cognitive-root");
     assert_eq!(v["status"], "active");
-    assert_eq!(v["endpoint"]["mode"], "shared-volume");
+    assert_eq!(v["endpoint"], "/shared");
+    assert_eq!(v["communication_mode"], "shared-volume");
     let (s, v) = h
         .call(
             Method::POST,
@@ -483,13 +503,7 @@ async fn reference_alias_routes() {
         )
         .await;
     assert_eq!((s, v["state"].clone()), (StatusCode::OK, json!("passing")));
-    assert_eq!(
-        h.get("/list").await.1["membranes"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(h.get("/list").await.1.as_array().unwrap().len(), 1);
     assert_eq!(
         h.get("/api/membranes/discover?namespace_id=cognitive-system")
             .await
@@ -512,7 +526,8 @@ async fn reference_alias_routes() {
     assert_eq!(v["service_id"], "hello-service");
     let (_, v) = h.get("/api/capabilities/greet").await;
     assert_eq!(v["id"], "hello-service");
-    assert_eq!(v["status"], "healthy");
+    assert_eq!(v["status"], "active");
+    assert_eq!(v["mode"], "http");
     assert_eq!(v["location"], "http://localhost:3000");
     assert_eq!(v["name"], "Hello Service");
     assert_error(
@@ -560,7 +575,7 @@ async fn reference_alias_routes() {
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid_field",
     );
-    assert_eq!(h.get("/list").await.1["membranes"], json!([]));
+    assert_eq!(h.get("/list").await.1, json!([]));
 }
 
 #[tokio::test]
@@ -652,3 +667,83 @@ async fn events_stream_replays_after_last_event_id() {
     let text = next_frame(&mut events(&h, Some("3".into())).await).await;
     assert!(text.contains("event: resync"), "{text}");
 }
+
+#[tokio::test]
+async fn open_mode_refuses_a_takeover_unless_asked_to_replace() {
+    let h = harness(None);
+    let (s, first) = h.call(Method::PUT, M, Some(&reg_body(7100)), &[]).await;
+    assert_eq!(s, StatusCode::CREATED, "{first}");
+    let secret = first["instance_secret"].as_str().unwrap().to_string();
+    // Another instance (no secret, or a wrong one): 409 naming the id; nothing changes.
+    for headers in [&[][..], &[("x-membrane-secret", "not-it")][..]] {
+        let resp = h.call(Method::PUT, M, Some(&reg_body(7200)), headers).await;
+        assert_error(&resp, StatusCode::CONFLICT, "already_registered");
+        let msg = resp.1["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("visual-worker-1") && msg.contains("replace=true"),
+            "{msg}"
+        );
+    }
+    // The legacy alias route follows the same rule.
+    assert_error(
+        &h.call(
+            Method::POST,
+            "/register",
+            Some(r#"{"membrane_id":"visual-worker-1","namespace":"cognitive-system"}"#),
+            &[],
+        )
+        .await,
+        StatusCode::CONFLICT,
+        "already_registered",
+    );
+    let (_, v) = h.get(M).await;
+    assert_eq!(v["services"][0]["port"], 7100, "{v}");
+    // The same instance (its secret) updates it and keeps the secret.
+    let (s, v) = h
+        .call(
+            Method::PUT,
+            M,
+            Some(&reg_body(7300)),
+            &[("x-membrane-secret", &secret)],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["instance_secret"], secret.as_str());
+    // A bad flag is a clear 400.
+    assert_error(
+        &h.call(
+            Method::PUT,
+            &format!("{M}?replace=yes"),
+            Some(&reg_body(7400)),
+            &[],
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    );
+    // Asking to replace takes it over with a new secret; the old one is then refused.
+    let (s, v) = h
+        .call(
+            Method::PUT,
+            &format!("{M}?replace=true"),
+            Some(&reg_body(7500)),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_ne!(v["instance_secret"], secret.as_str());
+    assert_eq!(v["membrane"]["services"][0]["port"], 7500);
+    assert_error(
+        &h.call(
+            Method::PUT,
+            M,
+            Some(&reg_body(7600)),
+            &[("x-membrane-secret", &secret)],
+        )
+        .await,
+        StatusCode::CONFLICT,
+        "already_registered",
+    );
+}
+
+mod compat;

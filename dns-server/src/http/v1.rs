@@ -32,6 +32,8 @@ pub async fn status(State(s): State<AppState>) -> Json<Value> {
             "kind": s.store_kind,
             "writable": !failed,
             "reachable": s.registry.store_reachable(),
+            // Live registrations of namespaces that do not exist, kept on disk (see log).
+            "orphaned_membranes": s.registry.orphaned(),
         },
         "auth": if s.admin_token_hash.is_some() { "token" } else { "open" },
         "namespaces": c.namespaces,
@@ -146,7 +148,12 @@ pub async fn register(
     JsonBody(reg): JsonBody<Registration>,
 ) -> Result<Response, ApiError> {
     let (ns, id) = (extract::ns(&ns)?, extract::id(&id)?);
-    let resp = s.registry.register(&caller, &ns, &id, reg).await?;
+    let mut resp = s.registry.register(&caller, &ns, &id, reg).await?;
+    // Only a caller admitted to register (join or admin token, or the instance secret)
+    // gets here: it receives the namespace's relay key.
+    resp.relay_key = s
+        .admin_token_hash
+        .map(|h| shared::relay_auth::to_hex(&shared::relay_auth::namespace_key(&h, ns.as_str())));
     let status = if resp.created {
         StatusCode::CREATED
     } else {

@@ -242,10 +242,12 @@ impl Registry {
             .unwrap_or(0);
         let (applied, _) = watch::channel(0);
         Registry {
-            state: Mutex::new(State {
+            state: Arc::new(Mutex::new(State {
                 namespaces: HashMap::new(),
                 next_seq: 0,
-            }),
+            })),
+            pending: Default::default(),
+            orphaned: Default::default(),
             backend: Backend::Etcd(Arc::new(EtcdBackend {
                 batch: Batcher::start(store.clone(), Limits::default()),
                 store,
@@ -629,6 +631,12 @@ impl Registry {
                         }
                         if prev.is_some_and(|p| p != state) {
                             self.metrics.state_change(state);
+                            tracing::info!(
+                                namespace = %n,
+                                id = %i,
+                                state = state.as_str(),
+                                "membrane state changed"
+                            );
                             events.push((
                                 n.clone(),
                                 Event::StateChanged {
@@ -906,6 +914,7 @@ impl Registry {
                     membrane: membrane_view(ns_name, id, &entry),
                     instance_secret: secret,
                     created: existing.is_none(),
+                    relay_key: None,
                 };
                 (new_ns, ns_rev, ttl_of(&settings, &reg), prev, row, resp)
             };

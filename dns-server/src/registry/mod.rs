@@ -3,8 +3,11 @@
 //! Every change is validated and applied under one lock and queued to the store writer in
 //! that same order; the caller is answered only after the store has committed it. Events and
 //! DNS updates are published by the writer's completion callbacks, so they follow commit
-//! order and never announce something that is not on disk. Heartbeats and health states are
-//! soft state: they never touch the store.
+//! order and never announce something that is not on disk. Each queued change keeps an undo
+//! record until it commits: when a commit fails, every change not yet committed is undone in
+//! memory (newest first) before anyone is answered, so a write answered 503 never stays
+//! visible in the API or DNS. Heartbeats and health states are soft state: they never touch
+//! the store.
 //!
 //! Health runs on tokio's monotonic clock: `passing` while heartbeats arrive within the
 //! instance TTL, `stale` after it, removed once stale for the eviction delay.
@@ -46,6 +49,13 @@ pub enum RegistryError {
     /// Namespace already exists.
     #[error("namespace {0} already exists")]
     NamespaceExists(NamespaceName),
+    /// Open mode: the membrane is registered by another instance (the caller sent neither
+    /// its instance secret nor asked to replace it).
+    #[error(
+        "membrane {1} is already registered in namespace {0} by another instance; send its \
+         X-Membrane-Secret to update it, or register with ?replace=true to take it over"
+    )]
+    AlreadyRegistered(NamespaceName, MembraneId),
     /// Namespace still has membranes.
     #[error("namespace {0} still has {1} membranes; delete them first or pass ?force=true")]
     NamespaceNotEmpty(NamespaceName, usize),
@@ -78,6 +88,8 @@ pub struct Caller {
     pub bearer: Option<String>,
     /// The `X-Membrane-Secret` header, if any.
     pub secret: Option<String>,
+    /// `?replace=true`: take over a registration held by another instance (open mode).
+    pub replace: bool,
 }
 
 impl Caller {
@@ -242,6 +254,58 @@ impl Dirty {
     }
 }
 
+/// How to take back one in-memory change whose commit failed.
+enum Undo {
+    /// Put back a membrane's previous entry (`None`: remove the one the write added).
+    Membrane(NamespaceName, MembraneId, Option<Entry>),
+    /// Remove a namespace the write created.
+    NsCreated(NamespaceName),
+    /// Put back a namespace the write deleted, with its membranes.
+    NsDeleted(NamespaceName, Ns),
+    /// Put back the previous join token hash.
+    JoinToken(NamespaceName, Option<[u8; 32]>),
+}
+
+impl Undo {
+    /// Applies the undo; returns the namespace whose DNS snapshot must be rebuilt.
+    fn apply(self, st: &mut State) -> NamespaceName {
+        match self {
+            Undo::Membrane(n, i, prev) => {
+                if let Some(ns) = st.namespaces.get_mut(&n) {
+                    match prev {
+                        Some(e) => ns.membranes.insert(i, e),
+                        None => ns.membranes.remove(&i),
+                    };
+                    ns.serial = ns.serial.wrapping_add(1);
+                }
+                n
+            }
+            Undo::NsCreated(n) => {
+                st.namespaces.remove(&n);
+                n
+            }
+            Undo::NsDeleted(n, mut ns) => {
+                ns.serial = ns.serial.wrapping_add(1);
+                st.namespaces.insert(n.clone(), ns);
+                n
+            }
+            Undo::JoinToken(n, h) => {
+                if let Some(ns) = st.namespaces.get_mut(&n) {
+                    ns.join_token_hash = h;
+                }
+                n
+            }
+        }
+    }
+}
+
+/// Undo records of queued, not yet committed writes, by submission ticket.
+#[derive(Default)]
+struct Pending {
+    next_ticket: u64,
+    undo: BTreeMap<u64, Vec<Undo>>,
+}
+
 /// Where writes go.
 enum Backend {
     /// The embedded store: memory first, then the writer thread commits.
@@ -253,7 +317,11 @@ enum Backend {
 
 /// The registry. Share it as `Arc<Registry>`.
 pub struct Registry {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
+    /// Lock order: `state`, then `pending`.
+    pending: Arc<Mutex<Pending>>,
+    /// Live registrations of missing namespaces found at start (kept on disk, not served).
+    orphaned: BTreeMap<String, usize>,
     backend: Backend,
     events: Arc<EventHub>,
     dirty: Arc<Dirty>,
@@ -303,6 +371,7 @@ impl Registry {
         let wall = SystemTime::now();
         let serial = unix_serial();
         let next_seq = loaded.next_seq;
+        let orphaned = loaded.orphaned;
         let mut namespaces: HashMap<NamespaceName, Ns> = loaded
             .namespaces
             .into_iter()
@@ -349,10 +418,12 @@ impl Registry {
         let dirty = Arc::new(Dirty::default());
         dirty.mark(namespaces.keys().cloned());
         Registry {
-            state: Mutex::new(State {
+            state: Arc::new(Mutex::new(State {
                 namespaces,
                 next_seq,
-            }),
+            })),
+            pending: Default::default(),
+            orphaned,
             backend: Backend::Sqlite(writer),
             events: Arc::new(EventHub::new(start_seq)),
             dirty,
@@ -381,6 +452,12 @@ impl Registry {
         }
     }
 
+    /// Live registrations of namespaces that do not exist, found at start: kept on disk
+    /// untouched, not served (see `/status`).
+    pub fn orphaned(&self) -> &BTreeMap<String, usize> {
+        &self.orphaned
+    }
+
     /// Refreshes the count gauges; called when metrics are scraped, never on a write path
     /// (counting is O(membranes)).
     pub fn update_gauges(&self) {
@@ -388,21 +465,36 @@ impl Registry {
         self.metrics.set_counts(c.namespaces, c.passing, c.stale);
     }
 
-    /// Queues `ops` (in lock order: call with the state lock held) and returns a receiver
-    /// that resolves once they are durable and `events` are published.
+    /// Queues `ops` (in lock order: `st` is the held state lock) and returns a receiver
+    /// that resolves once they are durable and `events` are published. `undo` takes back,
+    /// in reverse order, the in-memory changes the caller made for `ops`; it runs if they
+    /// fail to commit.
     fn submit(
         &self,
+        st: &mut State,
         ops: Vec<Op>,
         events: Vec<(NamespaceName, Event)>,
         dirty: Vec<NamespaceName>,
+        undo: Vec<Undo>,
     ) -> oneshot::Receiver<Result<(), ()>> {
         let (tx, rx) = oneshot::channel();
         let hub = self.events.clone();
         let dirty_set = self.dirty.clone();
         let failed = self.failed.clone();
+        let (state, pending) = (self.state.clone(), self.pending.clone());
+        let ticket = {
+            let mut p = self.pending.lock().unwrap();
+            let t = p.next_ticket;
+            p.next_ticket += 1;
+            if !undo.is_empty() {
+                p.undo.insert(t, undo);
+            }
+            t
+        };
         let done: crate::store::sqlite::Done = Box::new(move |r: Result<(), &StoreError>| {
             match r {
                 Ok(()) => {
+                    pending.lock().unwrap().undo.remove(&ticket);
                     for (ns, ev) in events {
                         hub.publish(&ns, ev);
                     }
@@ -412,9 +504,15 @@ impl Registry {
                     let _ = tx.send(Ok(()));
                 }
                 Err(_) => {
-                    // Memory now holds a change the disk does not: refuse further writes
-                    // until an operator restarts the server, which reloads from disk.
+                    // Take back every change not committed, newest first, before answering;
+                    // the writer fails everything queued after a failure, and further
+                    // writes are refused until a restart reloads from disk.
+                    let mut st = state.lock().unwrap();
                     failed.store(true, Ordering::Relaxed);
+                    let undo = std::mem::take(&mut pending.lock().unwrap().undo);
+                    let touched = rollback(&mut st, undo);
+                    drop(st);
+                    dirty_set.mark(touched);
                     let _ = tx.send(Err(()));
                 }
             }
@@ -423,11 +521,15 @@ impl Registry {
             Backend::Sqlite(writer) => {
                 if writer.submit(Submission { ops, done }).is_err() {
                     self.failed.store(true, Ordering::Relaxed);
+                    let undo = std::mem::take(&mut self.pending.lock().unwrap().undo);
+                    let touched = rollback(st, undo);
+                    self.dirty.mark(touched);
                 }
             }
             // Memory follows the etcd watch: nothing is ever queued here.
             #[cfg(feature = "etcd")]
             Backend::Etcd(_) => {
+                let _ = st;
                 debug_assert!(ops.is_empty(), "etcd mode never queues store ops");
                 done(Ok(()));
             }
@@ -506,12 +608,15 @@ impl Registry {
             let (ns, token) = Self::new_ns(req.description, req.settings);
             let mut view = ns_view(&req.name, &ns);
             view.join_token = Some(token);
+            let stored = ns.stored(&req.name);
+            st.namespaces.insert(req.name.clone(), ns);
             let rx = self.submit(
-                vec![Op::PutNamespace(ns.stored(&req.name))],
+                &mut st,
+                vec![Op::PutNamespace(stored)],
                 vec![],
                 vec![req.name.clone()],
+                vec![Undo::NsCreated(req.name.clone())],
             );
-            st.namespaces.insert(req.name, ns);
             (rx, view)
         };
         Self::durable(rx).await?;
@@ -537,10 +642,17 @@ impl Registry {
                 .get_mut(name)
                 .ok_or_else(|| RegistryError::NamespaceNotFound(name.clone()))?;
             let token = new_token();
-            ns.join_token_hash = Some(hash_secret(&token));
+            let prev = ns.join_token_hash.replace(hash_secret(&token));
             let mut view = ns_view(name, ns);
             view.join_token = Some(token);
-            let rx = self.submit(vec![Op::PutNamespace(ns.stored(name))], vec![], vec![]);
+            let stored = ns.stored(name);
+            let rx = self.submit(
+                &mut st,
+                vec![Op::PutNamespace(stored)],
+                vec![],
+                vec![],
+                vec![Undo::JoinToken(name.clone(), prev)],
+            );
             (rx, view)
         };
         Self::durable(rx).await?;
@@ -588,16 +700,49 @@ impl Registry {
                 })
                 .collect();
             self.submit(
+                &mut st,
                 vec![Op::DeleteNamespace(name.clone())],
                 events,
                 vec![name.clone()],
+                vec![Undo::NsDeleted(name.clone(), ns)],
             )
         };
         Self::durable(rx).await
     }
 
     /// Registers (or updates) a membrane: idempotent upsert keyed by (namespace, id).
+    /// Logs the outcome: info once committed, debug when refused.
     pub async fn register(
+        &self,
+        caller: &Caller,
+        ns_name: &NamespaceName,
+        id: &MembraneId,
+        reg: Registration,
+    ) -> Result<RegisterResponse, RegistryError> {
+        let addresses = reg.addresses.len();
+        match self.register_inner(caller, ns_name, id, reg).await {
+            Ok(resp) => {
+                // Not created and not the caller's secret: someone else's registration.
+                let takeover = !resp.created
+                    && caller.secret.as_deref() != Some(resp.instance_secret.as_str());
+                tracing::info!(
+                    namespace = %ns_name,
+                    id = %id,
+                    created = resp.created,
+                    takeover,
+                    addresses,
+                    "registered"
+                );
+                Ok(resp)
+            }
+            Err(e) => {
+                tracing::debug!(namespace = %ns_name, id = %id, error = %e, "registration refused");
+                Err(e)
+            }
+        }
+    }
+
+    async fn register_inner(
         &self,
         caller: &Caller,
         ns_name: &NamespaceName,
@@ -614,6 +759,7 @@ impl Registry {
             let mut st = self.state.lock().unwrap();
             self.check_writable()?;
             let mut ops = Vec::with_capacity(2);
+            let mut undo = Vec::with_capacity(2);
             if !st.namespaces.contains_key(ns_name) {
                 if !caller.open {
                     return Err(RegistryError::NamespaceNotFound(ns_name.clone()));
@@ -622,6 +768,7 @@ impl Registry {
                 let (ns, _token) = Self::new_ns(String::new(), NamespaceSettings::default());
                 ops.push(Op::PutNamespace(ns.stored(ns_name)));
                 st.namespaces.insert(ns_name.clone(), ns);
+                undo.push(Undo::NsCreated(ns_name.clone()));
             }
             let ns = st.namespaces.get_mut(ns_name).expect("present");
             Self::check_join(caller, ns_name, ns)?;
@@ -648,7 +795,8 @@ impl Registry {
                 }),
                 supersedes,
             });
-            ns.membranes.insert(id.clone(), entry);
+            let prev = ns.membranes.insert(id.clone(), entry);
+            undo.push(Undo::Membrane(ns_name.clone(), id.clone(), prev));
             ns.serial = ns.serial.wrapping_add(1);
             let mut events = vec![(
                 ns_name.clone(),
@@ -667,13 +815,14 @@ impl Registry {
                 ));
             }
             self.metrics.registrations.inc();
-            let rx = self.submit(ops, events, vec![ns_name.clone()]);
+            let rx = self.submit(&mut st, ops, events, vec![ns_name.clone()], undo);
             (
                 rx,
                 RegisterResponse {
                     membrane: view,
                     instance_secret: secret,
                     created,
+                    relay_key: None,
                 },
             )
         };
@@ -699,7 +848,14 @@ impl Registry {
     }
 
     /// The instance secret of a (re-)registration: the caller's when it matches the
-    /// existing one, a fresh one for a new membrane (or an admin takeover).
+    /// existing one (the same instance); for a new membrane or a takeover, the caller's own
+    /// when it sent a strong one (an agent picks its secret before its first registration,
+    /// so retrying a registration whose answer was lost is still the same instance), else
+    /// a fresh one.
+    ///
+    /// A takeover (another instance's registration, no matching secret) needs the admin
+    /// token, or in open mode an explicit `?replace=true`: without it, open mode answers
+    /// 409 instead of silently handing the membrane (and its messages) to the newcomer.
     fn choose_secret(
         caller: &Caller,
         ns_name: &NamespaceName,
@@ -708,12 +864,29 @@ impl Registry {
     ) -> Result<String, RegistryError> {
         match (existing, &caller.secret) {
             (Some(e), Some(s)) if e.secret_hash == hash_secret(s) => Ok(s.clone()),
-            (Some(_), _) if !caller.privileged() => Err(RegistryError::Forbidden(format!(
+            (Some(_), _) if caller.admin || (caller.open && caller.replace) => {
+                Ok(Self::own_secret(caller).unwrap_or_else(new_token))
+            }
+            (Some(_), _) if caller.open => Err(RegistryError::AlreadyRegistered(
+                ns_name.clone(),
+                id.clone(),
+            )),
+            (Some(_), _) => Err(RegistryError::Forbidden(format!(
                 "membrane {id} is already registered in {ns_name} by another instance; \
                  send its X-Membrane-Secret to update it"
             ))),
-            _ => Ok(new_token()),
+            (None, _) => Ok(Self::own_secret(caller).unwrap_or_else(new_token)),
         }
+    }
+
+    /// The secret the caller sent, if strong enough to adopt: 32 to 256 visible ASCII
+    /// characters (a fresh server-made one is 64 hex digits).
+    fn own_secret(caller: &Caller) -> Option<String> {
+        caller
+            .secret
+            .as_ref()
+            .filter(|s| (32..=256).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic()))
+            .cloned()
     }
 
     fn check_secret(
@@ -738,8 +911,22 @@ impl Registry {
 
     /// Records a heartbeat. Returns the state and the TTL in seconds. With the embedded
     /// store this is soft state (nothing is written); with etcd it renews the membrane's
-    /// lease (one round trip) and answers once etcd did.
+    /// lease (one round trip) and answers once etcd did. A refused heartbeat is logged at
+    /// debug (an unknown membrane is the agent's cue to register again).
     pub async fn heartbeat(
+        &self,
+        caller: &Caller,
+        ns_name: &NamespaceName,
+        id: &MembraneId,
+    ) -> Result<(HealthState, u64), RegistryError> {
+        self.heartbeat_inner(caller, ns_name, id)
+            .await
+            .inspect_err(|e| {
+                tracing::debug!(namespace = %ns_name, id = %id, error = %e, "heartbeat refused");
+            })
+    }
+
+    async fn heartbeat_inner(
         &self,
         caller: &Caller,
         ns_name: &NamespaceName,
@@ -769,9 +956,16 @@ impl Registry {
             e.state_since = Instant::now();
             ns.serial = ns.serial.wrapping_add(1);
             self.metrics.state_change(HealthState::Passing);
+            tracing::info!(
+                namespace = %ns_name,
+                id = %id,
+                state = HealthState::Passing.as_str(),
+                "membrane passing again: heartbeat received"
+            );
             // No ops: ordering through the writer only, so this event follows any pending
             // registration event of the same membrane.
             drop(self.submit(
+                &mut st,
                 vec![],
                 vec![(
                     ns_name.clone(),
@@ -782,13 +976,33 @@ impl Registry {
                     },
                 )],
                 vec![ns_name.clone()],
+                vec![],
             ));
         }
         Ok((HealthState::Passing, ttl))
     }
 
-    /// Removes a membrane at once (graceful agent stop).
+    /// Removes a membrane at once (graceful agent stop). Logs the outcome: info once
+    /// committed, debug when refused.
     pub async fn deregister(
+        &self,
+        caller: &Caller,
+        ns_name: &NamespaceName,
+        id: &MembraneId,
+    ) -> Result<(), RegistryError> {
+        match self.deregister_inner(caller, ns_name, id).await {
+            Ok(()) => {
+                tracing::info!(namespace = %ns_name, id = %id, "deregistered");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!(namespace = %ns_name, id = %id, error = %e, "deregistration refused");
+                Err(e)
+            }
+        }
+    }
+
+    async fn deregister_inner(
         &self,
         caller: &Caller,
         ns_name: &NamespaceName,
@@ -806,12 +1020,13 @@ impl Registry {
             let e = ns.membranes.get(id).ok_or_else(not_found)?;
             Self::check_secret(caller, ns_name, id, e)?;
             let supersedes = e.seq;
-            ns.membranes.remove(id);
+            let prev = ns.membranes.remove(id);
             ns.serial = ns.serial.wrapping_add(1);
             let seq = st.next_seq;
             st.next_seq += 1;
             self.metrics.deregistrations.inc();
             self.submit(
+                &mut st,
                 vec![Op::DeleteMembrane {
                     seq,
                     namespace: ns_name.clone(),
@@ -827,6 +1042,7 @@ impl Registry {
                     },
                 )],
                 vec![ns_name.clone()],
+                vec![Undo::Membrane(ns_name.clone(), id.clone(), prev)],
             )
         };
         Self::durable(rx).await
@@ -841,9 +1057,13 @@ impl Registry {
         }
         let now = Instant::now();
         let mut st = self.state.lock().unwrap();
+        // After a store failure nothing can be removed durably: stale membranes stay stale
+        // (out of DNS) until a restart instead of being evicted in memory only.
+        let can_evict = !self.failed.load(Ordering::Relaxed);
         let mut ops = Vec::new();
         let mut events = Vec::new();
         let mut dirty = Vec::new();
+        let mut undo = Vec::new();
         let State {
             namespaces,
             next_seq,
@@ -855,13 +1075,20 @@ impl Registry {
                 let ttl = ttl_of(&ns.settings, &e.inst.registration);
                 let eviction = eviction_of(&ns.settings, &e.inst.registration);
                 let silent = now.saturating_duration_since(e.last_heartbeat);
-                if silent >= ttl + eviction {
+                if silent >= ttl + eviction && can_evict {
                     evict.push(id.clone());
                 } else if silent >= ttl && e.state == HealthState::Passing {
                     e.state = HealthState::Stale;
                     e.state_since = now;
                     changed = true;
                     self.metrics.state_change(HealthState::Stale);
+                    tracing::info!(
+                        namespace = %ns_name,
+                        id = %id,
+                        state = HealthState::Stale.as_str(),
+                        silent_ms = silent.as_millis() as u64,
+                        "membrane stale: no heartbeat within its TTL"
+                    );
                     events.push((
                         ns_name.clone(),
                         Event::StateChanged {
@@ -885,6 +1112,7 @@ impl Registry {
                     id: id.clone(),
                     supersedes: e.seq,
                 });
+                undo.push(Undo::Membrane(ns_name.clone(), id.clone(), Some(e)));
                 *next_seq += 1;
                 events.push((
                     ns_name.clone(),
@@ -901,7 +1129,7 @@ impl Registry {
             }
         }
         if !events.is_empty() {
-            drop(self.submit(ops, events, dirty));
+            drop(self.submit(&mut st, ops, events, dirty, undo));
         }
     }
 
@@ -1153,6 +1381,27 @@ impl Registry {
             })
             .collect()
     }
+}
+
+/// Undoes uncommitted changes, newest first; returns the namespaces touched.
+fn rollback(st: &mut State, undo: BTreeMap<u64, Vec<Undo>>) -> HashSet<NamespaceName> {
+    let mut touched = HashSet::new();
+    let mut changes = 0;
+    for (_, undo) in undo.into_iter().rev() {
+        for u in undo.into_iter().rev() {
+            touched.insert(u.apply(st));
+            changes += 1;
+        }
+    }
+    if changes > 0 {
+        let namespaces: Vec<&str> = touched.iter().map(|n| n.as_str()).collect();
+        tracing::warn!(
+            changes,
+            namespaces = namespaces.join(","),
+            "store failure: changes not committed were taken back from memory and DNS"
+        );
+    }
+    touched
 }
 
 fn counts(st: &State) -> Counts {

@@ -46,6 +46,7 @@ fn secured(bearer: Option<&str>, secret: Option<&str>) -> Caller {
         admin: false,
         bearer: bearer.map(Into::into),
         secret: secret.map(Into::into),
+        replace: false,
     }
 }
 
@@ -362,4 +363,218 @@ async fn tree_and_filters() {
         ..Default::default()
     };
     assert!(r.list(&n, &f).unwrap().0.is_empty());
+}
+
+/// Makes every store write of membrane `boom` fail from now on: a trigger added behind the
+/// writer's back (it re-reads the schema before its next statement).
+fn inject_store_failure(path: &Path) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER boom BEFORE INSERT ON membranes WHEN NEW.id = 'boom'
+         BEGIN SELECT RAISE(ABORT, 'injected store failure'); END;",
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn writes_answered_503_are_taken_back_from_memory_and_dns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (r, t) = open(&path);
+    let (a, b, c) = (ns("a"), ns("b"), ns("c"));
+    let oc = open_caller();
+    let boom = r
+        .register(&oc, &a, &id("boom"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.register(&oc, &a, &id("keep"), reg(None)).await.unwrap();
+    r.register(&oc, &c, &id("x"), reg(None)).await.unwrap();
+    inject_store_failure(&path);
+    // The first write fails to commit; the others are queued behind it (or refused).
+    let with_secret = Caller {
+        secret: Some(boom.instance_secret),
+        ..open_caller()
+    };
+    let (boom_id, fresh_id, keep_id, admin) =
+        (id("boom"), id("fresh"), id("keep"), Caller::admin());
+    let (update, fresh, dereg, del) = tokio::join!(
+        r.register(&with_secret, &a, &boom_id, reg(Some(99))),
+        r.register(&oc, &b, &fresh_id, reg(None)),
+        r.deregister(&oc, &a, &keep_id),
+        r.delete_namespace(&admin, &c, true),
+    );
+    for e in [update.err(), fresh.err(), dereg.err(), del.err()] {
+        assert!(matches!(e, Some(RegistryError::Unavailable)), "{e:?}");
+    }
+    assert!(r.store_failed());
+    let check = |r: &Registry| {
+        // API view: exactly what was committed before the failure.
+        let m = r.get(&a, &id("boom")).unwrap();
+        assert_eq!(m.registration.ttl_seconds, Some(30));
+        assert!(r.get(&a, &id("keep")).is_ok());
+        assert!(r.get_namespace(&b).is_err(), "namespace of a failed write");
+        assert!(r.get(&c, &id("x")).is_ok());
+        assert_eq!(r.namespace_names(), vec![a.clone(), c.clone()]);
+        // DNS view.
+        let snap = r.snapshot(&a).unwrap();
+        let ids: Vec<_> = snap.instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["boom", "keep"]);
+        assert_eq!(snap.instances[0].registration.ttl_seconds, Some(30));
+        assert!(r.snapshot(&b).is_none());
+    };
+    check(&r);
+    // Memory matched the disk: a restart shows the same.
+    drop(r);
+    tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+    let (r, _t) = open(&path);
+    check(&r);
+}
+
+#[tokio::test]
+async fn open_mode_same_instance_is_the_one_holding_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (r, t) = open(&path);
+    let (n, m) = (ns("a"), id("m"));
+    let own = "0123456789abcdef0123456789abcdef-agent-picked";
+    let me = Caller {
+        secret: Some(own.into()),
+        ..open_caller()
+    };
+    // A strong secret sent with the first registration is adopted...
+    let first = r.register(&me, &n, &m, reg(None)).await.unwrap();
+    assert!(first.created);
+    assert_eq!(first.instance_secret, own);
+    // ...so a retry whose answer was lost is the same instance, not a takeover.
+    let again = r.register(&me, &n, &m, reg(Some(9))).await.unwrap();
+    assert!(!again.created);
+    // Anyone else: 409 naming the id, nothing changed.
+    for other in [
+        open_caller(),
+        Caller {
+            secret: Some("x".repeat(40)),
+            ..open_caller()
+        },
+    ] {
+        let e = r.register(&other, &n, &m, reg(None)).await.unwrap_err();
+        assert!(
+            matches!(&e, RegistryError::AlreadyRegistered(a, b) if a == &n && b == &m),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("membrane m "), "{e}");
+    }
+    assert_eq!(r.get(&n, &m).unwrap().registration.ttl_seconds, Some(9));
+    // A weak secret is not adopted: a fresh one is made.
+    let weak = Caller {
+        secret: Some("short".into()),
+        ..open_caller()
+    };
+    let other = r.register(&weak, &n, &id("w"), reg(None)).await.unwrap();
+    assert_ne!(other.instance_secret, "short");
+    // After a restart (and after going stale) the secret still proves the instance.
+    drop(r);
+    tokio::task::spawn_blocking(move || t.join()).await.unwrap();
+    let (r, _t) = open(&path);
+    r.register(&me, &n, &m, reg(None)).await.unwrap();
+    // Asked to replace: taken over, the old secret no longer matches.
+    let taker = Caller {
+        replace: true,
+        ..open_caller()
+    };
+    let taken = r.register(&taker, &n, &m, reg(None)).await.unwrap();
+    assert_ne!(taken.instance_secret, own);
+    assert!(matches!(
+        r.register(&me, &n, &m, reg(None)).await,
+        Err(RegistryError::AlreadyRegistered(..))
+    ));
+}
+
+/// Log lines written while `f` runs on this thread, at debug and above, without colours.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+    /// The one line with `level` containing `text`.
+    fn one(&self, level: &str, text: &str) -> String {
+        let found: Vec<_> = self
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains(level) && l.contains(text))
+            .collect();
+        assert_eq!(found.len(), 1, "{level} {text:?} in {:#?}", self.lines());
+        found[0].clone()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn activity_is_logged_one_line_each_with_fields() {
+    let log = Captured::default();
+    let w = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || w.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .without_time()
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let (n, m) = (ns("cog"), id("m"));
+    r.register(&open_caller(), &n, &m, reg(Some(30)))
+        .await
+        .unwrap();
+    log.one(
+        "INFO",
+        ": registered namespace=cog id=m created=true takeover=false addresses=1",
+    );
+    // Refused: at debug, with the reason.
+    r.register(&open_caller(), &n, &m, reg(None))
+        .await
+        .unwrap_err();
+    let refused = log.one("DEBUG", "registration refused namespace=cog id=m");
+    assert!(refused.contains("already registered"), "{refused}");
+    r.heartbeat(&open_caller(), &n, &id("nobody"))
+        .await
+        .unwrap_err();
+    log.one("DEBUG", "heartbeat refused namespace=cog id=nobody");
+
+    tokio::time::advance(Duration::from_secs(31)).await;
+    r.sweep();
+    log.one("INFO", "namespace=cog id=m state=\"stale\"");
+    r.heartbeat(&open_caller(), &n, &m).await.unwrap();
+    log.one("INFO", "namespace=cog id=m state=\"passing\"");
+    tokio::time::advance(Duration::from_secs(31 + 60)).await;
+    r.sweep();
+    r.sweep();
+    log.one("INFO", "evicted after eviction delay namespace=cog id=m");
+
+    let other = r
+        .register(&open_caller(), &n, &id("d"), reg(None))
+        .await
+        .unwrap();
+    let owner = Caller {
+        secret: Some(other.instance_secret),
+        ..open_caller()
+    };
+    r.deregister(&owner, &n, &id("d")).await.unwrap();
+    log.one("INFO", ": deregistered namespace=cog id=d");
 }

@@ -14,6 +14,10 @@
 pub mod etcd;
 pub mod sqlite;
 
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::Path;
+
 use shared::{MembraneId, NamespaceName, NamespaceSettings, Registration};
 
 /// A stored namespace.
@@ -84,6 +88,9 @@ pub struct Loaded {
     pub membranes: Vec<StoredMembrane>,
     /// The next free row sequence number.
     pub next_seq: i64,
+    /// Live registrations whose namespace is missing, by namespace name: kept on disk
+    /// untouched (never deleted at start), not served, reported.
+    pub orphaned: std::collections::BTreeMap<String, usize>,
 }
 
 /// A store failure. Its message is logged, never sent to clients.
@@ -100,6 +107,30 @@ pub enum StoreError {
         /// What was wrong.
         message: String,
     },
+    /// The database file exists but is not a usable registry database; it is left as it is.
+    #[error(
+        "database {path} is unusable ({reason}); refusing to start rather than start empty. \
+         Restore it from a backup, or move it away to start with an empty registry"
+    )]
+    Unusable {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Another process holds the data directory.
+    #[error(
+        "data directory {dir} is in use by another dns-server{holder} (lock {lock} is held); \
+         stop it first or use another --data-dir"
+    )]
+    Locked {
+        /// The data directory.
+        dir: String,
+        /// The lock file.
+        lock: String,
+        /// ` (pid N)` when the holder wrote its pid.
+        holder: String,
+    },
     /// Creating the data directory failed.
     #[error("data directory {path}: {source}")]
     Io {
@@ -114,4 +145,56 @@ pub enum StoreError {
     /// The writer has stopped (shutdown or an earlier fatal error).
     #[error("store writer has stopped")]
     Closed,
+}
+
+/// An exclusive lock on a data directory, held until dropped (for the process lifetime).
+///
+/// `flock(2)` on `registry.lock` inside the directory: the kernel releases it when the
+/// process exits, however it exits, so a crash never leaves a stale lock behind.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Name of the lock file inside the data directory.
+pub const LOCK_FILE: &str = "registry.lock";
+
+/// Takes the exclusive lock on `dir` without waiting: a second server on the same
+/// directory gets [`StoreError::Locked`] instead of a second, diverging view of the data.
+pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let io = |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(lock) => lock,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let holder = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .map(|pid| format!(" (pid {pid})"))
+                .unwrap_or_default();
+            return Err(StoreError::Locked {
+                dir: dir.display().to_string(),
+                lock: path.display().to_string(),
+                holder,
+            });
+        }
+        Err((_, errno)) => return Err(io(errno.into())),
+    };
+    // Who holds it, for the next one's message; best effort.
+    let _ = lock
+        .set_len(0)
+        .and_then(|()| write!(*lock, "{}", std::process::id()));
+    Ok(DataDirLock { _file: lock })
 }

@@ -78,9 +78,13 @@ const GC_CHUNK: usize = 2048;
 
 /// Opens (creating if needed) the database at `path`, reads everything, and starts the
 /// writer thread.
+///
+/// Only a missing file means "start empty": an existing file that is empty or not a
+/// registry database is refused ([`StoreError::Unusable`]) and left untouched.
 pub fn open(path: &Path) -> Result<(Loaded, Writer, WriterThread), StoreError> {
-    let conn = connect(path)?;
-    let (loaded, garbage) = load(&conn)?;
+    prepare_file(path)?;
+    let conn = connect(path).map_err(|e| unusable(path, e))?;
+    let (loaded, garbage) = load(&conn).map_err(|e| unusable(path, e))?;
     let (tx, rx) = mpsc::channel::<Submission>();
     let handle = std::thread::Builder::new()
         .name("store-writer".into())
@@ -90,6 +94,92 @@ pub fn open(path: &Path) -> Result<(Loaded, Writer, WriterThread), StoreError> {
             source: e,
         })?;
     Ok((loaded, Writer { tx }, WriterThread(handle)))
+}
+
+/// Database errors at open and load mean the file is not what it should be.
+fn unusable(path: &Path, e: StoreError) -> StoreError {
+    match e {
+        StoreError::Sqlite(_) | StoreError::Corrupt { .. } => StoreError::Unusable {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        },
+        other => other,
+    }
+}
+
+/// The database file and its `-wal`/`-shm` companions (SQLite creates those with the
+/// database file's permissions).
+fn companions(path: &Path) -> [std::path::PathBuf; 3] {
+    let with = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    [path.to_path_buf(), with("-wal"), with("-shm")]
+}
+
+/// Makes sure `path` is either a fresh database with the schema (created whole, 0600) or
+/// an existing non-empty file, and that no database file is readable by others.
+///
+/// A fresh database is built under a temporary name and renamed into place, so a crash
+/// while creating it never leaves an empty `path` behind (which would then be refused).
+fn prepare_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| StoreError::Io { path: p, source }
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.len() == 0 => {
+            return Err(StoreError::Unusable {
+                path: path.display().to_string(),
+                reason: "the file is empty (0 bytes)".into(),
+            });
+        }
+        Ok(_) => {
+            for p in companions(path) {
+                match std::fs::metadata(&p) {
+                    Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                            .map_err(io(&p))?;
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(path)(e)),
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = std::path::PathBuf::from(tmp);
+    for p in companions(&tmp) {
+        let _ = std::fs::remove_file(p);
+    }
+    let _ = std::fs::remove_file(format!("{}-journal", tmp.display()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    {
+        // Rollback journal (not WAL) while building: the result is one self-contained file.
+        let conn = Connection::open(&tmp)?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(io(dir))?;
+    }
+    Ok(())
 }
 
 fn connect(path: &Path) -> Result<Connection, StoreError> {
@@ -158,16 +248,19 @@ fn load(conn: &Connection) -> Result<(Loaded, BTreeSet<i64>), StoreError> {
     )?;
     let mut rows = stmt.query([])?;
     let mut max_seq = 0;
+    // Newest row of each membrane of a missing namespace: live or tombstone.
+    let mut orphans: HashMap<(String, String), bool> = HashMap::new();
     while let Some(row) = rows.next()? {
         let seq: i64 = row.get(0)?;
         max_seq = max_seq.max(seq);
         let ns: String = row.get(1)?;
         let id: String = row.get(2)?;
+        let reg: Option<String> = row.get(3)?;
         if !known.contains(&ns) {
-            garbage.insert(seq);
+            // Never deleted here: kept as they are, reported below.
+            orphans.insert((ns, id), reg.is_some());
             continue;
         }
-        let reg: Option<String> = row.get(3)?;
         let value = match reg {
             None => None,
             Some(reg) => {
@@ -197,6 +290,11 @@ fn load(conn: &Connection) -> Result<(Loaded, BTreeSet<i64>), StoreError> {
         }
     }
     out.membranes.sort_by_key(|m| m.seq);
+    for ((ns, _), live) in orphans {
+        if live {
+            *out.orphaned.entry(ns).or_default() += 1;
+        }
+    }
     out.next_seq = max_seq + 1;
     Ok((out, garbage))
 }
@@ -305,6 +403,9 @@ fn commit(
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Submission>, mut garbage: BTreeSet<i64>) {
     let mut batch = Vec::with_capacity(64);
+    // Fail-stop: after one failed commit every later write fails too, so the caller's
+    // in-memory rollback of everything uncommitted matches the disk exactly.
+    let mut broken = false;
     loop {
         // Collect garbage only while no write is waiting.
         let first = match rx.try_recv() {
@@ -331,13 +432,22 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Submission>, mut garbage
             }
         }
         let has_ops = batch.iter().any(|s| !s.ops.is_empty());
-        let result = if has_ops {
-            commit(&mut conn, &batch, &mut garbage)
-        } else {
+        let result = if !has_ops {
             Ok(())
+        } else if broken {
+            Err(StoreError::Closed)
+        } else {
+            commit(&mut conn, &batch, &mut garbage)
         };
-        if let Err(e) = &result {
-            tracing::error!(error = %e, batch = batch.len(), "store commit failed");
+        if let Err(e) = &result
+            && !broken
+        {
+            broken = true;
+            tracing::error!(
+                error = %e,
+                batch = batch.len(),
+                "store commit failed; writes are refused until a restart"
+            );
         }
         for sub in batch.drain(..) {
             (sub.done)(result.as_ref().map(|_| ()));
@@ -354,7 +464,8 @@ pub struct SerialTable(std::sync::Mutex<Connection>);
 impl SerialTable {
     /// Opens the store at `path` (created as [`open`] does) with the `zone_serials` table.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = connect(path)?;
+        prepare_file(path)?;
+        let conn = connect(path).map_err(|e| unusable(path, e))?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS zone_serials (
                 namespace TEXT PRIMARY KEY,
@@ -539,9 +650,64 @@ mod tests {
             .collect();
         assert_eq!(live, vec![("y", 4)]);
         assert_eq!(loaded.membranes[0].registration.ttl_seconds, Some(9));
-        wait_rows(&path, 1);
+        // The row of the missing namespace is reported and kept, never collected.
+        assert_eq!(loaded.orphaned, [("gone".to_string(), 1)].into());
+        wait_rows(&path, 2);
         drop(w);
         t.join();
+    }
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn database_files_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let (_, w, t) = open(&path).unwrap();
+        submit_wait(&w, vec![Op::PutNamespace(ns("a"))]).unwrap();
+        for p in companions(&path) {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+        drop(w);
+        t.join();
+        // Files left readable by an older version are tightened at start.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (loaded, w, t) = open(&path).unwrap();
+        assert_eq!(loaded.namespaces.len(), 1);
+        assert_eq!(mode(&path), 0o600);
+        drop(w);
+        t.join();
+    }
+
+    #[test]
+    fn empty_or_corrupt_database_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        std::fs::write(&path, b"").unwrap();
+        let err = open(&path).err().expect("empty file accepted").to_string();
+        assert!(err.contains("empty (0 bytes)"), "{err}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+
+        std::fs::remove_file(&path).unwrap();
+        {
+            let (_, w, t) = open(&path).unwrap();
+            submit_wait(&w, vec![Op::PutNamespace(ns("a"))]).unwrap();
+            drop(w);
+            t.join();
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[..16].copy_from_slice(b"garbage garbage!");
+        std::fs::write(&path, &bytes).unwrap();
+        let err = open(&path)
+            .err()
+            .expect("corrupt file accepted")
+            .to_string();
+        assert!(err.contains("unusable"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "the file was changed");
     }
 
     #[test]
@@ -552,7 +718,11 @@ mod tests {
         // A reused sequence number violates the primary key.
         let err = submit_wait(&w, vec![put(1, "a", "y", None)]).unwrap_err();
         assert!(err.contains("UNIQUE"), "{err}");
-        submit_wait(&w, vec![put(2, "a", "y", None)]).unwrap();
+        // Fail-stop: later writes fail too (the registry has rolled them back in memory);
+        // submissions without ops (event ordering only) still complete.
+        let err = submit_wait(&w, vec![put(2, "a", "y", None)]).unwrap_err();
+        assert!(err.contains("stopped"), "{err}");
+        submit_wait(&w, vec![]).unwrap();
     }
 
     #[test]

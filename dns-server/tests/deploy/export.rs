@@ -82,11 +82,15 @@ async fn export_compose_and_k8s_from_the_registry() {
         let agent = &services[&format!("{id}-agent")];
         assert_eq!(agent["image"], "reg.example/membrane:1");
         assert_eq!(agent["command"][0], "agent");
+        let app = &services[*id];
         assert_eq!(
-            agent["network_mode"],
-            format!("service:{id}"),
-            "sidecar shares the app's network"
+            app["network_mode"],
+            format!("service:{id}-agent"),
+            "the app shares its sidecar's network"
         );
+        assert_eq!(app["init"], true, "an init forwards SIGTERM to the app");
+        assert_eq!(app["depends_on"][0], format!("{id}-agent"));
+        assert_eq!(agent["depends_on"][0], "dns-server");
         let env = env_of(&agent["environment"]);
         assert_eq!(env["MEMBRANE_ID"], *id);
         assert_eq!(env["MEMBRANE_NAMESPACE"], "cognitive-system");
@@ -97,7 +101,6 @@ async fn export_compose_and_k8s_from_the_registry() {
         assert_eq!(env["MEMBRANE_MODE"], "shared-volume");
         let shared = &env["MEMBRANE_SHARED_DIR"];
         // The app container and its sidecar mount the same volumes.
-        let app = &services[*id];
         assert_eq!(app["volumes"], agent["volumes"]);
         let mounts: Vec<&str> = agent["volumes"]
             .as_array()
@@ -196,4 +199,36 @@ async fn export_compose_and_k8s_from_the_registry() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(out.stdout.is_empty());
+}
+
+/// The checked-in `examples/cognitive-system/docker-compose.yml` and
+/// `k8s/cognitive-system.yaml` are exactly what the exporter makes of the example
+/// hierarchy. `UPDATE_EXAMPLES=1 cargo test -p dns-server --test deploy examples_are_` rewrites
+/// them after a change to the exporter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn examples_are_the_exporter_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let http = Http::new(server.url());
+    register_cognitive(&http).await;
+    let example = super::common::workspace().join("examples/cognitive-system");
+    let update = std::env::var_os("UPDATE_EXAMPLES").is_some();
+    for (format, file) in [
+        ("compose", "docker-compose.yml"),
+        ("k8s", "k8s/cognitive-system.yaml"),
+    ] {
+        let text = stdout_ok(export(&server, format, "cognitive-system", &[]));
+        let path = example.join(file);
+        if update {
+            std::fs::write(&path, &text).unwrap();
+            continue;
+        }
+        let checked_in = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            checked_in == text,
+            "{} is not the exporter's output; regenerate it with UPDATE_EXAMPLES=1 \
+             cargo test -p dns-server --test deploy examples_are_the_exporter_output",
+            path.display()
+        );
+    }
 }

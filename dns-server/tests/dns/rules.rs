@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use dns_server::dns::DnsConfig;
+use dns_server::dns::{DnsConfig, NsHost};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
 
@@ -180,20 +180,39 @@ async fn truncation_then_tcp_with_300_instances() {
 }
 
 #[tokio::test]
-async fn additional_dropped_before_truncating() {
-    // 30 SRV records fit in 1232 bytes, their 30 A records do not.
+async fn additional_filled_as_far_as_it_fits() {
+    // 30 SRV records fit in 1232 bytes, their 30 A records do not all: those that fit are
+    // sent (not all-or-nothing), without TC (RFC 2181 9).
     let srv = Server::start(DnsConfig::default(), &[many("mid", "api", 30)]).await;
-    let m = udp_opts(
-        srv.addr,
-        "_api._tcp.mid.",
-        RecordType::SRV,
-        Some(1232),
-        true,
-    )
-    .await;
+    let (_, q) = query_bytes("_api._tcp.mid.", RecordType::SRV, Some(1232), true);
+    let raw = udp_raw(srv.addr, &q).await.unwrap();
+    assert!(raw.len() <= 1232, "{}", raw.len());
+    let m = Message::from_vec(&raw).unwrap();
     assert!(!m.metadata.truncation);
     assert_eq!(m.answers.len(), 30);
-    assert!(m.additionals.is_empty());
+    let targets: Vec<String> = m
+        .answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::SRV(s) => s.target.to_ascii(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let glue: Vec<_> = m
+        .additionals
+        .iter()
+        .filter(|r| r.record_type() == RecordType::A)
+        .collect();
+    assert!(
+        (1..30).contains(&glue.len()),
+        "some but not all addresses fit: {}",
+        glue.len()
+    );
+    // The addresses of the first answer records (the ones a client tries first), in order.
+    let glue_names: Vec<String> = glue.iter().map(|r| r.name.to_ascii()).collect();
+    assert_eq!(glue_names, targets[..glue.len()], "{targets:?}");
+    // The room left is less than one more A record (16 bytes with a compressed owner).
+    assert!(raw.len() + 30 > 1232, "{}", raw.len());
     let m = tcp(srv.addr, "_api._tcp.mid.", RecordType::SRV).await;
     assert_eq!(m.additionals.len(), 30);
     srv.stop().await;
@@ -474,7 +493,10 @@ async fn stats_count_rcodes_and_transports() {
 #[tokio::test]
 async fn membrane_names_are_answered_from_the_live_registration() {
     let cfg = DnsConfig {
-        ns_host: Some("web-2.cog.".into()),
+        ns_hosts: vec![NsHost {
+            name: "web-2.cog.".into(),
+            addresses: vec![],
+        }],
         ns_addresses: vec!["192.0.2.53".parse().unwrap()],
         ..Default::default()
     };

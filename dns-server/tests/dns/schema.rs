@@ -1,6 +1,6 @@
 //! Every row of the spec's name table, over UDP, with the exact records expected.
 
-use dns_server::dns::DnsConfig;
+use dns_server::dns::{DnsConfig, NsHost};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 
@@ -51,7 +51,10 @@ async fn apex_soa_and_ns() {
 
     // A configured NS host outside the zone.
     let cfg = DnsConfig {
-        ns_host: Some("dns1.example.net".into()),
+        ns_hosts: vec![NsHost {
+            name: "dns1.example.net".into(),
+            addresses: vec![],
+        }],
         ..Default::default()
     };
     let srv = Server::start(cfg, &[cog()]).await;

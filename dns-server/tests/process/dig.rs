@@ -5,7 +5,7 @@ use std::process::Command;
 use super::harness::{Http, Server};
 
 /// `dig` output lines for a query, or None (with a loud SKIP) when dig is not installed.
-fn dig(server: &Server, args: &[&str]) -> Option<String> {
+pub(super) fn dig(server: &Server, args: &[&str]) -> Option<String> {
     if Command::new("dig").arg("-v").output().is_err() {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
@@ -194,5 +194,90 @@ async fn export_zone_is_accepted_by_named_checkzone() {
             );
             eprintln!("SKIP: named-checkzone not installed (apt-get install bind9-utils)");
         }
+    }
+}
+
+/// The EDNS features and several NS hosts as `dig` shows them, set by flags; and DNS (on
+/// its own threads) stops cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_sees_nsid_cookies_ede_and_ns_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--nsid",
+            "dns-a",
+            "--ns-host",
+            "ns1.cognitive-system=192.0.2.1,ns2.example.net",
+        ],
+    );
+    let http = Http::new(server.url());
+    let (s, _) = http
+        .call(
+            "PUT",
+            "/v1/namespaces/cognitive-system/membranes/a",
+            Some(r#"{"addresses":["10.0.0.1"],"services":[{"name":"svc","port":1}]}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201);
+    let Some(out) = dig(
+        &server,
+        &["+nsid", "+cookie", "+dnssec", "SOA", "cognitive-system"],
+    ) else {
+        return;
+    };
+    assert!(out.contains("(\"dns-a\")"), "NSID:\n{out}");
+    assert!(out.contains("(good)"), "a server cookie for dig's:\n{out}");
+    assert!(out.contains("flags: do;"), "DO copied:\n{out}");
+    assert!(out.contains("SOA\tns1.cognitive-system."), "{out}");
+    let ns = dig(&server, &["NS", "cognitive-system", "+short"]).unwrap();
+    let mut ns: Vec<_> = ns.lines().collect();
+    ns.sort();
+    assert_eq!(ns, ["ns1.cognitive-system.", "ns2.example.net."]);
+    let refused = dig(&server, &["A", "example.com"]).unwrap();
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    assert!(refused.contains("EDE: 20"), "{refused}");
+    assert!(server.terminate().success());
+}
+
+/// The seed systems' clients' captured calls (`tests/fixtures/seed-clients.json`) replayed
+/// against the real binary: what they registered is what `dig` answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_clients_calls_show_in_dns() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let http = Http::new(server.url());
+    let fixture: Vec<serde_json::Value> = serde_json::from_str(include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/seed-clients.json"
+    )))
+    .unwrap();
+    for e in &fixture {
+        let (method, path) = (e["method"].as_str().unwrap(), e["path"].as_str().unwrap());
+        let (s, v) = http.call(method, path, e["body"].as_str()).await.unwrap();
+        assert_eq!(s, e["status"], "{} {method} {path}: {v}", e["client"]);
+    }
+    // RegistryClient: host and port.
+    let Some(srv) = dig(
+        &server,
+        &["SRV", "_visual-cortex._tcp.cognitive-system", "+short"],
+    ) else {
+        return;
+    };
+    assert_eq!(srv.trim(), "0 10 7201 visual-cortex.cognitive-system.");
+    let a = dig(&server, &["A", "visual-cortex.cognitive-system", "+short"]).unwrap();
+    assert_eq!(a.trim(), "10.0.0.21");
+    // The membrane install.sh curl registration.
+    let a = dig(&server, &["A", "motor-cortex.cognitive-system", "+short"]).unwrap();
+    assert_eq!(a.trim(), "192.0.2.2");
+    // NamespaceClient: parent and endpoint (a network URL served as host:port).
+    let txt = dig(&server, &["TXT", "perception.default", "+short"]).unwrap();
+    assert!(txt.contains("\"parent=cognitive-root\""), "{txt}");
+    assert!(txt.contains("\"endpoint=localhost:9730\""), "{txt}");
+    // Deregistered (NamespaceClient) and unregistered (modularity CLI): gone.
+    for name in ["motor.default", "hello-service.default"] {
+        let nx = dig(&server, &["TXT", name]).unwrap();
+        assert!(nx.contains("status: NXDOMAIN"), "{name}: {nx}");
     }
 }

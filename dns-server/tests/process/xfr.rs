@@ -48,7 +48,7 @@ pub async fn register(http: &Http, ns: &str, id: &str, ip: &str, port: u16) {
     let (s, v) = http
         .call(
             "PUT",
-            &format!("/v1/namespaces/{ns}/membranes/{id}"),
+            &format!("/v1/namespaces/{ns}/membranes/{id}?replace=true"),
             Some(&body),
         )
         .await

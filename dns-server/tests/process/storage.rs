@@ -1,0 +1,241 @@
+//! The data directory: one server at a time, never start empty on a damaged database,
+//! private files.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::harness::{Http, Server, bin};
+
+/// Starts a server that must refuse to start; returns its exit code and stderr.
+fn refused(data_dir: &Path) -> (i32, String) {
+    let mut child = Command::new(bin())
+        .args(["--data-dir", data_dir.to_str().unwrap()])
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--dns-listen",
+            "127.0.0.1:0",
+        ])
+        .env("MEMBRANE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.code().unwrap_or(-1), err)
+}
+
+async fn register(http: &Http, id: &str) {
+    let (status, v) = http
+        .call(
+            "PUT",
+            &format!("/v1/namespaces/store/membranes/{id}"),
+            Some(r#"{"addresses":["10.0.0.1"],"services":[]}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Server::start(dir.path(), &[]);
+    let http = Http::new(first.url());
+    register(&http, "m1").await;
+    let (code, err) = refused(dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("is in use by another dns-server")
+            && err.contains(&format!("(pid {})", first.child.id())),
+        "{err}"
+    );
+    // The first one is unaffected; its files are private.
+    register(&http, "m2").await;
+    for f in [
+        "registry.sqlite3",
+        "registry.sqlite3-wal",
+        "registry.sqlite3-shm",
+    ] {
+        let mode = std::fs::metadata(dir.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    // Once it is gone the directory can be used again (the kernel dropped the lock).
+    first.kill9();
+    let again = Server::start(dir.path(), &[]);
+    let (_, v) = Http::new(again.url())
+        .call("GET", "/v1/namespaces/store/membranes", None)
+        .await
+        .unwrap();
+    assert_eq!(v["membranes"].as_array().map(Vec::len), Some(2), "{v}");
+}
+
+#[tokio::test]
+async fn an_empty_or_corrupt_database_is_refused_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("registry.sqlite3");
+    {
+        let server = Server::start(dir.path(), &[]);
+        register(&Http::new(server.url()), "m1").await;
+        assert!(server.terminate().success());
+    }
+    let good = std::fs::read(&db).unwrap();
+
+    // Header bytes overwritten.
+    let mut bad = good.clone();
+    bad[..16].copy_from_slice(b"not a database!!");
+    std::fs::write(&db, &bad).unwrap();
+    let (code, err) = refused(dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("unusable") && err.contains("refusing to start"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        bad,
+        "the damaged file was changed"
+    );
+
+    // Truncated to 0 bytes.
+    std::fs::write(&db, b"").unwrap();
+    let (code, err) = refused(dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("empty (0 bytes)"), "{err}");
+    assert_eq!(std::fs::metadata(&db).unwrap().len(), 0);
+
+    // Restored: everything is back.
+    std::fs::write(&db, &good).unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let (_, v) = Http::new(server.url())
+        .call("GET", "/v1/namespaces/store/membranes/m1", None)
+        .await
+        .unwrap();
+    assert_eq!(v["id"], "m1", "{v}");
+}
+
+#[tokio::test]
+async fn rows_of_a_missing_namespace_are_kept_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("registry.sqlite3");
+    {
+        let server = Server::start(dir.path(), &[]);
+        let http = Http::new(server.url());
+        register(&http, "m1").await;
+        register(&http, "m2").await;
+        assert!(server.terminate().success());
+    }
+    // The namespace row is lost (damage, a manual edit): its membranes have no namespace.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute("DELETE FROM namespaces WHERE name = 'store'", [])
+        .unwrap();
+    {
+        let server = Server::start(dir.path(), &[]);
+        let http = Http::new(server.url());
+        let (_, v) = http.call("GET", "/status", None).await.unwrap();
+        assert_eq!(
+            v["store"]["orphaned_membranes"],
+            serde_json::json!({"store": 2})
+        );
+        let (status, _) = http
+            .call("GET", "/v1/namespaces/store/membranes", None)
+            .await
+            .unwrap();
+        assert_eq!(status, 404, "not served");
+        // Give the writer's garbage collection time to run: nothing of them is deleted.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(server.terminate().success());
+    }
+    let rows: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM membranes WHERE namespace = 'store'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 2, "rows of the missing namespace were deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_answered_503_is_not_visible_in_the_api_or_dns() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let http = Http::new(server.url());
+    let path = "/v1/namespaces/store/membranes/m1";
+    let body = |ip: &str| format!(r#"{{"addresses":["{ip}"],"services":[]}}"#);
+    let (status, v) = http
+        .call("PUT", path, Some(&body("10.0.0.1")))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    // The disk starts failing every write of m1 (a trigger added behind the server's back).
+    let conn = rusqlite::Connection::open(dir.path().join("registry.sqlite3")).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER fail BEFORE INSERT ON membranes WHEN NEW.id = 'm1'
+         BEGIN SELECT RAISE(ABORT, 'injected store failure'); END;",
+    )
+    .unwrap();
+    // An update by its owner: answered 503...
+    let secret = v["instance_secret"].as_str().unwrap();
+    let req = http::Request::builder()
+        .method("PUT")
+        .uri(format!("{}{path}", server.url()))
+        .header("x-membrane-secret", secret)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body(
+            "10.0.0.9",
+        ))))
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    assert_eq!(client.request(req).await.unwrap().status(), 503);
+    // ...and not visible anywhere: the API and DNS still show the committed address.
+    let (_, v) = http.call("GET", path, None).await.unwrap();
+    assert_eq!(v["addresses"][0], "10.0.0.1", "{v}");
+    if let Some(out) = super::dig::dig(&server, &["+short", "m1.store.", "A"]) {
+        assert_eq!(out.trim(), "10.0.0.1");
+    }
+    let (_, v) = http.call("GET", "/status", None).await.unwrap();
+    assert_eq!(v["status"], "degraded", "{v}");
+    // Later writes are refused up front.
+    let (status, _) = http
+        .call(
+            "PUT",
+            "/v1/namespaces/store/membranes/m2",
+            Some(&body("10.0.0.2")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 503);
+    let (status, _) = http
+        .call("GET", "/v1/namespaces/store/membranes/m2", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+}
