@@ -5,7 +5,8 @@
 # the workspace. Tools it cannot install are reported loudly; on CI (CI=true) the tests that
 # need a missing tool fail instead of skipping.
 #
-# Needs: dig (dnsutils), named-checkzone (bind9-utils), nsd-checkzone (nsd),
+# Needs: dig (dnsutils), named-checkzone (bind9-utils), nsd-checkzone and nsd (nsd), knotd
+# (knot; NSD and Knot run as zone-transfer secondaries in dns-server's process tests),
 # systemd-analyze (systemd), chromium, python3 with PyYAML, etcd + protoc + the protobuf
 # well-known types (libprotobuf-dev) for the etcd feature; as root also podman (+ runc,
 # netavark, aardvark-dns, catatonit, iptables) and podman-compose (pip) for the compose
@@ -17,6 +18,7 @@ need=()
 command -v dig >/dev/null 2>&1 || need+=(dnsutils)
 command -v named-checkzone >/dev/null 2>&1 || need+=(bind9-utils)
 command -v nsd-checkzone >/dev/null 2>&1 || need+=(nsd)
+command -v knotd >/dev/null 2>&1 || need+=(knot)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
@@ -51,8 +53,9 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq >/dev/null
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
     # nsd's and etcd's packages may start daemons; the tests start their own.
-    if command -v systemctl >/dev/null 2>&1; then systemctl stop nsd etcd >/dev/null 2>&1 || true; fi
+    if command -v systemctl >/dev/null 2>&1; then systemctl stop nsd knot etcd >/dev/null 2>&1 || true; fi
     pkill -x nsd >/dev/null 2>&1 || true
+    pkill -x knotd >/dev/null 2>&1 || true
     pkill -x etcd >/dev/null 2>&1 || true
   else
     echo "############################################################################" >&2
