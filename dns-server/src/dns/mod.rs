@@ -9,6 +9,8 @@
 //! schema" table; [`export_zone`] writes the same records as a master file.
 
 mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 mod query;
 mod records;
 mod server;

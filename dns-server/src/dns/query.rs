@@ -30,7 +30,7 @@ impl Rng {
     pub(crate) fn new() -> Self {
         Rng(rand::random())
     }
-    #[cfg(test)]
+    /// A generator with a fixed seed (tests, fuzzing: reproducible orders).
     pub(crate) fn seeded(s: u64) -> Self {
         Rng(s)
     }
