@@ -22,9 +22,9 @@ shift || true
 declare -A crate_of=(
   [message_file]=shared [registration]=shared
   [relay_frames]=agent
-  [dns_query]=dns-server
+  [dns_query]=dns-server [registration_zone]=dns-server
 )
-all=(message_file registration relay_frames dns_query)
+all=(message_file registration relay_frames dns_query registration_zone)
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 for t in "${targets[@]}"; do

@@ -1,7 +1,7 @@
-//! Fuzz target body (used by `dns-server/fuzz` and replayed over its seed corpus by `cargo
-//! test`): request bytes through the whole query path (parse, lookup, response assembly)
-//! of catalogs serving a few zones. Not an API: hidden from the docs, may change at any
-//! time.
+//! Fuzz target bodies (used by `dns-server/fuzz` and replayed over its seed corpus by
+//! `cargo test`): request bytes through the whole query path (parse, lookup, response
+//! assembly) of catalogs serving a few zones, and registration bodies through validation
+//! into a zone and its answers. Not an API: hidden from the docs, may change at any time.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -12,6 +12,7 @@ use shared::model::{Endpoint, Proto, Registration, ServiceSpec};
 use shared::{MembraneId, NamespaceName, NamespaceSettings, ServiceName, Tag};
 
 use super::query::{EDNS_PAYLOAD, Rng, Scratch, TCP_MAX};
+use super::records::{name_with, rtype, service_types};
 use super::stats::Shard;
 use super::{Catalog, DnsConfig};
 use crate::snapshot::{Instance, NamespaceSnapshot};
@@ -44,6 +45,84 @@ pub fn dns_query(data: &[u8]) {
             check(data, request.as_ref(), &out, tcp);
         }
     }
+}
+
+/// A registration body (`PUT …/membranes/{id}`) that parses and validates, registered as
+/// a 63-character id in a 63-character namespace under the longest `--domain-suffix` the
+/// configuration accepts: every name it owns answers every type with a response that
+/// parses back (as [`dns_query`] checks), and the zone exports as a master file.
+pub fn registration_zone(data: &[u8]) {
+    let Ok(reg) = crate::http::extract::parse_json::<Registration>(data) else {
+        return;
+    };
+    if reg.validate().is_err() {
+        return;
+    }
+    let config = LONGEST_SUFFIX.get_or_init(longest_suffix).clone();
+    let catalog = Catalog::new(config.clone()).unwrap();
+    let long = "z".repeat(63);
+    let snap = snapshot(
+        &long,
+        vec![Instance {
+            id: MembraneId::new(&long).unwrap(),
+            registration: Arc::new(reg),
+        }],
+    );
+    catalog.update(&snap);
+    let reg = &snap.instances[0].registration;
+    let apex = catalog.naming.apex(&long);
+    let host = name_with(&[&long], &apex);
+    let mut names = vec![
+        apex.clone(),
+        host.clone(),
+        name_with(&["_services", "_dns-sd", "_udp"], &apex),
+    ];
+    for st in service_types(&apex, reg) {
+        names.push(name_with(&[&long], &st.name));
+        for label in reg.capabilities.iter().chain(&reg.tags) {
+            names.push(name_with(&[&format!("_{label}"), "_sub"], &st.name));
+        }
+        names.push(st.name);
+    }
+    let mut out = Vec::new();
+    let mut scratch = Scratch::new(0);
+    for name in &names {
+        assert!(name.len() <= 255, "a {} byte name", name.len());
+        for t in [
+            rtype::A,
+            rtype::AAAA,
+            rtype::TXT,
+            rtype::SRV,
+            rtype::PTR,
+            rtype::ANY,
+        ] {
+            let mut req = vec![0x42, 0x42, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1];
+            req.extend_from_slice(name);
+            req.extend_from_slice(&t.to_be_bytes());
+            req.extend_from_slice(&[0, 1, 0, 0, 41, 4, 208, 0, 0, 0, 0, 0, 0]);
+            for tcp in [false, true] {
+                let answered =
+                    catalog.respond(&req, tcp, &mut out, &mut scratch, &Shard::default());
+                assert!(answered.is_some(), "no answer for {name:?}");
+                check(&req, Message::from_vec(&req).ok().as_ref(), &out, tcp);
+            }
+        }
+    }
+    let _ = super::export_zone(&snap, &config);
+}
+
+static LONGEST_SUFFIX: OnceLock<DnsConfig> = OnceLock::new();
+
+/// The configuration with the longest domain suffix (labels `s`) that validates.
+fn longest_suffix() -> DnsConfig {
+    (1..=128)
+        .rev()
+        .map(|n| DnsConfig {
+            domain_suffix: Some(vec!["s"; n].join(".")),
+            ..Default::default()
+        })
+        .find(|c| c.validate().is_ok())
+        .unwrap()
 }
 
 fn check(req: &[u8], request: Option<&Message>, out: &[u8], tcp: bool) {
@@ -171,18 +250,29 @@ fn instance(id: &str, i: u16) -> Instance {
 
 #[cfg(test)]
 mod tests {
-    /// Every file of `dns-server/fuzz/seeds/dns_query` (the checked-in seed corpus and the
+    /// Every file of `dns-server/fuzz/seeds/<target>` (the checked-in seed corpus and the
     /// reproducers of past findings) through the target body.
-    #[test]
-    fn dns_query_seeds() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/dns_query");
+    fn replay(target: &str, f: fn(&[u8])) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/seeds")
+            .join(target);
         let mut n = 0;
         for e in std::fs::read_dir(&dir).unwrap() {
             let path = e.unwrap().path();
             eprintln!("{}", path.display());
-            super::dns_query(&std::fs::read(&path).unwrap());
+            f(&std::fs::read(&path).unwrap());
             n += 1;
         }
         assert!(n >= 10, "{}: only {n} seeds", dir.display());
+    }
+
+    #[test]
+    fn dns_query_seeds() {
+        replay("dns_query", super::dns_query);
+    }
+
+    #[test]
+    fn registration_zone_seeds() {
+        replay("registration_zone", super::registration_zone);
     }
 }
