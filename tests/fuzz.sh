@@ -4,15 +4,15 @@
 # Usage: tests/fuzz.sh [SECONDS [TARGET...]]
 #
 # Builds the libFuzzer targets of shared/fuzz, agent/fuzz and dns-server/fuzz (cargo-fuzz
-# layout) with the coverage flags cargo-fuzz uses without a sanitizer (`cargo fuzz build
-# -s none`: stable Rust, no cargo-fuzz install needed), then runs each TARGET (default:
-# all) for SECONDS (default 20), one process each, from its checked-in seeds
-# (<crate>/fuzz/seeds/<target>/; new finds go to target/fuzz/corpus/<target>/, outside
-# git). Fails on the first crash, leak, timeout or out-of-memory: the input is kept in
+# layout; one workspace rooted in dns-server/fuzz) with the coverage flags cargo-fuzz uses
+# without a sanitizer (`cargo fuzz build -s none`: stable Rust, no cargo-fuzz install), then
+# runs each TARGET (default: all) for SECONDS (default 20), one process each, from its
+# checked-in seeds (<crate>/fuzz/seeds/<target>/; new finds go to target/fuzz/corpus/<target>/,
+# outside git). A crash, timeout or out-of-memory fails the run: the input is kept in
 # target/fuzz/artifacts/<target>/ and the command to replay it is printed.
 #
 # FUZZ_PROFILE=release builds as cargo-fuzz does (opt-level 3, for long runs); the default
-# profile `fuzz-ci` (in each fuzz crate) builds faster for the short CI runs.
+# profile `fuzz-ci` (dns-server/fuzz/Cargo.toml) builds faster for the short CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -48,19 +48,13 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing \
 -Cllvm-args=-simplifycfg-branch-fold-threshold=0 -Cllvm-args=-sanitizer-coverage-stack-depth \
 -Cdebug-assertions"
-declare -A built=()
 t0=$SECONDS
-for t in "${targets[@]}"; do
-  c=${crate_of[$t]}
-  [ -n "${built[$c]:-}" ] && continue
-  echo "tests/fuzz.sh: building $c/fuzz (profile $profile)"
-  cargo build --quiet --manifest-path "$c/fuzz/Cargo.toml" --target "$triple" \
-    --profile "$profile" --bins --target-dir "$out"
-  built[$c]=1
-done
+echo "tests/fuzz.sh: building the fuzz workspace (dns-server/fuzz; profile $profile)"
+cargo build --quiet --manifest-path dns-server/fuzz/Cargo.toml --workspace --bins \
+  --target "$triple" --profile "$profile" --target-dir "$out"
 echo "tests/fuzz.sh: built in $((SECONDS - t0)) s"
 
-failed=0
+passed=0 failed=0
 for t in "${targets[@]}"; do
   c=${crate_of[$t]}
   bin="$out/$triple/$profile/$t"
@@ -73,8 +67,9 @@ for t in "${targets[@]}"; do
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1)
     echo "fuzz $t: ${runs:-?} executions in ${secs} s, ${cov:-cov: ?}, no crash"
+    passed=$((passed + 1))
   else
-    failed=1
+    failed=$((failed + 1))
     echo "############################################################################" >&2
     echo "# fuzz $t: FAILED (crash, timeout or out of memory); log: $log" >&2
     grep -E '^(==[0-9]+==|thread .* panicked|SUMMARY|artifact_prefix|Test unit written)' "$log" >&2 || tail -30 "$log" >&2
@@ -82,4 +77,5 @@ for t in "${targets[@]}"; do
     echo "############################################################################" >&2
   fi
 done
-exit $failed
+echo "fuzz: $passed passed, $failed failed"
+[ "$failed" = 0 ]

@@ -7,7 +7,7 @@
 #
 # Needs: dig (dnsutils), named-checkzone (bind9-utils), nsd-checkzone (nsd),
 # systemd-analyze (systemd), chromium, python3 with PyYAML, etcd + protoc + the protobuf
-# well-known types (libprotobuf-dev) for the etcd feature.
+# well-known types (libprotobuf-dev) for the etcd feature, a C++ compiler (g++) for libFuzzer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +20,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v c++ >/dev/null 2>&1 || need+=(g++)
 # etcd-client's protos import google/protobuf/descriptor.proto (well-known types)
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 
@@ -56,3 +57,5 @@ else
   [ "${CI:-}" = "true" ] && { echo "tests/run.sh: ERROR: protoc missing on CI" >&2; exit 1; }
   echo "*** SKIP: protoc (protobuf-compiler) missing: etcd feature not built or tested ***" >&2
 fi
+# Fuzz targets (README "Fuzzing"): built, then each run briefly from its seeds; a crash fails.
+bash tests/fuzz.sh "${FUZZ_SECONDS:-15}"

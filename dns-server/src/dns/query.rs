@@ -357,6 +357,29 @@ fn header(
     }
 }
 
+/// A response with `rcode` and nothing but the request's header fields and, when
+/// `question` (its length) is given, its question.
+fn fail(out: &mut Vec<u8>, req: &[u8], rcode: u16, question: Option<usize>) -> Outcome {
+    let q = question.map(|l| &req[12..12 + l]);
+    header(
+        out,
+        be16(req, 0),
+        be16(req, 2),
+        false,
+        false,
+        rcode,
+        u16::from(q.is_some()),
+        [0; 3],
+    );
+    if let Some(q) = q {
+        out.extend_from_slice(q);
+    }
+    Outcome {
+        rcode,
+        truncated: false,
+    }
+}
+
 /// Our OPT record: payload 1232, version 0, DO clear, no options.
 #[inline]
 fn opt(out: &mut Vec<u8>, rcode: u16) {
@@ -445,29 +468,15 @@ impl Catalog {
         let res = match parse(req) {
             Ok(p) => Some(self.answer(&p, tcp, out, s)),
             Err(ParseError::Drop) => None,
-            Err(ParseError::Fail { rcode, question }) => {
-                let q = question.map(|l| &req[12..12 + l]);
-                header(
-                    out,
-                    be16(req, 0),
-                    be16(req, 2),
-                    false,
-                    false,
-                    rcode,
-                    u16::from(q.is_some()),
-                    [0; 3],
-                );
-                if let Some(q) = q {
-                    out.extend_from_slice(q);
-                }
-                Some(Outcome {
-                    rcode,
-                    truncated: false,
-                })
-            }
+            Err(ParseError::Fail { rcode, question }) => Some(fail(out, req, rcode, question)),
             Err(ParseError::Slow) => match canonicalize(req) {
                 Some(c) => match parse(&c) {
                     Ok(p) => Some(self.answer(&p, tcp, out, s)),
+                    // E.g. NOTIMP for an opcode other than QUERY (found by fuzzing: such a
+                    // request with a compressed name went unanswered).
+                    Err(ParseError::Fail { rcode, question }) => {
+                        Some(fail(out, &c, rcode, question))
+                    }
                     Err(_) => None,
                 },
                 None => {
@@ -738,6 +747,29 @@ mod tests {
             }
         }
         assert!(answered > 10_000, "{answered}");
+    }
+
+    /// Found by fuzzing (dns_query): a request with another opcode than QUERY and a
+    /// compressed question name went unanswered; it gets NOTIMP like any other.
+    #[test]
+    fn compressed_name_with_another_opcode_gets_notimp() {
+        use crate::dns::{Catalog, DnsConfig};
+        let catalog = Catalog::new(DnsConfig::default()).unwrap();
+        // IQUERY for `.` A, the name a pointer to offset 11 (ARCOUNT's low byte: 0, the
+        // root), as the fuzzer found it.
+        let req = [0, 7, 0x08, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xC0, 11, 0, 1, 0, 1];
+        let mut out = Vec::new();
+        let o = catalog.respond(
+            &req,
+            false,
+            &mut out,
+            &mut Scratch::new(0),
+            &Shard::default(),
+        );
+        assert_eq!(o.map(|o| o.rcode), Some(rcode::NOTIMP));
+        let m = hickory_proto::op::Message::from_vec(&out).unwrap();
+        assert_eq!(m.metadata.id, 7);
+        assert_eq!(m.queries[0].name().to_ascii(), ".");
     }
 
     /// The per-loop cache of membrane answers stays within its bound and never serves an
