@@ -10,7 +10,7 @@
 # systemd-analyze (systemd), chromium, python3 with PyYAML, etcd + protoc + the protobuf
 # well-known types (libprotobuf-dev) for the etcd feature; as root also podman (+ runc,
 # netavark, aardvark-dns, catatonit, iptables) and podman-compose (pip) for the compose
-# test, and iproute2 for the network-namespace test.
+# test, and iproute2 for the network-namespace test; a C++ compiler (g++) for libFuzzer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +29,7 @@ command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # the agent's https registry test makes its certificates with openssl
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v c++ >/dev/null 2>&1 || need+=(g++)
 # etcd-client's protos import google/protobuf/descriptor.proto (well-known types)
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 # The compose example under rootful podman (dns-server/tests/deploy/podman.rs): podman with
@@ -94,3 +95,5 @@ else
   [ "${CI:-}" = "true" ] && { echo "tests/run.sh: ERROR: protoc missing on CI" >&2; exit 1; }
   echo "*** SKIP: protoc (protobuf-compiler) missing: etcd feature not built or tested ***" >&2
 fi
+# Fuzz targets (README "Fuzzing"): built, then each run briefly from its seeds; a crash fails.
+bash tests/fuzz.sh "${FUZZ_SECONDS:-15}"

@@ -10,6 +10,8 @@
 
 mod edns;
 mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 mod notify;
 mod query;
 mod records;
@@ -42,6 +44,11 @@ pub use xfr::{AllowNet, TransferConfig};
 
 use records::{Naming, label_offsets, parse_text_name};
 use zone::{NsState, Zone};
+
+/// Longest name served before the suffix, in wire bytes: `_<tag>._sub._<service>._udp.<ns>`
+/// with 62-character tag and service names (`shared::model::limits::MAX_PREFIXED_LABEL`) and
+/// a 63-character namespace, each label with its length byte.
+const LONGEST_IN_ZONE: usize = (1 + 63) + (1 + 4) + (1 + 63) + (1 + 4) + (1 + 63);
 
 /// DNS settings shared by every zone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -81,11 +88,13 @@ impl DnsConfig {
             Some(s) => parse_text_name(s).map_err(DnsError::DomainSuffix)?,
             None => vec![0],
         };
-        // The longest namespace label (63) plus its length byte must still fit in 255.
-        if suffix.len() + 64 > 255 {
+        // The longest name a zone serves must still fit in 255 bytes.
+        if suffix.len() + LONGEST_IN_ZONE > 255 {
             return Err(DnsError::DomainSuffix(format!(
-                "{:?} leaves no room for a 63-character namespace within 255 bytes",
-                self.domain_suffix.as_deref().unwrap_or_default()
+                "{:?} is too long: names under it (up to {LONGEST_IN_ZONE} bytes before the \
+                 suffix) must fit in 255 bytes, so it may have at most {} characters",
+                self.domain_suffix.as_deref().unwrap_or_default(),
+                255 - LONGEST_IN_ZONE - 2
             )));
         }
         let mut ns_hosts: Vec<(records::WireName, Vec<IpAddr>)> = Vec::new();
@@ -411,6 +420,12 @@ mod tests {
         };
         assert!(bad(Some("a..b"), None));
         assert!(bad(Some(&"a.".repeat(100)), None));
+        // Found by fuzzing (registration_zone): a longer suffix let names such as
+        // `_<tag>._sub._<svc>._udp.<ns>.<suffix>` and the SOA's `hostmaster.<ns>.<suffix>`
+        // pass 255 bytes, which no response can carry.
+        let longest = format!("{}.{}", "a".repeat(25), "b".repeat(25));
+        assert!(!bad(Some(&longest), None));
+        assert!(bad(Some(&format!("{longest}c")), None));
         assert!(bad(None, Some(".")));
         assert!(bad(None, Some("bad host")));
         assert!(!bad(Some("svc.example."), Some("ns1.example.net")));
