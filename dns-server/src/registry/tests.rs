@@ -534,6 +534,11 @@ async fn activity_is_logged_one_line_each_with_fields() {
         .with_ansi(false)
         .without_time()
         .finish();
+    // tracing-core caches a callsite's interest from the registering thread's own
+    // dispatcher while only one dispatcher exists: another test thread (no subscriber)
+    // hitting `registered` first would cache "never" and hide this test's lines. A second
+    // live dispatcher makes every callsite consult all of them.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let dir = tempfile::tempdir().unwrap();
