@@ -149,7 +149,7 @@ impl EdnsServer {
         // Serial-number arithmetic on the 32-bit timestamps (RFC 9018 4.3).
         let age = now.wrapping_sub(ts);
         let fresh = age <= COOKIE_PAST || ts.wrapping_sub(now) <= COOKIE_FUTURE;
-        fresh && s[8..] == self.hash(&c.client, ts, ip)
+        fresh && super::tsig::constant_time_eq(&s[8..], &self.hash(&c.client, ts, ip))
     }
 }
 

@@ -257,7 +257,11 @@ impl Catalog {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(key, zone);
         }
-        self.history.push(std::sync::Arc::new(snap.clone()));
+        // Versions for IXFR only when a peer may transfer (a snapshot keeps its replaced
+        // registrations alive).
+        if self.transfer.enabled() {
+            self.history.push(std::sync::Arc::new(snap.clone()));
+        }
         drop(states);
         self.notify.changed(snap.name.as_str());
     }
@@ -275,6 +279,11 @@ impl Catalog {
             .remove(key);
         drop(states);
         drop((state, old));
+    }
+
+    /// Whether any peer may transfer zones (TSIG keys or an allow-list configured).
+    pub(crate) fn transfers_enabled(&self) -> bool {
+        self.transfer.enabled()
     }
 
     /// Number of zones served.

@@ -4,8 +4,9 @@
 //! TCP connections are bounded ([`TcpLimits`]). When the table is full, a new client takes
 //! the slot of the connection idle the longest (RFC 7766 6.2.3: close idle connections
 //! first), so clients that connect and send nothing cannot lock everyone else out; only when
-//! every connection is in the middle of a query (each bounded by a read timeout) is the new
-//! one closed. Above three quarters of the cap the idle timeout drops to the shorter
+//! every connection is in the middle of a query (each bounded by a read timeout, and its
+//! answer by the same timeout per message written: a client that stops reading is closed)
+//! is the new one closed. Above three quarters of the cap the idle timeout drops to the shorter
 //! `pressure_idle_timeout`.
 
 use std::collections::BTreeMap;
@@ -28,7 +29,8 @@ use super::stats::SHARDS;
 /// Time allowed to receive the rest of a message once its length arrived (less under
 /// pressure: [`ConnTable::read_timeout`]).
 const TCP_READ: Duration = Duration::from_secs(5);
-/// Zone transfers rendered at once (each holds a whole zone in memory); more wait.
+/// Zone transfers rendered and written at once (each holds a whole zone in memory until
+/// written); more wait.
 const XFR_CONCURRENT: usize = 4;
 /// Rendered answers at membranes' own names kept per UDP loop (a few hundred bytes each).
 const UDP_ANSWER_CACHE: usize = 4096;
@@ -384,14 +386,20 @@ async fn tcp_conn(
                 _ => return,
             },
         }
-        // Transfers are rendered off the async workers, a few at a time.
-        let special = if super::xfr::is_transfer(&req) {
-            let Ok(permit) = xfr.clone().acquire_owned().await else {
-                return;
-            };
+        // Transfers are rendered off the async workers, a few at a time; the permit is held
+        // until the messages are written (each holds a whole zone). Without keys or an
+        // allow-list the refusal is answered here, without queueing for a permit.
+        let mut permit = None;
+        let special = if catalog.transfers_enabled() && super::xfr::is_transfer(&req) {
+            tokio::select! {
+                _ = close.cancelled() => return,
+                p = xfr.clone().acquire_owned() => match p {
+                    Ok(p) => permit = Some(p),
+                    Err(_) => return,
+                },
+            }
             let (c, q) = (catalog.clone(), std::mem::take(&mut req));
             let job = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
                 let shard = &c.stats.shards[SHARDS - 1];
                 c.respond_special(&q, true, peer, &mut Scratch::new(0), shard)
             });
@@ -409,16 +417,36 @@ async fn tcp_conn(
                 None => vec![],
             },
         };
+        // A client that stops reading is busy (never closed to make room): each message and
+        // the flush get the read timeout, so it cannot hold its slot for long.
         for m in msgs {
             let n = (m.len() as u16).to_be_bytes();
-            if w.write_all(&n).await.is_err() || w.write_all(m).await.is_err() {
+            let write = async {
+                w.write_all(&n).await?;
+                w.write_all(m).await
+            };
+            if !bounded(&close, slot.table.read_timeout(), write).await {
                 return;
             }
         }
         // Pipelined queries already buffered are answered before flushing.
-        if r.buffer().is_empty() && w.flush().await.is_err() {
+        if r.buffer().is_empty() && !bounded(&close, slot.table.read_timeout(), w.flush()).await {
             return;
         }
+        drop(permit);
+    }
+}
+
+/// Runs a write for at most `limit`, giving up when `close` is cancelled: false when it
+/// failed, timed out or was cancelled.
+async fn bounded(
+    close: &CancellationToken,
+    limit: Duration,
+    write: impl Future<Output = io::Result<()>>,
+) -> bool {
+    tokio::select! {
+        _ = close.cancelled() => false,
+        r = tokio::time::timeout(limit, write) => matches!(r, Ok(Ok(()))),
     }
 }
 

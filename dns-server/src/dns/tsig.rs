@@ -293,7 +293,8 @@ pub(crate) fn verify(req: &[u8], at: usize, keys: &[TsigKey], now: u64) -> Resul
     })
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Compares secrets (MACs, cookies) in time independent of where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

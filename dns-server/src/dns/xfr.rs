@@ -101,6 +101,14 @@ pub struct TransferConfig {
     pub notify: Vec<SocketAddr>,
 }
 
+impl TransferConfig {
+    /// Whether any peer may transfer (a key or an allowed address): only then is the
+    /// history IXFR answers from kept.
+    pub(crate) fn enabled(&self) -> bool {
+        !self.keys.is_empty() || !self.allow.is_empty()
+    }
+}
+
 /// Recent versions of every zone, newest last.
 #[derive(Default)]
 pub(crate) struct History {
@@ -380,7 +388,8 @@ impl Catalog {
     }
 
     /// Answers transfers (AXFR, IXFR) and TSIG-signed queries: the messages to send, in
-    /// order. None: an ordinary query, for [`Catalog::respond`].
+    /// order (none: dropped by rate limiting). None: an ordinary query, for
+    /// [`Catalog::respond`].
     pub(crate) fn respond_special(
         &self,
         req: &[u8],
@@ -445,7 +454,15 @@ impl Catalog {
             let ar = be16(&plain, 10) - 1;
             plain[10..12].copy_from_slice(&ar.to_be_bytes());
             let mut out = Vec::new();
-            self.respond(&plain, tcp, peer, &mut out, s, shard)?;
+            if self
+                .respond(&plain, tcp, peer, &mut out, s, shard)
+                .is_none()
+            {
+                // Dropped (rate limiting, or nothing to answer): send nothing. Returning
+                // None would hand the signed request to the ordinary path, which answers
+                // it a second time (NOTIMP) and counts it twice.
+                return Some((Vec::new(), true));
+            }
             vec![out]
         } else {
             self.transfer_messages(req, &r, tcp, peer, signer.is_some())
@@ -855,6 +872,54 @@ mod tests {
         let m = Message::from_vec(&tcp[0]).unwrap();
         assert_eq!(m.answers.len(), 28);
         assert!(tcp[0].len() > 512);
+    }
+
+    /// A signed query that rate limiting drops is not sent on to the ordinary path (which
+    /// would answer the signed request NOTIMP and count it twice).
+    #[test]
+    fn a_rate_limited_signed_query_is_dropped_not_answered_twice() {
+        let c = Catalog::new(DnsConfig {
+            rate_limit: crate::dns::RateLimit {
+                responses_per_second: 1,
+                slip: 0,
+            },
+            ..DnsConfig::default()
+        })
+        .unwrap()
+        .with_transfer(TransferConfig {
+            keys: vec![KEY.parse().unwrap()],
+            allow: vec![],
+            notify: vec![],
+        });
+        c.update(&snap(&[1]));
+        let key: TsigKey = KEY.parse().unwrap();
+        let mut q = vec![1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x02m1\x02ns\x00\x00\x01\x00\x01");
+        Signer::for_request(&key, unix_now()).sign(&mut q);
+        let (mut s, shard) = (Scratch::new(0), Shard::default());
+        let peer = "198.51.100.7".parse().unwrap();
+        let first = c.respond_special(&q, false, peer, &mut s, &shard).unwrap();
+        assert_eq!(Message::from_vec(&first[0]).unwrap().answers.len(), 1);
+        for _ in 0..5 {
+            let next = c.respond_special(&q, false, peer, &mut s, &shard);
+            assert_eq!(
+                next,
+                Some(vec![]),
+                "dropped, not handed to the ordinary path"
+            );
+        }
+    }
+
+    /// Without keys or an allow-list nobody may transfer: no versions are kept.
+    #[test]
+    fn no_history_is_kept_when_transfers_are_off() {
+        let c = Catalog::new(DnsConfig::default()).unwrap();
+        c.update(&snap(&[1, 2]));
+        c.update(&snap(&[2, 3]));
+        assert!(c.history.zones.lock().unwrap().is_empty());
+        let c = catalog(&[]);
+        c.update(&snap(&[1, 2]));
+        assert_eq!(c.history.zones.lock().unwrap()["ns"].len(), 1);
     }
 
     #[test]

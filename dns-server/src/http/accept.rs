@@ -17,6 +17,9 @@
 //!   [`HttpLimits::idle_timeout`] (keep-alive idle), or has begun a request but not finished
 //!   its head within [`HttpLimits::header_timeout`] of its first byte; a request body must
 //!   also arrive within `header_timeout` of the handler asking for it (`408`);
+//! - closes a connection whose response cannot be written for `header_timeout` (the client
+//!   stopped reading: a busy connection is never evicted, so it must not stay busy forever;
+//!   an event stream to a client that no longer reads ends the same way);
 //! - on an accept error waits only until a connection ends or [`ACCEPT_BACKOFF`] passes;
 //! - keeps hyper's read buffer small ([`MAX_BUF`]), so that an idle connection costs a few
 //!   KiB;
@@ -203,6 +206,7 @@ impl Table {
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
             head_started: AtomicU64::new(NONE),
+            write_blocked: AtomicU64::new(NONE),
             changed: Notify::new(),
             close: shutdown.child_token(),
         });
@@ -238,6 +242,9 @@ struct Activity {
     idle_since: AtomicU64,
     /// Milliseconds since `start` of the first byte read while idle, or [`NONE`].
     head_started: AtomicU64,
+    /// Milliseconds since `start` since when writes have been pending (the client is not
+    /// reading), or [`NONE`].
+    write_blocked: AtomicU64,
     changed: Notify,
     /// Cancelled to close the connection now (made room for another, or shutdown).
     close: CancellationToken,
@@ -268,12 +275,40 @@ impl Activity {
         }
     }
 
-    /// Resolves when the connection has been idle, or slow with a request head, too long.
+    /// A write returned `r`: pending writes start the stall clock, progress stops it.
+    fn wrote<T>(&self, r: &Poll<io::Result<T>>) {
+        let blocked = self.write_blocked.load(Ordering::SeqCst);
+        match r {
+            Poll::Pending if blocked == NONE => {
+                self.write_blocked.store(self.now_ms(), Ordering::SeqCst);
+                self.changed.notify_one();
+            }
+            Poll::Ready(_) if blocked != NONE => self.write_blocked.store(NONE, Ordering::SeqCst),
+            _ => {}
+        }
+    }
+
+    /// Resolves when the connection has been idle, or slow with a request head, too long,
+    /// or its response has not been written for the header timeout.
     async fn expired(&self, limits: HttpLimits) {
         loop {
             let changed = self.changed.notified();
             if self.in_flight.load(Ordering::SeqCst) > 0 {
-                changed.await;
+                let blocked = self.write_blocked.load(Ordering::SeqCst);
+                if blocked == NONE {
+                    changed.await;
+                    continue;
+                }
+                let at = self.start
+                    + Duration::from_millis(blocked + limits.header_timeout.as_millis() as u64);
+                tokio::select! {
+                    _ = changed => {}
+                    _ = tokio::time::sleep_until(at) => {
+                        if self.write_blocked.load(Ordering::SeqCst) == blocked {
+                            return;
+                        }
+                    }
+                }
                 continue;
             }
             let head = self.head_started.load(Ordering::SeqCst);
@@ -336,10 +371,14 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.activity.wrote(&r);
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.activity.wrote(&r);
+        r
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
@@ -349,7 +388,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.activity.wrote(&r);
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
@@ -451,7 +492,7 @@ async fn connection(stream: TcpStream, router: Router, slot: Slot, limits: HttpL
                 conn.as_mut().graceful_shutdown();
             }
             _ = activity.expired(limits) => {
-                tracing::debug!("http connection: idle or slow request head; closing");
+                tracing::debug!("http connection: idle, slow request head or not reading; closing");
                 return;
             }
         }
@@ -487,6 +528,15 @@ mod tests {
                 }),
             )
             .route("/echo", post(|b: Bytes| async move { b }))
+            .route(
+                "/big",
+                get(|| async {
+                    // 64 MiB: more than the socket buffers hold.
+                    let chunks =
+                        (0..64).map(|_| Ok::<_, Infallible>(Bytes::from(vec![b'x'; 1 << 20])));
+                    Body::from_stream(futures_util::stream::iter(chunks))
+                }),
+            )
             .route(
                 "/stream",
                 get(|| async {
@@ -611,6 +661,34 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         srv.shutdown.cancel();
         drop(held);
+        srv.task.await.unwrap().unwrap();
+    }
+
+    /// Clients that ask for a large response and never read keep their connections busy
+    /// (never evicted); once their writes have made no progress for the header timeout
+    /// they are closed, and a new client is served instead of getting 503.
+    #[tokio::test(start_paused = true)]
+    async fn clients_that_stop_reading_are_closed() {
+        let srv = start(LIMITS).await;
+        let mut stalled = Vec::new();
+        for _ in 0..LIMITS.max_connections {
+            let mut s = TcpStream::connect(srv.addr).await.unwrap();
+            s.write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            stalled.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = get_close(srv.addr, "/health").await;
+        assert!(
+            text.starts_with("HTTP/1.1 503"),
+            "all busy at first: {text}"
+        );
+        tokio::time::sleep(LIMITS.header_timeout + Duration::from_secs(1)).await;
+        let text = get_close(srv.addr, "/health").await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        drop(stalled);
+        srv.shutdown.cancel();
         srv.task.await.unwrap().unwrap();
     }
 

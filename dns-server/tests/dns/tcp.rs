@@ -73,3 +73,64 @@ async fn idle_clients_beyond_the_cap_do_not_lock_out_a_new_client() {
     assert_eq!(n, 0);
     srv.stop().await;
 }
+
+/// Clients that pipeline queries for a large answer and never read: once the socket
+/// buffers are full their connections are busy writing. Without a bound on writes they
+/// hold their slots forever and every new client is closed; with it they are closed after
+/// the (pressure) read timeout and a new client is answered.
+#[tokio::test]
+async fn clients_that_stop_reading_do_not_hold_their_slots() {
+    let limits = TcpLimits {
+        max_connections: 2,
+        idle_timeout: Duration::from_secs(10),
+        pressure_idle_timeout: Duration::from_millis(300),
+    };
+    let srv = Server::start_with(
+        DnsConfig::default(),
+        &[crate::common::many("big", "web", 60)],
+        limits,
+    )
+    .await;
+    let (_, q) = query_bytes("_web._tcp.big.", RecordType::SRV, None, true);
+    let mut pipelined = Vec::new();
+    for _ in 0..8_000 {
+        pipelined.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        pipelined.extend_from_slice(&q);
+    }
+    // Two stalled readers take both slots (each answer is a few KB: megabytes queue up).
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let s = TcpStream::connect(srv.addr).await.unwrap();
+        let _ = s.set_nodelay(true);
+        let (rd, mut wr) = s.into_split();
+        let data = pipelined.clone();
+        // Writing may block once the server stops reading; do it in the background.
+        tokio::spawn(async move {
+            let _ = wr.write_all(&data).await;
+            std::future::pending::<()>().await;
+            drop(wr);
+        });
+        stalled.push(rd);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A new client is answered within a few pressure timeouts.
+    let answered = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut s = TcpStream::connect(srv.addr).await.unwrap();
+            s.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+            s.write_all(&q).await.unwrap();
+            let mut len = [0u8; 2];
+            match tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut len)).await {
+                Ok(Ok(_)) => break,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await;
+    assert!(
+        answered.is_ok(),
+        "clients that never read locked a new client out"
+    );
+    drop(stalled);
+    srv.stop().await;
+}
