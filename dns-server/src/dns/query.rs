@@ -347,7 +347,8 @@ fn parse(req: &[u8]) -> Result<Parsed<'_>, ParseError> {
                     Err(e) => return Err(fail(rcode::FORMERR, Some(e), None)),
                 }
             }
-            // TSIG and SIG(0): signed requests are not supported.
+            // SIG(0), and TSIG on a request xfr.rs could not take (a compressed question
+            // name, another opcode, several questions): not supported.
             250 | 24 => {
                 return Err(fail(
                     rcode::NOTIMP,
@@ -706,7 +707,8 @@ impl Catalog {
                 Some((edns::ede::NOT_SUPPORTED, "class not served")),
             );
         }
-        // Meta types: the zone-transfer types answered NOTIMP until transfers exist.
+        // Meta types. Transfers are answered by xfr.rs; one reaching here is a request it
+        // could not take (a compressed question name, say): NOTIMP.
         match p.qtype {
             0 => return fail(out, s, rcode::FORMERR, None),
             rtype::IXFR | rtype::AXFR | rtype::MAILA | rtype::MAILB => {

@@ -356,6 +356,11 @@ pub(crate) fn service_types(apex: &[u8], reg: &Registration) -> Vec<ServiceType>
     let mut v: Vec<ServiceType> = Vec::new();
     for s in &reg.services {
         let svc_label = format!("_{}", s.name.as_str());
+        // Registrations stored before names were limited to 62 characters (validation
+        // now refuses longer ones) are loaded unchecked: a 64-byte label is not a name.
+        if svc_label.len() > 63 {
+            continue;
+        }
         let proto_label = proto_label(s.proto);
         if !v
             .iter()
@@ -471,6 +476,8 @@ pub(crate) fn service_group(apex: &[u8], st: &ServiceType, members: &[&Instance]
             .iter()
             .chain(reg.tags.iter())
             .map(|t| t.as_str())
+            // `_<label>` must fit a DNS label (see `service_types`).
+            .filter(|t| t.len() < 63)
             .collect();
         for l in labels {
             subtypes
@@ -575,6 +582,45 @@ mod tests {
         ));
         assert_eq!(parent(&apex).unwrap(), &w[..]);
         assert_eq!(label_offsets(&apex), vec![0, 3, 7]);
+    }
+
+    /// A registration stored before service, capability and tag names were limited to 62
+    /// characters is loaded without that check: its 63-character names get no records
+    /// (a 64-byte `_<name>` label would be a malformed name on the wire).
+    #[test]
+    fn names_too_long_for_a_prefixed_label_are_left_out() {
+        use shared::name::{ServiceName, Tag};
+        let long = "a".repeat(63);
+        let reg = Registration {
+            services: [long.as_str(), "web"]
+                .iter()
+                .map(|n| shared::model::ServiceSpec {
+                    name: ServiceName::new(n).unwrap(),
+                    proto: Proto::Tcp,
+                    port: 80,
+                    priority: 0,
+                    weight: 10,
+                })
+                .collect(),
+            capabilities: vec![Tag::new(&long).unwrap(), Tag::new("gpu").unwrap()],
+            ..Default::default()
+        };
+        let apex = name_with(&["ns"], &[0]);
+        let types = service_types(&apex, &reg);
+        assert_eq!(types.len(), 1);
+        assert_eq!(types[0].svc_label, "_web");
+        let inst = Instance {
+            id: shared::MembraneId::new("m1").unwrap(),
+            registration: std::sync::Arc::new(reg),
+        };
+        let nodes = service_group(&apex, &types[0], &[&inst]);
+        assert!(nodes.len() > 3, "{nodes:?}");
+        for (owner, _) in &nodes {
+            assert!(
+                label_offsets(owner).iter().all(|&o| owner[o] <= 63),
+                "{owner:?}"
+            );
+        }
     }
 
     #[test]
