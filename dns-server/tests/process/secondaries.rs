@@ -189,14 +189,19 @@ async fn view(
     ] {
         let q = ask(name, t);
         sock.send_to(&q.to_vec().unwrap(), dns).await.ok()?;
-        let (n, _) = tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        let r = Message::from_vec(&buf[..n]).ok()?;
-        if r.metadata.id != q.metadata.id {
-            return None;
-        }
+        // A reply that came after its query timed out would otherwise be read as the answer
+        // to every later query (one behind for ever): skip replies to other ids.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+        let r = loop {
+            let (n, _) = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            let r = Message::from_vec(&buf[..n]).ok()?;
+            if r.metadata.id == q.metadata.id {
+                break r;
+            }
+        };
         for a in &r.answers {
             match &a.data {
                 RData::SOA(soa) => out.0 = soa.serial,
