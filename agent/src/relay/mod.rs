@@ -14,6 +14,7 @@
 //!   pieces `agent send` / `agent recv` share with `agent run`.
 
 pub mod auth;
+pub mod conns;
 pub mod inlog;
 pub mod maildir;
 pub mod outbox;

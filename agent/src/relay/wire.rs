@@ -29,11 +29,16 @@ pub const MAX_CLOCK_SKEW_MS: u64 = 3_600_000;
 /// buffers for long.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Most connections served at once; more are accepted and closed at once (they do not
-    /// wait in the kernel's backlog, and hold no descriptor).
+    /// Most connections served at once. When full, a new connection takes the slot of the
+    /// one idle the longest; when every one is reading a frame, the new one is accepted and
+    /// closed at once (it does not wait in the kernel's backlog, and holds no descriptor).
     pub max_connections: usize,
     /// A connection with no frame in progress is closed after this long without a byte.
     pub idle_timeout: Duration,
+    /// The idle timeout from three quarters of `max_connections` on; when the listener is
+    /// full, the connection idle the longest is closed to admit a new one
+    /// ([`super::conns`]).
+    pub pressure_idle_timeout: Duration,
     /// A frame must be read whole within this long of its first byte (slow senders).
     pub frame_deadline: Duration,
 }
@@ -43,6 +48,7 @@ impl Default for Limits {
         Limits {
             max_connections: 256,
             idle_timeout: Duration::from_secs(60),
+            pressure_idle_timeout: Duration::from_secs(5),
             frame_deadline: Duration::from_secs(30),
         }
     }
@@ -357,7 +363,7 @@ pub async fn serve_unix(
     limits: Limits,
     cancel: CancellationToken,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let table = super::conns::ConnTable::new(limits);
     loop {
         let s = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -374,18 +380,11 @@ pub async fn serve_unix(
             tracing::warn!("ipc connection from another user refused");
             continue;
         }
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                max = limits.max_connections,
-                "too many ipc connections; closing a new one"
-            );
+        let Some(slot) = admit(&table, &cancel, "ipc") else {
             continue;
         };
-        let (inbox, cancel) = (inbox.clone(), cancel.clone());
-        tokio::spawn(async move {
-            connection(s, inbox, limits, false, cancel).await;
-            drop(slot);
-        });
+        let inbox = inbox.clone();
+        tokio::spawn(connection(s, inbox, limits, false, slot));
     }
 }
 
@@ -396,8 +395,7 @@ pub async fn serve_tcp(
     limits: Limits,
     cancel: CancellationToken,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let mut refused = 0u64;
+    let table = super::conns::ConnTable::new(limits);
     loop {
         let s = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -406,25 +404,49 @@ pub async fn serve_tcp(
                 Err(e) => { tracing::warn!(error = %e, "tcp accept failed"); tokio::time::sleep(Duration::from_millis(100)).await; continue; }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refused += 1;
-            if refused.is_power_of_two() {
-                tracing::warn!(
-                    max = limits.max_connections,
-                    refused,
-                    "too many relay connections; closing new ones"
-                );
-            }
+        let Some(slot) = admit(&table, &cancel, "tcp") else {
             continue;
         };
         let _ = s.set_nodelay(true);
-        let (inbox, cancel) = (inbox.clone(), cancel.clone());
-        tokio::spawn(async move {
-            let auth = inbox.auth.load(std::sync::atomic::Ordering::Relaxed);
-            connection(s, inbox, limits, auth, cancel).await;
-            drop(slot);
-        });
+        let inbox = inbox.clone();
+        let auth = inbox.auth.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::spawn(connection(s, inbox, limits, auth, slot));
     }
+}
+
+/// A slot for a new connection (closing idle ones to make room), logging at powers of two
+/// how many were closed to make room or refused.
+fn admit(
+    table: &Arc<super::conns::ConnTable>,
+    cancel: &CancellationToken,
+    kind: &str,
+) -> Option<super::conns::Slot> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static EVICTED: AtomicU64 = AtomicU64::new(0);
+    static REFUSED: AtomicU64 = AtomicU64::new(0);
+    let (slot, closed) = table.admit(cancel);
+    if closed > 0 {
+        let before = EVICTED.fetch_add(closed as u64, Ordering::Relaxed);
+        let after = before + closed as u64;
+        if (before + 1..=after).any(u64::is_power_of_two) {
+            tracing::warn!(
+                kind,
+                evicted = after,
+                "too many relay connections; closing the longest-idle ones"
+            );
+        }
+    }
+    if slot.is_none() {
+        let n = REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                kind,
+                refused = n,
+                "too many relay connections, all reading a frame; closing new ones"
+            );
+        }
+    }
+    slot
 }
 
 enum Answer {
@@ -484,7 +506,7 @@ async fn connection<S>(
     inbox: Arc<Inbox>,
     limits: Limits,
     authenticate: bool,
-    cancel: CancellationToken,
+    slot: super::conns::Slot,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -531,10 +553,10 @@ async fn connection<S>(
     'outer: loop {
         let deadline = match frame_start {
             Some(t) => t + limits.frame_deadline,
-            None => tokio::time::Instant::now() + limits.idle_timeout,
+            None => tokio::time::Instant::now() + slot.idle_timeout(),
         };
         let n = tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = slot.closed().cancelled() => break,
             _ = tokio::time::sleep_until(deadline) => {
                 tracing::debug!(in_frame = frame_start.is_some(), "relay connection timed out; closing it");
                 break;
@@ -543,6 +565,7 @@ async fn connection<S>(
         };
         if frame_start.is_none() {
             frame_start = Some(tokio::time::Instant::now());
+            slot.set_busy(true);
         }
         reader.push(&chunk[..n]);
         let mut batch = Vec::new();
@@ -572,6 +595,7 @@ async fn connection<S>(
         }
         if !reader.in_frame() {
             frame_start = None;
+            slot.set_busy(false);
         }
         if !now.is_empty() && tx.send(Answer::Now(now)).await.is_err() {
             break;
@@ -983,6 +1007,7 @@ mod tests {
         let limits = Limits {
             max_connections: 4,
             idle_timeout: Duration::from_secs(60),
+            pressure_idle_timeout: Duration::from_secs(5),
             frame_deadline: Duration::from_secs(30),
         };
         // Idle: closed after 60 s without a byte, not before.
@@ -993,7 +1018,7 @@ mod tests {
             inbox.clone(),
             limits,
             false,
-            CancellationToken::new(),
+            slot(limits),
         ));
         let mut b = [0u8; 1];
         assert_eq!(client.read(&mut b).await.unwrap(), 0);
@@ -1006,7 +1031,7 @@ mod tests {
             inbox.clone(),
             limits,
             false,
-            CancellationToken::new(),
+            slot(limits),
         ));
         let e = envelope(1, "slow");
         let mut f = Vec::new();
@@ -1033,7 +1058,7 @@ mod tests {
             inbox.clone(),
             limits,
             false,
-            CancellationToken::new(),
+            slot(limits),
         ));
         for n in 0..4u64 {
             let e = envelope(10 + n, "ok");
@@ -1047,8 +1072,25 @@ mod tests {
         h.await.unwrap();
     }
 
+    /// A slot in a table of its own.
+    fn slot(limits: Limits) -> crate::relay::conns::Slot {
+        crate::relay::conns::ConnTable::new(limits)
+            .admit(&CancellationToken::new())
+            .0
+            .unwrap()
+    }
+
+    /// Whether the server closed `s` (within 5 s).
+    async fn closed(s: &mut TcpStream) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
     #[tokio::test]
-    async fn connections_over_the_cap_are_closed_at_once() {
+    async fn at_the_cap_idle_connections_make_room_and_busy_ones_do_not() {
         let dir = tempfile::tempdir().unwrap();
         let inbox = inbox(dir.path(), 1000).await;
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1058,15 +1100,39 @@ mod tests {
             ..Limits::default()
         };
         let cancel = CancellationToken::new();
-        tokio::spawn(serve_tcp(l, inbox, limits, cancel.clone()));
-        let _a = TcpStream::connect(addr).await.unwrap();
-        let _b = TcpStream::connect(addr).await.unwrap();
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        let mut b = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+        tokio::spawn(serve_tcp(l, inbox.clone(), limits, cancel.clone()));
+        // Two idle connections fill the listener; a sender still gets through, and the
+        // first idle one (the longest idle) made room for it.
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut b = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut conn = FrameConn::connect(&Addr::Tcp(addr.to_string()), Duration::from_secs(5))
             .await
-            .expect("closed at once");
-        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+            .unwrap();
+        let e = envelope(1, "through");
+        let eb = e.encode();
+        let answers = conn
+            .send_batch(&[(e.id, &eb)], Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(answers[&e.id].is_ok());
+        assert!(
+            closed(&mut a).await,
+            "the longest-idle connection is closed"
+        );
+        // Both held connections in the middle of a frame: a new one is closed at once.
+        drop(conn);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut f = Vec::new();
+        Frame::Msg(envelope(2, "half").encode()).encode_into(&mut f);
+        b.write_all(&f[..8]).await.unwrap();
+        c.write_all(&f[..8]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut d = TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut d).await, "over the cap with every slot busy");
         cancel.cancel();
     }
 

@@ -1,7 +1,8 @@
 //! Attacks on the relay, each of which must fail: on a shared volume (symbolic links and
 //! special files in a Maildir, a file named by another id than its header's, messages to
 //! another membrane or over the size limit, a symlinked `.recv.lock`, symlinked `tmp/` and
-//! `new/`, `--after-recv delete` through a link).
+//! `new/`, `--after-recv delete` through a link); on the TCP relay: forged senders, idle
+//! connections filling the listener.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -267,7 +268,7 @@ fn answers(s: &mut std::net::TcpStream, n: usize) -> Vec<shared::envelope::Frame
 }
 
 #[test]
-fn tcp_relay_refuses_far_expiry_and_idle_connections_do_not_starve_heartbeats() {
+fn tcp_relay_refuses_far_expiry_and_idle_connections_starve_neither_heartbeats_nor_senders() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"), 0, &[]);
@@ -316,12 +317,31 @@ fn tcp_relay_refuses_far_expiry_and_idle_connections_do_not_starve_heartbeats() 
     let m = server.membrane("relay", "b").expect("b registered");
     assert_eq!(m["state"], "passing", "{m}");
     assert_eq!(events(&b.state_dir, "heartbeat_failed"), 0, "{}", b.log());
+    // With the listener full of idle connections, a sender still gets through: it takes
+    // the slot of the longest-idle one.
+    let mut e = msg(2, "a", "b", b"through the flood".to_vec());
+    e.id = MessageId::from_parts(now, 2);
+    e.sent_at = now;
+    e.expires_at = Some(now + 600_000);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&frame(&e)).unwrap();
+    match answers(&mut s, 1).remove(0) {
+        shared::envelope::Frame::Ack(id) => assert_eq!(id, e.id),
+        other => panic!("not accepted: {other:?}"),
+    }
+    drop(idle);
+    let got = recv_bounded(&b.state_dir, Duration::from_secs(20));
     assert!(
-        b.log().contains("too many relay connections"),
+        String::from_utf8_lossy(&got.stdout).contains("through the flood"),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert!(
+        b.log()
+            .contains("too many relay connections; closing the longest-idle"),
         "{}",
         b.log()
     );
-    drop(idle);
 }
 
 #[test]
