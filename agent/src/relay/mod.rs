@@ -20,6 +20,7 @@ pub mod maildir;
 pub mod outbox;
 pub mod resolve;
 pub mod seglog;
+pub mod senders;
 pub mod service;
 pub mod wire;
 

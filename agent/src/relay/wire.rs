@@ -93,8 +93,11 @@ pub struct Inbox {
     commits: mpsc::Sender<CommitReq>,
     /// Bumped after each stored batch.
     pub arrivals: watch::Sender<u64>,
-    /// TCP frames must be signed with the namespace relay key ([`super::auth`]).
-    auth: std::sync::atomic::AtomicBool,
+    /// Set on a TCP inbox: messages must carry their sender's signature, checked against
+    /// its registered public key ([`super::senders`]).
+    keys: std::sync::OnceLock<Arc<super::senders::SenderKeys>>,
+    /// Messages refused as `unauthenticated`.
+    unauthenticated: std::sync::atomic::AtomicU64,
 }
 
 impl Inbox {
@@ -121,7 +124,8 @@ impl Inbox {
             max_body,
             commits: tx,
             arrivals,
-            auth: std::sync::atomic::AtomicBool::new(false),
+            keys: std::sync::OnceLock::new(),
+            unauthenticated: std::sync::atomic::AtomicU64::new(0),
         });
         let store = match log {
             Some(l) => Store::Log(Box::new(l)),
@@ -131,10 +135,16 @@ impl Inbox {
         (inbox, task)
     }
 
-    /// From now on, messages over TCP must carry their sender's tag under the namespace
-    /// relay key (`agent run`; see [`super::auth`]).
-    pub fn require_auth(&self) {
-        self.auth.store(true, std::sync::atomic::Ordering::Relaxed);
+    /// From now on, messages over TCP must carry their sender's signature, checked with
+    /// `keys` (`agent run`; see [`super::auth`]), once the namespace authenticates senders.
+    pub fn require_auth(&self, keys: Arc<super::senders::SenderKeys>) {
+        let _ = self.keys.set(keys);
+    }
+
+    /// Messages refused because their sender was not authenticated.
+    pub fn unauthenticated(&self) -> u64 {
+        self.unauthenticated
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Largest frame accepted.
@@ -409,7 +419,7 @@ pub async fn serve_tcp(
         };
         let _ = s.set_nodelay(true);
         let inbox = inbox.clone();
-        let auth = inbox.auth.load(std::sync::atomic::Ordering::Relaxed);
+        let auth = inbox.keys.get().is_some();
         tokio::spawn(connection(s, inbox, limits, auth, slot));
     }
 }
@@ -460,45 +470,60 @@ enum Answer {
 /// One connection: the reader validates frames and hands batches to the committer; the
 /// writer sends ACK/NACK in order as commits finish. Reading goes on while a commit runs,
 /// so the next commit gets a bigger batch.
-/// Checks a message's tag against its sender's key (when `required`, i.e. on TCP).
-fn authenticated(
+/// Checks a message's signature against its sender's registered key (when `required`,
+/// i.e. on TCP, and the namespace authenticates senders).
+async fn authenticated(
+    inbox: &Inbox,
     required: bool,
     meta: envelope::Meta,
     bytes: &[u8],
-    tag: Option<&[u8; 32]>,
+    sig: &Sig,
 ) -> Result<envelope::Meta, Refusal> {
     use super::auth::{self, KeyState};
-    if !required {
-        return Ok(meta);
-    }
+    let keys = match inbox.keys.get() {
+        Some(k) if required => k,
+        _ => return Ok(meta),
+    };
     let refuse = |code: &str, message: &str| Refusal {
         id: Some(meta.id),
         code: code.into(),
         message: message.into(),
     };
-    match auth::current() {
+    let from = meta.from.clone();
+    let r = match auth::current() {
         KeyState::Open => Ok(meta),
         KeyState::Unknown => Err(refuse(
             "unavailable",
             "the receiving agent has no relay key yet (not registered)",
         )),
-        KeyState::Key(_) => {
-            let key =
-                auth::signing_key(auth::current(), meta.namespace.as_str(), meta.from.as_str())
-                    .expect("a key");
-            match tag {
-                Some(t) if shared::relay_auth::verify(&key, bytes, t) => Ok(meta),
-                Some(_) => Err(refuse(
-                    "unauthenticated",
-                    "the message's tag does not verify under its sender's key",
-                )),
-                None => Err(refuse(
-                    "unauthenticated",
-                    "unsigned message: this relay requires the namespace relay key",
-                )),
-            }
+        KeyState::Key(_) => match sig {
+            Sig::Ed25519(sig) => keys
+                .check(meta.id, &meta.from, bytes, sig)
+                .await
+                .map(|()| meta),
+            Sig::Hmac(_) => Err(refuse(
+                "unauthenticated",
+                "this relay requires the sender's own signature (frame kind 5); \
+                 the namespace key alone does not identify a sender",
+            )),
+            Sig::None => Err(refuse(
+                "unauthenticated",
+                "unsigned message: this relay requires the sender's signature",
+            )),
+        },
+    };
+    if let Err(refusal) = &r
+        && refusal.code == "unauthenticated"
+    {
+        let n = inbox
+            .unauthenticated
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(from = %from, refused = n, reason = %refusal.message, "relay message refused: sender not authenticated");
         }
     }
+    r
 }
 
 async fn connection<S>(
@@ -572,10 +597,10 @@ async fn connection<S>(
         let mut now = Vec::new();
         while let Some(read) = reader.next() {
             match read {
-                Read::Msg(bytes, tag) => match inbox
-                    .check(&bytes)
-                    .and_then(|meta| authenticated(authenticate, meta, &bytes, tag.as_ref()))
-                {
+                Read::Msg(bytes, sig) => match match inbox.check(&bytes) {
+                    Ok(meta) => authenticated(&inbox, authenticate, meta, &bytes, &sig).await,
+                    Err(r) => Err(r),
+                } {
                     Ok(meta) => batch.push(Incoming {
                         id: meta.id,
                         sent_at: meta.sent_at,
@@ -625,12 +650,23 @@ async fn connection<S>(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Read {
     /// A MSG frame's payload (a message in the file format, not checked yet), with the
-    /// sender's HMAC tag when it came in a signed frame.
-    Msg(Vec<u8>, Option<[u8; 32]>),
+    /// sender's signature when it came in a signed frame.
+    Msg(Vec<u8>, Sig),
     /// A NACK to send back (an oversized frame was skipped); the connection goes on.
     Refuse(Refusal),
     /// A NACK to send back, then close the connection (a frame that cannot be read).
     Fatal(Refusal),
+}
+
+/// The signature a message came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Sig {
+    /// None (frame kind 1).
+    None,
+    /// An HMAC tag under the namespace key (kind 4): no longer accepted on its own.
+    Hmac([u8; 32]),
+    /// The sender's Ed25519 signature (kind 5).
+    Ed25519([u8; 64]),
 }
 
 /// The reading side of a receiver's connection, without I/O: frames out of the bytes
@@ -699,8 +735,9 @@ impl FrameReader {
             }
             return match Frame::take(&mut self.buf, self.max_frame) {
                 Ok(None) => None,
-                Ok(Some(Frame::Msg(bytes))) => Some(Read::Msg(bytes, None)),
-                Ok(Some(Frame::Signed(tag, bytes))) => Some(Read::Msg(bytes, Some(tag))),
+                Ok(Some(Frame::Msg(bytes))) => Some(Read::Msg(bytes, Sig::None)),
+                Ok(Some(Frame::Signed(tag, bytes))) => Some(Read::Msg(bytes, Sig::Hmac(tag))),
+                Ok(Some(Frame::Ed25519(sig, bytes))) => Some(Read::Msg(bytes, Sig::Ed25519(sig))),
                 Ok(Some(_)) => continue, // ACK/NACK from a sender: ignored
                 Err(DecodeError::TooLarge(len)) if self.buf.len() >= 6 => {
                     self.buf.drain(..6);
@@ -774,20 +811,18 @@ impl FrameConn {
         self.send_signed(msgs, None, timeout).await
     }
 
-    /// [`FrameConn::send_batch`], each message signed with `key` (the sender's key) when
-    /// given.
+    /// [`FrameConn::send_batch`], each message signed with `key` (the agent's key pair)
+    /// when given.
     pub async fn send_signed(
         &mut self,
         msgs: &[(MessageId, &[u8])],
-        key: Option<&[u8; 32]>,
+        key: Option<&super::auth::Identity>,
         timeout: Duration,
     ) -> std::io::Result<HashMap<MessageId, Outcome>> {
-        let mut out = Vec::with_capacity(msgs.iter().map(|m| m.1.len() + 38).sum());
+        let mut out = Vec::with_capacity(msgs.iter().map(|m| m.1.len() + 70).sum());
         for (_, b) in msgs {
             match key {
-                Some(k) => {
-                    envelope::encode_signed_frame(&shared::relay_auth::sign(k, b), b, &mut out)
-                }
+                Some(k) => envelope::encode_ed25519_frame(&k.sign(b), b, &mut out),
                 None => envelope::encode_frame(envelope::FrameKind::Msg, b, &mut out),
             }
         }
@@ -816,7 +851,7 @@ impl FrameConn {
                             }
                             None => unknown_nacks.push(r),
                         },
-                        Frame::Msg(_) | Frame::Signed(..) => {}
+                        Frame::Msg(_) | Frame::Signed(..) | Frame::Ed25519(..) => {}
                     }
                 }
                 if answers.len() >= distinct {
