@@ -28,7 +28,8 @@ pub enum KeyState {
     /// The registry runs without an admin token and hands out no key: nothing is signed
     /// or checked.
     Open,
-    /// The namespace's key: frames are signed, and TCP frames must carry a valid tag.
+    /// The namespace's key: the namespace authenticates senders, so this agent signs its
+    /// TCP frames with its [`Identity`] and its TCP listener checks every sender's.
     Key([u8; 32]),
 }
 
