@@ -467,9 +467,6 @@ enum Answer {
     ),
 }
 
-/// One connection: the reader validates frames and hands batches to the committer; the
-/// writer sends ACK/NACK in order as commits finish. Reading goes on while a commit runs,
-/// so the next commit gets a bigger batch.
 /// Checks a message's signature against its sender's registered key (when `required`,
 /// i.e. on TCP, and the namespace authenticates senders).
 async fn authenticated(
@@ -526,6 +523,9 @@ async fn authenticated(
     r
 }
 
+/// One connection: the reader validates frames and hands batches to the committer; the
+/// writer sends ACK/NACK in order as commits finish. Reading goes on while a commit runs,
+/// so the next commit gets a bigger batch.
 async fn connection<S>(
     stream: S,
     inbox: Arc<Inbox>,
