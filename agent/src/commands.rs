@@ -145,8 +145,9 @@ fn print_debug(debug: bool, v: &Value) {
 /// Without a running agent: resolve and deliver once, failing loudly.
 async fn send_direct(c: SendConfig) -> Result<(), AgentError> {
     let dir = &c.query.local.state_dir;
-    // The namespace relay key the agent stored, to sign TCP frames.
+    // The namespace relay key and the key pair the agent stored, to sign TCP frames.
     relay::auth::load(dir);
+    relay::auth::set_identity(relay::auth::Identity::stored(dir));
     let info = RelayInfo::load(dir).ok();
     let cache = CacheData::load(&dir.join(CACHE_FILE)).ok().flatten();
     let from = c

@@ -487,6 +487,7 @@ impl TryFrom<RunArgs> for RunConfig {
             endpoint: Some(endpoint),
             ttl_seconds: Some(ttl_secs as u32),
             eviction_seconds: None,
+            relay_public_key: None,
         };
         registration
             .validate()

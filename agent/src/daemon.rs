@@ -41,6 +41,16 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
         .await
         .map_err(AgentError::runtime)?;
     crate::relay::auth::load(&cfg.state_dir);
+    // The agent's relay key pair: its public key goes into the registration.
+    let identity = crate::relay::auth::Identity::load_or_create(&cfg.state_dir).map_err(|e| {
+        AgentError::runtime(format!(
+            "cannot keep the relay key pair in {}: {e}",
+            cfg.state_dir
+                .join(crate::relay::auth::IDENTITY_FILE)
+                .display()
+        ))
+    })?;
+    crate::relay::auth::set_identity(Some(identity));
     let socket = state::control_socket(&cfg.state_dir);
     // With the lock held, a socket file left there is a dead agent's.
     let _ = std::fs::remove_file(&socket);

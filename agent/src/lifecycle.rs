@@ -351,6 +351,9 @@ impl<R: RegistryApi> Lifecycle<R> {
 
     async fn build_registration(&self) -> Registration {
         let mut reg = self.cfg.registration.clone();
+        if let Some(id) = crate::relay::auth::identity() {
+            reg.relay_public_key = Some(id.public_hex());
+        }
         let needs_route = reg.addresses.is_empty() || self.cfg.tcp_port_on_route.is_some();
         let route = if needs_route {
             self.registry.route_address().await

@@ -214,6 +214,15 @@ pub struct ServerArgs {
           value_parser = humantime::parse_duration)]
     pub http_idle_timeout: Duration,
 
+    /// PEM certificate chain: the HTTP API is served over TLS (https) with it and
+    /// --tls-key.
+    #[arg(long, env = "MEMBRANE_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MEMBRANE_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+
     /// Event stream (SSE) subscribers at once; more get 503.
     #[arg(long, env = "MEMBRANE_SSE_MAX_SUBSCRIBERS", value_name = "N",
           default_value_t = crate::http::sse::DEFAULT_MAX_SUBSCRIBERS)]
@@ -373,6 +382,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// HTTP connection cap and timeouts.
     pub http_limits: crate::http::HttpLimits,
+    /// TLS for the HTTP API (`--tls-cert`, `--tls-key`), checked; `None`: plain http.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// Cap on event stream subscribers.
     pub sse_max_subscribers: usize,
     /// DNS-over-TCP connection cap and idle timeouts.
@@ -604,6 +615,11 @@ impl TryFrom<ServerArgs> for Config {
                 "--notify {bad}: needs a specific address and a port"
             )));
         }
+        let tls = match (&a.tls_cert, &a.tls_key) {
+            (Some(c), Some(k)) => Some(crate::http::tls::server_config(c, k).map_err(invalid)?),
+            (None, None) => None,
+            _ => return Err(invalid("--tls-cert and --tls-key go together")),
+        };
         let transfer = crate::dns::TransferConfig {
             keys,
             allow,
@@ -628,6 +644,7 @@ impl TryFrom<ServerArgs> for Config {
             },
             sse_max_subscribers: a.sse_max_subscribers,
             dns_tcp,
+            tls,
         })
     }
 }

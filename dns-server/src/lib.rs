@@ -86,6 +86,9 @@ pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
         "listening http {}",
         http.local_addr().map_err(io_err("http"))?
     );
+    if config.tls.is_some() {
+        tracing::info!("the HTTP API is served over TLS (https)");
+    }
     let mut dns_udp = Vec::new();
     let mut dns_tcp = Vec::new();
     for addr in &config.dns_listen {
@@ -311,9 +314,11 @@ pub async fn run(
     {
         let shutdown = shutdown.clone();
         let router = http::router(state);
+        let tls = config.tls.clone();
         tasks.spawn(async move {
             let served =
-                http::accept::serve(listeners.http, router, shutdown.clone(), http_limits).await;
+                http::accept::serve_tls(listeners.http, router, shutdown.clone(), http_limits, tls)
+                    .await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "http server failed");
                 shutdown.cancel();

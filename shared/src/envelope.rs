@@ -247,6 +247,9 @@ pub enum FrameKind {
     Nack = 3,
     /// A message with its sender's HMAC-SHA256 tag (32 bytes, then the message).
     SignedMsg = 4,
+    /// A message with its sender's Ed25519 signature (64 bytes, then the message; see
+    /// [`crate::relay_auth::ed25519_input`]).
+    Ed25519Msg = 5,
 }
 
 /// A refusal, the payload of a NACK frame.
@@ -271,6 +274,8 @@ pub enum Frame {
     Nack(Refusal),
     /// A message with the HMAC-SHA256 tag of its sender (see [`crate::relay_auth`]).
     Signed([u8; 32], Vec<u8>),
+    /// A message with the Ed25519 signature of its sender (see [`crate::relay_auth`]).
+    Ed25519([u8; 64], Vec<u8>),
 }
 
 /// Appends one frame of `kind` with `payload` to `out`.
@@ -292,6 +297,16 @@ pub fn encode_signed_frame(tag: &[u8; 32], msg: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(msg);
 }
 
+/// Appends one Ed25519-signed message frame (`sig`, then the message `msg`) to `out`.
+pub fn encode_ed25519_frame(sig: &[u8; 64], msg: &[u8], out: &mut Vec<u8>) {
+    let len = u32::try_from(msg.len() + 66).expect("frame fits u32");
+    out.extend_from_slice(&len.to_be_bytes());
+    out.push(FRAME_VERSION);
+    out.push(FrameKind::Ed25519Msg as u8);
+    out.extend_from_slice(sig);
+    out.extend_from_slice(msg);
+}
+
 impl Frame {
     /// Appends the encoded frame to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
@@ -304,6 +319,7 @@ impl Frame {
                 out,
             ),
             Frame::Signed(tag, b) => encode_signed_frame(tag, b, out),
+            Frame::Ed25519(sig, b) => encode_ed25519_frame(sig, b, out),
         }
     }
 
@@ -351,6 +367,15 @@ impl Frame {
             4 => {
                 return Err(DecodeError::BadFrame(
                     "signed message without its tag".into(),
+                ));
+            }
+            5 if payload.len() >= 64 => {
+                let sig: [u8; 64] = payload[..64].try_into().expect("64 bytes");
+                Frame::Ed25519(sig, payload[64..].to_vec())
+            }
+            5 => {
+                return Err(DecodeError::BadFrame(
+                    "signed message without its signature".into(),
                 ));
             }
             k => return Err(DecodeError::BadFrame(format!("unknown kind {k}"))),
@@ -534,6 +559,7 @@ mod tests {
             message: "m".into(),
         };
         Frame::Nack(nack.clone()).encode_into(&mut wire);
+        Frame::Ed25519([7; 64], e.encode()).encode_into(&mut wire);
         // Feed byte by byte: frames come out whole and in order.
         let mut buf = Vec::new();
         let mut got = Vec::new();
@@ -545,7 +571,12 @@ mod tests {
         }
         assert_eq!(
             got,
-            vec![Frame::Msg(e.encode()), Frame::Ack(e.id), Frame::Nack(nack)]
+            vec![
+                Frame::Msg(e.encode()),
+                Frame::Ack(e.id),
+                Frame::Nack(nack),
+                Frame::Ed25519([7; 64], e.encode())
+            ]
         );
         assert!(buf.is_empty());
     }
@@ -563,6 +594,12 @@ mod tests {
         );
         let mut v2 = vec![0, 0, 0, 2, 2, 1];
         assert_eq!(Frame::take(&mut v2, 100), Err(DecodeError::Version(2)));
+        // A signed frame too short for its signature.
+        let mut short = vec![0, 0, 0, 12, 1, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(
+            Frame::take(&mut short, 100),
+            Err(DecodeError::BadFrame(_))
+        ));
         let mut k9 = vec![0, 0, 0, 2, 1, 9];
         assert!(matches!(
             Frame::take(&mut k9, 100),

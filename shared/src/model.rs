@@ -373,6 +373,10 @@ pub struct Registration {
     /// Seconds a stale membrane stays listed before removal; the namespace's when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eviction_seconds: Option<u32>,
+    /// The membrane's relay public key (Ed25519, 64 hex digits): receivers check the
+    /// signature of each TCP message from this membrane with it ([`crate::relay_auth`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_public_key: Option<String>,
 }
 
 /// A registration that breaks a limit; the message names the field.
@@ -530,6 +534,14 @@ impl Registration {
             && !EVICTION_RANGE.contains(&ev)
         {
             return Err(invalid("eviction_seconds", "must be 0-604800"));
+        }
+        if let Some(k) = &self.relay_public_key
+            && crate::relay_auth::from_hex(k).is_none_or(|_| k.len() != 64)
+        {
+            return Err(invalid(
+                "relay_public_key",
+                "must be an Ed25519 public key in 64 hex digits",
+            ));
         }
         Ok(())
     }
@@ -835,6 +847,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(r.validate().unwrap_err().field, "addresses[0]");
+        let mut r = Registration {
+            relay_public_key: Some("ab".repeat(31)),
+            ..Default::default()
+        };
+        assert_eq!(r.validate().unwrap_err().field, "relay_public_key");
+        r.relay_public_key = Some(format!(" {}", "ab".repeat(32)));
+        assert_eq!(r.validate().unwrap_err().field, "relay_public_key");
+        r.relay_public_key = Some("ab".repeat(32));
+        assert!(r.validate().is_ok());
     }
 
     #[test]

@@ -1,4 +1,15 @@
-//! Sender authentication of the TCP relay: HMAC-SHA256 over each message.
+//! Sender authentication of the TCP relay.
+//!
+//! Per-sender keys (what receivers check): each agent holds an Ed25519 key pair, registers
+//! its public key (`relay_public_key`, 64 hex digits) with its registration, and signs each
+//! message; a receiver verifies the signature with the public key the registry holds for
+//! the `from` of the message header, so a member of the namespace cannot sign as another.
+//! The signed bytes are [`ed25519_input`] (a context string and the SHA-256 of the whole
+//! message). The signing itself is done by the agent (`ring`); this crate has the format.
+//!
+//! The namespace relay key below (HMAC-SHA256, frame kind 4) came first: the registry
+//! still hands it to every admitted agent, where it tells the agent that its relay must
+//! authenticate senders, but receivers no longer accept HMAC-signed frames.
 //!
 //! The registry holds one relay key per namespace, derived from its admin token's SHA-256
 //! ([`namespace_key`]), and hands it to every agent that registers in the namespace (that
@@ -7,8 +18,8 @@
 //! derives the same key from the `from` in the message header and checks the tag, so a
 //! message verifies only under the sender id it names. What this stops: anyone who can
 //! reach a relay port but was never admitted to the namespace. What it does not: an agent
-//! of the namespace holds the namespace key, so it could derive another member's key
-//! (per-sender public keys would be needed for that; see the agent's README).
+//! of the namespace holds the namespace key, so it could derive another member's key;
+//! hence the per-sender Ed25519 keys above, and receivers refuse kind-4 frames.
 //!
 //! HMAC (RFC 2104) is written out here over `sha2` rather than adding a crate for it.
 
@@ -67,6 +78,20 @@ pub fn sign(sender_key: &[u8; 32], bytes: &[u8]) -> [u8; 32] {
 pub fn verify(sender_key: &[u8; 32], bytes: &[u8], tag: &[u8; 32]) -> bool {
     let want = sign(sender_key, bytes);
     want.iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// Length of the Ed25519 signed input: context, then the message's SHA-256.
+pub const ED25519_INPUT_LEN: usize = ED25519_CONTEXT.len() + 32;
+
+const ED25519_CONTEXT: &[u8] = b"membrane-relay-ed25519/1\0";
+
+/// What a sender's Ed25519 signature covers for message `bytes` (the whole file format:
+/// header with id, from, to, namespace, times, then the body).
+pub fn ed25519_input(bytes: &[u8]) -> [u8; ED25519_INPUT_LEN] {
+    let mut out = [0u8; ED25519_INPUT_LEN];
+    out[..ED25519_CONTEXT.len()].copy_from_slice(ED25519_CONTEXT);
+    out[ED25519_CONTEXT.len()..].copy_from_slice(&Sha256::digest(bytes));
+    out
 }
 
 /// Lower-case hex of a key.

@@ -1,10 +1,18 @@
-//! The namespace relay key of this agent ([`shared::relay_auth`]): learned from the
-//! registration answer, kept in `<state-dir>/relay-key` (0600) so that a restarted agent
-//! and `agent send` without a daemon have it, and used to sign outgoing TCP frames and to
-//! check incoming ones.
+//! The relay keys of this agent ([`shared::relay_auth`]):
+//!
+//! - the namespace relay key, learned from the registration answer and kept in
+//!   `<state-dir>/relay-key` (0600): its presence says that the namespace authenticates
+//!   senders (the TCP listener then checks every message, and this agent signs its own);
+//! - the agent's own Ed25519 key pair ([`Identity`]), made at the first `agent run` and
+//!   kept in `<state-dir>/relay-identity` (PKCS#8, 0600): its public key goes into every
+//!   registration, and outgoing TCP messages are signed with it. Removing the file rotates
+//!   it: the next `agent run` makes a new pair and its registration replaces the public key
+//!   the registry holds.
 
 use std::path::Path;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+
+use ring::signature::{Ed25519KeyPair, KeyPair};
 
 use shared::relay_auth;
 
@@ -20,7 +28,8 @@ pub enum KeyState {
     /// The registry runs without an admin token and hands out no key: nothing is signed
     /// or checked.
     Open,
-    /// The namespace's key: frames are signed, and TCP frames must carry a valid tag.
+    /// The namespace's key: the namespace authenticates senders, so this agent signs its
+    /// TCP frames with its [`Identity`] and its TCP listener checks every sender's.
     Key([u8; 32]),
 }
 
@@ -72,12 +81,92 @@ pub fn learned(state_dir: Option<&Path>, key: Option<&str>) {
     }
 }
 
-/// The signing key of `from` in `ns` under `state`, if messages are signed.
-pub fn signing_key(state: KeyState, ns: &str, from: &str) -> Option<[u8; 32]> {
-    match state {
-        KeyState::Key(k) => Some(relay_auth::sender_key(&k, ns, from)),
-        _ => None,
+/// File of the agent's Ed25519 key pair in the state directory.
+pub const IDENTITY_FILE: &str = "relay-identity";
+
+/// The agent's Ed25519 key pair.
+pub struct Identity {
+    pair: Ed25519KeyPair,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({})", self.public_hex())
     }
+}
+
+static IDENTITY: RwLock<Option<Arc<Identity>>> = RwLock::new(None);
+
+impl Identity {
+    /// The key pair stored in `state_dir`, if any (and readable).
+    pub fn stored(state_dir: &Path) -> Option<Identity> {
+        let der = std::fs::read(state_dir.join(IDENTITY_FILE)).ok()?;
+        Ed25519KeyPair::from_pkcs8(&der)
+            .ok()
+            .map(|pair| Identity { pair })
+    }
+
+    /// The stored key pair, or a new one written (0600) to `state_dir`.
+    pub fn load_or_create(state_dir: &Path) -> std::io::Result<Identity> {
+        if let Some(id) = Identity::stored(state_dir) {
+            return Ok(id);
+        }
+        let rng = ring::rand::SystemRandom::new();
+        let der = Ed25519KeyPair::generate_pkcs8(&rng)
+            .map_err(|_| std::io::Error::other("cannot generate an Ed25519 key"))?;
+        crate::util::write_atomic(&state_dir.join(IDENTITY_FILE), der.as_ref(), 0o600)?;
+        let pair = Ed25519KeyPair::from_pkcs8(der.as_ref())
+            .map_err(|_| std::io::Error::other("generated key does not parse"))?;
+        Ok(Identity { pair })
+    }
+
+    /// The public key.
+    pub fn public(&self) -> [u8; 32] {
+        self.pair
+            .public_key()
+            .as_ref()
+            .try_into()
+            .expect("32-byte Ed25519 public key")
+    }
+
+    /// The public key in 64 hex digits (the registration's `relay_public_key`).
+    pub fn public_hex(&self) -> String {
+        relay_auth::to_hex(&self.public())
+    }
+
+    /// The signature of message `bytes` (file format).
+    pub fn sign(&self, bytes: &[u8]) -> [u8; 64] {
+        self.pair
+            .sign(&relay_auth::ed25519_input(bytes))
+            .as_ref()
+            .try_into()
+            .expect("64-byte Ed25519 signature")
+    }
+}
+
+/// Whether `sig` is `public`'s signature of message `bytes`.
+pub fn verify(public: &[u8; 32], bytes: &[u8], sig: &[u8; 64]) -> bool {
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public)
+        .verify(&relay_auth::ed25519_input(bytes), sig)
+        .is_ok()
+}
+
+/// Makes this process use `id` (`agent run`: made if absent; `agent send`: stored one).
+pub fn set_identity(id: Option<Identity>) {
+    *IDENTITY.write().expect("identity lock") = id.map(Arc::new);
+}
+
+/// The agent's key pair, if loaded.
+pub fn identity() -> Option<Arc<Identity>> {
+    IDENTITY.read().expect("identity lock").clone()
+}
+
+/// What outgoing TCP messages are signed with: the agent's key pair, when the namespace
+/// authenticates senders.
+pub fn signer() -> Option<Arc<Identity>> {
+    matches!(current(), KeyState::Key(_))
+        .then(identity)
+        .flatten()
 }
 
 #[cfg(test)]
@@ -98,13 +187,31 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(
-            signing_key(current(), "ns", "a"),
-            Some(relay_auth::sender_key(&k, "ns", "a"))
-        );
         learned(Some(dir.path()), None);
         assert_eq!(current(), KeyState::Open);
         assert_eq!(stored(dir.path()), KeyState::Unknown);
-        assert_eq!(signing_key(current(), "ns", "a"), None);
+    }
+
+    #[test]
+    fn the_identity_is_made_once_kept_private_and_signs_what_it_says() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Identity::stored(dir.path()).is_none());
+        let a = Identity::load_or_create(dir.path()).unwrap();
+        let again = Identity::load_or_create(dir.path()).unwrap();
+        assert_eq!(a.public(), again.public(), "kept across restarts");
+        let mode = std::fs::metadata(dir.path().join(IDENTITY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let sig = a.sign(b"message");
+        assert!(verify(&a.public(), b"message", &sig));
+        assert!(!verify(&a.public(), b"messagf", &sig), "other bytes");
+        let other = tempfile::tempdir().unwrap();
+        let b = Identity::load_or_create(other.path()).unwrap();
+        assert_ne!(a.public(), b.public());
+        assert!(!verify(&b.public(), b"message", &sig), "another key");
+        assert_eq!(relay_auth::from_hex(&a.public_hex()), Some(a.public()));
     }
 }

@@ -133,6 +133,23 @@ fn unlink_at(dir: impl AsFd, name: &str) -> std::io::Result<()> {
     }
 }
 
+/// Creates a new private file in `tmp` named after `name` (with `tag`, this process and a
+/// sequence number, so names never collide), without following links: (its name, fd).
+fn create_tmp(tmp: impl AsFd, name: &str, tag: &str) -> nix::Result<(String, OwnedFd)> {
+    let tmp_name = format!(
+        "{name}{tag}.{}.{}",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let fd = openat(
+        tmp,
+        cname(&tmp_name).as_c_str(),
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )?;
+    Ok((tmp_name, fd))
+}
+
 fn rename_at(from: impl AsFd, a: &str, to: impl AsFd, b: &str) -> nix::Result<()> {
     renameat(from, cname(a).as_c_str(), to, cname(b).as_c_str())
 }
@@ -328,21 +345,7 @@ impl Maildir {
                     out.push(Stored::Duplicate);
                     continue;
                 }
-                let tmp = format!(
-                    "{name}.{}.{}",
-                    std::process::id(),
-                    TMP_SEQ.fetch_add(1, Ordering::Relaxed)
-                );
-                let fd = openat(
-                    &d.tmp,
-                    cname(&tmp).as_c_str(),
-                    OFlag::O_CREAT
-                        | OFlag::O_EXCL
-                        | OFlag::O_WRONLY
-                        | OFlag::O_NOFOLLOW
-                        | OFlag::O_CLOEXEC,
-                    Mode::from_bits_truncate(0o600),
-                )?;
+                let (tmp, fd) = create_tmp(&d.tmp, &name, "")?;
                 let mut f = File::from(fd);
                 written.push((tmp, name, f.try_clone()?));
                 f.write_all(bytes)?;
@@ -466,21 +469,8 @@ impl Maildir {
                 if stat_at(&d.new, &name).is_none() {
                     continue;
                 }
-                let tmp = format!(
-                    "{name}.tomb.{}.{}",
-                    std::process::id(),
-                    TMP_SEQ.fetch_add(1, Ordering::Relaxed)
-                );
-                drop(openat(
-                    &d.tmp,
-                    cname(&tmp).as_c_str(),
-                    OFlag::O_CREAT
-                        | OFlag::O_EXCL
-                        | OFlag::O_WRONLY
-                        | OFlag::O_NOFOLLOW
-                        | OFlag::O_CLOEXEC,
-                    Mode::from_bits_truncate(0o600),
-                )?);
+                let (tmp, fd) = create_tmp(&d.tmp, &name, ".tomb")?;
+                drop(fd);
                 rename_at(&d.tmp, &tmp, &d.cur, &name)?;
                 unlink_at(&d.new, &name)?;
             } else {

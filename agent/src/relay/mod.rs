@@ -14,11 +14,13 @@
 //!   pieces `agent send` / `agent recv` share with `agent run`.
 
 pub mod auth;
+pub mod conns;
 pub mod inlog;
 pub mod maildir;
 pub mod outbox;
 pub mod resolve;
 pub mod seglog;
+pub mod senders;
 pub mod service;
 pub mod wire;
 

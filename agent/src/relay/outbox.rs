@@ -686,18 +686,12 @@ pub async fn deliver(
         .zip(&bytes)
         .map(|(e, b)| (e.id, &b[..]))
         .collect();
-    // Only TCP receivers check tags (ipc peers are checked by uid).
+    // Only TCP receivers check signatures (ipc peers are checked by uid).
     let key = matches!(addr, Addr::Tcp(_))
-        .then(|| {
-            super::auth::signing_key(
-                super::auth::current(),
-                first.namespace.as_str(),
-                first.from.as_str(),
-            )
-        })
+        .then(super::auth::signer)
         .flatten();
     let c = conn.as_mut().expect("connected");
-    match c.send_signed(&msgs, key.as_ref(), ack_timeout).await {
+    match c.send_signed(&msgs, key.as_deref(), ack_timeout).await {
         Ok(a) => Ok(a),
         Err(e) => {
             *conn = None;

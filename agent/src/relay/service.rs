@@ -55,12 +55,50 @@ impl Routes for DaemonRoutes {
     }
 }
 
+/// Public keys of senders: the agent's cache, else the registry ([`super::senders`]).
+struct DaemonKeys {
+    cache: Arc<Cache>,
+    client: Arc<HttpRegistry>,
+    namespace: NamespaceName,
+}
+
+impl super::senders::Directory for DaemonKeys {
+    fn cached(&self, id: &MembraneId) -> Option<[u8; 32]> {
+        self.cache
+            .snapshot()
+            .0
+            .membranes
+            .get(id.as_str())
+            .and_then(|m| m.registration.relay_public_key.as_deref())
+            .and_then(shared::relay_auth::from_hex)
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        id: &'a MembraneId,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = super::senders::Fetched> + Send + 'a>>
+    {
+        Box::pin(async move {
+            match self.client.get(&self.namespace, id).await {
+                Ok(m) => Ok(m
+                    .registration
+                    .relay_public_key
+                    .as_deref()
+                    .and_then(shared::relay_auth::from_hex)),
+                Err(crate::client::ClientError::Api { status: 404, .. }) => Ok(None),
+                Err(e) => Err(e.explain()),
+            }
+        })
+    }
+}
+
 /// The running relay.
 pub struct RelayService {
     info: RelayInfo,
     outbox: Arc<Outbox<DaemonRoutes>>,
     arrivals: watch::Sender<u64>,
     maildir: Maildir,
+    inbox: Arc<Inbox>,
     cache: Arc<Cache>,
     client: Arc<HttpRegistry>,
     status: Arc<Mutex<Status>>,
@@ -161,7 +199,11 @@ pub async fn start(
                 .await
                 .map_err(|e| format!("cannot listen on {address}: {e}"))?;
             tracing::info!(address = %address, "relay listening (tcp)");
-            inbox.require_auth();
+            inbox.require_auth(Arc::new(super::senders::SenderKeys::new(DaemonKeys {
+                cache: cache.clone(),
+                client: client.clone(),
+                namespace: cfg.namespace.clone(),
+            })));
             tasks.spawn(wire::serve_tcp(l, inbox.clone(), limits, cancel.clone()));
         }
     }
@@ -202,6 +244,7 @@ pub async fn start(
         outbox,
         arrivals: inbox.arrivals.clone(),
         maildir,
+        inbox: inbox.clone(),
         cache,
         client,
         status,
@@ -239,6 +282,7 @@ impl RelayService {
             "inbox_pending": self.maildir.list_new().map(|v| v.len() + inlog::pending_count(self.maildir.root())).ok(),
             "outbox_pending": self.outbox.pending(),
             "max_message_bytes": self.info.max_message_bytes,
+            "unauthenticated": self.inbox.unauthenticated(),
         })
     }
 

@@ -29,11 +29,16 @@ pub const MAX_CLOCK_SKEW_MS: u64 = 3_600_000;
 /// buffers for long.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Most connections served at once; more are accepted and closed at once (they do not
-    /// wait in the kernel's backlog, and hold no descriptor).
+    /// Most connections served at once. When full, a new connection takes the slot of the
+    /// one idle the longest; when every one is reading a frame, the new one is accepted and
+    /// closed at once (it does not wait in the kernel's backlog, and holds no descriptor).
     pub max_connections: usize,
     /// A connection with no frame in progress is closed after this long without a byte.
     pub idle_timeout: Duration,
+    /// The idle timeout from three quarters of `max_connections` on; when the listener is
+    /// full, the connection idle the longest is closed to admit a new one
+    /// ([`super::conns`]).
+    pub pressure_idle_timeout: Duration,
     /// A frame must be read whole within this long of its first byte (slow senders).
     pub frame_deadline: Duration,
 }
@@ -43,6 +48,7 @@ impl Default for Limits {
         Limits {
             max_connections: 256,
             idle_timeout: Duration::from_secs(60),
+            pressure_idle_timeout: Duration::from_secs(5),
             frame_deadline: Duration::from_secs(30),
         }
     }
@@ -87,8 +93,11 @@ pub struct Inbox {
     commits: mpsc::Sender<CommitReq>,
     /// Bumped after each stored batch.
     pub arrivals: watch::Sender<u64>,
-    /// TCP frames must be signed with the namespace relay key ([`super::auth`]).
-    auth: std::sync::atomic::AtomicBool,
+    /// Set on a TCP inbox: messages must carry their sender's signature, checked against
+    /// its registered public key ([`super::senders`]).
+    keys: std::sync::OnceLock<Arc<super::senders::SenderKeys>>,
+    /// Messages refused as `unauthenticated`.
+    unauthenticated: std::sync::atomic::AtomicU64,
 }
 
 impl Inbox {
@@ -115,7 +124,8 @@ impl Inbox {
             max_body,
             commits: tx,
             arrivals,
-            auth: std::sync::atomic::AtomicBool::new(false),
+            keys: std::sync::OnceLock::new(),
+            unauthenticated: std::sync::atomic::AtomicU64::new(0),
         });
         let store = match log {
             Some(l) => Store::Log(Box::new(l)),
@@ -125,10 +135,16 @@ impl Inbox {
         (inbox, task)
     }
 
-    /// From now on, messages over TCP must carry their sender's tag under the namespace
-    /// relay key (`agent run`; see [`super::auth`]).
-    pub fn require_auth(&self) {
-        self.auth.store(true, std::sync::atomic::Ordering::Relaxed);
+    /// From now on, messages over TCP must carry their sender's signature, checked with
+    /// `keys` (`agent run`; see [`super::auth`]), once the namespace authenticates senders.
+    pub fn require_auth(&self, keys: Arc<super::senders::SenderKeys>) {
+        let _ = self.keys.set(keys);
+    }
+
+    /// Messages refused because their sender was not authenticated.
+    pub fn unauthenticated(&self) -> u64 {
+        self.unauthenticated
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Largest frame accepted.
@@ -357,7 +373,7 @@ pub async fn serve_unix(
     limits: Limits,
     cancel: CancellationToken,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let table = super::conns::ConnTable::new(limits);
     loop {
         let s = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -374,18 +390,11 @@ pub async fn serve_unix(
             tracing::warn!("ipc connection from another user refused");
             continue;
         }
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                max = limits.max_connections,
-                "too many ipc connections; closing a new one"
-            );
+        let Some(slot) = admit(&table, &cancel, "ipc") else {
             continue;
         };
-        let (inbox, cancel) = (inbox.clone(), cancel.clone());
-        tokio::spawn(async move {
-            connection(s, inbox, limits, false, cancel).await;
-            drop(slot);
-        });
+        let inbox = inbox.clone();
+        tokio::spawn(connection(s, inbox, limits, false, slot));
     }
 }
 
@@ -396,8 +405,7 @@ pub async fn serve_tcp(
     limits: Limits,
     cancel: CancellationToken,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let mut refused = 0u64;
+    let table = super::conns::ConnTable::new(limits);
     loop {
         let s = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -406,25 +414,49 @@ pub async fn serve_tcp(
                 Err(e) => { tracing::warn!(error = %e, "tcp accept failed"); tokio::time::sleep(Duration::from_millis(100)).await; continue; }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refused += 1;
-            if refused.is_power_of_two() {
-                tracing::warn!(
-                    max = limits.max_connections,
-                    refused,
-                    "too many relay connections; closing new ones"
-                );
-            }
+        let Some(slot) = admit(&table, &cancel, "tcp") else {
             continue;
         };
         let _ = s.set_nodelay(true);
-        let (inbox, cancel) = (inbox.clone(), cancel.clone());
-        tokio::spawn(async move {
-            let auth = inbox.auth.load(std::sync::atomic::Ordering::Relaxed);
-            connection(s, inbox, limits, auth, cancel).await;
-            drop(slot);
-        });
+        let inbox = inbox.clone();
+        let auth = inbox.keys.get().is_some();
+        tokio::spawn(connection(s, inbox, limits, auth, slot));
     }
+}
+
+/// A slot for a new connection (closing idle ones to make room), logging at powers of two
+/// how many were closed to make room or refused.
+fn admit(
+    table: &Arc<super::conns::ConnTable>,
+    cancel: &CancellationToken,
+    kind: &str,
+) -> Option<super::conns::Slot> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static EVICTED: AtomicU64 = AtomicU64::new(0);
+    static REFUSED: AtomicU64 = AtomicU64::new(0);
+    let (slot, closed) = table.admit(cancel);
+    if closed > 0 {
+        let before = EVICTED.fetch_add(closed as u64, Ordering::Relaxed);
+        let after = before + closed as u64;
+        if (before + 1..=after).any(u64::is_power_of_two) {
+            tracing::warn!(
+                kind,
+                evicted = after,
+                "too many relay connections; closing the longest-idle ones"
+            );
+        }
+    }
+    if slot.is_none() {
+        let n = REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                kind,
+                refused = n,
+                "too many relay connections, all reading a frame; closing new ones"
+            );
+        }
+    }
+    slot
 }
 
 enum Answer {
@@ -435,56 +467,71 @@ enum Answer {
     ),
 }
 
-/// One connection: the reader validates frames and hands batches to the committer; the
-/// writer sends ACK/NACK in order as commits finish. Reading goes on while a commit runs,
-/// so the next commit gets a bigger batch.
-/// Checks a message's tag against its sender's key (when `required`, i.e. on TCP).
-fn authenticated(
+/// Checks a message's signature against its sender's registered key (when `required`,
+/// i.e. on TCP, and the namespace authenticates senders).
+async fn authenticated(
+    inbox: &Inbox,
     required: bool,
     meta: envelope::Meta,
     bytes: &[u8],
-    tag: Option<&[u8; 32]>,
+    sig: &Sig,
 ) -> Result<envelope::Meta, Refusal> {
     use super::auth::{self, KeyState};
-    if !required {
-        return Ok(meta);
-    }
+    let keys = match inbox.keys.get() {
+        Some(k) if required => k,
+        _ => return Ok(meta),
+    };
     let refuse = |code: &str, message: &str| Refusal {
         id: Some(meta.id),
         code: code.into(),
         message: message.into(),
     };
-    match auth::current() {
+    let from = meta.from.clone();
+    let r = match auth::current() {
         KeyState::Open => Ok(meta),
         KeyState::Unknown => Err(refuse(
             "unavailable",
             "the receiving agent has no relay key yet (not registered)",
         )),
-        KeyState::Key(_) => {
-            let key =
-                auth::signing_key(auth::current(), meta.namespace.as_str(), meta.from.as_str())
-                    .expect("a key");
-            match tag {
-                Some(t) if shared::relay_auth::verify(&key, bytes, t) => Ok(meta),
-                Some(_) => Err(refuse(
-                    "unauthenticated",
-                    "the message's tag does not verify under its sender's key",
-                )),
-                None => Err(refuse(
-                    "unauthenticated",
-                    "unsigned message: this relay requires the namespace relay key",
-                )),
-            }
+        KeyState::Key(_) => match sig {
+            Sig::Ed25519(sig) => keys
+                .check(meta.id, &meta.from, bytes, sig)
+                .await
+                .map(|()| meta),
+            Sig::Hmac(_) => Err(refuse(
+                "unauthenticated",
+                "this relay requires the sender's own signature (frame kind 5); \
+                 the namespace key alone does not identify a sender",
+            )),
+            Sig::None => Err(refuse(
+                "unauthenticated",
+                "unsigned message: this relay requires the sender's signature",
+            )),
+        },
+    };
+    if let Err(refusal) = &r
+        && refusal.code == "unauthenticated"
+    {
+        let n = inbox
+            .unauthenticated
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(from = %from, refused = n, reason = %refusal.message, "relay message refused: sender not authenticated");
         }
     }
+    r
 }
 
+/// One connection: the reader validates frames and hands batches to the committer; the
+/// writer sends ACK/NACK in order as commits finish. Reading goes on while a commit runs,
+/// so the next commit gets a bigger batch.
 async fn connection<S>(
     stream: S,
     inbox: Arc<Inbox>,
     limits: Limits,
     authenticate: bool,
-    cancel: CancellationToken,
+    slot: super::conns::Slot,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -531,10 +578,10 @@ async fn connection<S>(
     'outer: loop {
         let deadline = match frame_start {
             Some(t) => t + limits.frame_deadline,
-            None => tokio::time::Instant::now() + limits.idle_timeout,
+            None => tokio::time::Instant::now() + slot.idle_timeout(),
         };
         let n = tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = slot.closed().cancelled() => break,
             _ = tokio::time::sleep_until(deadline) => {
                 tracing::debug!(in_frame = frame_start.is_some(), "relay connection timed out; closing it");
                 break;
@@ -543,16 +590,17 @@ async fn connection<S>(
         };
         if frame_start.is_none() {
             frame_start = Some(tokio::time::Instant::now());
+            slot.set_busy(true);
         }
         reader.push(&chunk[..n]);
         let mut batch = Vec::new();
         let mut now = Vec::new();
         while let Some(read) = reader.next() {
             match read {
-                Read::Msg(bytes, tag) => match inbox
-                    .check(&bytes)
-                    .and_then(|meta| authenticated(authenticate, meta, &bytes, tag.as_ref()))
-                {
+                Read::Msg(bytes, sig) => match match inbox.check(&bytes) {
+                    Ok(meta) => authenticated(&inbox, authenticate, meta, &bytes, &sig).await,
+                    Err(r) => Err(r),
+                } {
                     Ok(meta) => batch.push(Incoming {
                         id: meta.id,
                         sent_at: meta.sent_at,
@@ -572,6 +620,7 @@ async fn connection<S>(
         }
         if !reader.in_frame() {
             frame_start = None;
+            slot.set_busy(false);
         }
         if !now.is_empty() && tx.send(Answer::Now(now)).await.is_err() {
             break;
@@ -601,12 +650,23 @@ async fn connection<S>(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Read {
     /// A MSG frame's payload (a message in the file format, not checked yet), with the
-    /// sender's HMAC tag when it came in a signed frame.
-    Msg(Vec<u8>, Option<[u8; 32]>),
+    /// sender's signature when it came in a signed frame.
+    Msg(Vec<u8>, Sig),
     /// A NACK to send back (an oversized frame was skipped); the connection goes on.
     Refuse(Refusal),
     /// A NACK to send back, then close the connection (a frame that cannot be read).
     Fatal(Refusal),
+}
+
+/// The signature a message came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Sig {
+    /// None (frame kind 1).
+    None,
+    /// An HMAC tag under the namespace key (kind 4): no longer accepted on its own.
+    Hmac([u8; 32]),
+    /// The sender's Ed25519 signature (kind 5).
+    Ed25519([u8; 64]),
 }
 
 /// The reading side of a receiver's connection, without I/O: frames out of the bytes
@@ -675,8 +735,9 @@ impl FrameReader {
             }
             return match Frame::take(&mut self.buf, self.max_frame) {
                 Ok(None) => None,
-                Ok(Some(Frame::Msg(bytes))) => Some(Read::Msg(bytes, None)),
-                Ok(Some(Frame::Signed(tag, bytes))) => Some(Read::Msg(bytes, Some(tag))),
+                Ok(Some(Frame::Msg(bytes))) => Some(Read::Msg(bytes, Sig::None)),
+                Ok(Some(Frame::Signed(tag, bytes))) => Some(Read::Msg(bytes, Sig::Hmac(tag))),
+                Ok(Some(Frame::Ed25519(sig, bytes))) => Some(Read::Msg(bytes, Sig::Ed25519(sig))),
                 Ok(Some(_)) => continue, // ACK/NACK from a sender: ignored
                 Err(DecodeError::TooLarge(len)) if self.buf.len() >= 6 => {
                     self.buf.drain(..6);
@@ -750,20 +811,18 @@ impl FrameConn {
         self.send_signed(msgs, None, timeout).await
     }
 
-    /// [`FrameConn::send_batch`], each message signed with `key` (the sender's key) when
-    /// given.
+    /// [`FrameConn::send_batch`], each message signed with `key` (the agent's key pair)
+    /// when given.
     pub async fn send_signed(
         &mut self,
         msgs: &[(MessageId, &[u8])],
-        key: Option<&[u8; 32]>,
+        key: Option<&super::auth::Identity>,
         timeout: Duration,
     ) -> std::io::Result<HashMap<MessageId, Outcome>> {
-        let mut out = Vec::with_capacity(msgs.iter().map(|m| m.1.len() + 38).sum());
+        let mut out = Vec::with_capacity(msgs.iter().map(|m| m.1.len() + 70).sum());
         for (_, b) in msgs {
             match key {
-                Some(k) => {
-                    envelope::encode_signed_frame(&shared::relay_auth::sign(k, b), b, &mut out)
-                }
+                Some(k) => envelope::encode_ed25519_frame(&k.sign(b), b, &mut out),
                 None => envelope::encode_frame(envelope::FrameKind::Msg, b, &mut out),
             }
         }
@@ -792,7 +851,7 @@ impl FrameConn {
                             }
                             None => unknown_nacks.push(r),
                         },
-                        Frame::Msg(_) | Frame::Signed(..) => {}
+                        Frame::Msg(_) | Frame::Signed(..) | Frame::Ed25519(..) => {}
                     }
                 }
                 if answers.len() >= distinct {
@@ -983,6 +1042,7 @@ mod tests {
         let limits = Limits {
             max_connections: 4,
             idle_timeout: Duration::from_secs(60),
+            pressure_idle_timeout: Duration::from_secs(5),
             frame_deadline: Duration::from_secs(30),
         };
         // Idle: closed after 60 s without a byte, not before.
@@ -993,7 +1053,7 @@ mod tests {
             inbox.clone(),
             limits,
             false,
-            CancellationToken::new(),
+            slot(limits),
         ));
         let mut b = [0u8; 1];
         assert_eq!(client.read(&mut b).await.unwrap(), 0);
@@ -1006,7 +1066,7 @@ mod tests {
             inbox.clone(),
             limits,
             false,
-            CancellationToken::new(),
+            slot(limits),
         ));
         let e = envelope(1, "slow");
         let mut f = Vec::new();
@@ -1033,7 +1093,7 @@ mod tests {
             inbox.clone(),
             limits,
             false,
-            CancellationToken::new(),
+            slot(limits),
         ));
         for n in 0..4u64 {
             let e = envelope(10 + n, "ok");
@@ -1047,8 +1107,25 @@ mod tests {
         h.await.unwrap();
     }
 
+    /// A slot in a table of its own.
+    fn slot(limits: Limits) -> crate::relay::conns::Slot {
+        crate::relay::conns::ConnTable::new(limits)
+            .admit(&CancellationToken::new())
+            .0
+            .unwrap()
+    }
+
+    /// Whether the server closed `s` (within 5 s).
+    async fn closed(s: &mut TcpStream) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
     #[tokio::test]
-    async fn connections_over_the_cap_are_closed_at_once() {
+    async fn at_the_cap_idle_connections_make_room_and_busy_ones_do_not() {
         let dir = tempfile::tempdir().unwrap();
         let inbox = inbox(dir.path(), 1000).await;
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1058,15 +1135,39 @@ mod tests {
             ..Limits::default()
         };
         let cancel = CancellationToken::new();
-        tokio::spawn(serve_tcp(l, inbox, limits, cancel.clone()));
-        let _a = TcpStream::connect(addr).await.unwrap();
-        let _b = TcpStream::connect(addr).await.unwrap();
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        let mut b = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+        tokio::spawn(serve_tcp(l, inbox.clone(), limits, cancel.clone()));
+        // Two idle connections fill the listener; a sender still gets through, and the
+        // first idle one (the longest idle) made room for it.
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut b = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut conn = FrameConn::connect(&Addr::Tcp(addr.to_string()), Duration::from_secs(5))
             .await
-            .expect("closed at once");
-        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+            .unwrap();
+        let e = envelope(1, "through");
+        let eb = e.encode();
+        let answers = conn
+            .send_batch(&[(e.id, &eb)], Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(answers[&e.id].is_ok());
+        assert!(
+            closed(&mut a).await,
+            "the longest-idle connection is closed"
+        );
+        // Both held connections in the middle of a frame: a new one is closed at once.
+        drop(conn);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut f = Vec::new();
+        Frame::Msg(envelope(2, "half").encode()).encode_into(&mut f);
+        b.write_all(&f[..8]).await.unwrap();
+        c.write_all(&f[..8]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut d = TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut d).await, "over the cap with every slot busy");
         cancel.cancel();
     }
 

@@ -1,7 +1,8 @@
 //! Attacks on the relay, each of which must fail: on a shared volume (symbolic links and
 //! special files in a Maildir, a file named by another id than its header's, messages to
 //! another membrane or over the size limit, a symlinked `.recv.lock`, symlinked `tmp/` and
-//! `new/`, `--after-recv delete` through a link).
+//! `new/`, `--after-recv delete` through a link); on the TCP relay: forged senders, idle
+//! connections filling the listener.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -267,7 +268,7 @@ fn answers(s: &mut std::net::TcpStream, n: usize) -> Vec<shared::envelope::Frame
 }
 
 #[test]
-fn tcp_relay_refuses_far_expiry_and_idle_connections_do_not_starve_heartbeats() {
+fn tcp_relay_refuses_far_expiry_and_idle_connections_starve_neither_heartbeats_nor_senders() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"), 0, &[]);
@@ -316,12 +317,31 @@ fn tcp_relay_refuses_far_expiry_and_idle_connections_do_not_starve_heartbeats() 
     let m = server.membrane("relay", "b").expect("b registered");
     assert_eq!(m["state"], "passing", "{m}");
     assert_eq!(events(&b.state_dir, "heartbeat_failed"), 0, "{}", b.log());
+    // With the listener full of idle connections, a sender still gets through: it takes
+    // the slot of the longest-idle one.
+    let mut e = msg(2, "a", "b", b"through the flood".to_vec());
+    e.id = MessageId::from_parts(now, 2);
+    e.sent_at = now;
+    e.expires_at = Some(now + 600_000);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&frame(&e)).unwrap();
+    match answers(&mut s, 1).remove(0) {
+        shared::envelope::Frame::Ack(id) => assert_eq!(id, e.id),
+        other => panic!("not accepted: {other:?}"),
+    }
+    drop(idle);
+    let got = recv_bounded(&b.state_dir, Duration::from_secs(20));
     assert!(
-        b.log().contains("too many relay connections"),
+        String::from_utf8_lossy(&got.stdout).contains("through the flood"),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert!(
+        b.log()
+            .contains("too many relay connections; closing the longest-idle"),
         "{}",
         b.log()
     );
-    drop(idle);
 }
 
 #[test]
@@ -371,6 +391,79 @@ fn tcp_relay_refuses_forged_senders() {
             other => panic!("forged message accepted: {other:?}"),
         }
     }
+
+    // A member of the namespace signing as another: c registers itself with the join token
+    // and its own Ed25519 key, so it holds the namespace relay key and its key pair. Every
+    // way it has of claiming to be a is refused; its messages as itself go through.
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+    let der = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    let c_key = Ed25519KeyPair::from_pkcs8(der.as_ref()).unwrap();
+    let c_pub = shared::relay_auth::to_hex(&c_key.public_key().as_ref().try_into().unwrap());
+    let bearer = format!("Bearer {join}");
+    let (status, body) = http(
+        server.port,
+        "PUT",
+        "/v1/namespaces/relay/membranes/c",
+        Some((
+            &format!(r#"{{"services":[],"relay_public_key":"{c_pub}"}}"#),
+            &[("Authorization", &bearer)],
+        )),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let reg: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ns_key = shared::relay_auth::from_hex(reg["relay_key"].as_str().unwrap()).unwrap();
+    // c cannot put its key on a's registration (it lacks a's instance secret).
+    let (status, body) = http(
+        server.port,
+        "PUT",
+        "/v1/namespaces/relay/membranes/a",
+        Some((
+            &format!(r#"{{"services":[],"relay_public_key":"{c_pub}"}}"#),
+            &[("Authorization", &bearer)],
+        )),
+    )
+    .unwrap();
+    assert_eq!(status, 403, "{body}");
+    let a_pub = server.membrane("relay", "a").unwrap()["relay_public_key"]
+        .as_str()
+        .expect("a's public key in discovery")
+        .to_string();
+    assert_ne!(a_pub, c_pub);
+    let ed25519 = |e: &Envelope, wire: &mut Vec<u8>| {
+        let b = e.encode();
+        let input = shared::relay_auth::ed25519_input(&b);
+        let sig: [u8; 64] = c_key.sign(&input).as_ref().try_into().unwrap();
+        shared::envelope::encode_ed25519_frame(&sig, &b, wire);
+    };
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // As a, under a's key derived from the namespace key (what any member can compute).
+    let mut wire = Vec::new();
+    let e3 = forged(3).encode();
+    let a_hmac = shared::relay_auth::sender_key(&ns_key, "relay", "a");
+    shared::envelope::encode_signed_frame(&shared::relay_auth::sign(&a_hmac, &e3), &e3, &mut wire);
+    // As a, signed with c's own key.
+    ed25519(&forged(4), &mut wire);
+    s.write_all(&wire).unwrap();
+    for a in answers(&mut s, 2) {
+        match a {
+            shared::envelope::Frame::Nack(r) => assert_eq!(r.code, "unauthenticated", "{r:?}"),
+            other => panic!("message forged by a member accepted: {other:?}"),
+        }
+    }
+    // As itself.
+    let mut own = forged(5);
+    own.from = "c".parse().unwrap();
+    own.body = b"from c itself".to_vec();
+    let mut wire = Vec::new();
+    ed25519(&own, &mut wire);
+    s.write_all(&wire).unwrap();
+    match answers(&mut s, 1).remove(0) {
+        shared::envelope::Frame::Ack(id) => assert_eq!(id, own.id),
+        other => panic!("c's own message refused: {other:?}"),
+    }
+    let status = b.status().unwrap();
+    assert_eq!(status["relay"]["unauthenticated"], 4, "{status}");
     let got = recv_bounded(&b.state_dir, Duration::from_secs(20));
     let bodies: Vec<String> = String::from_utf8_lossy(&got.stdout)
         .lines()
@@ -381,7 +474,7 @@ fn tcp_relay_refuses_forged_senders() {
                 .to_string()
         })
         .collect();
-    assert_eq!(bodies, vec!["from the real a"]);
+    assert_eq!(bodies, vec!["from the real a", "from c itself"]);
     // Without a running agent, `agent send` signs with the key a's agent stored.
     let adir = a.state_dir.clone();
     a.terminate(Duration::from_secs(10));

@@ -1,6 +1,7 @@
 //! The registry over https (`--registry-ca`): an agent registers through a TLS endpoint
-//! whose certificate chains to the given CA, refuses one that does not, and a token is
-//! never sent over plain http to another host unless `--insecure`.
+//! whose certificate chains to the given CA (a proxy, or dns-server's own `--tls-cert`),
+//! refuses one that does not, and a token is never sent over plain http to another host
+//! unless `--insecure`.
 
 use std::path::Path;
 use std::process::Command;
@@ -238,4 +239,91 @@ fn a_token_never_goes_over_plain_http_to_another_host_without_insecure() {
     ]);
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     assert!(stderr(&out).contains("--insecure"), "{}", stderr(&out));
+}
+
+#[test]
+fn dns_server_serves_https_itself_and_refuses_bad_tls_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((ca, leaf, key)) = make_certs(tmp.path(), "srv") else {
+        return;
+    };
+    let Some((_, _, other_key)) = make_certs(tmp.path(), "other") else {
+        return;
+    };
+    // Configuration errors exit 64 and name the problem.
+    let run_bad = |tls: &[&Path]| {
+        let mut cmd = Command::new(dns_server_bin());
+        cmd.arg("--data-dir")
+            .arg(tmp.path().join("bad"))
+            .args([
+                "--http-listen",
+                "127.0.0.1:0",
+                "--dns-listen",
+                "127.0.0.1:0",
+            ])
+            .env_remove("MEMBRANE_ADMIN_TOKEN");
+        for (flag, p) in ["--tls-cert", "--tls-key"].iter().zip(tls) {
+            cmd.arg(flag).arg(p);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let bad = |cert: &Path, key: &Path| run_bad(&[cert, key]);
+    let e = run_bad(&[&leaf]);
+    assert!(e.contains("go together"), "{e}");
+    let e = bad(&leaf, &other_key);
+    assert!(e.contains("does not go with"), "{e}");
+    let e = bad(&tmp.path().join("missing.pem"), &key);
+    assert!(e.contains("--tls-cert") && e.contains("missing.pem"), "{e}");
+    let e = bad(&key, &key);
+    assert!(e.contains("no PEM certificate"), "{e}");
+
+    let (cert_s, key_s) = (leaf.to_string_lossy(), key.to_string_lossy());
+    let server = Server::start(
+        &tmp.path().join("data"),
+        0,
+        &[
+            "--tls-cert",
+            &cert_s,
+            "--tls-key",
+            &key_s,
+            "--http-header-timeout",
+            "1s",
+        ],
+    );
+    let url = format!("https://127.0.0.1:{}", server.port);
+    let mut args = quick("w1", "tls", &url);
+    args.extend(["--registry-ca".into(), ca.to_string_lossy().into()]);
+    let a = Agent::start(&args, &tmp.path().join("a"), &[]);
+    a.wait_registered();
+    // Plain http to the TLS port gets no HTTP answer, and the server goes on.
+    let plain = http(server.port, "GET", "/health", None);
+    assert!(
+        !matches!(plain, Ok((200, _))),
+        "plain http answered: {plain:?}"
+    );
+    let out = run_agent_env(
+        &[
+            "list",
+            "--namespace",
+            "tls",
+            "--registry-url",
+            &url,
+            "--state-dir",
+            &tmp.path().join("q").to_string_lossy(),
+        ],
+        &[("MEMBRANE_REGISTRY_CA", &ca.to_string_lossy())],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("w1"));
+    // A client that starts a handshake and stalls is closed after the header timeout.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.write_all(&[0x16, 0x03, 0x01]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t0 = std::time::Instant::now();
+    let mut b = [0u8; 64];
+    assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }

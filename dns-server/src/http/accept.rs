@@ -23,7 +23,10 @@
 //! - on an accept error waits only until a connection ends or [`ACCEPT_BACKOFF`] passes;
 //! - keeps hyper's read buffer small ([`MAX_BUF`]), so that an idle connection costs a few
 //!   KiB;
-//! - at shutdown stops accepting and lets each connection finish its request (graceful).
+//! - at shutdown stops accepting and lets each connection finish its request (graceful);
+//! - with TLS ([`serve_tls`]), does each handshake in the connection's task within
+//!   [`HttpLimits::header_timeout`]; over-cap clients are closed without a 503 (it would
+//!   be plain text on a TLS port).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -117,11 +120,23 @@ impl Accept for TcpListener {
 
 /// Serves `router` on `listener` until `shutdown`, then lets in-flight requests finish.
 pub async fn serve(
-    mut listener: impl Accept,
+    listener: impl Accept,
     router: Router,
     shutdown: CancellationToken,
     limits: HttpLimits,
 ) -> io::Result<()> {
+    serve_tls(listener, router, shutdown, limits, None).await
+}
+
+/// [`serve`], over TLS when `tls` is given.
+pub async fn serve_tls(
+    mut listener: impl Accept,
+    router: Router,
+    shutdown: CancellationToken,
+    limits: HttpLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> io::Result<()> {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let table = Arc::new(Table {
         epoch: Instant::now(),
         max: limits.max_connections,
@@ -141,7 +156,9 @@ pub async fn serve(
             r = listener.accept(), if backoff.is_none() => match r {
                 Ok(stream) => {
                     let Some(slot) = table.admit(&shutdown) else {
-                        if let Ok(permit) = shed_permits.clone().try_acquire_owned() {
+                        if tls.is_some() {
+                            tracing::debug!("https: every connection is busy; closing a new one");
+                        } else if let Ok(permit) = shed_permits.clone().try_acquire_owned() {
                             tracing::debug!("http: every connection is busy; answering 503");
                             shedding.spawn(async move {
                                 shed(stream).await;
@@ -150,7 +167,7 @@ pub async fn serve(
                         }
                         continue;
                     };
-                    conns.spawn(connection(stream, router.clone(), slot, limits));
+                    conns.spawn(connection(stream, router.clone(), slot, limits, tls.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "http accept");
@@ -350,6 +367,10 @@ struct Watched {
     activity: Arc<Activity>,
 }
 
+/// What hyper reads and writes: the socket, or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
 impl AsyncRead for Watched {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -437,15 +458,43 @@ impl HttpBody for Deadline {
     }
 }
 
-async fn connection(stream: TcpStream, router: Router, slot: Slot, limits: HttpLimits) {
+async fn connection(
+    stream: TcpStream,
+    router: Router,
+    slot: Slot,
+    limits: HttpLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let _ = stream.set_nodelay(true);
     let activity = slot.activity.clone();
     // A child of the shutdown token: shutdown drains, `close` alone (eviction) drops.
     let shutdown = activity.close.clone();
-    let io = TokioIo::new(Watched {
+    let watched = Watched {
         io: stream,
         activity: activity.clone(),
-    });
+    };
+    let io: Box<dyn Io> = match tls {
+        None => Box::new(watched),
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(limits.header_timeout, acceptor.accept(watched));
+            let r = tokio::select! {
+                r = handshake => r,
+                _ = shutdown.cancelled() => return,
+            };
+            match r {
+                Ok(Ok(s)) => Box::new(s),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "https: TLS handshake failed; closing");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("https: TLS handshake not done in time; closing");
+                    return;
+                }
+            }
+        }
+    };
+    let io = TokioIo::new(io);
     let svc = {
         let activity = activity.clone();
         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {

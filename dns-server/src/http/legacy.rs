@@ -224,6 +224,7 @@ impl LegacyRegister {
             endpoint,
             ttl_seconds: self.ttl_seconds,
             eviction_seconds: None,
+            relay_public_key: None,
         };
         Ok((ns, id, reg))
     }

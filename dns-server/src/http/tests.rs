@@ -452,6 +452,38 @@ async fn auth_with_admin_token_join_token_and_secret() {
         .call(Method::POST, &hb, None, &[("x-membrane-secret", &secret)])
         .await;
     assert_eq!(s, StatusCode::OK);
+    // The registrant (with its secret) publishes its relay public key: shown in discovery
+    // answers; a malformed one is refused and changes nothing.
+    let key = "ab".repeat(32);
+    let with_key = |k: &str| {
+        let mut v: Value = serde_json::from_str(&reg_body(1)).unwrap();
+        v["relay_public_key"] = json!(k);
+        v.to_string()
+    };
+    assert_error(
+        &h.call(
+            Method::PUT,
+            uri,
+            Some(&with_key("not-a-key")),
+            &[("x-membrane-secret", &secret), ("authorization", &join_hdr)],
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(h.get(uri).await.1.get("relay_public_key").is_none());
+    let (s, v) = h
+        .call(
+            Method::PUT,
+            uri,
+            Some(&with_key(&key)),
+            &[("x-membrane-secret", &secret), ("authorization", &join_hdr)],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(h.get(uri).await.1["relay_public_key"], key);
+    let list = h.get("/v1/namespaces/secure/membranes").await.1;
+    assert_eq!(list["membranes"][0]["relay_public_key"], key, "{list}");
     assert_error(
         &h.call(Method::DELETE, uri, None, &[("x-membrane-secret", "nope")])
             .await,
