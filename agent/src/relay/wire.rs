@@ -459,8 +459,13 @@ fn admit(
     slot
 }
 
+/// Bytes of refusals a connection may have queued for its writer: a peer that sends tiny
+/// bad frames (each answered by a NACK) and never reads cannot make the agent hold more.
+const ANSWER_BYTES: usize = 1 << 20;
+
 enum Answer {
-    Now(Vec<Frame>),
+    /// Encoded NACK frames, holding their share of [`ANSWER_BYTES`] until written.
+    Now(Vec<u8>, tokio::sync::OwnedSemaphorePermit),
     Later(
         Vec<MessageId>,
         oneshot::Receiver<Result<Vec<Stored>, String>>,
@@ -525,7 +530,8 @@ async fn authenticated(
 
 /// One connection: the reader validates frames and hands batches to the committer; the
 /// writer sends ACK/NACK in order as commits finish. Reading goes on while a commit runs,
-/// so the next commit gets a bigger batch.
+/// so the next commit gets a bigger batch. A peer that stops reading is closed once a write
+/// makes no progress for `frame_deadline`; queued refusals are bounded by [`ANSWER_BYTES`].
 async fn connection<S>(
     stream: S,
     inbox: Arc<Inbox>,
@@ -537,12 +543,18 @@ async fn connection<S>(
 {
     let (mut r, mut w) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Answer>(256);
+    let budget = Arc::new(tokio::sync::Semaphore::new(ANSWER_BYTES));
+    let write_limit = limits.frame_deadline;
     let writer = tokio::spawn(async move {
         let mut out = Vec::new();
         while let Some(a) = rx.recv().await {
             out.clear();
+            let mut _permit = None;
             match a {
-                Answer::Now(frames) => frames.iter().for_each(|f| f.encode_into(&mut out)),
+                Answer::Now(bytes, permit) => {
+                    out = bytes;
+                    _permit = Some(permit);
+                }
                 Answer::Later(ids, done) => match done.await {
                     Ok(Ok(_)) => ids
                         .iter()
@@ -561,16 +573,37 @@ async fn connection<S>(
                             .encode_into(&mut out);
                         }
                         // Storage failed: tell the sender, then close (it retries later).
-                        let _ = w.write_all(&out).await;
+                        let _ = tokio::time::timeout(write_limit, w.write_all(&out)).await;
                         return;
                     }
                 },
             }
-            if w.write_all(&out).await.is_err() {
+            if !matches!(
+                tokio::time::timeout(write_limit, w.write_all(&out)).await,
+                Ok(Ok(()))
+            ) {
+                tracing::debug!("relay peer does not read its answers; closing");
                 return;
             }
         }
     });
+    // Queues refusals for the writer within the byte budget; false: the connection ends.
+    let refuse = |now: Vec<Frame>| {
+        let (tx, budget, closed) = (tx.clone(), budget.clone(), slot.closed().clone());
+        async move {
+            let mut out = Vec::new();
+            now.iter().for_each(|f| f.encode_into(&mut out));
+            let cost = out.len().clamp(1, ANSWER_BYTES) as u32;
+            let queued = async {
+                let permit = budget.acquire_many_owned(cost).await.ok()?;
+                tx.send(Answer::Now(out, permit)).await.ok()
+            };
+            tokio::select! {
+                _ = closed.cancelled() => false,
+                r = queued => r.is_some(),
+            }
+        }
+    };
     let mut reader = FrameReader::new(inbox.max_frame(), inbox.max_body);
     let mut chunk = vec![0u8; 64 * 1024];
     // When the frame being read started (None: between frames).
@@ -595,7 +628,9 @@ async fn connection<S>(
         reader.push(&chunk[..n]);
         let mut batch = Vec::new();
         let mut now = Vec::new();
+        let mut completed = 0usize;
         while let Some(read) = reader.next() {
+            completed += 1;
             match read {
                 Read::Msg(bytes, sig) => match match inbox.check(&bytes) {
                     Ok(meta) => authenticated(&inbox, authenticate, meta, &bytes, &sig).await,
@@ -613,32 +648,40 @@ async fn connection<S>(
                 Read::Fatal(refusal) => {
                     tracing::debug!(error = %refusal.message, "bad frame; closing the connection");
                     now.push(Frame::Nack(refusal));
-                    let _ = tx.send(Answer::Now(now)).await;
+                    refuse(now).await;
                     break 'outer;
                 }
             }
         }
-        if !reader.in_frame() {
-            frame_start = None;
-            slot.set_busy(false);
-        }
-        if !now.is_empty() && tx.send(Answer::Now(now)).await.is_err() {
+        if !now.is_empty() && !refuse(now).await {
             break;
         }
         if !batch.is_empty() {
             let ids: Vec<MessageId> = batch.iter().map(|m| m.id).collect();
             let (reply, done) = oneshot::channel();
-            if inbox
-                .commits
-                .send(CommitReq { msgs: batch, reply })
-                .await
-                .is_err()
-            {
+            let handed = async {
+                inbox
+                    .commits
+                    .send(CommitReq { msgs: batch, reply })
+                    .await
+                    .ok()?;
+                tx.send(Answer::Later(ids, done)).await.ok()
+            };
+            let handed = tokio::select! {
+                _ = slot.closed().cancelled() => None,
+                r = handed => r,
+            };
+            if handed.is_none() {
                 break;
             }
-            if tx.send(Answer::Later(ids, done)).await.is_err() {
-                break;
-            }
+        }
+        if !reader.in_frame() {
+            frame_start = None;
+            slot.set_busy(false);
+        } else if completed > 0 {
+            // The deadline is per frame: the partial frame left over started now (and the
+            // time spent waiting on our own backpressure above does not count).
+            frame_start = Some(tokio::time::Instant::now());
         }
     }
     drop(tx);
@@ -675,8 +718,9 @@ pub(crate) enum Sig {
 /// to name its id in the refusal. ACK and NACK frames from a sender are read and ignored.
 pub(crate) struct FrameReader {
     buf: Vec<u8>,
-    /// Skipping an oversized frame: bytes left, and its first bytes (to read the id).
-    skip: Option<(usize, Vec<u8>)>,
+    /// Skipping an oversized frame: bytes left, its first bytes (to read the id), and the
+    /// length of the signature before the message in them (signed kinds).
+    skip: Option<(usize, Vec<u8>, usize)>,
     max_frame: usize,
     max_body: usize,
 }
@@ -704,26 +748,29 @@ impl FrameReader {
 
     /// Bytes held (received, not yet read or skipped).
     pub(crate) fn buffered(&self) -> usize {
-        self.buf.len() + self.skip.as_ref().map_or(0, |(_, head)| head.len())
+        self.buf.len() + self.skip.as_ref().map_or(0, |(_, head, _)| head.len())
     }
 
     /// The next thing read; None: more bytes are needed.
     pub(crate) fn next(&mut self) -> Option<Read> {
         loop {
-            if let Some((left, head)) = self.skip.as_mut() {
+            if let Some((left, head, sig)) = self.skip.as_mut() {
                 let k = (*left).min(self.buf.len());
-                if head.len() < 4096 {
-                    head.extend_from_slice(&self.buf[..k.min(4096 - head.len())]);
+                let keep = 4096 + *sig;
+                if head.len() < keep {
+                    head.extend_from_slice(&self.buf[..k.min(keep - head.len())]);
                 }
                 self.buf.drain(..k);
                 *left -= k;
                 if *left > 0 {
                     return None;
                 }
-                let head = std::mem::take(head);
+                let (head, sig) = (std::mem::take(head), *sig);
                 self.skip = None;
+                // The message starts after the signature of a signed frame.
                 let id = head
-                    .strip_prefix(envelope::FILE_MAGIC)
+                    .get(sig..)
+                    .and_then(|h| h.strip_prefix(envelope::FILE_MAGIC))
                     .and_then(|h| h.strip_prefix(b"{\"id\":\""))
                     .and_then(|h| h.get(..32))
                     .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
@@ -740,8 +787,13 @@ impl FrameReader {
                 Ok(Some(Frame::Ed25519(sig, bytes))) => Some(Read::Msg(bytes, Sig::Ed25519(sig))),
                 Ok(Some(_)) => continue, // ACK/NACK from a sender: ignored
                 Err(DecodeError::TooLarge(len)) if self.buf.len() >= 6 => {
+                    let sig = match self.buf[5] {
+                        k if k == envelope::FrameKind::SignedMsg as u8 => 32,
+                        k if k == envelope::FrameKind::Ed25519Msg as u8 => 64,
+                        _ => 0,
+                    };
                     self.buf.drain(..6);
-                    self.skip = Some((len - 2, Vec::new()));
+                    self.skip = Some((len - 2, Vec::new(), sig));
                     continue;
                 }
                 Err(DecodeError::TooLarge(_)) => None,
@@ -1105,6 +1157,100 @@ mod tests {
         assert!(!h.is_finished());
         drop(client);
         h.await.unwrap();
+    }
+
+    /// A peer that floods tiny bad frames (each answered by a NACK) and never reads: the
+    /// refusals queued for it are bounded and, once the writer makes no progress for the
+    /// frame deadline, the connection ends (before: the writer and the reader waited for
+    /// ever, holding the slot and every queued refusal).
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_reads_its_answers_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = inbox(dir.path(), 1000).await;
+        let limits = Limits::default();
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let h = tokio::spawn(connection(
+            server,
+            inbox.clone(),
+            limits,
+            false,
+            slot(limits),
+        ));
+        let (_rd, mut wr) = tokio::io::split(client);
+        let mut bad = Vec::new();
+        Frame::Msg(Vec::new()).encode_into(&mut bad);
+        let flood = bad.repeat(100_000);
+        let _w = tokio::spawn(async move {
+            let _ = wr.write_all(&flood).await;
+            std::future::pending::<()>().await;
+        });
+        let t0 = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(600), h)
+            .await
+            .expect("the connection of a peer that never reads ends")
+            .unwrap();
+        assert!(
+            t0.elapsed() <= limits.frame_deadline * 2,
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+
+    /// Frames sent back to back whose reads end mid-frame (so the buffer is never empty)
+    /// are not cut by the frame deadline: it runs per frame.
+    #[tokio::test(start_paused = true)]
+    async fn frames_split_across_reads_are_not_cut_by_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = inbox(dir.path(), 1000).await;
+        let limits = Limits::default();
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let h = tokio::spawn(connection(
+            server,
+            inbox.clone(),
+            limits,
+            false,
+            slot(limits),
+        ));
+        let mut all = Vec::new();
+        for n in 0..6u64 {
+            Frame::Msg(envelope(20 + n, "split").encode()).encode_into(&mut all);
+        }
+        // Six chunks of 1/6 of the bytes plus a bit, 20 s apart (100 s in all, past the
+        // 30 s deadline): every chunk ends inside a frame and completes an earlier one.
+        let step = all.len() / 6 + 7;
+        for chunk in all.chunks(step) {
+            client.write_all(chunk).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(20)).await;
+        }
+        assert!(!h.is_finished(), "a live sender was cut");
+        assert_eq!(inbox.maildir.list_new().unwrap().len(), 6);
+        drop(client);
+        h.await.unwrap();
+    }
+
+    /// An oversized signed frame is refused naming its message (the id is read after the
+    /// signature), so the sender dead-letters it instead of retrying its batch for ever.
+    #[test]
+    fn an_oversized_signed_frame_is_refused_by_its_id() {
+        let mut big = envelope(3, "");
+        big.body = vec![7; 100_000];
+        for (kind, sig) in [(4u8, 32usize), (5, 64)] {
+            let mut f = Vec::new();
+            match kind {
+                4 => envelope::encode_signed_frame(&[9; 32], &big.encode(), &mut f),
+                _ => envelope::encode_ed25519_frame(&[9; 64], &big.encode(), &mut f),
+            }
+            assert_eq!(f.len(), 6 + sig + big.encode().len());
+            let mut reader = FrameReader::new(10_000, 5_000);
+            reader.push(&f);
+            match reader.next() {
+                Some(Read::Refuse(r)) => {
+                    assert_eq!(r.code, "too_large");
+                    assert_eq!(r.id, Some(big.id), "kind {kind}");
+                }
+                other => panic!("kind {kind}: {other:?}"),
+            }
+        }
     }
 
     /// A slot in a table of its own.
