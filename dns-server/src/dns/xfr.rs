@@ -858,6 +858,33 @@ mod tests {
         assert!(tcp[0].len() > 512);
     }
 
+    /// The server reads each message once: `scan` tells transfers (served off the async
+    /// workers), signed queries (handled here) and ordinary queries (None) apart, and the
+    /// question name it keeps is lowercased.
+    #[test]
+    fn scan_sorts_requests_once() {
+        let r = scan(&request(rtype::AXFR, None)).expect("a transfer");
+        assert!(r.is_transfer());
+        let mut ixfr = request(rtype::IXFR, Some(7));
+        ixfr[13..15].copy_from_slice(b"NS");
+        let r = scan(&ixfr).expect("a transfer");
+        assert!(r.is_transfer());
+        assert_eq!(
+            (r.qname.as_slice(), r.client_serial),
+            (&b"\x02ns\x00"[..], Some(7))
+        );
+        let mut q = vec![1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x02m1\x02ns\x00\x00\x01\x00\x01");
+        assert!(
+            scan(&q).is_none(),
+            "an ordinary query goes to the normal path"
+        );
+        let key: TsigKey = KEY.parse().unwrap();
+        Signer::for_request(&key, unix_now()).sign(&mut q);
+        let r = scan(&q).expect("a signed query is handled here");
+        assert!(!r.is_transfer() && r.tsig_at.is_some());
+    }
+
     #[test]
     fn history_is_bounded() {
         let h = History::default();
