@@ -243,6 +243,11 @@ pub struct ServerArgs {
     #[arg(long, env = "MEMBRANE_DNS_TCP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "10s",
           value_parser = humantime::parse_duration)]
     pub dns_tcp_idle_timeout: Duration,
+
+    /// Benchmarks only: serve DNS on the main (HTTP) runtime instead of threads of its own,
+    /// to measure what the own threads buy (`benches/dns_under_load.rs`).
+    #[arg(long, env = "MEMBRANE_DNS_SHARED_RUNTIME", hide = true)]
+    pub dns_shared_runtime: bool,
 }
 
 /// Client subcommands: they talk to a running server over HTTP.
@@ -390,6 +395,8 @@ pub struct Config {
     pub dns_tcp: crate::dns::TcpLimits,
     /// Zone transfers: TSIG keys, allow-list, NOTIFY targets.
     pub transfer: crate::dns::TransferConfig,
+    /// DNS on the main runtime instead of its own threads (a benchmark switch).
+    pub dns_shared_runtime: bool,
 }
 
 /// Shortest accepted admin token.
@@ -627,6 +634,7 @@ impl TryFrom<ServerArgs> for Config {
         };
         Ok(Config {
             transfer,
+            dns_shared_runtime: a.dns_shared_runtime,
             dns,
             data_dir: a.data_dir.unwrap_or_else(default_data_dir),
             dns_listen: a.dns_listen,

@@ -294,16 +294,31 @@ pub async fn run(
     {
         let shutdown = shutdown.clone();
         let (udp, tcp) = (listeners.dns_udp, listeners.dns_tcp);
-        // On threads of their own: HTTP load must not delay DNS answers.
-        let dns = dns::serve_on_own_threads(
-            udp,
-            tcp,
-            catalog.clone(),
-            shutdown.clone(),
-            dns_tcp,
-            udp_sockets(),
-        )
-        .map_err(io_err("starting the dns threads"))?;
+        // On threads of their own: HTTP load must not delay DNS answers. (The shared
+        // runtime is a benchmark switch, for comparison.)
+        let dns: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+            if config.dns_shared_runtime {
+                tracing::warn!("dns on the shared runtime (--dns-shared-runtime, benchmarks only)");
+                Box::pin(dns::serve_with(
+                    udp,
+                    tcp,
+                    catalog.clone(),
+                    shutdown.clone(),
+                    dns_tcp,
+                ))
+            } else {
+                Box::pin(
+                    dns::serve_on_own_threads(
+                        udp,
+                        tcp,
+                        catalog.clone(),
+                        shutdown.clone(),
+                        dns_tcp,
+                        udp_sockets(),
+                    )
+                    .map_err(io_err("starting the dns threads"))?,
+                )
+            };
         tasks.spawn(async move {
             if let Err(e) = dns.await {
                 tracing::error!(error = %e, "dns server failed");

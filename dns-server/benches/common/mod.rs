@@ -38,6 +38,12 @@ impl Drop for Proc {
 /// background (a full pipe would block it); warnings and errors are shown.
 /// `BENCH_SERVER_BIN` runs another `dns-server` binary instead (an A/B against an older build).
 pub fn start_server(dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let (p, http, _) = start_server_dns(dir, extra);
+    (p, http)
+}
+
+/// [`start_server`], also returning the server's (first) DNS UDP address.
+pub fn start_server_dns(dir: &Path, extra: &[&str]) -> (Proc, String, std::net::SocketAddr) {
     let bin = std::env::var_os("BENCH_SERVER_BIN")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_dns-server").into());
     let mut child = Command::new(bin)
@@ -54,11 +60,14 @@ pub fn start_server(dir: &Path, extra: &[&str]) -> (Proc, String) {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut http = None;
+    let (mut http, mut dns) = (None, None);
     loop {
         let line = lines.next().expect("server exited").unwrap();
         if let Some(a) = line.split("listening http ").nth(1) {
             http = Some(a.trim().to_string());
+        }
+        if let Some(a) = line.split("listening dns udp ").nth(1) {
+            dns = dns.or_else(|| a.trim().parse().ok());
         }
         if line.contains(" ready") {
             break;
@@ -71,7 +80,11 @@ pub fn start_server(dir: &Path, extra: &[&str]) -> (Proc, String) {
             }
         }
     });
-    (Proc(child), http.expect("no 'listening http' line"))
+    (
+        Proc(child),
+        http.expect("no 'listening http' line"),
+        dns.expect("no 'listening dns udp' line"),
+    )
 }
 
 /// One request: method, path, JSON body.

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Catalog;
 use super::tsig::Signer;
-use super::wire::Writer;
+use super::wire::{Writer, skip_name};
 
 /// Changes closer together than this are sent as one NOTIFY.
 const DEBOUNCE: Duration = Duration::from_millis(20);
@@ -206,12 +206,16 @@ fn reply_signed_by(s: &Signer, b: &[u8]) -> bool {
     let mut i = 12;
     // The question.
     for _ in 0..u16::from_be_bytes([b[4], b[5]]) {
-        let Some(j) = skip(b, i) else { return false };
+        let Some(j) = skip_name(b, i) else {
+            return false;
+        };
         i = j + 4;
     }
     let mut last = None;
     for _ in 0..count {
-        let Some(j) = skip(b, i) else { return false };
+        let Some(j) = skip_name(b, i) else {
+            return false;
+        };
         if j + 10 > b.len() {
             return false;
         }
@@ -219,18 +223,6 @@ fn reply_signed_by(s: &Signer, b: &[u8]) -> bool {
         i = j + 10 + usize::from(u16::from_be_bytes([b[j + 8], b[j + 9]]));
     }
     last.is_some_and(|at| s.verify_response(b, at))
-}
-
-fn skip(b: &[u8], mut i: usize) -> Option<usize> {
-    loop {
-        let l = *b.get(i)?;
-        match l & 0xC0 {
-            0 if l == 0 => return Some(i + 1),
-            0 => i += 1 + l as usize,
-            0xC0 => return Some(i + 2),
-            _ => return None,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use super::edns::{self, OptExtras, ReqEdns, parse_opt, write_opt};
 use super::records::rtype;
 use super::rrl::Verdict;
 use super::stats::{Counter, Shard};
-use super::wire::{Rendered, Shuffle};
+use super::wire::{Rendered, Shuffle, be16, skip_name};
 use super::zone::{InstanceAnswer, Zone};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -165,24 +165,6 @@ enum ParseError {
     },
     /// Needs the full parser.
     Slow,
-}
-
-#[inline]
-fn be16(b: &[u8], i: usize) -> u16 {
-    u16::from_be_bytes([b[i], b[i + 1]])
-}
-
-/// Skips a (possibly compressed) name; returns the offset after it.
-fn skip_name(b: &[u8], mut i: usize) -> Option<usize> {
-    loop {
-        let l = *b.get(i)?;
-        match l & 0xC0 {
-            0x00 if l == 0 => return Some(i + 1),
-            0x00 => i += 1 + l as usize,
-            0xC0 => return (i + 2 <= b.len()).then_some(i + 2),
-            _ => return None,
-        }
-    }
 }
 
 /// Finds the OPT record of a request the minimal parser gave up on (several questions,

@@ -289,7 +289,9 @@ async fn udp_loop(sock: UdpSocket, catalog: Arc<Catalog>, shard: usize) {
             }
         };
         // Transfers and TSIG-signed queries first (xfr.rs), then the ordinary path.
-        let special = catalog.respond_special(&buf[..n], false, peer.ip(), &mut scratch, shard);
+        let req = &buf[..n];
+        let special = super::xfr::scan(req)
+            .and_then(|r| catalog.respond_scanned(req, r, false, peer.ip(), &mut scratch, shard));
         let reply = match &special {
             Some(msgs) => msgs.first().map(Vec::as_slice),
             None => catalog
@@ -386,29 +388,32 @@ async fn tcp_conn(
                 _ => return,
             },
         }
-        // Transfers are rendered off the async workers, a few at a time; the permit is held
-        // until the messages are written (each holds a whole zone). Without keys or an
-        // allow-list the refusal is answered here, without queueing for a permit.
+        // Transfers and TSIG-signed queries (xfr.rs, the message read once), then the
+        // ordinary path. Transfers are rendered off the async workers, a few at a time; the
+        // permit is held until the messages are written (each holds a whole zone). Without
+        // keys or an allow-list the refusal is answered here, without queueing for a permit.
         let mut permit = None;
-        let special = if catalog.transfers_enabled() && super::xfr::is_transfer(&req) {
-            tokio::select! {
-                _ = close.cancelled() => return,
-                p = xfr.clone().acquire_owned() => match p {
-                    Ok(p) => permit = Some(p),
+        let special = match super::xfr::scan(&req) {
+            Some(r) if r.is_transfer() && catalog.transfers_enabled() => {
+                tokio::select! {
+                    _ = close.cancelled() => return,
+                    p = xfr.clone().acquire_owned() => match p {
+                        Ok(p) => permit = Some(p),
+                        Err(_) => return,
+                    },
+                }
+                let (c, q) = (catalog.clone(), std::mem::take(&mut req));
+                let job = tokio::task::spawn_blocking(move || {
+                    let shard = &c.stats.shards[SHARDS - 1];
+                    c.respond_scanned(&q, r, true, peer, &mut Scratch::new(0), shard)
+                });
+                match job.await {
+                    Ok(m) => m,
                     Err(_) => return,
-                },
+                }
             }
-            let (c, q) = (catalog.clone(), std::mem::take(&mut req));
-            let job = tokio::task::spawn_blocking(move || {
-                let shard = &c.stats.shards[SHARDS - 1];
-                c.respond_special(&q, true, peer, &mut Scratch::new(0), shard)
-            });
-            match job.await {
-                Ok(m) => m,
-                Err(_) => return,
-            }
-        } else {
-            catalog.respond_special(&req, true, peer, &mut scratch, shard)
+            Some(r) => catalog.respond_scanned(&req, r, true, peer, &mut scratch, shard),
+            None => None,
         };
         let msgs: Vec<&[u8]> = match &special {
             Some(m) => m.iter().map(Vec::as_slice).collect(),

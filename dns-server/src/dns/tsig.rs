@@ -9,6 +9,7 @@
 use sha2::{Digest, Sha256, Sha512};
 
 use super::records::{WireName, parse_text_name};
+use super::wire::be16;
 
 /// TSIG resource record type.
 pub(crate) const TSIG: u16 = 250;
@@ -179,10 +180,6 @@ fn read_name(b: &[u8], mut i: usize) -> Option<(WireName, usize)> {
             return None;
         }
     }
-}
-
-fn be16(b: &[u8], i: usize) -> u16 {
-    u16::from_be_bytes([b[i], b[i + 1]])
 }
 
 fn be48(b: &[u8], i: usize) -> u64 {

@@ -11,6 +11,26 @@ use super::records::{RData, label_offsets, rtype};
 /// Offset of the question name in every message.
 pub(crate) const QNAME_OFFSET: usize = 12;
 
+/// The big-endian u16 at `i` (the caller checked the bounds).
+#[inline]
+pub(crate) fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+/// Skips a (possibly compressed) name at `i`; returns the offset after it. None: it runs
+/// past the message or uses a reserved label type.
+pub(crate) fn skip_name(b: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        let l = *b.get(i)?;
+        match l & 0xC0 {
+            0x00 if l == 0 => return Some(i + 1),
+            0x00 => i += 1 + l as usize,
+            0xC0 => return (i + 2 <= b.len()).then_some(i + 2),
+            _ => return None,
+        }
+    }
+}
+
 /// One SRV record of a shuffled answer: where it lies in the body and its weight.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SrvSlot {

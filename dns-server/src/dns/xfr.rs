@@ -22,7 +22,7 @@ use super::query::Scratch;
 use super::records::{self, WireName, rtype};
 use super::stats::{Counter, Shard};
 use super::tsig::{self, Failure, Signer, TsigKey};
-use super::wire::Writer;
+use super::wire::{Writer, be16, skip_name};
 use crate::snapshot::NamespaceSnapshot;
 
 /// Older versions of a zone kept for IXFR (besides the current one).
@@ -156,25 +156,9 @@ impl History {
     }
 }
 
-fn be16(b: &[u8], i: usize) -> u16 {
-    u16::from_be_bytes([b[i], b[i + 1]])
-}
-
-/// Skips a possibly compressed name.
-fn skip_name(b: &[u8], mut i: usize) -> Option<usize> {
-    loop {
-        let l = *b.get(i)?;
-        match l & 0xC0 {
-            0x00 if l == 0 => return Some(i + 1),
-            0x00 => i += 1 + l as usize,
-            0xC0 => return (i + 2 <= b.len()).then_some(i + 2),
-            _ => return None,
-        }
-    }
-}
-
-/// What this module handles of a request.
-struct Request {
+/// A request this module answers (a transfer, or one carrying TSIG), as [`scan`] read it:
+/// the server reads each message once and hands it here or to [`Catalog::respond`].
+pub(crate) struct Request {
     id: u16,
     flags: u16,
     /// End of the question.
@@ -195,8 +179,8 @@ struct Request {
 }
 
 /// Reads a QUERY that is a transfer or carries TSIG; None for anything else (served by
-/// the normal path).
-fn scan(req: &[u8]) -> Option<Request> {
+/// the normal path). Allocates nothing for an ordinary query.
+pub(crate) fn scan(req: &[u8]) -> Option<Request> {
     if req.len() < 12 {
         return None;
     }
@@ -204,25 +188,19 @@ fn scan(req: &[u8]) -> Option<Request> {
     if flags & 0x8000 != 0 || (flags >> 11) & 0xF != 0 || be16(req, 4) != 1 {
         return None;
     }
+    // The question name: uncompressed, at most 255 bytes (lowercased below if needed).
     let mut i = 12;
-    let mut qname = Vec::new();
     loop {
         let l = *req.get(i)? as usize;
-        if l & 0xC0 != 0 || qname.len() + l + 1 > 255 {
+        if l & 0xC0 != 0 || i - 12 + l + 1 > 255 || i + 1 + l > req.len() {
             return None;
         }
-        qname.push(l as u8);
+        i += 1 + l;
         if l == 0 {
-            i += 1;
             break;
         }
-        qname.extend(
-            req.get(i + 1..i + 1 + l)?
-                .iter()
-                .map(u8::to_ascii_lowercase),
-        );
-        i += 1 + l;
     }
+    let qname_end = i;
     if i + 4 > req.len() {
         return None;
     }
@@ -273,11 +251,17 @@ fn scan(req: &[u8]) -> Option<Request> {
         }
     }
     let transfer = qtype == rtype::AXFR || qtype == rtype::IXFR;
-    (transfer || tsig_at.is_some() || misplaced_tsig).then_some(Request {
+    if !(transfer || tsig_at.is_some() || misplaced_tsig) {
+        return None;
+    }
+    Some(Request {
         id: be16(req, 0),
         flags,
         qend,
-        qname,
+        qname: req[12..qname_end]
+            .iter()
+            .map(u8::to_ascii_lowercase)
+            .collect(),
         qtype,
         qclass,
         client_serial,
@@ -288,9 +272,11 @@ fn scan(req: &[u8]) -> Option<Request> {
     })
 }
 
-/// Whether `req` asks for a zone transfer (served off the async workers).
-pub(crate) fn is_transfer(req: &[u8]) -> bool {
-    scan(req).is_some_and(|r| r.qtype == rtype::AXFR || r.qtype == rtype::IXFR)
+impl Request {
+    /// Whether it asks for a zone transfer (served off the async workers).
+    pub(crate) fn is_transfer(&self) -> bool {
+        self.qtype == rtype::AXFR || self.qtype == rtype::IXFR
+    }
 }
 
 fn unix_now() -> u64 {
@@ -390,6 +376,7 @@ impl Catalog {
     /// Answers transfers (AXFR, IXFR) and TSIG-signed queries: the messages to send, in
     /// order (none: dropped by rate limiting). None: an ordinary query, for
     /// [`Catalog::respond`].
+    #[cfg(test)]
     pub(crate) fn respond_special(
         &self,
         req: &[u8],
@@ -398,7 +385,22 @@ impl Catalog {
         s: &mut Scratch,
         shard: &Shard,
     ) -> Option<Vec<Vec<u8>>> {
-        let (msgs, counted) = self.special(req, tcp, peer, s, shard)?;
+        self.respond_scanned(req, scan(req)?, tcp, peer, s, shard)
+    }
+
+    /// Answers `req`, which [`scan`] read as `r`: the messages to send, in order (none: a
+    /// signed query whose answer rate limiting dropped; it must not go on to the ordinary
+    /// path, which would answer it NOTIMP).
+    pub(crate) fn respond_scanned(
+        &self,
+        req: &[u8],
+        r: Request,
+        tcp: bool,
+        peer: IpAddr,
+        s: &mut Scratch,
+        shard: &Shard,
+    ) -> Option<Vec<Vec<u8>>> {
+        let (msgs, counted) = self.special(req, &r, tcp, peer, s, shard)?;
         if !counted {
             shard.add(if tcp {
                 Counter::QueriesTcp
@@ -411,19 +413,19 @@ impl Catalog {
         Some(msgs)
     }
 
-    /// [`Catalog::respond_special`]'s work; the flag: already counted (by `respond`).
+    /// [`Catalog::respond_scanned`]'s work; the flag: already counted (by `respond`).
     fn special(
         &self,
         req: &[u8],
+        r: &Request,
         tcp: bool,
         peer: IpAddr,
         s: &mut Scratch,
         shard: &Shard,
     ) -> Option<(Vec<Vec<u8>>, bool)> {
-        let r = scan(req)?;
         let cfg = &self.transfer;
         let now = unix_now();
-        let bare = |rcode: u16| error_reply(req, &r, rcode, None);
+        let bare = |rcode: u16| error_reply(req, r, rcode, None);
         if r.misplaced_tsig {
             return Some((vec![bare(rcode::FORMERR)], false));
         }
@@ -465,7 +467,7 @@ impl Catalog {
             }
             vec![out]
         } else {
-            self.transfer_messages(req, &r, tcp, peer, signer.is_some())
+            self.transfer_messages(req, r, tcp, peer, signer.is_some())
         };
         if let Some(sg) = &mut signer {
             for m in &mut msgs {
@@ -474,7 +476,7 @@ impl Catalog {
             if !tcp && msgs.iter().any(|m| m.len() > r.udp_limit) {
                 // The signature pushed the answer over the client's limit: TC, signed
                 // afresh (over the request's MAC), so that it retries over TCP.
-                let mut tc = start(req, &r, 0, true, 0);
+                let mut tc = start(req, r, 0, true, 0);
                 tc[2] |= 0x02;
                 let Ok(mut fresh) = tsig::verify(req, r.tsig_at?, &cfg.keys, now) else {
                     return None;
@@ -920,6 +922,33 @@ mod tests {
         let c = catalog(&[]);
         c.update(&snap(&[1, 2]));
         assert_eq!(c.history.zones.lock().unwrap()["ns"].len(), 1);
+    }
+
+    /// The server reads each message once: `scan` tells transfers (served off the async
+    /// workers), signed queries (handled here) and ordinary queries (None) apart, and the
+    /// question name it keeps is lowercased.
+    #[test]
+    fn scan_sorts_requests_once() {
+        let r = scan(&request(rtype::AXFR, None)).expect("a transfer");
+        assert!(r.is_transfer());
+        let mut ixfr = request(rtype::IXFR, Some(7));
+        ixfr[13..15].copy_from_slice(b"NS");
+        let r = scan(&ixfr).expect("a transfer");
+        assert!(r.is_transfer());
+        assert_eq!(
+            (r.qname.as_slice(), r.client_serial),
+            (&b"\x02ns\x00"[..], Some(7))
+        );
+        let mut q = vec![1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x02m1\x02ns\x00\x00\x01\x00\x01");
+        assert!(
+            scan(&q).is_none(),
+            "an ordinary query goes to the normal path"
+        );
+        let key: TsigKey = KEY.parse().unwrap();
+        Signer::for_request(&key, unix_now()).sign(&mut q);
+        let r = scan(&q).expect("a signed query is handled here");
+        assert!(!r.is_transfer() && r.tsig_at.is_some());
     }
 
     #[test]
