@@ -185,9 +185,16 @@ pub async fn serve_tls(
 
 /// Tells an over-cap client 503 and closes.
 async fn shed(mut stream: TcpStream) {
+    use tokio::io::AsyncReadExt;
     let _ = tokio::time::timeout(SHED_WRITE, async {
         stream.write_all(&shed_response()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // A lingering close (as nginx does): closing with the request unread sends a reset,
+        // which can destroy the 503 before a client on a slow path reads it. Not reproduced
+        // on loopback; bounded by SHED_WRITE and SHEDDING.
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
     })
     .await;
 }
