@@ -207,6 +207,7 @@ pub async fn run(
             .into());
         }
     };
+    registry.set_self_preservation(config.self_preservation);
     let dns_config = config.dns.clone();
     let catalog = Arc::new(
         dns::Catalog::new(dns_config.clone())

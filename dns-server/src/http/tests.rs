@@ -594,6 +594,8 @@ async fn health_status_stats_metrics_page_zone() {
         (v["membranes"].clone(), v["auth"].clone()),
         (json!(1), json!("open"))
     );
+    assert_eq!(v["self_preservation"]["active"], json!(false), "{v}");
+    assert_eq!(v["self_preservation"]["threshold"], json!(0.15), "{v}");
     let (_, v) = h.get("/v1/stats").await;
     assert_eq!(v["counters"]["registrations"], 1);
     assert_eq!(v["namespaces"]["cognitive-system"]["passing"], 1);
@@ -601,6 +603,7 @@ async fn health_status_stats_metrics_page_zone() {
     assert_eq!(s, StatusCode::OK);
     let text = v.as_str().unwrap();
     assert!(text.contains("membrane_registrations_total 1"), "{text}");
+    assert!(text.contains("membrane_self_preservation 0"), "{text}");
     assert!(
         text.contains("route=\"/v1/namespaces/{ns}/membranes/{id}\""),
         "{text}"

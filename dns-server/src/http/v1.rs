@@ -40,6 +40,7 @@ pub async fn status(State(s): State<AppState>) -> Json<Value> {
         "membranes": c.membranes,
         "passing": c.passing,
         "stale": c.stale,
+        "self_preservation": s.registry.self_preservation(),
     }))
 }
 

@@ -534,6 +534,11 @@ async fn activity_is_logged_one_line_each_with_fields() {
         .with_ansi(false)
         .without_time()
         .finish();
+    // tracing-core caches a callsite's interest from the registering thread's own
+    // dispatcher while only one dispatcher exists: another test thread (no subscriber)
+    // hitting `registered` first would cache "never" and hide this test's lines. A second
+    // live dispatcher makes every callsite consult all of them.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let dir = tempfile::tempdir().unwrap();
@@ -577,4 +582,178 @@ async fn activity_is_logged_one_line_each_with_fields() {
     };
     r.deregister(&owner, &n, &id("d")).await.unwrap();
     log.one("INFO", ": deregistered namespace=cog id=d");
+}
+
+/// Registers `n` membranes `{prefix}{i}` (TTL 30 s, eviction 60 s) in `ns`.
+async fn fleet(r: &Registry, n: &NamespaceName, prefix: &str, count: usize) -> Vec<MembraneId> {
+    let mut ids = Vec::new();
+    for i in 0..count {
+        let m = id(&format!("{prefix}{i}"));
+        r.register(&open_caller(), n, &m, reg(Some(30)))
+            .await
+            .unwrap();
+        ids.push(m);
+    }
+    ids
+}
+
+/// Lets `secs` seconds pass, sweeping every second; `alive` heartbeat every 10 s.
+async fn run_for(r: &Registry, secs: u64, alive: &[(NamespaceName, MembraneId)]) {
+    for s in 1..=secs {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        if s % 10 == 0 {
+            for (n, m) in alive {
+                r.heartbeat(&open_caller(), n, m).await.unwrap();
+            }
+        }
+        r.sweep();
+    }
+}
+
+fn state_of(r: &Registry, n: &NamespaceName, m: &MembraneId) -> Option<HealthState> {
+    r.get(n, m).ok().map(|v| v.state)
+}
+
+#[tokio::test(start_paused = true)]
+async fn mass_silence_holds_stale_marking_and_evictions_until_heartbeats_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let n = ns("fleet");
+    let ids = fleet(&r, &n, "m", 100).await;
+    // The whole fleet falls silent (say the registry was overloaded): well past TTL and
+    // TTL + eviction delay, nothing goes stale and nothing is evicted.
+    run_for(&r, 200, &[]).await;
+    let c = r.counts();
+    assert_eq!((c.membranes, c.passing, c.stale), (100, 100, 0), "{c:?}");
+    assert_eq!(
+        r.snapshot(&n).unwrap().instances.len(),
+        100,
+        "DNS keeps them"
+    );
+    let status = r.self_preservation();
+    assert!(status.active && status.global, "{status:?}");
+    assert_eq!(status.held_membranes, 100);
+    assert_eq!(r.metrics.self_preservation.get(), 1);
+
+    // Heartbeats recover for 95; 5 stay silent (fewer than the rule's minimum): the hold
+    // ends and those 5 go stale, with their whole eviction delay (60 s) still ahead.
+    let alive: Vec<_> = ids[5..].iter().map(|m| (n.clone(), m.clone())).collect();
+    for (n, m) in &alive {
+        r.heartbeat(&open_caller(), n, m).await.unwrap();
+    }
+    run_for(&r, 1, &[]).await;
+    assert!(!r.self_preservation().active);
+    assert_eq!(r.metrics.self_preservation.get(), 0);
+    assert_eq!(state_of(&r, &n, &ids[0]), Some(HealthState::Stale));
+    assert_eq!(state_of(&r, &n, &ids[50]), Some(HealthState::Passing));
+    run_for(&r, 58, &alive).await;
+    assert_eq!(
+        state_of(&r, &n, &ids[0]),
+        Some(HealthState::Stale),
+        "not evicted before its eviction delay from the end of the hold"
+    );
+    run_for(&r, 2, &alive).await;
+    assert_eq!(
+        state_of(&r, &n, &ids[0]),
+        None,
+        "evicted once the delay passed"
+    );
+    let c = r.counts();
+    assert_eq!((c.membranes, c.passing, c.stale), (95, 95, 0), "{c:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_single_silent_membrane_still_goes_stale_and_is_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let n = ns("fleet");
+    let ids = fleet(&r, &n, "m", 100).await;
+    let alive: Vec<_> = ids[1..].iter().map(|m| (n.clone(), m.clone())).collect();
+    run_for(&r, 29, &alive).await;
+    assert_eq!(state_of(&r, &n, &ids[0]), Some(HealthState::Passing));
+    run_for(&r, 1, &alive).await;
+    assert_eq!(state_of(&r, &n, &ids[0]), Some(HealthState::Stale));
+    assert!(!r.self_preservation().active);
+    run_for(&r, 59, &alive).await;
+    assert_eq!(state_of(&r, &n, &ids[0]), Some(HealthState::Stale));
+    run_for(&r, 1, &alive).await;
+    assert_eq!(state_of(&r, &n, &ids[0]), None, "evicted at TTL + eviction");
+    assert_eq!(r.counts().passing, 99);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_namespace_is_held_while_others_sweep_normally() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let (a, b) = (ns("quiet"), ns("busy"));
+    fleet(&r, &a, "a", 50).await;
+    let ids = fleet(&r, &b, "b", 400).await;
+    // All of `quiet` and one of `busy` fall silent: 51 of 450 is no registry-wide burst,
+    // but all of `quiet` is a burst of its own.
+    let alive: Vec<_> = ids[1..].iter().map(|m| (b.clone(), m.clone())).collect();
+    run_for(&r, 40, &alive).await;
+    let per = r.counts_by_namespace();
+    assert_eq!((per[&a].passing, per[&a].stale), (50, 0));
+    assert_eq!((per[&b].passing, per[&b].stale), (399, 1));
+    let status = r.self_preservation();
+    assert!(status.active && !status.global, "{status:?}");
+    assert_eq!(status.namespaces, vec!["quiet".to_string()]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rolling_silence_within_the_window_is_a_burst_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let n = ns("fleet");
+    let ids = fleet(&r, &n, "m", 100).await;
+    // 12 go silent, then 12 more 5 s later: neither batch alone is over 15 %; together,
+    // within the 10 s window, they are. The first batch goes stale (nothing suspicious
+    // yet); the second is held.
+    let alive =
+        |from: usize| -> Vec<_> { ids[from..].iter().map(|m| (n.clone(), m.clone())).collect() };
+    tokio::time::advance(Duration::from_secs(5)).await;
+    for (n, m) in alive(12) {
+        r.heartbeat(&open_caller(), &n, &m).await.unwrap();
+    }
+    run_for(&r, 26, &alive(24)).await; // t = 31: 0..12 past their TTL at 30 s
+    let c = r.counts();
+    assert_eq!((c.passing, c.stale), (88, 12), "{c:?}");
+    assert!(!r.self_preservation().active);
+    run_for(&r, 5, &alive(24)).await; // t = 36: 12..24 past their TTL at 35 s
+    let c = r.counts();
+    assert_eq!((c.passing, c.stale), (88, 12), "{c:?}");
+    assert!(r.self_preservation().active);
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_every_membrane_gets_one_fresh_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let n = ns("a");
+    {
+        let (r, t) = open(&path);
+        fleet(&r, &n, "m", 3).await;
+        // Long silent: stale before the restart.
+        run_for(&r, 45, &[]).await;
+        assert_eq!(r.counts().stale, 3);
+        drop(r);
+        t.join();
+    }
+    let (r, _t) = open(&path);
+    let c = r.counts();
+    assert_eq!(
+        (c.passing, c.stale),
+        (3, 0),
+        "passing again after the restart"
+    );
+    run_for(&r, 29, &[]).await;
+    assert_eq!(r.counts().passing, 3, "one fresh TTL (30 s)");
+    r.heartbeat(&open_caller(), &n, &id("m0")).await.unwrap();
+    run_for(&r, 1, &[]).await;
+    let c = r.counts();
+    assert_eq!(
+        (c.passing, c.stale),
+        (1, 2),
+        "just one: the silent ones go stale"
+    );
 }
