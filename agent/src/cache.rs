@@ -23,8 +23,13 @@ pub const CACHE_FILE: &str = "cache.json";
 pub struct CacheData {
     /// The namespace cached.
     pub namespace: NamespaceName,
-    /// Id of the last registry event applied (or the list's revision).
+    /// Id of the last registry event applied (or the list's revision): the event stream
+    /// resumes after it. `None`: the next connection takes a full list.
     pub revision: Option<u64>,
+    /// The registry's event numbering `revision` belongs to (its `Membrane-Event-Epoch`):
+    /// a stream of another epoch cannot resume from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
     /// When the cache was last confirmed or changed (ms since the Unix epoch); 0 = never.
     pub updated_at_ms: u64,
     /// Membranes by id.
@@ -48,16 +53,18 @@ impl CacheData {
         CacheData {
             namespace,
             revision: None,
+            epoch: None,
             updated_at_ms: 0,
             membranes: BTreeMap::new(),
         }
     }
 
-    /// Replaces the content by a full list taken at `revision`.
+    /// Replaces the content by a full list taken at `revision` of `epoch`.
     pub fn replace(
         &mut self,
         membranes: Vec<MembraneView>,
         revision: Option<u64>,
+        epoch: Option<u64>,
         now: SystemTime,
     ) {
         self.membranes = membranes
@@ -66,11 +73,17 @@ impl CacheData {
             .map(|m| (m.id.to_string(), m))
             .collect();
         self.revision = revision;
+        self.epoch = epoch;
         self.updated_at_ms = util::unix_millis(now);
     }
 
     /// Applies one stream event with sequence number `id`.
     pub fn apply(&mut self, id: Option<u64>, ev: &Event, now: SystemTime) -> Applied {
+        // Before the id check: a resync carries the registry's current revision, which may
+        // be below a position it no longer knows.
+        if let Event::Resync { .. } = ev {
+            return Applied::Resync;
+        }
         if let (Some(id), Some(rev)) = (id, self.revision)
             && id <= rev
         {
@@ -204,12 +217,30 @@ impl Cache {
         }
     }
 
-    /// Replaces the content with a full list and marks the cache live.
-    pub fn replace(&self, membranes: Vec<MembraneView>, revision: Option<u64>) {
+    /// Replaces the content with a full list (taken at `revision` of `epoch`) and marks
+    /// the cache live.
+    pub fn replace(&self, membranes: Vec<MembraneView>, revision: Option<u64>, epoch: Option<u64>) {
         let mut g = self.inner.lock().unwrap();
-        Arc::make_mut(&mut g.0).replace(membranes, revision, SystemTime::now());
+        Arc::make_mut(&mut g.0).replace(membranes, revision, epoch, SystemTime::now());
         g.1 = true;
         self.persist(&g.0);
+    }
+
+    /// Where the event stream can resume: the revision and its epoch, if the cache has one.
+    pub fn resume_point(&self) -> Option<(u64, Option<u64>)> {
+        let g = self.inner.lock().unwrap();
+        g.0.revision.map(|r| (r, g.0.epoch))
+    }
+
+    /// The registry asked for a resync: the cache's position is lost until the next full
+    /// list (a reconnection meanwhile must not resume from it). Not live until then.
+    pub fn forget_revision(&self) {
+        let mut g = self.inner.lock().unwrap();
+        if g.0.revision.is_some() {
+            Arc::make_mut(&mut g.0).revision = None;
+            self.persist(&g.0);
+        }
+        g.1 = false;
     }
 
     /// Applies a stream event (persisting a change).
@@ -274,6 +305,7 @@ pub(crate) mod tests {
         c.replace(
             vec![view("cog", "a", "s", "x"), view("other", "z", "s", "x")],
             Some(10),
+            None,
             now,
         );
         assert_eq!(c.membranes.len(), 1, "other namespaces are not cached");
@@ -314,6 +346,7 @@ pub(crate) mod tests {
                 view("cog", "b", "motor", "act"),
             ],
             None,
+            None,
             SystemTime::now(),
         );
         let f = |s: Option<&str>, k: Option<&str>| ListFilter {
@@ -331,7 +364,7 @@ pub(crate) mod tests {
     fn persisted_cache_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path(), ns());
-        cache.replace(vec![view("cog", "a", "s", "x")], Some(3));
+        cache.replace(vec![view("cog", "a", "s", "x")], Some(3), Some(77));
         drop(cache);
         let again = Cache::open(dir.path(), ns());
         let (data, live) = again.snapshot();
@@ -340,7 +373,16 @@ pub(crate) mod tests {
             "a reopened cache is not live until the stream connects"
         );
         assert_eq!(data.revision, Some(3));
+        assert_eq!(
+            again.resume_point(),
+            Some((3, Some(77))),
+            "resumes after a restart"
+        );
         assert!(data.membranes.contains_key("a"));
+        // A resync forgets the position, durably.
+        again.forget_revision();
+        drop(again);
+        assert_eq!(Cache::open(dir.path(), ns()).resume_point(), None);
         // Another namespace does not reuse it.
         let other = Cache::open(dir.path(), NamespaceName::new("zz").unwrap());
         assert!(other.snapshot().0.membranes.is_empty());
@@ -350,11 +392,11 @@ pub(crate) mod tests {
     fn snapshots_share_the_data_and_a_change_copies_it() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path(), ns());
-        cache.replace(vec![view("cog", "a", "s", "x")], Some(3));
+        cache.replace(vec![view("cog", "a", "s", "x")], Some(3), Some(77));
         let (s1, _) = cache.snapshot();
         let (s2, _) = cache.snapshot();
         assert!(Arc::ptr_eq(&s1, &s2), "no copy per snapshot");
-        cache.replace(vec![view("cog", "b", "s", "x")], Some(4));
+        cache.replace(vec![view("cog", "b", "s", "x")], Some(4), Some(77));
         assert!(
             s1.membranes.contains_key("a"),
             "a held snapshot is unchanged"
