@@ -38,16 +38,16 @@ impl Drop for Proc {
 /// background (a full pipe would block it); warnings and errors are shown.
 /// `BENCH_SERVER_BIN` runs another `dns-server` binary instead (an A/B against an older build).
 pub fn start_server(dir: &Path, extra: &[&str]) -> (Proc, String) {
+    start_server_on(dir, "127.0.0.1:0", extra)
+}
+
+/// [`start_server`] with its HTTP API on `http` (a restart keeps its address).
+pub fn start_server_on(dir: &Path, http: &str, extra: &[&str]) -> (Proc, String) {
     let bin = std::env::var_os("BENCH_SERVER_BIN")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_dns-server").into());
     let mut child = Command::new(bin)
         .args(["--data-dir", dir.join("data").to_str().unwrap()])
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--dns-listen",
-            "127.0.0.1:0",
-        ])
+        .args(["--http-listen", http, "--dns-listen", "127.0.0.1:0"])
         .args(extra)
         .env("MEMBRANE_LOG", "warn,dns_server=info")
         .stderr(Stdio::piped())
