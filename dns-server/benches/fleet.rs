@@ -58,6 +58,7 @@ const ERR_NAMES: [&str; 5] = ["connect", "http-status", "io", "timeout", "stream
 
 #[derive(Default)]
 struct Slot {
+    last_agent: AtomicU64,
     key: AtomicU64,
     count: AtomicU32,
     last_ns: AtomicU64,
@@ -187,6 +188,8 @@ async fn request(
         let (status, head, len) = read_head(&mut s, &mut buf).await?;
         let mut body = buf.split_off(head);
         match len {
+            // No body, whatever the headers say.
+            _ if status == 204 || status == 304 || status < 200 => body.clear(),
             Some(n) => {
                 while body.len() < n {
                     body.reserve(n - body.len());
@@ -212,6 +215,8 @@ struct Sse {
     raw: Vec<u8>,
     text: Vec<u8>,
     epoch: u64,
+    /// Bytes that came with the head are not decoded yet.
+    fresh: bool,
 }
 
 /// What a frame said.
@@ -254,6 +259,7 @@ impl Sse {
                 raw,
                 text: Vec::new(),
                 epoch,
+                fresh: true,
             })
         };
         timeout(REQUEST_TIMEOUT, go)
@@ -615,7 +621,7 @@ impl Agent {
                     let ended = match r {
                         Ok(0) | Err(_) => true,
                         Ok(_) => {
-                            let (epoch, pending) = (s.epoch, list_at.is_some());
+                            let (epoch, pending, me) = (s.epoch, list_at.is_some(), self.i);
                             let position = &mut self.position;
                             s.drain(|f| {
                                 if let Frame::Event { id, kind, resync: r } = f {
@@ -623,7 +629,7 @@ impl Agent {
                                         resync = true;
                                         return;
                                     }
-                                    account(&sh, epoch, id, kind, now_ns);
+                                    account(&sh, me, epoch, id, kind, now_ns);
                                     if !pending && position.is_some() {
                                         *position = Some((epoch, id));
                                     }
@@ -681,6 +687,10 @@ impl Agent {
 async fn read_stream(stream: &mut Option<Sse>) -> std::io::Result<usize> {
     match stream.as_mut() {
         Some(s) => {
+            // What came with the head (a replay, say) first.
+            if std::mem::take(&mut s.fresh) {
+                return Ok(s.raw.len().max(1));
+            }
             s.raw.reserve(2048);
             s.s.read_buf(&mut s.raw).await
         }
@@ -689,7 +699,7 @@ async fn read_stream(stream: &mut Option<Sse>) -> std::io::Result<usize> {
 }
 
 /// Counts one event's arrival at one subscriber.
-fn account(sh: &Shared, epoch: u64, id: u64, key: u64, now_ns: u64) {
+fn account(sh: &Shared, agent: usize, epoch: u64, id: u64, key: u64, now_ns: u64) {
     if key == 0 || epoch != sh.epoch.load(Ordering::Relaxed) || id <= epoch {
         return;
     }
@@ -700,7 +710,9 @@ fn account(sh: &Shared, epoch: u64, id: u64, key: u64, now_ns: u64) {
         .key
         .compare_exchange(0, key, Ordering::Relaxed, Ordering::Relaxed);
     slot.count.fetch_add(1, Ordering::Relaxed);
-    slot.last_ns.fetch_max(now_ns, Ordering::Relaxed);
+    if slot.last_ns.fetch_max(now_ns, Ordering::Relaxed) < now_ns {
+        slot.last_agent.store(agent as u64, Ordering::Relaxed);
+    }
 }
 
 /// utime + stime of `pid`, in clock ticks.
@@ -890,6 +902,14 @@ fn main() {
             if let Some((sent, acked)) = writes.get(&key) {
                 let last = slot.last_ns.load(Ordering::Relaxed);
                 from_ack.push(last.saturating_sub(*acked) / 1000);
+                if std::env::var_os("BENCH_DEBUG").is_some() {
+                    eprintln!(
+                        "change {key:x}: {} deliveries, last {:.1} ms after commit at agent {}",
+                        slot.count.load(Ordering::Relaxed),
+                        last.saturating_sub(*acked) as f64 / 1e6,
+                        slot.last_agent.load(Ordering::Relaxed)
+                    );
+                }
                 from_send.push(last.saturating_sub(*sent) / 1000);
                 reached.push(u64::from(slot.count.load(Ordering::Relaxed)));
             }
