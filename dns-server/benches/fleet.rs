@@ -17,6 +17,8 @@
 //! per minute), BENCH_SECONDS (60, steady phase), BENCH_RAMP (500 agents started per
 //! second), BENCH_RESTART (1: run the restart phase), BENCH_SETTLE (20 s after the restart),
 //! BENCH_SOURCES (1: loopback source addresses 127.0.0.2.. to spread ephemeral ports over),
+//! BENCH_WARM (0; 1: agents start as if with a warm cache — no full list at start, which for
+//! N agents in one namespace is N lists of up to N membranes),
 //! BENCH_SERVER_BIN (another `dns-server` binary).
 //!
 //! The generator is a raw HTTP/1.1 client over tokio `TcpStream`s with minimal parsing,
@@ -70,6 +72,8 @@ struct Shared {
     agents: usize,
     namespaces: usize,
     sources: usize,
+    /// Agents start with a warm cache (BENCH_WARM): their first list is a tiny one.
+    warm: bool,
     next_source: AtomicUsize,
     /// 0 ramp, 1 steady, 2 restart.
     phase: AtomicU32,
@@ -487,14 +491,14 @@ impl Agent {
 
     /// A full list; the position it gives (of the stream's epoch), or `None` on failure.
     async fn list(&mut self, sh: &Shared, epoch: u64) -> bool {
-        let r = request(
-            sh,
-            "GET",
-            &format!("/v1/namespaces/{}/membranes", self.ns),
-            "",
-            b"",
-        )
-        .await;
+        // Warm start: the revision and epoch only (as if from a cache of this registry).
+        let filter = if sh.warm && !self.first_synced {
+            "?state=stale"
+        } else {
+            ""
+        };
+        let path = format!("/v1/namespaces/{}/membranes{filter}", self.ns);
+        let r = request(sh, "GET", &path, "", b"").await;
         sh.lists[sh.phase()].fetch_add(1, Ordering::Relaxed);
         match r {
             Ok((200, body)) => {
@@ -777,6 +781,7 @@ fn main() {
     let restart = env("BENCH_RESTART", 1) == 1;
     let settle = env("BENCH_SETTLE", if quick { 1 } else { 20 }) as u64;
     let sources = env("BENCH_SOURCES", 1).clamp(1, 250);
+    let warm = env("BENCH_WARM", 0) == 1;
 
     // Each agent: one stream, plus a connection per request; the server as many.
     let nofile = raise_nofile((agents as u64) * 3 + 4096);
@@ -796,7 +801,12 @@ fn main() {
     let uptime = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "fleet: {agents} agents in {namespaces} namespace(s), churn {churn} %/min, steady {seconds} s, \
-         heartbeat 10 s; open files {nofile}; server pid {pid} on {addr}; loadavg {}",
+         heartbeat 10 s{}; open files {nofile}; server pid {pid} on {addr}; loadavg {}",
+        if warm {
+            ", warm start (no full list at start)"
+        } else {
+            ""
+        },
         uptime.trim()
     );
     let rss_idle = rss_kib(&pid);
@@ -811,6 +821,7 @@ fn main() {
         agents,
         namespaces,
         sources,
+        warm,
         next_source: AtomicUsize::new(0),
         phase: AtomicU32::new(0),
         errors: Default::default(),
