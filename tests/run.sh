@@ -5,11 +5,12 @@
 # the workspace. Tools it cannot install are reported loudly; on CI (CI=true) the tests that
 # need a missing tool fail instead of skipping.
 #
-# Needs: dig (dnsutils), named-checkzone (bind9-utils), nsd-checkzone (nsd),
+# Needs: dig (dnsutils), named-checkzone (bind9-utils), nsd-checkzone and nsd (nsd), knotd
+# (knot; NSD and Knot run as zone-transfer secondaries in dns-server's process tests),
 # systemd-analyze (systemd), chromium, python3 with PyYAML, etcd + protoc + the protobuf
 # well-known types (libprotobuf-dev) for the etcd feature; as root also podman (+ runc,
 # netavark, aardvark-dns, catatonit, iptables) and podman-compose (pip) for the compose
-# test, and iproute2 for the network-namespace test.
+# test, and iproute2 for the network-namespace test; a C++ compiler (g++) for libFuzzer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,7 @@ need=()
 command -v dig >/dev/null 2>&1 || need+=(dnsutils)
 command -v named-checkzone >/dev/null 2>&1 || need+=(bind9-utils)
 command -v nsd-checkzone >/dev/null 2>&1 || need+=(nsd)
+command -v knotd >/dev/null 2>&1 || need+=(knot)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
@@ -27,6 +29,7 @@ command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # the agent's https registry test makes its certificates with openssl
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v c++ >/dev/null 2>&1 || need+=(g++)
 # etcd-client's protos import google/protobuf/descriptor.proto (well-known types)
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 # The compose example under rootful podman (dns-server/tests/deploy/podman.rs): podman with
@@ -51,8 +54,9 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq >/dev/null
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
     # nsd's and etcd's packages may start daemons; the tests start their own.
-    if command -v systemctl >/dev/null 2>&1; then systemctl stop nsd etcd >/dev/null 2>&1 || true; fi
+    if command -v systemctl >/dev/null 2>&1; then systemctl stop nsd knot etcd >/dev/null 2>&1 || true; fi
     pkill -x nsd >/dev/null 2>&1 || true
+    pkill -x knotd >/dev/null 2>&1 || true
     pkill -x etcd >/dev/null 2>&1 || true
   else
     echo "############################################################################" >&2
@@ -91,3 +95,5 @@ else
   [ "${CI:-}" = "true" ] && { echo "tests/run.sh: ERROR: protoc missing on CI" >&2; exit 1; }
   echo "*** SKIP: protoc (protobuf-compiler) missing: etcd feature not built or tested ***" >&2
 fi
+# Fuzz targets (README "Fuzzing"): built, then each run briefly from its seeds; a crash fails.
+bash tests/fuzz.sh "${FUZZ_SECONDS:-15}"

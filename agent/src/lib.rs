@@ -24,6 +24,8 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lifecycle;
 pub mod output;
 pub mod relay;

@@ -80,12 +80,19 @@ fn main() {
     ));
     report("heartbeat", &hb);
     // Re-registration (update of existing membranes): same durability path as new ones.
-    // More rounds show whether memory settles under a steady stream of updates.
+    // More rounds show whether memory settles under a steady stream of updates. The bench
+    // holds no instance secrets, so it asks to replace (an open registry answers 409 else).
     let n = membranes.min(50_000);
     for round in 0..rounds {
         let upd = rt.block_on(http_phase(
             &addr,
-            split(n, &|i| (hyper::Method::PUT, path(i), body(i + 1 + round))),
+            split(n, &|i| {
+                (
+                    hyper::Method::PUT,
+                    format!("{}?replace=true", path(i)),
+                    body(i + 1 + round),
+                )
+            }),
         ));
         report("re-register", &upd);
         println!(

@@ -122,6 +122,39 @@ pub struct ServerArgs {
     )]
     pub ns_address: Vec<std::net::IpAddr>,
 
+    /// TSIG key for zone transfers and NOTIFY, NAME:ALGORITHM:BASE64SECRET (hmac-sha256 or
+    /// hmac-sha512); repeatable. Prefer --tsig-key-file: arguments are visible in `ps`.
+    #[arg(
+        long,
+        env = "MEMBRANE_TSIG_KEY",
+        value_name = "NAME:ALG:SECRET",
+        value_delimiter = ','
+    )]
+    pub tsig_key: Vec<String>,
+
+    /// File of TSIG keys, one NAME:ALGORITHM:BASE64SECRET per line (# comments).
+    #[arg(long, env = "MEMBRANE_TSIG_KEY_FILE", value_name = "PATH")]
+    pub tsig_key_file: Option<PathBuf>,
+
+    /// Address or network allowed to transfer zones (AXFR/IXFR) without TSIG, e.g.
+    /// 192.0.2.7 or 10.0.0.0/8; repeatable. Default: none (transfers need a TSIG key).
+    #[arg(
+        long,
+        env = "MEMBRANE_XFR_ALLOW",
+        value_name = "IP[/PREFIX]",
+        value_delimiter = ','
+    )]
+    pub xfr_allow: Vec<String>,
+
+    /// Secondary sent a NOTIFY when a zone changes, IP:PORT; repeatable.
+    #[arg(
+        long,
+        env = "MEMBRANE_NOTIFY",
+        value_name = "IP:PORT",
+        value_delimiter = ','
+    )]
+    pub notify: Vec<SocketAddr>,
+
     /// Registry store: `sqlite` (embedded, default) or etcd://HOST:PORT[,HOST:PORT...]
     #[arg(
         long,
@@ -371,6 +404,8 @@ pub struct Config {
     pub sse_max_subscribers: usize,
     /// DNS-over-TCP connection cap and idle timeouts.
     pub dns_tcp: crate::dns::TcpLimits,
+    /// Zone transfers: TSIG keys, allow-list, NOTIFY targets.
+    pub transfer: crate::dns::TransferConfig,
 }
 
 /// Shortest accepted admin token.
@@ -567,7 +602,57 @@ impl TryFrom<ServerArgs> for Config {
         };
         dns.validate()
             .map_err(|e| invalid(format!("DNS settings: {e}")))?;
+        let mut keys = Vec::new();
+        let mut key_lines: Vec<(String, String)> = a
+            .tsig_key
+            .iter()
+            .map(|k| ("--tsig-key".to_string(), k.clone()))
+            .collect();
+        if let Some(path) = &a.tsig_key_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid(format!("--tsig-key-file {}: {e}", path.display())))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if !line.is_empty() && !line.starts_with('#') {
+                    key_lines.push((format!("{}:{}", path.display(), n + 1), line.to_string()));
+                }
+            }
+        }
+        for (origin, k) in key_lines {
+            let key: crate::dns::TsigKey =
+                k.parse().map_err(|e| invalid(format!("{origin}: {e}")))?;
+            if keys
+                .iter()
+                .any(|x: &crate::dns::TsigKey| x.label.eq_ignore_ascii_case(&key.label))
+            {
+                return Err(invalid(format!(
+                    "{origin}: TSIG key {:?} is defined twice",
+                    key.label
+                )));
+            }
+            keys.push(key);
+        }
+        let allow = a
+            .xfr_allow
+            .iter()
+            .map(|s| s.parse().map_err(|e| invalid(format!("--xfr-allow: {e}"))))
+            .collect::<Result<Vec<crate::dns::AllowNet>, _>>()?;
+        if let Some(bad) = a
+            .notify
+            .iter()
+            .find(|n| n.port() == 0 || n.ip().is_unspecified())
+        {
+            return Err(invalid(format!(
+                "--notify {bad}: needs a specific address and a port"
+            )));
+        }
+        let transfer = crate::dns::TransferConfig {
+            keys,
+            allow,
+            notify: a.notify.clone(),
+        };
         Ok(Config {
+            transfer,
             dns,
             data_dir: a.data_dir.unwrap_or_else(default_data_dir),
             dns_listen: a.dns_listen,
@@ -679,6 +764,47 @@ mod tests {
             ]))
             .is_ok()
         );
+    }
+
+    #[test]
+    fn transfer_flags() {
+        const K: &str = "xfr:hmac-sha256:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let c = Config::try_from(args(&[])).unwrap();
+        assert!(c.transfer.keys.is_empty() && c.transfer.allow.is_empty());
+        assert!(c.transfer.notify.is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("keys");
+        let k2 = K.replacen("xfr", "other", 1);
+        std::fs::write(&f, format!("# keys\n\n{k2}\n")).unwrap();
+        let c = Config::try_from(args(&[
+            "--tsig-key",
+            K,
+            "--tsig-key-file",
+            f.to_str().unwrap(),
+            "--xfr-allow",
+            "10.0.0.0/8,::1",
+            "--notify",
+            "127.0.0.1:5300",
+        ]))
+        .unwrap();
+        assert_eq!(c.transfer.keys.len(), 2);
+        assert_eq!(c.transfer.allow.len(), 2);
+        assert_eq!(c.transfer.notify.len(), 1);
+        // The secret never shows in logs of the config.
+        assert!(!format!("{c:?}").contains("AAECAwQF"));
+        let e = err(&["--tsig-key", K, "--tsig-key", K]);
+        assert!(e.contains("defined twice"), "{e}");
+        let e = err(&[
+            "--tsig-key",
+            "xfr:hmac-md5:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        ]);
+        assert!(e.contains("hmac-sha256"), "{e}");
+        std::fs::write(&f, "broken line\n").unwrap();
+        let e = err(&["--tsig-key-file", f.to_str().unwrap()]);
+        assert!(e.contains(":1:"), "{e}");
+        assert!(err(&["--xfr-allow", "10.0.0.0/40"]).contains("prefix"));
+        assert!(err(&["--notify", "0.0.0.0:53"]).contains("--notify"));
+        assert!(err(&["--notify", "127.0.0.1:0"]).contains("--notify"));
     }
 
     #[test]

@@ -209,10 +209,38 @@ pub async fn run(
     };
     registry.set_self_preservation(config.self_preservation);
     let dns_config = config.dns.clone();
-    let catalog = Arc::new(
-        dns::Catalog::new(dns_config.clone())
-            .map_err(|e| config::ConfigError::Invalid(e.to_string()))?,
-    );
+    let mut catalog = dns::Catalog::new(dns_config.clone())
+        .map_err(|e| config::ConfigError::Invalid(e.to_string()))?
+        .with_transfer(config.transfer.clone());
+    // SOA serials kept increasing across restarts: in the embedded store, or with etcd in a
+    // small SQLite file of this replica's data dir (each replica serves its own serials;
+    // without a usable data dir they increase within the process only).
+    // (The embedded store's data dir is locked above; with etcd it is locked here, so two
+    // replicas never share one serial file.)
+    let mut _serial_dir_lock = None;
+    if store_kind == "sqlite" {
+        let table = store::sqlite::SerialTable::open(&config.data_dir.join("registry.sqlite3"))?;
+        catalog = catalog.with_serial_store(Arc::new(table))?;
+    } else {
+        let local = open_data_dir(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|(db, lock)| {
+                let path = db.with_file_name("zone-serials.sqlite3");
+                let table = store::sqlite::SerialTable::open(&path).map_err(|e| e.to_string())?;
+                Ok((table, lock))
+            });
+        match local {
+            Ok((table, lock)) => {
+                catalog = catalog.with_serial_store(Arc::new(table))?;
+                _serial_dir_lock = Some(lock);
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "SOA serials are not stored (data dir unusable): they may go backwards after a restart"
+            ),
+        }
+    }
+    let catalog = Arc::new(catalog);
     metrics.register_collector(metrics::DnsCollector(catalog.clone()));
     let exporter_config = dns_config.clone();
     let (http_limits, dns_tcp) = fit_to_open_files(
@@ -222,6 +250,7 @@ pub async fn run(
         open_file_limit(),
     );
     let sse_max = sse_cap(config.sse_max_subscribers, http_limits.max_connections);
+    let exporter_catalog = catalog.clone();
     let state = http::AppState {
         registry: registry.clone(),
         metrics: metrics.clone(),
@@ -231,7 +260,12 @@ pub async fn run(
         store_kind,
         shutdown: shutdown.clone(),
         zone_exporter: Some(Arc::new(move |snap| {
-            dns::export_zone(snap, &exporter_config)
+            // With the serial DNS serves (which the registry's snapshot does not carry).
+            let mut snap = snap.clone();
+            if let Some(serial) = exporter_catalog.serial(&snap.name) {
+                snap.serial = serial;
+            }
+            dns::export_zone(&snap, &exporter_config)
         })),
         sse_permits: Arc::new(tokio::sync::Semaphore::new(sse_max)),
     };
@@ -254,6 +288,7 @@ pub async fn run(
             .clone()
             .run_zone_updates(catalog.clone(), shutdown.clone()),
     );
+    tasks.spawn(dns::run_notify(catalog.clone(), shutdown.clone()));
     {
         let shutdown = shutdown.clone();
         let (udp, tcp) = (listeners.dns_udp, listeners.dns_tcp);

@@ -6,5 +6,7 @@ mod process {
     mod durability;
     pub mod harness;
     mod limits;
+    mod secondaries;
     mod storage;
+    pub mod xfr;
 }

@@ -7,6 +7,8 @@
 #![forbid(unsafe_code)]
 
 pub mod envelope;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod model;
 pub mod name;
 pub mod relay_auth;

@@ -19,6 +19,9 @@ pub mod limits {
     pub const MAX_SERVICES: usize = 32;
     /// Capabilities plus tags per membrane.
     pub const MAX_LABELS: usize = 64;
+    /// Longest service name, capability or tag: DNS serves each as the label `_<name>`,
+    /// which must fit in 63 bytes.
+    pub const MAX_PREFIXED_LABEL: usize = 62;
     /// Metadata entries per membrane.
     pub const MAX_METADATA: usize = 64;
     /// `key=value` must fit one DNS character-string (255 bytes).
@@ -426,6 +429,14 @@ impl Registration {
             if s.port == 0 {
                 return Err(invalid(format!("services[{i}].port"), "must be 1-65535"));
             }
+            if s.name.as_str().len() > MAX_PREFIXED_LABEL {
+                return Err(invalid(
+                    format!("services[{i}].name"),
+                    format!(
+                        "at most {MAX_PREFIXED_LABEL} characters (served as the DNS label _<name>)"
+                    ),
+                ));
+            }
             if self.services[..i]
                 .iter()
                 .any(|o| o.name == s.name && o.proto == s.proto && o.port == s.port)
@@ -446,6 +457,19 @@ impl Registration {
                 "capabilities",
                 format!("at most {MAX_LABELS} capabilities and tags together"),
             ));
+        }
+        for (field, labels) in [("capabilities", &self.capabilities), ("tags", &self.tags)] {
+            if let Some(i) = labels
+                .iter()
+                .position(|l| l.as_str().len() > MAX_PREFIXED_LABEL)
+            {
+                return Err(invalid(
+                    format!("{field}[{i}]"),
+                    format!(
+                        "at most {MAX_PREFIXED_LABEL} characters (served as the DNS label _<name>)"
+                    ),
+                ));
+            }
         }
         if self.metadata.len() > MAX_METADATA {
             return Err(invalid(
@@ -759,6 +783,31 @@ mod tests {
             serde_json::from_str::<Registration>(r#"{"services":[],"addresses":["999.1.1.1"]}"#)
                 .is_err()
         );
+    }
+
+    /// Found by fuzzing (registration_zone): a 63-character service name, capability or
+    /// tag is a valid label on its own, but DNS serves it as `_<name>`, a 64-byte label
+    /// that no DNS message can carry.
+    #[test]
+    fn prefixed_labels_fit_a_dns_label() {
+        let reg = |svc: usize, cap: usize, tag: usize| {
+            let body = format!(
+                r#"{{"services":[{{"name":"a","port":1}},{{"name":"{}","port":2}}],
+                "capabilities":["{}"],"tags":["t","{}"]}}"#,
+                "s".repeat(svc),
+                "c".repeat(cap),
+                "g".repeat(tag)
+            );
+            serde_json::from_str::<Registration>(&body)
+                .unwrap()
+                .validate()
+        };
+        assert_eq!(reg(62, 62, 62), Ok(()));
+        let e = reg(63, 62, 62).unwrap_err();
+        assert_eq!(e.field, "services[1].name");
+        assert!(e.message.contains("at most 62"), "{e}");
+        assert_eq!(reg(62, 63, 62).unwrap_err().field, "capabilities[0]");
+        assert_eq!(reg(62, 62, 63).unwrap_err().field, "tags[1]");
     }
 
     #[test]

@@ -524,11 +524,8 @@ async fn connection<S>(
             }
         }
     });
-    let max = inbox.max_frame();
-    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut reader = FrameReader::new(inbox.max_frame(), inbox.max_body);
     let mut chunk = vec![0u8; 64 * 1024];
-    // Skipping an oversized frame: bytes left, and its first bytes (to read the id).
-    let mut skip: Option<(usize, Vec<u8>)> = None;
     // When the frame being read started (None: between frames).
     let mut frame_start: Option<tokio::time::Instant> = None;
     'outer: loop {
@@ -547,74 +544,33 @@ async fn connection<S>(
         if frame_start.is_none() {
             frame_start = Some(tokio::time::Instant::now());
         }
-        buf.extend_from_slice(&chunk[..n]);
+        reader.push(&chunk[..n]);
         let mut batch = Vec::new();
         let mut now = Vec::new();
-        loop {
-            if let Some((left, head)) = skip.as_mut() {
-                let k = (*left).min(buf.len());
-                if head.len() < 4096 {
-                    head.extend_from_slice(&buf[..k.min(4096 - head.len())]);
-                }
-                buf.drain(..k);
-                *left -= k;
-                if *left > 0 {
-                    break;
-                }
-                let head = std::mem::take(head);
-                skip = None;
-                let id = head
-                    .strip_prefix(envelope::FILE_MAGIC)
-                    .and_then(|h| h.strip_prefix(b"{\"id\":\""))
-                    .and_then(|h| h.get(..32))
-                    .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
-                now.push(Frame::Nack(Refusal {
-                    id,
-                    code: "too_large".into(),
-                    message: format!("message over the limit of {} bytes", inbox.max_body),
-                }));
-                continue;
-            }
-            match Frame::take(&mut buf, max) {
-                Ok(None) => break,
-                Ok(Some(f @ (Frame::Msg(_) | Frame::Signed(..)))) => {
-                    let (tag, bytes) = match f {
-                        Frame::Signed(t, b) => (Some(t), b),
-                        Frame::Msg(b) => (None, b),
-                        _ => unreachable!(),
-                    };
-                    match inbox
-                        .check(&bytes)
-                        .and_then(|meta| authenticated(authenticate, meta, &bytes, tag.as_ref()))
-                    {
-                        Ok(meta) => batch.push(Incoming {
-                            id: meta.id,
-                            sent_at: meta.sent_at,
-                            expires_at: meta.expires_at,
-                            bytes,
-                        }),
-                        Err(refusal) => now.push(Frame::Nack(refusal)),
-                    }
-                }
-                Ok(Some(_)) => {} // ACK/NACK from a sender: ignored
-                Err(DecodeError::TooLarge(len)) if buf.len() >= 6 => {
-                    buf.drain(..6);
-                    skip = Some((len - 2, Vec::new()));
-                }
-                Err(DecodeError::TooLarge(_)) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "bad frame; closing the connection");
-                    now.push(Frame::Nack(Refusal {
-                        id: None,
-                        code: "bad_frame".into(),
-                        message: e.to_string(),
-                    }));
+        while let Some(read) = reader.next() {
+            match read {
+                Read::Msg(bytes, tag) => match inbox
+                    .check(&bytes)
+                    .and_then(|meta| authenticated(authenticate, meta, &bytes, tag.as_ref()))
+                {
+                    Ok(meta) => batch.push(Incoming {
+                        id: meta.id,
+                        sent_at: meta.sent_at,
+                        expires_at: meta.expires_at,
+                        bytes,
+                    }),
+                    Err(refusal) => now.push(Frame::Nack(refusal)),
+                },
+                Read::Refuse(refusal) => now.push(Frame::Nack(refusal)),
+                Read::Fatal(refusal) => {
+                    tracing::debug!(error = %refusal.message, "bad frame; closing the connection");
+                    now.push(Frame::Nack(refusal));
                     let _ = tx.send(Answer::Now(now)).await;
                     break 'outer;
                 }
             }
         }
-        if buf.is_empty() && skip.is_none() {
+        if !reader.in_frame() {
             frame_start = None;
         }
         if !now.is_empty() && tx.send(Answer::Now(now)).await.is_err() {
@@ -639,6 +595,103 @@ async fn connection<S>(
     drop(tx);
     tracing::debug!("relay connection closed by the sender");
     let _ = writer.await;
+}
+
+/// What [`FrameReader::next`] read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Read {
+    /// A MSG frame's payload (a message in the file format, not checked yet), with the
+    /// sender's HMAC tag when it came in a signed frame.
+    Msg(Vec<u8>, Option<[u8; 32]>),
+    /// A NACK to send back (an oversized frame was skipped); the connection goes on.
+    Refuse(Refusal),
+    /// A NACK to send back, then close the connection (a frame that cannot be read).
+    Fatal(Refusal),
+}
+
+/// The reading side of a receiver's connection, without I/O: frames out of the bytes
+/// received so far. Holds at most one frame of `max_frame` bytes (plus the last chunk
+/// pushed); an oversized frame is skipped as it streams by, keeping only its first 4 KiB
+/// to name its id in the refusal. ACK and NACK frames from a sender are read and ignored.
+pub(crate) struct FrameReader {
+    buf: Vec<u8>,
+    /// Skipping an oversized frame: bytes left, and its first bytes (to read the id).
+    skip: Option<(usize, Vec<u8>)>,
+    max_frame: usize,
+    max_body: usize,
+}
+
+impl FrameReader {
+    /// A reader of frames of at most `max_frame` bytes (`max_body`: for the refusal text).
+    pub(crate) fn new(max_frame: usize, max_body: usize) -> Self {
+        FrameReader {
+            buf: Vec::with_capacity(64 * 1024),
+            skip: None,
+            max_frame,
+            max_body,
+        }
+    }
+
+    /// Appends received bytes.
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Whether a frame is partly received (or being skipped).
+    pub(crate) fn in_frame(&self) -> bool {
+        !self.buf.is_empty() || self.skip.is_some()
+    }
+
+    /// Bytes held (received, not yet read or skipped).
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len() + self.skip.as_ref().map_or(0, |(_, head)| head.len())
+    }
+
+    /// The next thing read; None: more bytes are needed.
+    pub(crate) fn next(&mut self) -> Option<Read> {
+        loop {
+            if let Some((left, head)) = self.skip.as_mut() {
+                let k = (*left).min(self.buf.len());
+                if head.len() < 4096 {
+                    head.extend_from_slice(&self.buf[..k.min(4096 - head.len())]);
+                }
+                self.buf.drain(..k);
+                *left -= k;
+                if *left > 0 {
+                    return None;
+                }
+                let head = std::mem::take(head);
+                self.skip = None;
+                let id = head
+                    .strip_prefix(envelope::FILE_MAGIC)
+                    .and_then(|h| h.strip_prefix(b"{\"id\":\""))
+                    .and_then(|h| h.get(..32))
+                    .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
+                return Some(Read::Refuse(Refusal {
+                    id,
+                    code: "too_large".into(),
+                    message: format!("message over the limit of {} bytes", self.max_body),
+                }));
+            }
+            return match Frame::take(&mut self.buf, self.max_frame) {
+                Ok(None) => None,
+                Ok(Some(Frame::Msg(bytes))) => Some(Read::Msg(bytes, None)),
+                Ok(Some(Frame::Signed(tag, bytes))) => Some(Read::Msg(bytes, Some(tag))),
+                Ok(Some(_)) => continue, // ACK/NACK from a sender: ignored
+                Err(DecodeError::TooLarge(len)) if self.buf.len() >= 6 => {
+                    self.buf.drain(..6);
+                    self.skip = Some((len - 2, Vec::new()));
+                    continue;
+                }
+                Err(DecodeError::TooLarge(_)) => None,
+                Err(e) => Some(Read::Fatal(Refusal {
+                    id: None,
+                    code: "bad_frame".into(),
+                    message: e.to_string(),
+                })),
+            };
+        }
+    }
 }
 
 /// Where a sender connects.

@@ -10,13 +10,19 @@
 
 mod edns;
 mod export;
+#[doc(hidden)]
+pub mod fuzzing;
+mod notify;
 mod query;
 mod records;
 mod rrl;
 mod runtime;
+mod serial;
 mod server;
 mod stats;
+mod tsig;
 mod wire;
+mod xfr;
 mod zone;
 
 use std::collections::HashMap;
@@ -27,13 +33,22 @@ use shared::NamespaceName;
 
 use crate::snapshot::NamespaceSnapshot;
 
+pub use notify::run_notify;
 pub use rrl::{DEFAULT_RATE, DEFAULT_SLIP, RateLimit};
 pub use runtime::serve_on_own_threads;
+pub use serial::SerialStore;
 pub use server::{TcpLimits, bind_udp, serve, serve_with};
 pub use stats::DnsStats;
+pub use tsig::{Algorithm as TsigAlgorithm, TsigKey};
+pub use xfr::{AllowNet, TransferConfig};
 
 use records::{Naming, label_offsets, parse_text_name};
 use zone::{NsState, Zone};
+
+/// Longest name served before the suffix, in wire bytes: `_<tag>._sub._<service>._udp.<ns>`
+/// with 62-character tag and service names (`shared::model::limits::MAX_PREFIXED_LABEL`) and
+/// a 63-character namespace, each label with its length byte.
+const LONGEST_IN_ZONE: usize = (1 + 63) + (1 + 4) + (1 + 63) + (1 + 4) + (1 + 63);
 
 /// DNS settings shared by every zone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -73,11 +88,13 @@ impl DnsConfig {
             Some(s) => parse_text_name(s).map_err(DnsError::DomainSuffix)?,
             None => vec![0],
         };
-        // The longest namespace label (63) plus its length byte must still fit in 255.
-        if suffix.len() + 64 > 255 {
+        // The longest name a zone serves must still fit in 255 bytes.
+        if suffix.len() + LONGEST_IN_ZONE > 255 {
             return Err(DnsError::DomainSuffix(format!(
-                "{:?} leaves no room for a 63-character namespace within 255 bytes",
-                self.domain_suffix.as_deref().unwrap_or_default()
+                "{:?} is too long: names under it (up to {LONGEST_IN_ZONE} bytes before the \
+                 suffix) must fit in 255 bytes, so it may have at most {} characters",
+                self.domain_suffix.as_deref().unwrap_or_default(),
+                255 - LONGEST_IN_ZONE - 2
             )));
         }
         let mut ns_hosts: Vec<(records::WireName, Vec<IpAddr>)> = Vec::new();
@@ -139,6 +156,13 @@ pub struct Catalog {
     /// Namespace label -> what the incremental rebuild remembers; also serialises updates.
     states: Mutex<HashMap<Box<[u8]>, NsState>>,
     stats: stats::Stats,
+    /// The SOA serial each zone serves (persisted ceilings).
+    serials: serial::Serials,
+    /// Recent versions of each zone: AXFR and IXFR answers, NOTIFY serials.
+    history: xfr::History,
+    /// Who may transfer, and which secondaries are notified.
+    transfer: xfr::TransferConfig,
+    notify: notify::Queue,
     edns: edns::EdnsServer,
     rrl: rrl::Limiter,
     /// Clock of the rate limiter's seconds.
@@ -164,10 +188,37 @@ impl Catalog {
             zones: RwLock::new(HashMap::new()),
             states: Mutex::new(HashMap::new()),
             stats: stats::Stats::default(),
+            serials: serial::Serials::default(),
+            history: xfr::History::default(),
+            transfer: xfr::TransferConfig::default(),
+            notify: notify::Queue::default(),
             edns: edns::EdnsServer::new(config.nsid.as_deref()),
             rrl: rrl::Limiter::new(config.rate_limit),
             started: tokio::time::Instant::now(),
         })
+    }
+
+    /// Zone transfers and NOTIFY as configured (default: every transfer REFUSED, no
+    /// NOTIFY).
+    pub fn with_transfer(mut self, config: TransferConfig) -> Self {
+        self.notify = notify::Queue::new(&config.notify);
+        self.transfer = config;
+        self
+    }
+
+    /// Keeps SOA serials increasing across restarts through `store` (see
+    /// [`SerialStore`]); reads and raises the stored ceilings now.
+    pub fn with_serial_store(
+        mut self,
+        store: std::sync::Arc<dyn SerialStore>,
+    ) -> Result<Self, crate::store::StoreError> {
+        self.serials = serial::Serials::with_store(store)?;
+        Ok(self)
+    }
+
+    /// The SOA serial served for `ns` (None: not served yet).
+    pub fn serial(&self, ns: &NamespaceName) -> Option<u32> {
+        self.serials.current(ns.as_str())
     }
 
     /// Brings the zone of `snap.name` up to the snapshot; visible to the next query. Only
@@ -176,6 +227,12 @@ impl Catalog {
     pub fn update(&self, snap: &NamespaceSnapshot) {
         let key: Box<[u8]> = snap.name.as_str().as_bytes().into();
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        // Served with our own serial (increasing across restarts), under `states`' lock.
+        let snap = &{
+            let mut s = snap.clone();
+            s.serial = self.serials.next(snap.name.as_str(), snap.serial);
+            s
+        };
         let delta = states
             .entry(key.clone())
             .or_default()
@@ -200,6 +257,9 @@ impl Catalog {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(key, zone);
         }
+        self.history.push(std::sync::Arc::new(snap.clone()));
+        drop(states);
+        self.notify.changed(snap.name.as_str());
     }
 
     /// Removes the zone of `ns`: its names are then REFUSED.
@@ -207,6 +267,7 @@ impl Catalog {
         let key = ns.as_str().as_bytes();
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         let state = states.remove(key);
+        self.history.remove(ns.as_str());
         let old = self
             .zones
             .write()
@@ -359,6 +420,12 @@ mod tests {
         };
         assert!(bad(Some("a..b"), None));
         assert!(bad(Some(&"a.".repeat(100)), None));
+        // Found by fuzzing (registration_zone): a longer suffix let names such as
+        // `_<tag>._sub._<svc>._udp.<ns>.<suffix>` and the SOA's `hostmaster.<ns>.<suffix>`
+        // pass 255 bytes, which no response can carry.
+        let longest = format!("{}.{}", "a".repeat(25), "b".repeat(25));
+        assert!(!bad(Some(&longest), None));
+        assert!(bad(Some(&format!("{longest}c")), None));
         assert!(bad(None, Some(".")));
         assert!(bad(None, Some("bad host")));
         assert!(!bad(Some("svc.example."), Some("ns1.example.net")));
@@ -401,8 +468,9 @@ mod tests {
         }
         live.remove(&NamespaceName::new("ns").unwrap());
         assert!(dump(&live, "ns").is_none());
-        // Served again after removal: from scratch.
-        let s = snap(1000, 5, state.clone());
+        // Served again after removal: from scratch, the serial continuing where it was
+        // (300 updates so far: serials 0-299).
+        let s = snap(300, 5, state.clone());
         live.update(&s);
         let fresh = Catalog::new(config).unwrap();
         fresh.update(&s);

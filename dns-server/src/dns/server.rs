@@ -28,6 +28,8 @@ use super::stats::SHARDS;
 /// Time allowed to receive the rest of a message once its length arrived (less under
 /// pressure: [`ConnTable::read_timeout`]).
 const TCP_READ: Duration = Duration::from_secs(5);
+/// Zone transfers rendered at once (each holds a whole zone in memory); more wait.
+const XFR_CONCURRENT: usize = 4;
 /// Rendered answers at membranes' own names kept per UDP loop (a few hundred bytes each).
 const UDP_ANSWER_CACHE: usize = 4096;
 /// The same per TCP connection (up to [`TcpLimits::max_connections`] of them).
@@ -284,10 +286,16 @@ async fn udp_loop(sock: UdpSocket, catalog: Arc<Catalog>, shard: usize) {
                 continue;
             }
         };
-        if catalog
-            .respond(&buf[..n], false, peer.ip(), &mut out, &mut scratch, shard)
-            .is_some()
-            && let Err(e) = sock.send_to(&out, peer).await
+        // Transfers and TSIG-signed queries first (xfr.rs), then the ordinary path.
+        let special = catalog.respond_special(&buf[..n], false, peer.ip(), &mut scratch, shard);
+        let reply = match &special {
+            Some(msgs) => msgs.first().map(Vec::as_slice),
+            None => catalog
+                .respond(&buf[..n], false, peer.ip(), &mut out, &mut scratch, shard)
+                .map(|_| out.as_slice()),
+        };
+        if let Some(reply) = reply
+            && let Err(e) = sock.send_to(reply, peer).await
         {
             tracing::debug!(error = %e, %peer, "dns udp send");
         }
@@ -302,6 +310,7 @@ async fn tcp_accept(
 ) {
     let table = ConnTable::new(limits);
     let mut conns = JoinSet::new();
+    let xfr = Arc::new(tokio::sync::Semaphore::new(XFR_CONCURRENT));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -316,7 +325,12 @@ async fn tcp_accept(
                         tracing::warn!(%peer, "dns tcp: every connection is busy, closing");
                         continue;
                     };
-                    conns.spawn(tcp_conn(stream, catalog.clone(), slot));
+                    conns.spawn(tcp_conn(
+                        stream,
+                        catalog.clone(),
+                        slot,
+                        xfr.clone(),
+                    ));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "dns tcp accept");
@@ -328,7 +342,12 @@ async fn tcp_accept(
     conns.shutdown().await;
 }
 
-async fn tcp_conn(stream: TcpStream, catalog: Arc<Catalog>, slot: Slot) {
+async fn tcp_conn(
+    stream: TcpStream,
+    catalog: Arc<Catalog>,
+    slot: Slot,
+    xfr: Arc<tokio::sync::Semaphore>,
+) {
     let _ = stream.set_nodelay(true);
     let peer = stream
         .peer_addr()
@@ -365,12 +384,34 @@ async fn tcp_conn(stream: TcpStream, catalog: Arc<Catalog>, slot: Slot) {
                 _ => return,
             },
         }
-        if catalog
-            .respond(&req, true, peer, &mut out, &mut scratch, shard)
-            .is_some()
-        {
-            let n = (out.len() as u16).to_be_bytes();
-            if w.write_all(&n).await.is_err() || w.write_all(&out).await.is_err() {
+        // Transfers are rendered off the async workers, a few at a time.
+        let special = if super::xfr::is_transfer(&req) {
+            let Ok(permit) = xfr.clone().acquire_owned().await else {
+                return;
+            };
+            let (c, q) = (catalog.clone(), std::mem::take(&mut req));
+            let job = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let shard = &c.stats.shards[SHARDS - 1];
+                c.respond_special(&q, true, peer, &mut Scratch::new(0), shard)
+            });
+            match job.await {
+                Ok(m) => m,
+                Err(_) => return,
+            }
+        } else {
+            catalog.respond_special(&req, true, peer, &mut scratch, shard)
+        };
+        let msgs: Vec<&[u8]> = match &special {
+            Some(m) => m.iter().map(Vec::as_slice).collect(),
+            None => match catalog.respond(&req, true, peer, &mut out, &mut scratch, shard) {
+                Some(_) => vec![out.as_slice()],
+                None => vec![],
+            },
+        };
+        for m in msgs {
+            let n = (m.len() as u16).to_be_bytes();
+            if w.write_all(&n).await.is_err() || w.write_all(m).await.is_err() {
                 return;
             }
         }

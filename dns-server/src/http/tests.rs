@@ -224,6 +224,27 @@ async fn bad_input_gets_its_own_error_and_changes_nothing() {
             .unwrap()
             .contains("ttl_seconds")
     );
+    // Found by fuzzing (registration_zone): served as `_<name>`, a 63-character service
+    // name made a 64-byte DNS label.
+    let long_service = put(
+        "/v1/namespaces/ns/membranes/x",
+        format!(
+            r#"{{"services":[{{"name":"{}","port":1}}]}}"#,
+            "s".repeat(63)
+        ),
+    )
+    .await;
+    assert_error(
+        &long_service,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(
+        long_service.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("services[0].name")
+    );
     let big = format!(
         r#"{{"services":[],"metadata":{{"k":"{}"}}}}"#,
         "x".repeat(5000)

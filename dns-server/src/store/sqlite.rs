@@ -456,6 +456,57 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Submission>, mut garbage
     tracing::debug!("store writer stopped");
 }
 
+/// The SOA serial ceilings of the DNS zones (`zone_serials`), on a connection of their
+/// own: written once per zone at start and then once every thousand updates of a zone, never
+/// on the writer's path.
+pub struct SerialTable(std::sync::Mutex<Connection>);
+
+impl SerialTable {
+    /// Opens the store at `path` (created as [`open`] does) with the `zone_serials` table.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        prepare_file(path)?;
+        let conn = connect(path).map_err(|e| unusable(path, e))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS zone_serials (
+                namespace TEXT PRIMARY KEY,
+                ceiling INTEGER NOT NULL
+            ) STRICT;",
+        )?;
+        Ok(SerialTable(std::sync::Mutex::new(conn)))
+    }
+}
+
+impl crate::dns::SerialStore for SerialTable {
+    fn load(&self) -> Result<Vec<(String, u32)>, StoreError> {
+        let conn = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stmt = conn.prepare("SELECT namespace, ceiling FROM zone_serials")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (ns, c) = row?;
+            let c = u32::try_from(c).map_err(|_| corrupt("zone_serials", format!("{ns}: {c}")))?;
+            out.push((ns, c));
+        }
+        Ok(out)
+    }
+
+    fn save(&self, ceilings: &[(String, u32)]) -> Result<(), StoreError> {
+        let mut conn = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO zone_serials (namespace, ceiling) VALUES (?1, ?2)
+                 ON CONFLICT (namespace) DO UPDATE SET ceiling = excluded.ceiling",
+            )?;
+            for (ns, c) in ceilings {
+                stmt.execute(params![ns, i64::from(*c)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

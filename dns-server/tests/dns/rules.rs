@@ -112,9 +112,12 @@ async fn malformed_and_unsupported() {
         );
         assert_eq!(m.queries.len(), 1);
     }
-    // Zone transfers: NOTIMP.
+    // AXFR over UDP: NOTIMP (TCP only); over TCP without TSIG or the allow-list: REFUSED.
     let m = udp(srv.addr, "cog.", RecordType::AXFR).await;
     assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+    let m = tcp(srv.addr, "cog.", RecordType::AXFR).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    assert!(m.answers.is_empty());
     // Two OPT records: FORMERR (RFC 6891).
     let (_, e) = query_bytes("web-1.cog.", RecordType::A, Some(1232), true);
     let mut e2 = e.clone();

@@ -1,0 +1,908 @@
+//! Zone transfers out: AXFR (RFC 5936) and IXFR (RFC 1995) over TCP, and TSIG-signed
+//! queries (RFC 8945), for secondaries (NSD, Knot, BIND) that serve the zones at scale.
+//!
+//! Who may transfer: a request signed with a configured TSIG key, or one from an address of
+//! the allow-list. Without keys and allow-list (the default) every transfer is REFUSED.
+//!
+//! IXFR is answered from a bounded in-memory history of each zone's recent versions (the
+//! snapshots the registry produced, which share the membranes' records by pointer): the
+//! difference between the client's version and the current one, as one condensed change
+//! (RFC 1995 5). A serial no longer (or never) in the history, for example after a restart,
+//! gets the whole zone in AXFR form, which RFC 1995 4 allows. Over UDP an IXFR gets the
+//! current SOA only (up to date, or "use TCP", RFC 1995 2).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::Catalog;
+use super::edns::{OptExtras, ede, write_opt};
+use super::query::Scratch;
+use super::records::{self, WireName, rtype};
+use super::stats::{Counter, Shard};
+use super::tsig::{self, Failure, Signer, TsigKey};
+use super::wire::Writer;
+use crate::snapshot::NamespaceSnapshot;
+
+/// Older versions of a zone kept for IXFR (besides the current one).
+const HISTORY_VERSIONS: usize = 32;
+/// At most this many membrane pointers (8 bytes each) over a zone's older versions.
+const HISTORY_POINTERS: usize = 1 << 18;
+/// Bytes of records per transfer message (well below 64 KiB, room for TSIG).
+const MESSAGE_BYTES: usize = 16_000;
+
+mod rcode {
+    pub const FORMERR: u16 = 1;
+    pub const NOTIMP: u16 = 4;
+    pub const REFUSED: u16 = 5;
+    pub const NOTAUTH: u16 = 9;
+}
+
+/// An address or network allowed to transfer zones (`192.0.2.7`, `10.0.0.0/8`, `::1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for AllowNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or ADDRESS/PREFIX"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0-{max}"))?,
+            None => max,
+        };
+        Ok(AllowNet { addr, prefix })
+    }
+}
+
+impl AllowNet {
+    fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Zone transfer settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransferConfig {
+    /// TSIG keys: a request signed with one of them may transfer; the first also signs
+    /// our NOTIFY messages.
+    pub keys: Vec<TsigKey>,
+    /// Addresses that may transfer without TSIG.
+    pub allow: Vec<AllowNet>,
+    /// Secondaries sent a NOTIFY (RFC 1996) when a zone's serial changes.
+    pub notify: Vec<SocketAddr>,
+}
+
+/// Recent versions of every zone, newest last.
+#[derive(Default)]
+pub(crate) struct History {
+    zones: Mutex<HashMap<String, VecDeque<Arc<NamespaceSnapshot>>>>,
+}
+
+impl History {
+    pub(crate) fn push(&self, snap: Arc<NamespaceSnapshot>) {
+        let mut zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
+        let v = zones.entry(snap.name.as_str().to_string()).or_default();
+        v.push_back(snap);
+        // Older versions within both bounds (the current one is always kept).
+        let mut pointers: usize = v.iter().rev().skip(1).map(|s| s.instances.len()).sum();
+        while v.len() > 1 && (v.len() - 1 > HISTORY_VERSIONS || pointers > HISTORY_POINTERS) {
+            if let Some(old) = v.pop_front() {
+                pointers -= old.instances.len();
+            }
+        }
+    }
+
+    pub(crate) fn remove(&self, ns: &str) {
+        self.zones
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(ns);
+    }
+
+    /// The current version of `ns`.
+    pub(crate) fn current(&self, ns: &str) -> Option<Arc<NamespaceSnapshot>> {
+        let zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
+        zones.get(ns)?.back().cloned()
+    }
+
+    /// The current version and, if still kept, the version with `serial`.
+    fn get(
+        &self,
+        ns: &str,
+        serial: Option<u32>,
+    ) -> Option<(Arc<NamespaceSnapshot>, Option<Arc<NamespaceSnapshot>>)> {
+        let zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
+        let v = zones.get(ns)?;
+        let cur = v.back()?.clone();
+        let old = serial.and_then(|s| v.iter().find(|x| x.serial == s).cloned());
+        Some((cur, old))
+    }
+}
+
+fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+/// Skips a possibly compressed name.
+fn skip_name(b: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        let l = *b.get(i)?;
+        match l & 0xC0 {
+            0x00 if l == 0 => return Some(i + 1),
+            0x00 => i += 1 + l as usize,
+            0xC0 => return (i + 2 <= b.len()).then_some(i + 2),
+            _ => return None,
+        }
+    }
+}
+
+/// What this module handles of a request.
+struct Request {
+    id: u16,
+    flags: u16,
+    /// End of the question.
+    qend: usize,
+    qname: WireName,
+    qtype: u16,
+    qclass: u16,
+    /// IXFR: the serial of the client's SOA in the authority section.
+    client_serial: Option<u32>,
+    /// Offset of the TSIG record (the last one).
+    tsig_at: Option<usize>,
+    /// A TSIG record that is not the last one.
+    misplaced_tsig: bool,
+    /// Largest UDP reply the client takes (512, or its EDNS payload up to ours).
+    udp_limit: usize,
+    /// The request's OPT record: its DO bit (error replies then carry an OPT too).
+    edns_do: Option<bool>,
+}
+
+/// Reads a QUERY that is a transfer or carries TSIG; None for anything else (served by
+/// the normal path).
+fn scan(req: &[u8]) -> Option<Request> {
+    if req.len() < 12 {
+        return None;
+    }
+    let flags = be16(req, 2);
+    if flags & 0x8000 != 0 || (flags >> 11) & 0xF != 0 || be16(req, 4) != 1 {
+        return None;
+    }
+    let mut i = 12;
+    let mut qname = Vec::new();
+    loop {
+        let l = *req.get(i)? as usize;
+        if l & 0xC0 != 0 || qname.len() + l + 1 > 255 {
+            return None;
+        }
+        qname.push(l as u8);
+        if l == 0 {
+            i += 1;
+            break;
+        }
+        qname.extend(
+            req.get(i + 1..i + 1 + l)?
+                .iter()
+                .map(u8::to_ascii_lowercase),
+        );
+        i += 1 + l;
+    }
+    if i + 4 > req.len() {
+        return None;
+    }
+    let (qtype, qclass) = (be16(req, i), be16(req, i + 2));
+    i += 4;
+    let qend = i;
+    let (an, ns, ar) = (be16(req, 6), be16(req, 8), be16(req, 10));
+    let mut client_serial = None;
+    let (mut tsig_at, mut misplaced_tsig) = (None, false);
+    let mut udp_limit = 512;
+    let mut edns_do = None;
+    let total = u32::from(an) + u32::from(ns) + u32::from(ar);
+    for k in 0..total {
+        let start = i;
+        let j = skip_name(req, i)?;
+        if j + 10 > req.len() {
+            return None;
+        }
+        let t = be16(req, j);
+        let rd = j + 10;
+        i = rd + be16(req, j + 8) as usize;
+        if i > req.len() {
+            return None;
+        }
+        let section_ns = k >= u32::from(an) && k < u32::from(an) + u32::from(ns);
+        if section_ns && t == rtype::SOA {
+            let s = skip_name(req, skip_name(req, rd)?)?;
+            if s + 4 <= i {
+                client_serial = Some(u32::from_be_bytes([
+                    req[s],
+                    req[s + 1],
+                    req[s + 2],
+                    req[s + 3],
+                ]));
+            }
+        }
+        if t == rtype::OPT && k >= u32::from(an) + u32::from(ns) {
+            let payload = usize::from(be16(req, j + 2));
+            udp_limit = payload.clamp(512, usize::from(super::query::EDNS_PAYLOAD));
+            edns_do = Some(req[j + 6] & 0x80 != 0);
+        }
+        if t == tsig::TSIG {
+            if k + 1 == total && k >= u32::from(an) + u32::from(ns) {
+                tsig_at = Some(start);
+            } else {
+                misplaced_tsig = true;
+            }
+        }
+    }
+    let transfer = qtype == rtype::AXFR || qtype == rtype::IXFR;
+    (transfer || tsig_at.is_some() || misplaced_tsig).then_some(Request {
+        id: be16(req, 0),
+        flags,
+        qend,
+        qname,
+        qtype,
+        qclass,
+        client_serial,
+        tsig_at,
+        misplaced_tsig,
+        udp_limit,
+        edns_do,
+    })
+}
+
+/// Whether `req` asks for a zone transfer (served off the async workers).
+pub(crate) fn is_transfer(req: &[u8]) -> bool {
+    scan(req).is_some_and(|r| r.qtype == rtype::AXFR || r.qtype == rtype::IXFR)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Header and question of a response to `r` with `counts` answers.
+fn start(req: &[u8], r: &Request, rcode: u16, aa: bool, ancount: u16) -> Vec<u8> {
+    let flags = 0x8000
+        | (r.flags & 0x7800)
+        | if aa { 0x0400 } else { 0 }
+        | (r.flags & 0x0100)
+        | (rcode & 0xF);
+    let mut m = Vec::with_capacity(MESSAGE_BYTES + 512);
+    m.extend_from_slice(&r.id.to_be_bytes());
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&[0, 1]);
+    m.extend_from_slice(&ancount.to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    m.extend_from_slice(&req[12..r.qend]);
+    m
+}
+
+/// Extended DNS Error "Prohibited" (RFC 8914 4.19): a transfer not allowed.
+const EDE_PROHIBITED: u16 = 18;
+
+/// An error reply to `r`: header and question, and an OPT record (DO copied, `ede`) when
+/// the request had one (RFC 6891 6.1.1).
+fn error_reply(req: &[u8], r: &Request, rcode: u16, ede: Option<(u16, &'static str)>) -> Vec<u8> {
+    let mut m = start(req, r, rcode, false, 0);
+    if let Some(dnssec_ok) = r.edns_do {
+        let x = OptExtras {
+            ede,
+            ..Default::default()
+        };
+        write_opt(&mut m, super::query::EDNS_PAYLOAD, rcode, dnssec_ok, &x);
+        m[10..12].copy_from_slice(&1u16.to_be_bytes());
+    }
+    m
+}
+
+/// Every record of a zone version, uncompressed: the SOA, and the others in name order.
+fn encode(snap: &NamespaceSnapshot, naming: &records::Naming) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let z = records::zone_data(snap, naming);
+    let mut w = Writer::new(&[]);
+    let (s, e) = w.record(&z.apex, z.ttl, &z.soa);
+    let soa = w.out[s..e].to_vec();
+    let mut rest = Vec::new();
+    for (owner, data) in &z.nodes {
+        for (t, set) in data {
+            if *t == rtype::SOA {
+                continue;
+            }
+            for rd in set {
+                w.out.clear();
+                w.record(owner, z.ttl, rd);
+                rest.push(w.out.clone());
+            }
+        }
+    }
+    (soa, rest)
+}
+
+/// Packs records into messages of at most [`MESSAGE_BYTES`] of records each.
+fn pack<'a>(req: &[u8], r: &Request, rrs: impl Iterator<Item = &'a [u8]>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut cur = start(req, r, 0, true, 0);
+    let (base, mut n) = (cur.len(), 0u16);
+    for rr in rrs {
+        if n > 0 && (cur.len() - base + rr.len() > MESSAGE_BYTES || n == u16::MAX) {
+            cur[6..8].copy_from_slice(&n.to_be_bytes());
+            out.push(std::mem::replace(&mut cur, start(req, r, 0, true, 0)));
+            n = 0;
+        }
+        cur.extend_from_slice(rr);
+        n += 1;
+    }
+    cur[6..8].copy_from_slice(&n.to_be_bytes());
+    out.push(cur);
+    out
+}
+
+impl Catalog {
+    /// The namespace whose apex is `qname`, if `qname` is a zone apex of our form.
+    fn zone_of_apex(&self, qname: &[u8]) -> Option<String> {
+        let suffix = &self.naming.suffix;
+        let l = *qname.first()? as usize;
+        if l == 0 || 1 + l + suffix.len() != qname.len() || !qname.ends_with(suffix) {
+            return None;
+        }
+        String::from_utf8(qname[1..1 + l].to_vec()).ok()
+    }
+
+    /// Answers transfers (AXFR, IXFR) and TSIG-signed queries: the messages to send, in
+    /// order. None: an ordinary query, for [`Catalog::respond`].
+    pub(crate) fn respond_special(
+        &self,
+        req: &[u8],
+        tcp: bool,
+        peer: IpAddr,
+        s: &mut Scratch,
+        shard: &Shard,
+    ) -> Option<Vec<Vec<u8>>> {
+        let (msgs, counted) = self.special(req, tcp, peer, s, shard)?;
+        if !counted {
+            shard.add(if tcp {
+                Counter::QueriesTcp
+            } else {
+                Counter::QueriesUdp
+            });
+            let rcode = msgs.first().map_or(0, |m| u16::from(m[3] & 0xF));
+            shard.add(Counter::for_rcode(rcode));
+        }
+        Some(msgs)
+    }
+
+    /// [`Catalog::respond_special`]'s work; the flag: already counted (by `respond`).
+    fn special(
+        &self,
+        req: &[u8],
+        tcp: bool,
+        peer: IpAddr,
+        s: &mut Scratch,
+        shard: &Shard,
+    ) -> Option<(Vec<Vec<u8>>, bool)> {
+        let r = scan(req)?;
+        let cfg = &self.transfer;
+        let now = unix_now();
+        let bare = |rcode: u16| error_reply(req, &r, rcode, None);
+        if r.misplaced_tsig {
+            return Some((vec![bare(rcode::FORMERR)], false));
+        }
+        let mut signer: Option<Signer> = None;
+        if let Some(at) = r.tsig_at {
+            match tsig::verify(req, at, &cfg.keys, now) {
+                Ok(mut sg) if sg.error() != 0 => {
+                    let mut m = bare(rcode::NOTAUTH);
+                    sg.sign(&mut m);
+                    tracing::info!(%peer, "dns: TSIG time outside the fudge (BADTIME)");
+                    return Some((vec![m], false));
+                }
+                Ok(sg) => signer = Some(sg),
+                Err(Failure::Malformed) => return Some((vec![bare(rcode::FORMERR)], false)),
+                Err(Failure::Unsigned { error, key, alg }) => {
+                    let mut m = bare(rcode::NOTAUTH);
+                    tsig::append_unsigned(&mut m, &key, &alg, error, now);
+                    tracing::info!(%peer, error, "dns: TSIG check failed");
+                    return Some((vec![m], false));
+                }
+            }
+        }
+        let ordinary = r.qtype != rtype::AXFR && r.qtype != rtype::IXFR;
+        let mut msgs = if ordinary {
+            // A signed ordinary query: answered as if unsigned, then signed.
+            let at = r.tsig_at?;
+            let mut plain = req[..at].to_vec();
+            let ar = be16(&plain, 10) - 1;
+            plain[10..12].copy_from_slice(&ar.to_be_bytes());
+            let mut out = Vec::new();
+            self.respond(&plain, tcp, peer, &mut out, s, shard)?;
+            vec![out]
+        } else {
+            self.transfer_messages(req, &r, tcp, peer, signer.is_some())
+        };
+        if let Some(sg) = &mut signer {
+            for m in &mut msgs {
+                sg.sign(m);
+            }
+            if !tcp && msgs.iter().any(|m| m.len() > r.udp_limit) {
+                // The signature pushed the answer over the client's limit: TC, signed
+                // afresh (over the request's MAC), so that it retries over TCP.
+                let mut tc = start(req, &r, 0, true, 0);
+                tc[2] |= 0x02;
+                let Ok(mut fresh) = tsig::verify(req, r.tsig_at?, &cfg.keys, now) else {
+                    return None;
+                };
+                fresh.sign(&mut tc);
+                msgs = vec![tc];
+            }
+        }
+        Some((msgs, ordinary))
+    }
+
+    fn transfer_messages(
+        &self,
+        req: &[u8],
+        r: &Request,
+        tcp: bool,
+        peer: IpAddr,
+        signed: bool,
+    ) -> Vec<Vec<u8>> {
+        let bare = |rcode: u16| vec![error_reply(req, r, rcode, None)];
+        let fail =
+            |rcode: u16, ede: (u16, &'static str)| vec![error_reply(req, r, rcode, Some(ede))];
+        if r.qtype == rtype::AXFR && !tcp {
+            // RFC 5936 4.2: AXFR is TCP only.
+            return fail(rcode::NOTIMP, (ede::NOT_SUPPORTED, "AXFR over TCP only"));
+        }
+        let allowed = signed || self.transfer.allow.iter().any(|n| n.contains(peer));
+        let kind = if r.qtype == rtype::AXFR {
+            "AXFR"
+        } else {
+            "IXFR"
+        };
+        if !allowed {
+            tracing::info!(%peer, kind, "dns: zone transfer refused (no TSIG, not allowed)");
+            return fail(
+                rcode::REFUSED,
+                (EDE_PROHIBITED, "zone transfer not allowed"),
+            );
+        }
+        if r.qclass != 1 {
+            return bare(rcode::REFUSED);
+        }
+        if r.qtype == rtype::IXFR && r.client_serial.is_none() {
+            return bare(rcode::FORMERR);
+        }
+        let Some((cur, old)) = self
+            .zone_of_apex(&r.qname)
+            .and_then(|ns| self.history.get(&ns, r.client_serial))
+        else {
+            return fail(rcode::NOTAUTH, (ede::NOT_AUTHORITATIVE, ""));
+        };
+        let (soa, rest) = encode(&cur, &self.naming);
+        if r.qtype == rtype::IXFR {
+            let client = r.client_serial.unwrap_or_default();
+            if !super::serial::gt(cur.serial, client) || !tcp {
+                // Up to date, or over UDP: the current SOA only.
+                return pack(req, r, std::iter::once(soa.as_slice()));
+            }
+            if let Some(old) = old {
+                let (old_soa, old_rest) = encode(&old, &self.naming);
+                let before: HashSet<&[u8]> = old_rest.iter().map(Vec::as_slice).collect();
+                let after: HashSet<&[u8]> = rest.iter().map(Vec::as_slice).collect();
+                let deleted = old_rest.iter().filter(|x| !after.contains(x.as_slice()));
+                let added = rest.iter().filter(|x| !before.contains(x.as_slice()));
+                tracing::debug!(%peer, from = client, to = cur.serial, "dns: IXFR");
+                let seq = std::iter::once(soa.as_slice())
+                    .chain(std::iter::once(old_soa.as_slice()))
+                    .chain(deleted.map(Vec::as_slice))
+                    .chain(std::iter::once(soa.as_slice()))
+                    .chain(added.map(Vec::as_slice))
+                    .chain(std::iter::once(soa.as_slice()));
+                return pack(req, r, seq);
+            }
+        }
+        tracing::debug!(%peer, kind, serial = cur.serial, records = rest.len() + 1, "dns: full zone transfer");
+        let seq = std::iter::once(soa.as_slice())
+            .chain(rest.iter().map(Vec::as_slice))
+            .chain(std::iter::once(soa.as_slice()));
+        pack(req, r, seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use hickory_proto::op::Message;
+    use hickory_proto::rr::RData;
+    use shared::model::Registration;
+    use shared::{MembraneId, NamespaceName, NamespaceSettings};
+
+    use crate::dns::{DnsConfig, stats::Shard};
+    use crate::snapshot::Instance;
+
+    const KEY: &str = "xfr-key:hmac-sha256:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    fn snap(ids: &[u8]) -> NamespaceSnapshot {
+        NamespaceSnapshot {
+            name: NamespaceName::new("ns").unwrap(),
+            settings: NamespaceSettings::default(),
+            instances: ids
+                .iter()
+                .map(|i| {
+                    Arc::new(Instance {
+                        id: MembraneId::new(&format!("m{i}")).unwrap(),
+                        registration: Arc::new(Registration {
+                            addresses: vec![IpAddr::from([10, 0, 0, *i])],
+                            ..Default::default()
+                        }),
+                    })
+                })
+                .collect(),
+            serial: 100,
+        }
+    }
+
+    fn catalog(allow: &[&str]) -> Catalog {
+        Catalog::new(DnsConfig::default())
+            .unwrap()
+            .with_transfer(TransferConfig {
+                keys: vec![KEY.parse().unwrap()],
+                allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
+                notify: vec![],
+            })
+    }
+
+    /// AXFR or IXFR (with the client's serial) of `ns.`.
+    fn request(qtype: u16, serial: Option<u32>) -> Vec<u8> {
+        let mut m = vec![
+            0xab,
+            0xcd,
+            0,
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+            u8::from(serial.is_some()),
+            0,
+            0,
+        ];
+        m.extend_from_slice(b"\x02ns\x00");
+        m.extend_from_slice(&qtype.to_be_bytes());
+        m.extend_from_slice(&[0, 1]);
+        if let Some(s) = serial {
+            m.extend_from_slice(b"\x02ns\x00\x00\x06\x00\x01\x00\x00\x00\x00\x00\x16");
+            m.extend_from_slice(&[0, 0]);
+            m.extend_from_slice(&s.to_be_bytes());
+            m.extend_from_slice(&[0; 16]);
+        }
+        m
+    }
+
+    fn ask(c: &Catalog, req: &[u8], tcp: bool, peer: &str) -> Vec<Message> {
+        let mut s = Scratch::new(0);
+        c.respond_special(req, tcp, peer.parse().unwrap(), &mut s, &Shard::default())
+            .expect("handled here")
+            .iter()
+            .map(|m| Message::from_vec(m).unwrap())
+            .collect()
+    }
+
+    /// (rcode, answer records as text) over every message.
+    fn records(msgs: &[Message]) -> (u16, Vec<String>) {
+        let rcode = u16::from(msgs[0].metadata.response_code);
+        let rrs = msgs
+            .iter()
+            .flat_map(|m| m.answers.iter())
+            .map(|r| match &r.data {
+                RData::SOA(soa) => format!("SOA {}", soa.serial),
+                RData::A(a) => format!("{} A {a}", r.name),
+                other => format!("{} {}", r.name, other.record_type()),
+            })
+            .collect();
+        (rcode, rrs)
+    }
+
+    #[test]
+    fn transfers_are_refused_unless_allowed_or_signed() {
+        let c = catalog(&["192.0.2.0/24"]);
+        c.update(&snap(&[1, 2]));
+        let axfr = request(rtype::AXFR, None);
+        // Not on the list, unsigned: REFUSED, nothing of the zone.
+        assert_eq!(records(&ask(&c, &axfr, true, "198.51.100.1")), (5, vec![]));
+        // On the list: the zone, SOA first and last.
+        let (rc, rrs) = records(&ask(&c, &axfr, true, "192.0.2.9"));
+        assert_eq!(rc, 0);
+        assert_eq!(rrs.first(), Some(&"SOA 100".to_string()));
+        assert_eq!(rrs.last(), Some(&"SOA 100".to_string()));
+        assert!(rrs.contains(&"m2.ns. A 10.0.0.2".to_string()), "{rrs:?}");
+        // Over UDP: never the zone.
+        assert_eq!(records(&ask(&c, &axfr, false, "192.0.2.9")).0, 4);
+        // Signed with the key, from anywhere: the zone, every message signed.
+        let key: TsigKey = KEY.parse().unwrap();
+        let mut signed = axfr.clone();
+        let mut signer = Signer::for_request(&key, unix_now());
+        signer.sign(&mut signed);
+        let raw = c
+            .respond_special(
+                &signed,
+                true,
+                "198.51.100.1".parse().unwrap(),
+                &mut Scratch::new(0),
+                &Shard::default(),
+            )
+            .unwrap();
+        let msgs: Vec<Message> = raw.iter().map(|m| Message::from_vec(m).unwrap()).collect();
+        assert_eq!(records(&msgs).1.len(), 7, "{:?}", records(&msgs));
+        // The TSIG record is last and its MAC covers our request's MAC.
+        let at = raw[0].len() - TSIG_LEN;
+        assert!(signer.verify_response(&raw[0], at));
+        // A wrong key: NOTAUTH (BADSIG), nothing of the zone.
+        let bad: TsigKey = "xfr-key:hmac-sha256:AQECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+            .parse()
+            .unwrap();
+        let mut forged = axfr.clone();
+        Signer::for_request(&bad, unix_now()).sign(&mut forged);
+        assert_eq!(
+            records(&ask(&c, &forged, true, "198.51.100.1")),
+            (9, vec![])
+        );
+        // An unknown key name: NOTAUTH (BADKEY).
+        let other: TsigKey = "other:hmac-sha256:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+            .parse()
+            .unwrap();
+        let mut unknown = axfr.clone();
+        Signer::for_request(&other, unix_now()).sign(&mut unknown);
+        assert_eq!(
+            records(&ask(&c, &unknown, true, "198.51.100.1")),
+            (9, vec![])
+        );
+        // A zone we do not serve.
+        let mut elsewhere = axfr.clone();
+        elsewhere[13] = b'x';
+        assert_eq!(records(&ask(&c, &elsewhere, true, "192.0.2.9")).0, 9);
+    }
+
+    /// Length of our TSIG record with this key: the name "xfr-key." (9), type to rdlength
+    /// (10), the algorithm (13), timers and MAC size (10), the MAC (32), id to other (6).
+    const TSIG_LEN: usize = 9 + 10 + 13 + 10 + 32 + 6;
+
+    #[test]
+    fn ixfr_sends_the_difference_or_the_whole_zone() {
+        let c = catalog(&["127.0.0.1"]);
+        c.update(&snap(&[1, 2])); // serial 100
+        c.update(&snap(&[2, 3])); // 101
+        c.update(&snap(&[2, 3, 4])); // 102
+        let (rc, rrs) = records(&ask(
+            &c,
+            &request(rtype::IXFR, Some(100)),
+            true,
+            "127.0.0.1",
+        ));
+        assert_eq!(rc, 0);
+        // Current SOA, old SOA, deletions, current SOA, additions, current SOA.
+        let pos = |x: &str| rrs.iter().position(|r| r == x).unwrap_or(usize::MAX);
+        assert_eq!(rrs[0], "SOA 102");
+        assert_eq!(rrs[1], "SOA 100");
+        let mid = 2 + rrs[2..].iter().position(|r| r == "SOA 102").unwrap();
+        assert!(pos("m1.ns. A 10.0.0.1") < mid, "{rrs:?}");
+        assert!(
+            pos("m3.ns. A 10.0.0.3") > mid && pos("m4.ns. A 10.0.0.4") > mid,
+            "{rrs:?}"
+        );
+        assert_eq!(
+            pos("m2.ns. A 10.0.0.2"),
+            usize::MAX,
+            "unchanged records are not sent"
+        );
+        assert_eq!(rrs.last().unwrap(), "SOA 102");
+        // Up to date: the SOA alone.
+        assert_eq!(
+            records(&ask(
+                &c,
+                &request(rtype::IXFR, Some(102)),
+                true,
+                "127.0.0.1"
+            ))
+            .1,
+            ["SOA 102"]
+        );
+        // Over UDP: the SOA alone (use TCP).
+        assert_eq!(
+            records(&ask(
+                &c,
+                &request(rtype::IXFR, Some(100)),
+                false,
+                "127.0.0.1"
+            ))
+            .1,
+            ["SOA 102"]
+        );
+        // A serial not in the history: the whole zone, AXFR style.
+        let (_, full) = records(&ask(&c, &request(rtype::IXFR, Some(7)), true, "127.0.0.1"));
+        assert_eq!(full.first().unwrap(), "SOA 102");
+        assert_eq!(full.iter().filter(|r| r.starts_with("SOA")).count(), 2);
+        assert!(full.contains(&"m2.ns. A 10.0.0.2".to_string()));
+        // IXFR without the client's SOA: FORMERR.
+        assert_eq!(
+            records(&ask(&c, &request(rtype::IXFR, None), true, "127.0.0.1")).0,
+            1
+        );
+    }
+
+    /// Mutated transfer and signed requests never panic; every reply parses and echoes the
+    /// id; nothing of the zone goes to a request that is neither signed nor allowed.
+    #[test]
+    fn garbage_never_panics_or_leaks() {
+        let c = catalog(&[]);
+        c.update(&snap(&[1, 2, 3]));
+        c.update(&snap(&[1, 2]));
+        let key: TsigKey = KEY.parse().unwrap();
+        let mut valid = vec![request(rtype::AXFR, None), request(rtype::IXFR, Some(100))];
+        let mut signed = request(rtype::IXFR, Some(100));
+        Signer::for_request(&key, unix_now()).sign(&mut signed);
+        valid.push(signed);
+        let mut q = vec![1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x02ns\x00\x00\x06\x00\x01");
+        Signer::for_request(&key, unix_now()).sign(&mut q);
+        valid.push(q);
+        let mut x: u64 = 99;
+        let mut rnd = |n: usize| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) as usize) % n.max(1)
+        };
+        let (mut s, shard) = (Scratch::new(0), Shard::default());
+        for round in 0..40_000 {
+            let mut pkt = valid[round % valid.len()].clone();
+            match rnd(3) {
+                0 => {
+                    for _ in 0..=rnd(3) {
+                        let i = rnd(pkt.len());
+                        pkt[i] = rnd(256) as u8;
+                    }
+                }
+                1 => pkt.truncate(rnd(pkt.len() + 1)),
+                _ => {
+                    let i = rnd(pkt.len());
+                    pkt[i] ^= 1 << rnd(8);
+                }
+            }
+            let tcp = round % 3 != 0;
+            let Some(msgs) =
+                c.respond_special(&pkt, tcp, "198.51.100.7".parse().unwrap(), &mut s, &shard)
+            else {
+                continue;
+            };
+            for m in &msgs {
+                assert_eq!(m[..2], pkt[..2]);
+                let parsed = Message::from_vec(m).unwrap_or_else(|e| panic!("{e}: {pkt:?}"));
+                // Records of the zone only with a verified signature (the mutation may
+                // have left the signed request intact).
+                if !parsed.answers.is_empty() {
+                    assert!(
+                        tsig::verify(
+                            &pkt,
+                            pkt.len() - TSIG_LEN,
+                            std::slice::from_ref(&key),
+                            unix_now()
+                        )
+                        .is_ok(),
+                        "zone data for an unsigned request {pkt:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A signed answer that the signature pushes over 512 bytes (no EDNS) is sent as a
+    /// signed TC instead, so the client retries over TCP; over TCP the whole answer.
+    #[test]
+    fn signed_udp_answers_stay_within_the_limit() {
+        let c = catalog(&[]);
+        let mut big = snap(&[1]);
+        let mut reg = (*big.instances[0].registration).clone();
+        reg.addresses = (0..28).map(|k| IpAddr::from([10, 9, 0, k])).collect();
+        Arc::make_mut(&mut big.instances[0]).registration = Arc::new(reg);
+        c.update(&big);
+        let key: TsigKey = KEY.parse().unwrap();
+        let mut q = vec![1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x02m1\x02ns\x00\x00\x01\x00\x01");
+        let mut signer = Signer::for_request(&key, unix_now());
+        signer.sign(&mut q);
+        let (mut s, shard) = (Scratch::new(0), Shard::default());
+        let peer = "198.51.100.7".parse().unwrap();
+        let udp = c.respond_special(&q, false, peer, &mut s, &shard).unwrap();
+        assert!(udp[0].len() <= 512, "{}", udp[0].len());
+        let m = Message::from_vec(&udp[0]).unwrap();
+        assert!(m.metadata.truncation && m.answers.is_empty());
+        assert!(signer.verify_response(&udp[0], udp[0].len() - TSIG_LEN));
+        let tcp = c.respond_special(&q, true, peer, &mut s, &shard).unwrap();
+        let m = Message::from_vec(&tcp[0]).unwrap();
+        assert_eq!(m.answers.len(), 28);
+        assert!(tcp[0].len() > 512);
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let h = History::default();
+        for serial in 0..100 {
+            let mut s = snap(&[1]);
+            s.serial = serial;
+            h.push(Arc::new(s));
+        }
+        let zones = h.zones.lock().unwrap();
+        assert_eq!(zones["ns"].len(), HISTORY_VERSIONS + 1);
+        assert_eq!(zones["ns"].back().unwrap().serial, 99);
+    }
+
+    #[test]
+    fn large_zones_span_several_messages() {
+        let c = catalog(&["127.0.0.1"]);
+        let mut big = snap(&(0..=250).collect::<Vec<u8>>());
+        for inst in &mut big.instances {
+            let mut reg = (*inst.registration).clone();
+            reg.addresses = (0..8).map(|k| IpAddr::from([10, 1, k, 1])).collect();
+            Arc::make_mut(inst).registration = Arc::new(reg);
+        }
+        c.update(&big);
+        let msgs = ask(&c, &request(rtype::AXFR, None), true, "127.0.0.1");
+        assert!(msgs.len() > 1, "{}", msgs.len());
+        let (_, rrs) = records(&msgs);
+        assert_eq!(
+            rrs.iter().filter(|r| r.contains(" A 10.1.")).count(),
+            251 * 8
+        );
+        assert_eq!(rrs.iter().filter(|r| r.starts_with("SOA")).count(), 2);
+    }
+
+    #[test]
+    fn allow_list_matching() {
+        let n: AllowNet = "10.1.0.0/16".parse().unwrap();
+        assert!(n.contains("10.1.200.3".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let one: AllowNet = "::1".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.1".parse().unwrap()));
+        let all: AllowNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "x", "10.0.0.0/", "::/129"] {
+            assert!(bad.parse::<AllowNet>().is_err(), "{bad}");
+        }
+    }
+}
