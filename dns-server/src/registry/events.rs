@@ -75,6 +75,21 @@ struct Inner {
     dropped_upto: HashMap<NamespaceName, u64>,
     /// Live channels, created by the first subscriber of a namespace.
     live: HashMap<NamespaceName, broadcast::Sender<Sequenced>>,
+    /// Per namespace: the sequence number of its last event in this epoch (what a clean
+    /// shutdown hands to the next process, see [`Position`]).
+    ns_last: HashMap<NamespaceName, u64>,
+}
+
+/// Where a hub's numbering stands: what a clean shutdown saves so that the next process
+/// continues the same epoch (see [`EventHub::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    /// The epoch.
+    pub epoch: u64,
+    /// The last sequence number used.
+    pub last_seq: u64,
+    /// Per namespace, the sequence number of its last event in the epoch.
+    pub namespaces: std::collections::BTreeMap<String, u64>,
 }
 
 /// Fan-out of registry events to subscribers, with a bounded history for resumption.
@@ -102,8 +117,49 @@ impl EventHub {
                 ring: VecDeque::new(),
                 dropped_upto: HashMap::new(),
                 live: HashMap::new(),
+                ns_last: HashMap::new(),
             }),
         }
+    }
+
+    /// Where the numbering stands (epoch, last sequence number, each namespace's last
+    /// event).
+    pub fn position(&self) -> Position {
+        let inner = self.inner.lock().unwrap();
+        Position {
+            epoch: inner.start_seq,
+            last_seq: inner.last_seq,
+            namespaces: inner
+                .ns_last
+                .iter()
+                .map(|(ns, seq)| (ns.as_str().to_string(), *seq))
+                .collect(),
+        }
+    }
+
+    /// Continues the epoch of `pos` (saved by a clean shutdown of the previous process):
+    /// numbering goes on after `pos.last_seq`, and a client resuming with an id of that
+    /// epoch is answered without `resync` when it had every event of its namespace (its
+    /// id is at least the namespace's last event); the previous process's events are
+    /// gone, so a client further behind gets `resync`. Only before the first event (else
+    /// `false`, nothing changed).
+    pub fn restore(&self, pos: &Position) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.last_seq != inner.start_seq || pos.last_seq < pos.epoch {
+            return false;
+        }
+        let mut last = HashMap::new();
+        for (ns, seq) in &pos.namespaces {
+            // A namespace name that no longer validates cannot be subscribed to anyway.
+            if let Ok(n) = NamespaceName::new(ns) {
+                last.insert(n, (*seq).clamp(pos.epoch, pos.last_seq));
+            }
+        }
+        inner.start_seq = pos.epoch;
+        inner.last_seq = pos.last_seq;
+        inner.dropped_upto = last.clone();
+        inner.ns_last = last;
+        true
     }
 
     /// Numbers and publishes `event` for `ns`; returns its sequence number.
@@ -124,6 +180,7 @@ impl EventHub {
             }
         }
         inner.ring.push_back((ns.clone(), item));
+        inner.ns_last.insert(ns.clone(), seq);
         seq
     }
 

@@ -18,6 +18,7 @@
 mod etcd;
 pub mod events;
 pub mod preserve;
+pub mod resume;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

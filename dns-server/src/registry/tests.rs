@@ -757,3 +757,116 @@ async fn after_a_restart_every_membrane_gets_one_fresh_ttl() {
         "just one: the silent ones go stale"
     );
 }
+
+/// Stops `r` (its writer flushes) and opens the same store again.
+fn reopen(
+    r: Arc<Registry>,
+    t: sqlite::WriterThread,
+    path: &Path,
+) -> (Arc<Registry>, sqlite::WriterThread) {
+    drop(r);
+    t.join();
+    open(path)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clean_stop_lets_the_next_start_continue_the_event_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (r, t) = open(&path);
+    let (n, other) = (ns("fleet"), ns("other"));
+    r.register(&open_caller(), &n, &id("a"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.register(&open_caller(), &other, &id("x"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.register(&open_caller(), &n, &id("b"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.register(&open_caller(), &other, &id("y"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.flush().await;
+    let marker = r.resume_marker().unwrap();
+    let epoch = r.events().epoch();
+    let last = r.events().revision();
+    // Round trip through the data dir; taken once only.
+    resume::save(dir.path(), &marker).unwrap();
+    assert_eq!(resume::take(dir.path()).unwrap().as_ref(), Some(&marker));
+    assert_eq!(
+        resume::take(dir.path()).unwrap(),
+        None,
+        "used by one start at most"
+    );
+
+    let (r, t) = reopen(r, t, &path);
+    assert!(r.resume_events(&marker));
+    assert_eq!(r.events().epoch(), epoch);
+    // `fleet`'s last event was `b`, before `y` of `other`: an agent of `fleet` at `b`
+    // had everything of its namespace.
+    let at_b = marker.position.namespaces["fleet"];
+    assert!(at_b < last);
+    let sub = r.events().subscribe(&n, Some(at_b));
+    assert!(!sub.resync && sub.replay.is_empty());
+    assert!(
+        r.events().subscribe(&n, Some(at_b - 1)).resync,
+        "missed `b`"
+    );
+    assert!(
+        r.events().subscribe(&other, Some(at_b)).resync,
+        "missed `y`"
+    );
+    assert!(!r.events().subscribe(&other, Some(last)).resync);
+    // Numbering goes on after the saved position.
+    r.register(&open_caller(), &n, &id("c"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.flush().await;
+    let sub = r.events().subscribe(&n, Some(at_b));
+    assert_eq!(sub.replay.len(), 1);
+    assert!(sub.replay[0].0 > last);
+
+    // The store changed since the marker (`c`): a new epoch.
+    let (r, _t) = reopen(r, t, &path);
+    assert!(!r.resume_events(&marker));
+    assert_ne!(r.events().epoch(), epoch);
+    assert!(r.events().subscribe(&n, Some(at_b)).resync);
+}
+
+#[tokio::test(start_paused = true)]
+async fn membranes_stale_at_a_clean_stop_are_announced_passing_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (r, t) = open(&path);
+    let n = ns("fleet");
+    r.register(&open_caller(), &n, &id("quiet"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.register(&open_caller(), &n, &id("busy"), reg(Some(30)))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(20)).await;
+    r.heartbeat(&open_caller(), &n, &id("busy")).await.unwrap();
+    tokio::time::advance(Duration::from_secs(15)).await;
+    r.sweep();
+    r.flush().await;
+    assert_eq!(r.get(&n, &id("quiet")).unwrap().state, HealthState::Stale);
+    let marker = r.resume_marker().unwrap();
+    assert_eq!(marker.stale["fleet"], vec!["quiet".to_string()]);
+    let last = r.events().revision();
+
+    // Every membrane starts passing: agents that had `quiet` stale are told.
+    let (r, _t) = reopen(r, t, &path);
+    assert!(r.resume_events(&marker));
+    let sub = r.events().subscribe(&n, Some(last));
+    assert!(!sub.resync);
+    assert_eq!(sub.replay.len(), 1);
+    let frame = String::from_utf8(sub.replay[0].1.frame().to_vec()).unwrap();
+    assert!(
+        frame.contains("event: state_changed")
+            && frame.contains(r#""id":"quiet""#)
+            && frame.contains(r#""state":"passing""#),
+        "{frame}"
+    );
+}
