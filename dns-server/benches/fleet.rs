@@ -4,19 +4,24 @@
 //! `Last-Event-ID` from its own position; a full list only on first start, on `resync` or
 //! on another event epoch, after a full-jitter delay), reconnection with jittered
 //! exponential backoff, and churn (X %/min of the agents deregister and register as a new
-//! membrane). Then a registry restart: kill -9, start again on the same address, and time
-//! until every agent heartbeats and has its cache synchronised again.
+//! membrane). Then a registry restart: a clean stop (SIGTERM) or a crash (kill -9), start
+//! again on the same address, and time until every agent heartbeats and has its cache
+//! synchronised again (restart to steady).
 //!
 //! Reports the server's CPU (from `/proc/<pid>/stat`, % of one core), RSS and RSS per agent,
 //! heartbeat latency percentiles, fan-out (time from a change's commit — its writer's answer,
 //! which the server sends right after publishing the event — to its arrival at every
 //! subscriber of the namespace), lists, resyncs and errors.
 //!
-//! Run: `cargo bench -p dns-server --bench fleet`
+//! Run: `cargo bench -p dns-server --bench fleet`; the issue's target (20,000 agents in one
+//! namespace, 5 %/min churn, warm caches, as root for the open-file limit):
+//! `BENCH_AGENTS=20000 BENCH_WARM=1 BENCH_SECONDS=120 cargo bench -p dns-server --bench fleet`
+//! The open-file limit is raised to 3 per agent (+4096) for the generator and the server.
 //! Knobs (env): BENCH_AGENTS (1000), BENCH_NAMESPACES (1), BENCH_CHURN (5, % of the agents
 //! per minute), BENCH_SECONDS (60, steady phase), BENCH_RAMP (500 agents started per
-//! second), BENCH_RESTART (1: run the restart phase), BENCH_SETTLE (20 s after the restart),
-//! BENCH_SOURCES (1: loopback source addresses 127.0.0.2.. to spread ephemeral ports over),
+//! second), BENCH_RESTART (1: run the restart phase), BENCH_RESTART_KILL (0: clean stop with
+//! SIGTERM; 1: kill -9), BENCH_SETTLE (20 s after the restart), BENCH_SOURCES (agents / 2500,
+//! at least 1: loopback source addresses 127.0.0.2.. to spread ephemeral ports over),
 //! BENCH_WARM (0; 1: agents start as if with a warm cache — no full list at start, which for
 //! N agents in one namespace is N lists of up to N membranes),
 //! BENCH_SERVER_BIN (another `dns-server` binary).
@@ -780,11 +785,22 @@ fn main() {
     let ramp = env("BENCH_RAMP", 500).max(1);
     let restart = env("BENCH_RESTART", 1) == 1;
     let settle = env("BENCH_SETTLE", if quick { 1 } else { 20 }) as u64;
-    let sources = env("BENCH_SOURCES", 1).clamp(1, 250);
+    // A fresh connection per heartbeat: 2,000/s at 20k agents, each port held in TIME_WAIT
+    // for a minute; one source address has ~28k ephemeral ports.
+    let sources = env("BENCH_SOURCES", agents / 2500).clamp(1, 250);
+    let crash = env("BENCH_RESTART_KILL", 0) == 1;
     let warm = env("BENCH_WARM", 0) == 1;
 
     // Each agent: one stream, plus a connection per request; the server as many.
-    let nofile = raise_nofile((agents as u64) * 3 + 4096);
+    let want_files = (agents as u64) * 3 + 4096;
+    let nofile = raise_nofile(want_files);
+    if nofile < want_files {
+        eprintln!(
+            "WARNING: open files limited to {nofile}, {want_files} wanted for {agents} agents: \
+             run as root or raise `ulimit -n` (the server inherits the limit and lowers its \
+             connection cap to fit)"
+        );
+    }
     let cap = (agents * 2 + 1024).to_string();
     let subs = (agents + 256).to_string();
     let extra = [
@@ -801,7 +817,7 @@ fn main() {
     let uptime = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "fleet: {agents} agents in {namespaces} namespace(s), churn {churn} %/min, steady {seconds} s, \
-         heartbeat 10 s{}; open files {nofile}; server pid {pid} on {addr}; loadavg {}",
+         heartbeat 10 s{}; open files {nofile}; {sources} source address(es); server pid {pid} on {addr}; loadavg {}",
         if warm {
             ", warm start (no full list at start)"
         } else {
@@ -964,12 +980,26 @@ fn main() {
         report_errors(&sh, 1, "steady");
 
         if restart {
-            // Registry restart: kill -9, start again on the same address.
+            // Registry restart: a clean stop (SIGTERM; BENCH_RESTART_KILL=1: kill -9), then
+            // start again on the same address.
             sh.phase.store(2, Ordering::Relaxed);
             sh.restarting.store(true, Ordering::Relaxed);
             let kill = Instant::now();
             sh.kill_ns.store(sh.now_ns(), Ordering::Relaxed);
-            drop(server.take());
+            let mut old = server.take().unwrap();
+            if !crash {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &old.0.id().to_string()])
+                    .status();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = old.0.wait();
+                    old
+                })
+                .await;
+            } else {
+                drop(old);
+            }
+            let stopped = kill.elapsed();
             let (s2, _) = start_server_on(dir.path(), &addr, &extra);
             let ready = kill.elapsed();
             let pid2 = s2.0.id().to_string();
@@ -993,9 +1023,22 @@ fn main() {
                 t
             };
             let (hbt, syt) = (times(&sh.hb_back), times(&sh.sync_back));
+            let steady = if hbt.len() == agents && syt.len() == agents {
+                format!(
+                    "{:.1} s",
+                    pct(&hbt, 1.0).max(pct(&syt, 1.0)) / 1000.0
+                )
+            } else {
+                "NOT REACHED within 120 s".to_string()
+            };
             println!(
-                "restart: server ready {:.2} s after kill; heartbeating again {}/{agents} (p50 {:.1} s, last {:.1} s); \
+                "restart ({}): to steady {steady} (every agent heartbeating and its cache synced)",
+                if crash { "kill -9" } else { "clean stop, SIGTERM" }
+            );
+            println!(
+                "restart: server stopped {:.2} s and ready {:.2} s after the signal; heartbeating again {}/{agents} (p50 {:.1} s, last {:.1} s); \
                  caches synced again {}/{agents} (p50 {:.1} s, last {:.1} s); {} resync lists",
+                stopped.as_secs_f64(),
                 ready.as_secs_f64(),
                 hbt.len(),
                 pct(&hbt, 0.5) / 1000.0,
@@ -1033,6 +1076,14 @@ fn main() {
     if quick {
         assert_eq!(steady, 0, "errors in the steady phase");
         assert_eq!(sh.synced.load(Ordering::Relaxed), agents);
+        if restart && !crash {
+            // A clean restart continues the event epoch: every agent resumes, none lists.
+            assert_eq!(
+                sh.lists[2].load(Ordering::Relaxed),
+                0,
+                "lists after a clean restart"
+            );
+        }
     }
 }
 
