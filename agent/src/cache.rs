@@ -2,18 +2,31 @@
 //! stream (see [`crate::sync`]) and persisted to `cache.json` in the state directory so that
 //! `agent discover` and `agent list` answer from it, marked as cached, while the registry is
 //! down, even after the agent restarts.
+//!
+//! Writing the file is batched: an event marks the cache changed and [`Cache::run_writer`]
+//! writes it at most [`WRITE_DELAY`] after the first unwritten change (one write for a burst,
+//! where a 20,000-membrane namespace makes each write several megabytes), and once more at
+//! shutdown ([`Cache::flush`]). The file always holds a content with its own revision, so
+//! events lost to a crash within the delay are replayed when the stream resumes from it.
+//! A full list and a forgotten position (`resync`) are written at once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use shared::model::{Event, MembraneView};
 use shared::name::NamespaceName;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::client::ListFilter;
 use crate::util;
+
+/// Longest time a change of the cache waits before it is written to the file.
+pub const WRITE_DELAY: Duration = Duration::from_secs(2);
 
 /// File name of the cache in the state directory.
 pub const CACHE_FILE: &str = "cache.json";
@@ -190,6 +203,12 @@ pub struct Cache {
     /// Copy-on-write: readers share the current data (an `Arc` clone per snapshot), a
     /// change copies it only while a snapshot is still held.
     inner: Mutex<(Arc<CacheData>, bool)>,
+    /// Changes not yet in the file.
+    dirty: AtomicBool,
+    /// A change was marked (wakes [`Cache::run_writer`]).
+    changed: tokio::sync::Notify,
+    /// One write at a time, each of the data as of its start: the file never goes back.
+    writing: Mutex<()>,
 }
 
 impl Cache {
@@ -208,13 +227,54 @@ impl Cache {
         Cache {
             path,
             inner: Mutex::new((Arc::new(data), false)),
+            dirty: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+            writing: Mutex::new(()),
         }
     }
 
-    fn persist(&self, data: &CacheData) {
-        if let Err(e) = data.save(&self.path) {
+    /// Marks the cache changed: written within [`WRITE_DELAY`] by [`Cache::run_writer`].
+    fn mark(&self) {
+        self.dirty.store(true, Ordering::SeqCst);
+        self.changed.notify_one();
+    }
+
+    /// Writes the changes not yet in the file, now; `Ok(false)` when there were none.
+    pub fn flush(&self) -> std::io::Result<bool> {
+        let _one = self.writing.lock().unwrap();
+        if !self.dirty.swap(false, Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let data = self.snapshot().0;
+        data.save(&self.path).inspect_err(|_| {
+            // Still to write: the next change or flush tries again.
+            self.dirty.store(true, Ordering::SeqCst);
+        })?;
+        Ok(true)
+    }
+
+    fn flush_logged(&self) {
+        if let Err(e) = self.flush() {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot write the cache");
         }
+    }
+
+    /// Writes changes to the file, each at most [`WRITE_DELAY`] after it was made (what
+    /// changes meanwhile goes in the same write), until `stop`; then writes what is left.
+    pub async fn run_writer(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.changed.notified() => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(WRITE_DELAY) => {}
+            }
+            let this = self.clone();
+            let _ = tokio::task::spawn_blocking(move || this.flush_logged()).await;
+        }
+        self.flush_logged();
     }
 
     /// Replaces the content with a full list (taken at `revision` of `epoch`) and marks
@@ -223,7 +283,9 @@ impl Cache {
         let mut g = self.inner.lock().unwrap();
         Arc::make_mut(&mut g.0).replace(membranes, revision, epoch, SystemTime::now());
         g.1 = true;
-        self.persist(&g.0);
+        drop(g);
+        self.mark();
+        self.flush_logged();
     }
 
     /// Where the event stream can resume: the revision and its epoch, if the cache has one.
@@ -236,19 +298,23 @@ impl Cache {
     /// list (a reconnection meanwhile must not resume from it). Not live until then.
     pub fn forget_revision(&self) {
         let mut g = self.inner.lock().unwrap();
+        g.1 = false;
         if g.0.revision.is_some() {
             Arc::make_mut(&mut g.0).revision = None;
-            self.persist(&g.0);
+            drop(g);
+            // At once: a restart meanwhile must not resume from a disowned position.
+            self.mark();
+            self.flush_logged();
         }
-        g.1 = false;
     }
 
     /// Applies a stream event (persisting a change).
     pub fn apply(&self, id: Option<u64>, ev: &Event) -> Applied {
         let mut g = self.inner.lock().unwrap();
         let r = Arc::make_mut(&mut g.0).apply(id, ev, SystemTime::now());
+        drop(g);
         if r == Applied::Changed {
-            self.persist(&g.0);
+            self.mark();
         }
         r
     }
@@ -259,7 +325,7 @@ impl Cache {
         if g.1 && !live {
             // Remember when it was last known current.
             Arc::make_mut(&mut g.0).updated_at_ms = util::unix_millis(SystemTime::now());
-            self.persist(&g.0);
+            self.mark();
         }
         g.1 = live;
     }
@@ -403,5 +469,66 @@ pub(crate) mod tests {
         );
         let (s3, _) = cache.snapshot();
         assert!(s3.membranes.contains_key("b") && !s3.membranes.contains_key("a"));
+    }
+
+    fn on_disk(dir: &Path) -> Option<u64> {
+        CacheData::load(&dir.join(CACHE_FILE))
+            .unwrap()
+            .unwrap()
+            .revision
+    }
+
+    /// Waits (in real time: the write runs on a blocking thread) until the file holds
+    /// `rev`.
+    fn wait_on_disk(dir: &Path, rev: u64) {
+        for _ in 0..5000 {
+            if on_disk(dir) == Some(rev) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("the file never reached revision {rev}: {:?}", on_disk(dir));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn event_writes_are_batched_within_the_delay_and_flushed_at_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(Cache::open(dir.path(), ns()));
+        cache.replace(vec![view("cog", "a", "s", "x")], Some(10), Some(77));
+        assert_eq!(
+            on_disk(dir.path()),
+            Some(10),
+            "a full list is written at once"
+        );
+        let stop = CancellationToken::new();
+        let writer = tokio::spawn(cache.clone().run_writer(stop.clone()));
+        let reg = |id: &str| Event::Registered {
+            membrane: Box::new(view("cog", id, "s", "x")),
+        };
+        let t0 = tokio::time::Instant::now();
+        for (i, id) in ["b", "c", "d"].into_iter().enumerate() {
+            assert_eq!(cache.apply(Some(11 + i as u64), &reg(id)), Applied::Changed);
+        }
+        // A burst of events: nothing written until the delay has passed...
+        tokio::time::sleep(WRITE_DELAY - Duration::from_millis(1)).await;
+        assert_eq!(on_disk(dir.path()), Some(10), "written before the delay");
+        // ...then one write holding all of it.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        wait_on_disk(dir.path(), 13);
+        assert!(t0.elapsed() < WRITE_DELAY + Duration::from_millis(10));
+        let data = CacheData::load(&dir.path().join(CACHE_FILE))
+            .unwrap()
+            .unwrap();
+        assert_eq!(data.membranes.len(), 4);
+        // A change just before stopping is written at the stop, not lost or delayed.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        cache.apply(Some(14), &reg("e"));
+        let t1 = tokio::time::Instant::now();
+        stop.cancel();
+        writer.await.unwrap();
+        assert_eq!(t1.elapsed(), Duration::ZERO);
+        assert_eq!(on_disk(dir.path()), Some(14));
+        // Nothing changed: a flush writes nothing.
+        assert!(!cache.flush().unwrap());
     }
 }

@@ -522,6 +522,11 @@ mod tests {
         let ids: Vec<&str> = data.membranes.keys().map(String::as_str).collect();
         assert_eq!(ids, ["a", "b"], "event 4 <= revision 5 was skipped");
         assert_eq!((data.revision, data.epoch), (Some(6), Some(900)));
+        // Events are written in batches (the daemon's writer, within WRITE_DELAY).
+        assert!(
+            cache.flush().unwrap(),
+            "the event after the list is still to write"
+        );
         let on_disk = CacheData::load(&dir.path().join(crate::cache::CACHE_FILE))
             .unwrap()
             .unwrap();
