@@ -795,10 +795,21 @@ fn main() {
     let want_files = (agents as u64) * 3 + 4096;
     let nofile = raise_nofile(want_files);
     if nofile < want_files {
+        // Each side holds one stream per agent plus heartbeat connections in flight; the
+        // server also keeps descriptors for its store and listeners.
+        let fits = nofile.saturating_sub(1024);
         eprintln!(
-            "WARNING: open files limited to {nofile}, {want_files} wanted for {agents} agents: \
-             run as root or raise `ulimit -n` (the server inherits the limit and lowers its \
-             connection cap to fit)"
+            "WARNING: open files limited to {nofile} (hard limit; raising it needs \
+             CAP_SYS_RESOURCE), {want_files} wanted for {agents} agents{}: raise the hard \
+             limit (`prlimit`, systemd LimitNOFILE, `docker --ulimit nofile=`) or run as root",
+            if (agents as u64) > fits {
+                format!(
+                    "; ABOUT {fits} AGENTS AT MOST FIT: the server's connection cap is lowered \
+                     to the limit and the rest get 503 (errors)"
+                )
+            } else {
+                String::new()
+            }
         );
     }
     let cap = (agents * 2 + 1024).to_string();
@@ -808,6 +819,9 @@ fn main() {
         cap.as_str(),
         "--sse-max-subscribers",
         subs.as_str(),
+        // No DNS over TCP here: its descriptors go to HTTP connections.
+        "--dns-tcp-max-connections",
+        "16",
     ];
     let dir = tempfile::tempdir().unwrap();
     let (server, addr) = start_server_on(dir.path(), "127.0.0.1:0", &extra);
