@@ -90,6 +90,31 @@ pub struct Position {
     pub last_seq: u64,
     /// Per namespace, the sequence number of its last event in the epoch.
     pub namespaces: std::collections::BTreeMap<String, u64>,
+    /// The last events (at most [`REPLAY_MAX`]), oldest first: the next process replays
+    /// them to clients a little behind (events published while the streams were closing,
+    /// or not yet delivered) instead of sending `resync`.
+    #[serde(default)]
+    pub tail: Vec<TailEvent>,
+}
+
+/// One saved event of [`Position::tail`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TailEvent {
+    /// Namespace.
+    pub ns: String,
+    /// Sequence number.
+    pub seq: u64,
+    /// SSE `event:` name.
+    pub kind: String,
+    /// The whole SSE frame, as sent.
+    pub frame: String,
+}
+
+/// The `'static` name of a known event kind.
+fn known_kind(kind: &str) -> Option<&'static str> {
+    ["registered", "deregistered", "state_changed", "resync"]
+        .into_iter()
+        .find(|k| *k == kind)
 }
 
 /// Fan-out of registry events to subscribers, with a bounded history for resumption.
@@ -134,14 +159,27 @@ impl EventHub {
                 .iter()
                 .map(|(ns, seq)| (ns.as_str().to_string(), *seq))
                 .collect(),
+            tail: inner
+                .ring
+                .iter()
+                .skip(inner.ring.len().saturating_sub(REPLAY_MAX))
+                .filter_map(|(ns, (seq, p))| {
+                    Some(TailEvent {
+                        ns: ns.as_str().to_string(),
+                        seq: *seq,
+                        kind: p.kind.to_string(),
+                        frame: String::from_utf8(p.frame.to_vec()).ok()?,
+                    })
+                })
+                .collect(),
         }
     }
 
     /// Continues the epoch of `pos` (saved by a clean shutdown of the previous process):
     /// numbering goes on after `pos.last_seq`, and a client resuming with an id of that
-    /// epoch is answered without `resync` when it had every event of its namespace (its
-    /// id is at least the namespace's last event); the previous process's events are
-    /// gone, so a client further behind gets `resync`. Only before the first event (else
+    /// epoch resumes: replayed from the saved tail of events, or with nothing to replay
+    /// when it had every event of its namespace; a client further behind than the tail
+    /// gets `resync`. Only before the first event (else
     /// `false`, nothing changed).
     pub fn restore(&self, pos: &Position) -> bool {
         let mut inner = self.inner.lock().unwrap();
@@ -155,9 +193,34 @@ impl EventHub {
                 last.insert(n, (*seq).clamp(pos.epoch, pos.last_seq));
             }
         }
+        // The saved tail: in order, within the epoch, at most REPLAY_MAX.
+        let mut ring = VecDeque::new();
+        let mut prev = pos.epoch;
+        for t in pos
+            .tail
+            .iter()
+            .skip(pos.tail.len().saturating_sub(REPLAY_MAX))
+        {
+            let (Ok(ns), Some(kind)) = (NamespaceName::new(&t.ns), known_kind(&t.kind)) else {
+                continue;
+            };
+            if t.seq <= prev || t.seq > pos.last_seq {
+                continue;
+            }
+            prev = t.seq;
+            let frame = Bytes::from(t.frame.clone());
+            ring.push_back((ns, (t.seq, Arc::new(Published { kind, frame }))));
+        }
+        // Events up to `before` are not in the ring: a namespace's last one among them
+        // is at most `before` (exact when none of its events is in the tail).
+        let before = ring.front().map_or(pos.last_seq, |(_, (seq, _))| seq - 1);
+        inner.dropped_upto = last
+            .iter()
+            .map(|(ns, seq)| (ns.clone(), (*seq).min(before)))
+            .collect();
         inner.start_seq = pos.epoch;
         inner.last_seq = pos.last_seq;
-        inner.dropped_upto = last.clone();
+        inner.ring = ring;
         inner.ns_last = last;
         true
     }
@@ -328,6 +391,41 @@ mod tests {
             near.replay[0].0
         )));
         assert!(text.ends_with("}\n\n"), "{text}");
+    }
+
+    #[test]
+    fn a_restored_hub_replays_the_saved_tail_and_resyncs_further_behind() {
+        let hub = EventHub::new(1000);
+        let (a, b) = (
+            NamespaceName::new("a").unwrap(),
+            NamespaceName::new("b").unwrap(),
+        );
+        let first_b = hub.publish(&b, ev(&b, "only"));
+        let mut a_seqs = Vec::new();
+        for i in 0..REPLAY_MAX + 10 {
+            a_seqs.push(hub.publish(&a, ev(&a, &format!("m{i}"))));
+        }
+        let pos = hub.position();
+        assert_eq!(pos.tail.len(), REPLAY_MAX);
+        assert_eq!(pos.namespaces["b"], first_b);
+        let json = serde_json::to_string(&pos).unwrap();
+        let next = EventHub::new(5_000_000);
+        assert!(next.restore(&serde_json::from_str(&json).unwrap()));
+        assert_eq!((next.epoch(), next.revision()), (1000, pos.last_seq));
+        // Within the tail: replayed, the same frames.
+        let n = a_seqs.len();
+        let near = next.subscribe(&a, Some(a_seqs[n - 3]));
+        assert!(!near.resync);
+        assert_eq!(near.replay.len(), 2);
+        let before = hub.subscribe(&a, Some(a_seqs[n - 2]));
+        assert_eq!(near.replay[1].1.frame(), before.replay[0].1.frame());
+        // Before the tail: resync; `b` had everything at its last event.
+        assert!(next.subscribe(&a, Some(a_seqs[0])).resync);
+        assert!(!next.subscribe(&b, Some(first_b)).resync);
+        assert!(next.subscribe(&b, Some(first_b - 1)).resync);
+        // Numbering continues; a second restore is refused.
+        assert_eq!(next.publish(&b, ev(&b, "new")), pos.last_seq + 1);
+        assert!(!next.restore(&pos));
     }
 
     #[tokio::test]

@@ -3,12 +3,14 @@
 //! Event history lives in memory, so a new process starts a new epoch and every agent has
 //! to list its whole namespace again: at 20,000 agents in one namespace, 20,000 lists of
 //! 20,000 membranes. A clean shutdown therefore leaves [`MARKER`] in the data dir: the
-//! hub's [`Position`] (epoch, last sequence number, each namespace's last event), the
-//! membranes stale at that moment, and a fingerprint of what the store holds. The next
-//! start takes the file (reads it and deletes it before anything else can change the
-//! store) and, when the fingerprint matches what it loaded, continues the epoch: an agent
-//! whose `Last-Event-ID` is at or after its namespace's last event resumes with nothing
-//! to replay, instead of listing. Health is soft state (every membrane starts `passing`),
+//! hub's [`Position`] (epoch, last sequence number, each namespace's last event, the last
+//! [`REPLAY_MAX`](super::events::REPLAY_MAX) event frames), the membranes stale at that
+//! moment, and a fingerprint of what the store holds. The next start takes the file
+//! (reads it and deletes it before anything else can change the store) and, when the
+//! fingerprint matches what it loaded, continues the epoch: an agent whose `Last-Event-ID`
+//! is at or after its namespace's last event resumes with nothing to replay, one a little
+//! behind (events published while the streams were closing) gets them from the saved
+//! frames, instead of listing. Health is soft state (every membrane starts `passing`),
 //! so each membrane that was stale at shutdown gets a `state_changed: passing` event, the
 //! first events of the continued epoch.
 //!
