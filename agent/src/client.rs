@@ -133,7 +133,13 @@ pub struct MembraneList {
     /// The last event id included in this list, when the registry tells.
     #[serde(default)]
     pub revision: Option<u64>,
+    /// The event numbering `revision` belongs to, when the registry tells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
+
+/// The response header naming the event stream's numbering (see [`MembraneList::epoch`]).
+pub const EPOCH_HEADER: &str = "membrane-event-epoch";
 
 /// Filters of a list request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -471,8 +477,13 @@ impl HttpRegistry {
         self.parse(&bytes)
     }
 
-    /// Opens `GET /v1/namespaces/{ns}/events` (Server-Sent Events); the body streams.
-    pub async fn open_events(&self, ns: &NamespaceName) -> Result<Response<Incoming>, ClientError> {
+    /// Opens `GET /v1/namespaces/{ns}/events` (Server-Sent Events), resuming after event
+    /// `last_event_id` when given; the body streams.
+    pub async fn open_events(
+        &self,
+        ns: &NamespaceName,
+        last_event_id: Option<u64>,
+    ) -> Result<Response<Incoming>, ClientError> {
         let n = self.urls.len();
         let start = self.current.load(Ordering::Relaxed);
         let path = format!("/v1/namespaces/{ns}/events");
@@ -480,7 +491,11 @@ impl HttpRegistry {
         for k in 0..n {
             let idx = (start + k) % n;
             let url = &self.urls[idx];
-            let req = self.build(url, &Method::GET, &path, None, &None, "text/event-stream")?;
+            let mut req = self.build(url, &Method::GET, &path, None, &None, "text/event-stream")?;
+            if let Some(id) = last_event_id {
+                req.headers_mut()
+                    .insert("last-event-id", hyper::header::HeaderValue::from(id));
+            }
             match self.send_to(url, req).await {
                 Ok(resp)
                     if resp.status().is_success()

@@ -77,6 +77,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
 
     let mut tasks = JoinSet::new();
     tasks.spawn(signals(cancel.clone(), activity.clone()));
+    tasks.spawn(cache.clone().run_writer(cancel.clone()));
     let relay = match crate::relay::service::start(
         &cfg,
         cache.clone(),
@@ -147,6 +148,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
     .is_err()
     {
         tasks.abort_all();
+    }
+    // Whatever the stream applied since the last batched write.
+    if let Err(e) = cache.flush() {
+        tracing::warn!(error = %e, "cannot write the cache");
     }
     let _ = std::fs::remove_file(&socket);
     match result {

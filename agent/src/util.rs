@@ -69,8 +69,12 @@ impl Jitter {
 
     /// Jitter of `±fraction` with a fixed seed (tests).
     pub fn with_seed(fraction: f64, seed: u64) -> Self {
+        // splitmix64: small or similar seeds must not start xorshift near zero.
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         Jitter {
-            state: seed | 1,
+            state: (z ^ (z >> 31)) | 1,
             fraction: fraction.clamp(0.0, 0.9),
         }
     }
@@ -82,6 +86,11 @@ impl Jitter {
         x ^= x << 17;
         self.state = x;
         (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A random duration in `[0, d]` ("full jitter": spreads a crowd evenly over `d`).
+    pub fn upto(&mut self, d: Duration) -> Duration {
+        d.mul_f64(self.next_unit())
     }
 
     /// `d` scaled by a random factor in `[1 - fraction, 1 + fraction]`.

@@ -193,6 +193,31 @@ pub struct ServerArgs {
           value_parser = humantime::parse_duration)]
     pub sweep_interval: Duration,
 
+    /// Self-preservation: when more than this share (0-1) of passing membranes miss their
+    /// TTL within the window, blame the registry and hold stale-marking and evictions until
+    /// heartbeats recover; 0 disables.
+    #[arg(
+        long,
+        env = "MEMBRANE_SELF_PRESERVATION_THRESHOLD",
+        value_name = "SHARE",
+        default_value_t = 0.15
+    )]
+    pub self_preservation_threshold: f64,
+
+    /// Self-preservation: fewer silent membranes than this never trigger it.
+    #[arg(
+        long,
+        env = "MEMBRANE_SELF_PRESERVATION_MIN",
+        value_name = "N",
+        default_value_t = 10
+    )]
+    pub self_preservation_min: usize,
+
+    /// Self-preservation: how long stale transitions count towards a mass silence.
+    #[arg(long, env = "MEMBRANE_SELF_PRESERVATION_WINDOW", value_name = "DURATION",
+          default_value = "10s", value_parser = humantime::parse_duration)]
+    pub self_preservation_window: Duration,
+
     /// Time allowed for in-flight requests at shutdown, e.g. 10s.
     #[arg(long, env = "MEMBRANE_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "10s",
           value_parser = humantime::parse_duration)]
@@ -383,6 +408,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Health check period.
     pub sweep_interval: Duration,
+    /// Self-preservation rule of the health sweep.
+    pub self_preservation: crate::registry::preserve::PreservationConfig,
     /// Shutdown grace.
     pub shutdown_grace: Duration,
     /// HTTP connection cap and timeouts.
@@ -510,6 +537,21 @@ impl TryFrom<ServerArgs> for Config {
             || a.sweep_interval > Duration::from_secs(60)
         {
             return Err(invalid("--sweep-interval must be between 10ms and 60s"));
+        }
+        if !(0.0..=1.0).contains(&a.self_preservation_threshold) {
+            return Err(invalid(
+                "--self-preservation-threshold must be a share between 0 (off) and 1",
+            ));
+        }
+        if a.self_preservation_min < 1 {
+            return Err(invalid("--self-preservation-min must be at least 1"));
+        }
+        if a.self_preservation_window < Duration::from_secs(1)
+            || a.self_preservation_window > Duration::from_secs(3600)
+        {
+            return Err(invalid(
+                "--self-preservation-window must be between 1s and 1h",
+            ));
         }
         for (flag, n) in [
             ("--http-max-connections", a.http_max_connections),
@@ -644,6 +686,11 @@ impl TryFrom<ServerArgs> for Config {
             etcd_prefix,
             max_body_bytes: a.max_body_bytes,
             sweep_interval: a.sweep_interval,
+            self_preservation: crate::registry::preserve::PreservationConfig {
+                threshold: a.self_preservation_threshold,
+                min_silent: a.self_preservation_min,
+                window: a.self_preservation_window,
+            },
             shutdown_grace: a.shutdown_grace,
             http_limits: crate::http::HttpLimits {
                 max_connections: a.http_max_connections,
@@ -704,6 +751,28 @@ mod tests {
         assert!(err(&["--http-max-connections=0"]).contains("--http-max-connections"));
         assert!(err(&["--http-idle-timeout=1ms"]).contains("--http-idle-timeout"));
         assert!(err(&["--sse-max-subscribers=0"]).contains("--sse-max-subscribers"));
+    }
+
+    #[test]
+    fn self_preservation_settings() {
+        let c = Config::try_from(args(&["--data-dir", "/tmp/x"])).unwrap();
+        assert_eq!(
+            c.self_preservation,
+            crate::registry::preserve::PreservationConfig::default()
+        );
+        let c = Config::try_from(args(&[
+            "--self-preservation-threshold=0.5",
+            "--self-preservation-min=3",
+            "--self-preservation-window=30s",
+        ]))
+        .unwrap();
+        assert_eq!(c.self_preservation.threshold, 0.5);
+        assert_eq!(c.self_preservation.min_silent, 3);
+        assert_eq!(c.self_preservation.window, Duration::from_secs(30));
+        assert!(err(&["--self-preservation-threshold=1.5"]).contains("threshold"));
+        assert!(err(&["--self-preservation-threshold=-0.1"]).contains("threshold"));
+        assert!(err(&["--self-preservation-min=0"]).contains("--self-preservation-min"));
+        assert!(err(&["--self-preservation-window=0s"]).contains("--self-preservation-window"));
     }
 
     #[test]

@@ -186,7 +186,26 @@ pub async fn run(
                      served (create the namespace again and restart to serve them)"
                 );
             }
+            // Taken before anything can change the store: used by this start at most.
+            let marker = match registry::resume::take(&config.data_dir) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event resume marker unusable; new event epoch");
+                    None
+                }
+            };
             let registry = Registry::new(loaded, writer, metrics.clone());
+            if let Some(marker) = marker {
+                if registry.resume_events(&marker) {
+                    tracing::info!(
+                        epoch = marker.position.epoch,
+                        "event stream continued from the clean shutdown: agents resume \
+                         without listing"
+                    );
+                } else {
+                    tracing::info!("the store changed since the clean shutdown; new event epoch");
+                }
+            }
             (
                 Arc::new(registry),
                 Some(writer_thread),
@@ -210,6 +229,7 @@ pub async fn run(
             .into());
         }
     };
+    registry.set_self_preservation(config.self_preservation);
     let dns_config = config.dns.clone();
     let mut catalog = dns::Catalog::new(dns_config.clone())
         .map_err(|e| config::ConfigError::Invalid(e.to_string()))?
@@ -354,6 +374,18 @@ pub async fn run(
         tracing::warn!("shutdown grace expired; aborting remaining tasks");
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+    }
+    // Every write committed and its event published: let the next start continue the
+    // event epoch (agents resume instead of listing).
+    registry.flush().await;
+    if let Some(marker) = registry.resume_marker() {
+        match registry::resume::save(&config.data_dir, &marker) {
+            Ok(()) => tracing::info!(
+                epoch = marker.position.epoch,
+                "event position saved for the next start"
+            ),
+            Err(e) => tracing::warn!(error = %e, "event position not saved"),
+        }
     }
     // Last reference to the store's queue: the writer flushes and exits.
     drop(registry);

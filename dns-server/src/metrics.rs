@@ -116,6 +116,8 @@ pub struct Metrics {
     pub http: Family<HttpLabels, Histogram>,
     /// 1 while the store refuses writes.
     pub store_failed: Gauge,
+    /// 1 while the health sweep holds stale-marking and evictions (self-preservation).
+    pub self_preservation: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -143,6 +145,7 @@ impl Metrics {
             namespaces: Gauge::default(),
             http: Family::new_with_constructor(latency_histogram),
             store_failed: Gauge::default(),
+            self_preservation: Gauge::default(),
             registry: Mutex::new(Registry::default()),
         };
         r.register(
@@ -181,6 +184,12 @@ impl Metrics {
             "store_failed",
             "1 when the store failed and writes are refused",
             m.store_failed.clone(),
+        );
+        r.register(
+            "self_preservation",
+            "1 while a mass heartbeat loss is blamed on the registry: stale-marking and \
+             evictions are held",
+            m.self_preservation.clone(),
         );
         *m.registry.lock().unwrap() = r;
         m

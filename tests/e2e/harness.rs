@@ -80,14 +80,14 @@ pub struct DnsServer {
 
 impl DnsServer {
     pub fn start(data_dir: &Path) -> DnsServer {
+        Self::start_on(data_dir, "127.0.0.1:0")
+    }
+
+    /// [`DnsServer::start`] with its HTTP API on `http` (a restart keeps its address).
+    pub fn start_on(data_dir: &Path, http: &str) -> DnsServer {
         let mut child = Command::new(bin("dns-server"))
             .args(["--data-dir", data_dir.to_str().unwrap()])
-            .args([
-                "--http-listen",
-                "127.0.0.1:0",
-                "--dns-listen",
-                "127.0.0.1:0",
-            ])
+            .args(["--http-listen", http, "--dns-listen", "127.0.0.1:0"])
             .args(["--sweep-interval", "100ms"])
             .stderr(Stdio::piped())
             .spawn()
@@ -122,6 +122,11 @@ impl DnsServer {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.http)
+    }
+
+    /// Stops the server cleanly (SIGTERM) and waits for it.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self._proc.terminate()
     }
 
     /// GET a JSON document: (status, body).

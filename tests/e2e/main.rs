@@ -2,4 +2,5 @@
 
 mod harness;
 mod multihost;
+mod restart;
 mod sidecar;

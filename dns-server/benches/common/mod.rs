@@ -38,22 +38,30 @@ impl Drop for Proc {
 /// background (a full pipe would block it); warnings and errors are shown.
 /// `BENCH_SERVER_BIN` runs another `dns-server` binary instead (an A/B against an older build).
 pub fn start_server(dir: &Path, extra: &[&str]) -> (Proc, String) {
-    let (p, http, _) = start_server_dns(dir, extra);
+    start_server_on(dir, "127.0.0.1:0", extra)
+}
+
+/// [`start_server`] with its HTTP API on `http` (a restart keeps its address).
+pub fn start_server_on(dir: &Path, http: &str, extra: &[&str]) -> (Proc, String) {
+    let (p, http, _) = start_server_full(dir, http, extra);
     (p, http)
 }
 
 /// [`start_server`], also returning the server's (first) DNS UDP address.
 pub fn start_server_dns(dir: &Path, extra: &[&str]) -> (Proc, String, std::net::SocketAddr) {
+    start_server_full(dir, "127.0.0.1:0", extra)
+}
+
+fn start_server_full(
+    dir: &Path,
+    http: &str,
+    extra: &[&str],
+) -> (Proc, String, std::net::SocketAddr) {
     let bin = std::env::var_os("BENCH_SERVER_BIN")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_dns-server").into());
     let mut child = Command::new(bin)
         .args(["--data-dir", dir.join("data").to_str().unwrap()])
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--dns-listen",
-            "127.0.0.1:0",
-        ])
+        .args(["--http-listen", http, "--dns-listen", "127.0.0.1:0"])
         .args(extra)
         .env("MEMBRANE_LOG", "warn,dns_server=info")
         .stderr(Stdio::piped())

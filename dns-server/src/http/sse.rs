@@ -6,6 +6,9 @@
 //! [`REPLAY_MAX`](crate::registry::events::REPLAY_MAX) events long. A client that falls
 //! behind the live buffer also gets `resync` rather than a silent gap.
 //!
+//! The response's `Membrane-Event-Epoch` header names the numbering: ids (and list
+//! revisions) of another epoch are not comparable, so a client resumes only within one.
+//!
 //! Every frame sent is the event's shared bytes, framed once at publication; a subscriber
 //! holds references, never copies. Subscribers are capped (`--sse-max-subscribers`):
 //! beyond the cap a client gets 503 `too_many_subscribers`.
@@ -27,6 +30,11 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{self, P};
 use crate::registry::events::Published;
+
+/// The response header carrying the event hub's epoch (see
+/// [`EventHub::epoch`](crate::registry::events::EventHub::epoch)); the list answer carries
+/// it as `epoch`.
+pub const EPOCH_HEADER: &str = "membrane-event-epoch";
 
 /// Default cap on event stream subscribers.
 pub const DEFAULT_MAX_SUBSCRIBERS: usize = 1024;
@@ -94,10 +102,12 @@ pub async fn events(
         .chain(live)
         .take_until(s.shutdown.clone().cancelled_owned())
         .map(Ok::<_, Infallible>);
+    let epoch = s.registry.events().epoch().to_string();
     Ok((
         [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_TYPE, "text/event-stream".to_string()),
+            (header::CACHE_CONTROL, "no-cache".to_string()),
+            (header::HeaderName::from_static(EPOCH_HEADER), epoch),
         ],
         Body::from_stream(stream),
     )

@@ -647,6 +647,8 @@ async fn health_status_stats_metrics_page_zone() {
         (v["membranes"].clone(), v["auth"].clone()),
         (json!(1), json!("open"))
     );
+    assert_eq!(v["self_preservation"]["active"], json!(false), "{v}");
+    assert_eq!(v["self_preservation"]["threshold"], json!(0.15), "{v}");
     let (_, v) = h.get("/v1/stats").await;
     assert_eq!(v["counters"]["registrations"], 1);
     assert_eq!(v["namespaces"]["cognitive-system"]["passing"], 1);
@@ -654,6 +656,7 @@ async fn health_status_stats_metrics_page_zone() {
     assert_eq!(s, StatusCode::OK);
     let text = v.as_str().unwrap();
     assert!(text.contains("membrane_registrations_total 1"), "{text}");
+    assert!(text.contains("membrane_self_preservation 0"), "{text}");
     assert!(
         text.contains("route=\"/v1/namespaces/{ns}/membranes/{id}\""),
         "{text}"
@@ -725,6 +728,58 @@ async fn events_stream_replays_after_last_event_id() {
     // A position from before this process: resync.
     let text = next_frame(&mut events(&h, Some("3".into())).await).await;
     assert!(text.contains("event: resync"), "{text}");
+}
+
+/// The list's `revision` is where the event stream resumes: a change committed between the
+/// list and the subscription is replayed, not lost; and the epoch of the list matches the
+/// stream's.
+#[tokio::test]
+async fn events_between_a_list_and_the_subscription_are_not_lost() {
+    let h = harness(None);
+    h.call(Method::PUT, M, Some(&reg_body(1)), &[]).await;
+    let (s, list) = h.get("/v1/namespaces/cognitive-system/membranes").await;
+    assert_eq!(s, StatusCode::OK);
+    let revision = list["revision"].as_u64().unwrap();
+    let epoch = list["epoch"].as_u64().unwrap();
+    assert_eq!(list["membranes"].as_array().unwrap().len(), 1);
+    // After the list, before the subscription: two changes.
+    h.call(
+        Method::PUT,
+        "/v1/namespaces/cognitive-system/membranes/late",
+        Some(&reg_body(2)),
+        &[],
+    )
+    .await;
+    h.call(Method::DELETE, M, None, &[]).await;
+    let resp = h
+        .router
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/v1/namespaces/cognitive-system/events")
+                .header("last-event-id", revision.to_string())
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()["membrane-event-epoch"].to_str().unwrap(),
+        epoch.to_string()
+    );
+    let mut body = resp.into_body();
+    let first = next_frame(&mut body).await;
+    let second = next_frame(&mut body).await;
+    assert!(
+        first.contains("event: registered") && first.contains("\"id\":\"late\""),
+        "{first}"
+    );
+    assert!(
+        second.contains("event: deregistered") && second.contains("visual-worker-1"),
+        "{second}"
+    );
+    assert!(first.contains(&format!("id: {}", revision + 1)), "{first}");
 }
 
 #[tokio::test]

@@ -40,6 +40,7 @@ pub async fn status(State(s): State<AppState>) -> Json<Value> {
         "membranes": c.membranes,
         "passing": c.passing,
         "stale": c.stale,
+        "self_preservation": s.registry.self_preservation(),
     }))
 }
 
@@ -225,7 +226,12 @@ pub async fn list_membranes(
 ) -> Result<Json<Value>, ApiError> {
     let ns = extract::ns(&ns)?;
     let (membranes, revision) = s.registry.list(&ns, &q.into())?;
-    Ok(Json(json!({"membranes": membranes, "revision": revision})))
+    // `revision`: the last event this list includes (resume the event stream after it);
+    // `epoch`: the numbering it belongs to (see `http::sse`).
+    let epoch = s.registry.events().epoch();
+    Ok(Json(
+        json!({"membranes": membranes, "revision": revision, "epoch": epoch}),
+    ))
 }
 
 /// `GET /v1/namespaces/{ns}/tree`.

@@ -260,6 +260,8 @@ impl Registry {
             dirty: Arc::new(super::Dirty::default()),
             metrics,
             failed: Arc::new(AtomicBool::new(false)),
+            // Not applied with etcd: staleness comes from lease expiry in etcd.
+            preserve: Mutex::new(super::Preservation::default()),
         }
     }
 

@@ -10,11 +10,15 @@
 //! the store.
 //!
 //! Health runs on tokio's monotonic clock: `passing` while heartbeats arrive within the
-//! instance TTL, `stale` after it, removed once stale for the eviction delay.
+//! instance TTL, `stale` after it, removed once stale for the eviction delay. When a large
+//! share of membranes falls silent at once, the sweep suspects the registry and holds
+//! stale-marking and evictions (see [`preserve`]).
 
 #[cfg(feature = "etcd")]
 mod etcd;
 pub mod events;
+pub mod preserve;
+pub mod resume;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +40,7 @@ use crate::snapshot::{Instance, NamespaceSnapshot};
 use crate::store::sqlite::{Submission, Writer};
 use crate::store::{Loaded, Op, StoreError, StoredMembrane, StoredNamespace};
 use events::EventHub;
+use preserve::{Census, Preservation, PreservationConfig, PreservationStatus};
 
 /// Why a registry operation was refused. Messages are safe to show to clients.
 #[derive(Debug, thiserror::Error)]
@@ -327,6 +332,8 @@ pub struct Registry {
     dirty: Arc<Dirty>,
     metrics: Arc<Metrics>,
     failed: Arc<AtomicBool>,
+    /// Self-preservation state of the health sweep.
+    preserve: Mutex<Preservation>,
 }
 
 fn to_ms(t: SystemTime) -> i64 {
@@ -429,7 +436,18 @@ impl Registry {
             dirty,
             metrics,
             failed: Arc::new(AtomicBool::new(false)),
+            preserve: Mutex::new(Preservation::new(PreservationConfig::default())),
         }
+    }
+
+    /// Sets the self-preservation rule of the health sweep (see [`preserve`]).
+    pub fn set_self_preservation(&self, cfg: PreservationConfig) {
+        self.preserve.lock().unwrap().set_config(cfg);
+    }
+
+    /// Self-preservation as of the last sweep (for `/status`).
+    pub fn self_preservation(&self) -> PreservationStatus {
+        self.preserve.lock().unwrap().status(Instant::now())
     }
 
     /// The event hub (for SSE).
@@ -1060,6 +1078,31 @@ impl Registry {
         // After a store failure nothing can be removed durably: stale membranes stay stale
         // (out of DNS) until a restart instead of being evicted in memory only.
         let can_evict = !self.failed.load(Ordering::Relaxed);
+        // Self-preservation: count first, then hold the namespaces (or the whole registry)
+        // where too many membranes fell silent at once.
+        let census: HashMap<NamespaceName, Census> = st
+            .namespaces
+            .iter()
+            .map(|(name, ns)| {
+                let mut c = Census::default();
+                for e in ns.membranes.values() {
+                    if e.state == HealthState::Passing {
+                        c.passing += 1;
+                        if now.saturating_duration_since(e.last_heartbeat)
+                            >= ttl_of(&ns.settings, &e.inst.registration)
+                        {
+                            c.silent += 1;
+                        }
+                    }
+                }
+                (name.clone(), c)
+            })
+            .collect();
+        let mut preserve = self.preserve.lock().unwrap();
+        let hold = preserve.decide(now, &census);
+        self.metrics
+            .self_preservation
+            .set(i64::from(preserve.active()));
         let mut ops = Vec::new();
         let mut events = Vec::new();
         let mut dirty = Vec::new();
@@ -1069,18 +1112,29 @@ impl Registry {
             next_seq,
         } = &mut *st;
         for (ns_name, ns) in namespaces.iter_mut() {
+            if hold.holds(ns_name) {
+                continue;
+            }
             let mut evict = Vec::new();
             let mut changed = false;
+            let mut marked = 0;
+            let released = preserve.released_at(ns_name);
             for (id, e) in ns.membranes.iter_mut() {
                 let ttl = ttl_of(&ns.settings, &e.inst.registration);
                 let eviction = eviction_of(&ns.settings, &e.inst.registration);
                 let silent = now.saturating_duration_since(e.last_heartbeat);
-                if silent >= ttl + eviction && can_evict {
-                    evict.push(id.clone());
-                } else if silent >= ttl && e.state == HealthState::Passing {
+                if e.state == HealthState::Stale {
+                    if can_evict && now.saturating_duration_since(e.state_since) >= eviction {
+                        evict.push(id.clone());
+                    }
+                } else if silent >= ttl {
+                    // Stale since its TTL ran out, or since a self-preservation hold that
+                    // kept it passing ended: its eviction delay counts from then.
                     e.state = HealthState::Stale;
-                    e.state_since = now;
+                    let expired = e.last_heartbeat + ttl;
+                    e.state_since = released.map_or(expired, |r| r.max(expired));
                     changed = true;
+                    marked += 1;
                     self.metrics.state_change(HealthState::Stale);
                     tracing::info!(
                         namespace = %ns_name,
@@ -1099,6 +1153,7 @@ impl Registry {
                     ));
                 }
             }
+            preserve.record(now, ns_name, marked);
             for id in evict {
                 let Some(e) = ns.membranes.remove(&id) else {
                     continue;
@@ -1128,6 +1183,7 @@ impl Registry {
                 dirty.push(ns_name.clone());
             }
         }
+        drop(preserve);
         if !events.is_empty() {
             drop(self.submit(&mut st, ops, events, dirty, undo));
         }

@@ -583,3 +583,309 @@ async fn activity_is_logged_one_line_each_with_fields() {
     r.deregister(&owner, &n, &id("d")).await.unwrap();
     log.one("INFO", ": deregistered namespace=cog id=d");
 }
+
+/// Registers `n` membranes `{prefix}{i}` (TTL 30 s, eviction 60 s) in `ns`.
+async fn fleet(r: &Registry, n: &NamespaceName, prefix: &str, count: usize) -> Vec<MembraneId> {
+    let mut ids = Vec::new();
+    for i in 0..count {
+        let m = id(&format!("{prefix}{i}"));
+        r.register(&open_caller(), n, &m, reg(Some(30)))
+            .await
+            .unwrap();
+        ids.push(m);
+    }
+    ids
+}
+
+/// Lets `secs` seconds pass, sweeping every second; `alive` heartbeat every 10 s.
+async fn run_for(r: &Registry, secs: u64, alive: &[(NamespaceName, MembraneId)]) {
+    for s in 1..=secs {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        if s % 10 == 0 {
+            for (n, m) in alive {
+                r.heartbeat(&open_caller(), n, m).await.unwrap();
+            }
+        }
+        r.sweep();
+    }
+}
+
+fn state_of(r: &Registry, n: &NamespaceName, m: &MembraneId) -> Option<HealthState> {
+    r.get(n, m).ok().map(|v| v.state)
+}
+
+#[tokio::test(start_paused = true)]
+async fn mass_silence_holds_stale_marking_and_evictions_until_heartbeats_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let n = ns("fleet");
+    let ids = fleet(&r, &n, "m", 100).await;
+    // The whole fleet falls silent (say the registry was overloaded): well past TTL and
+    // TTL + eviction delay, nothing goes stale and nothing is evicted.
+    run_for(&r, 200, &[]).await;
+    let c = r.counts();
+    assert_eq!((c.membranes, c.passing, c.stale), (100, 100, 0), "{c:?}");
+    assert_eq!(
+        r.snapshot(&n).unwrap().instances.len(),
+        100,
+        "DNS keeps them"
+    );
+    let status = r.self_preservation();
+    assert!(status.active && status.global, "{status:?}");
+    assert_eq!(status.held_membranes, 100);
+    assert_eq!(r.metrics.self_preservation.get(), 1);
+
+    // Heartbeats recover for 95; 5 stay silent (fewer than the rule's minimum): the hold
+    // ends and those 5 go stale, with their whole eviction delay (60 s) still ahead.
+    let alive: Vec<_> = ids[5..].iter().map(|m| (n.clone(), m.clone())).collect();
+    for (n, m) in &alive {
+        r.heartbeat(&open_caller(), n, m).await.unwrap();
+    }
+    run_for(&r, 1, &[]).await;
+    assert!(!r.self_preservation().active);
+    assert_eq!(r.metrics.self_preservation.get(), 0);
+    assert_eq!(state_of(&r, &n, &ids[0]), Some(HealthState::Stale));
+    assert_eq!(state_of(&r, &n, &ids[50]), Some(HealthState::Passing));
+    run_for(&r, 58, &alive).await;
+    assert_eq!(
+        state_of(&r, &n, &ids[0]),
+        Some(HealthState::Stale),
+        "not evicted before its eviction delay from the end of the hold"
+    );
+    run_for(&r, 2, &alive).await;
+    assert_eq!(
+        state_of(&r, &n, &ids[0]),
+        None,
+        "evicted once the delay passed"
+    );
+    let c = r.counts();
+    assert_eq!((c.membranes, c.passing, c.stale), (95, 95, 0), "{c:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_single_silent_membrane_still_goes_stale_and_is_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let n = ns("fleet");
+    let ids = fleet(&r, &n, "m", 100).await;
+    let alive: Vec<_> = ids[1..].iter().map(|m| (n.clone(), m.clone())).collect();
+    run_for(&r, 29, &alive).await;
+    assert_eq!(state_of(&r, &n, &ids[0]), Some(HealthState::Passing));
+    run_for(&r, 1, &alive).await;
+    assert_eq!(state_of(&r, &n, &ids[0]), Some(HealthState::Stale));
+    assert!(!r.self_preservation().active);
+    run_for(&r, 59, &alive).await;
+    assert_eq!(state_of(&r, &n, &ids[0]), Some(HealthState::Stale));
+    run_for(&r, 1, &alive).await;
+    assert_eq!(state_of(&r, &n, &ids[0]), None, "evicted at TTL + eviction");
+    assert_eq!(r.counts().passing, 99);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_namespace_is_held_while_others_sweep_normally() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let (a, b) = (ns("quiet"), ns("busy"));
+    fleet(&r, &a, "a", 50).await;
+    let ids = fleet(&r, &b, "b", 400).await;
+    // All of `quiet` and one of `busy` fall silent: 51 of 450 is no registry-wide burst,
+    // but all of `quiet` is a burst of its own.
+    let alive: Vec<_> = ids[1..].iter().map(|m| (b.clone(), m.clone())).collect();
+    run_for(&r, 40, &alive).await;
+    let per = r.counts_by_namespace();
+    assert_eq!((per[&a].passing, per[&a].stale), (50, 0));
+    assert_eq!((per[&b].passing, per[&b].stale), (399, 1));
+    let status = r.self_preservation();
+    assert!(status.active && !status.global, "{status:?}");
+    assert_eq!(status.namespaces, vec!["quiet".to_string()]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rolling_silence_within_the_window_is_a_burst_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let n = ns("fleet");
+    let ids = fleet(&r, &n, "m", 100).await;
+    // 12 go silent, then 12 more 5 s later: neither batch alone is over 15 %; together,
+    // within the 10 s window, they are. The first batch goes stale (nothing suspicious
+    // yet); the second is held.
+    let alive =
+        |from: usize| -> Vec<_> { ids[from..].iter().map(|m| (n.clone(), m.clone())).collect() };
+    tokio::time::advance(Duration::from_secs(5)).await;
+    for (n, m) in alive(12) {
+        r.heartbeat(&open_caller(), &n, &m).await.unwrap();
+    }
+    run_for(&r, 26, &alive(24)).await; // t = 31: 0..12 past their TTL at 30 s
+    let c = r.counts();
+    assert_eq!((c.passing, c.stale), (88, 12), "{c:?}");
+    assert!(!r.self_preservation().active);
+    run_for(&r, 5, &alive(24)).await; // t = 36: 12..24 past their TTL at 35 s
+    let c = r.counts();
+    assert_eq!((c.passing, c.stale), (88, 12), "{c:?}");
+    assert!(r.self_preservation().active);
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_every_membrane_gets_one_fresh_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let n = ns("a");
+    {
+        let (r, t) = open(&path);
+        fleet(&r, &n, "m", 3).await;
+        // Long silent: stale before the restart.
+        run_for(&r, 45, &[]).await;
+        assert_eq!(r.counts().stale, 3);
+        drop(r);
+        t.join();
+    }
+    let (r, _t) = open(&path);
+    let c = r.counts();
+    assert_eq!(
+        (c.passing, c.stale),
+        (3, 0),
+        "passing again after the restart"
+    );
+    run_for(&r, 29, &[]).await;
+    assert_eq!(r.counts().passing, 3, "one fresh TTL (30 s)");
+    r.heartbeat(&open_caller(), &n, &id("m0")).await.unwrap();
+    run_for(&r, 1, &[]).await;
+    let c = r.counts();
+    assert_eq!(
+        (c.passing, c.stale),
+        (1, 2),
+        "just one: the silent ones go stale"
+    );
+}
+
+/// Stops `r` (its writer flushes) and opens the same store again.
+fn reopen(
+    r: Arc<Registry>,
+    t: sqlite::WriterThread,
+    path: &Path,
+) -> (Arc<Registry>, sqlite::WriterThread) {
+    drop(r);
+    t.join();
+    open(path)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clean_stop_lets_the_next_start_continue_the_event_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (r, t) = open(&path);
+    let (n, other) = (ns("fleet"), ns("other"));
+    r.register(&open_caller(), &n, &id("a"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.register(&open_caller(), &other, &id("x"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.register(&open_caller(), &n, &id("b"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.register(&open_caller(), &other, &id("y"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.flush().await;
+    let marker = r.resume_marker().unwrap();
+    let epoch = r.events().epoch();
+    let last = r.events().revision();
+    // Round trip through the data dir; taken once only.
+    resume::save(dir.path(), &marker).unwrap();
+    assert_eq!(resume::take(dir.path()).unwrap().as_ref(), Some(&marker));
+    assert_eq!(
+        resume::take(dir.path()).unwrap(),
+        None,
+        "used by one start at most"
+    );
+
+    let (r, t) = reopen(r, t, &path);
+    assert!(r.resume_events(&marker));
+    assert_eq!(r.events().epoch(), epoch);
+    // `fleet`'s last event was `b`, before `y` of `other`: an agent of `fleet` at `b`
+    // had everything of its namespace.
+    let at_b = marker.position.namespaces["fleet"];
+    assert!(at_b < last);
+    let sub = r.events().subscribe(&n, Some(at_b));
+    assert!(!sub.resync && sub.replay.is_empty());
+    // A client that missed `b` (published as the streams closed, say) gets it from the
+    // saved tail, not a resync.
+    let sub = r.events().subscribe(&n, Some(at_b - 1));
+    assert!(!sub.resync);
+    assert_eq!(
+        sub.replay.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [at_b]
+    );
+    let frame = String::from_utf8(sub.replay[0].1.frame().to_vec()).unwrap();
+    assert!(
+        frame.starts_with(&format!("id: {at_b}\nevent: registered\n")),
+        "{frame}"
+    );
+    assert_eq!(
+        r.events().subscribe(&other, Some(at_b)).replay.len(),
+        1,
+        "`y`"
+    );
+    assert!(!r.events().subscribe(&other, Some(last)).resync);
+    // Numbering goes on after the saved position.
+    r.register(&open_caller(), &n, &id("c"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.flush().await;
+    let sub = r.events().subscribe(&n, Some(at_b));
+    assert_eq!(sub.replay.len(), 1);
+    assert!(sub.replay[0].0 > last);
+    let numbers: Vec<u64> = r
+        .events()
+        .subscribe(&n, Some(epoch))
+        .replay
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(numbers.len(), 3, "a, b (saved) and c: {numbers:?}");
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]));
+
+    // The store changed since the marker (`c`): a new epoch.
+    let (r, _t) = reopen(r, t, &path);
+    assert!(!r.resume_events(&marker));
+    assert_ne!(r.events().epoch(), epoch);
+    assert!(r.events().subscribe(&n, Some(at_b)).resync);
+}
+
+#[tokio::test(start_paused = true)]
+async fn membranes_stale_at_a_clean_stop_are_announced_passing_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (r, t) = open(&path);
+    let n = ns("fleet");
+    r.register(&open_caller(), &n, &id("quiet"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.register(&open_caller(), &n, &id("busy"), reg(Some(30)))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(20)).await;
+    r.heartbeat(&open_caller(), &n, &id("busy")).await.unwrap();
+    tokio::time::advance(Duration::from_secs(15)).await;
+    r.sweep();
+    r.flush().await;
+    assert_eq!(r.get(&n, &id("quiet")).unwrap().state, HealthState::Stale);
+    let marker = r.resume_marker().unwrap();
+    assert_eq!(marker.stale["fleet"], vec!["quiet".to_string()]);
+    let last = r.events().revision();
+
+    // Every membrane starts passing: agents that had `quiet` stale are told.
+    let (r, _t) = reopen(r, t, &path);
+    assert!(r.resume_events(&marker));
+    let sub = r.events().subscribe(&n, Some(last));
+    assert!(!sub.resync);
+    assert_eq!(sub.replay.len(), 1);
+    let frame = String::from_utf8(sub.replay[0].1.frame().to_vec()).unwrap();
+    assert!(
+        frame.contains("event: state_changed")
+            && frame.contains(r#""id":"quiet""#)
+            && frame.contains(r#""state":"passing""#),
+        "{frame}"
+    );
+}

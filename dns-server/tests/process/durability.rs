@@ -109,3 +109,116 @@ async fn sigterm_stops_cleanly_and_keeps_data() {
         .unwrap();
     assert_eq!((s, v["description"].as_str()), (200, Some("d")));
 }
+
+/// Opens the namespace's event stream resuming after `last_id`; returns its epoch header
+/// and the body.
+async fn events(server: &Server, ns: &str, last_id: u64) -> (u64, hyper::body::Incoming) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::builder()
+        .uri(format!("{}/v1/namespaces/{ns}/events", server.url()))
+        .header("last-event-id", last_id.to_string())
+        .body(Default::default())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let epoch = resp.headers()["membrane-event-epoch"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (epoch, resp.into_body())
+}
+
+/// The next SSE frame of `body` (text up to a blank line), within 5 s.
+async fn next_frame(body: &mut hyper::body::Incoming, buf: &mut String) -> String {
+    use http_body_util::BodyExt;
+    loop {
+        if let Some(i) = buf.find("\n\n") {
+            let frame = buf[..i].to_string();
+            buf.drain(..i + 2);
+            if !frame.starts_with(':') {
+                return frame;
+            }
+            continue;
+        }
+        let f = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("no event within 5 s")
+            .expect("stream ended")
+            .unwrap();
+        if let Ok(data) = f.into_data() {
+            buf.push_str(std::str::from_utf8(&data).unwrap());
+        }
+    }
+}
+
+/// Registers `id` in `ns`; returns the list's (epoch, revision) after it.
+async fn register_and_list(http: &Http, ns: &str, id: &str) -> (u64, u64) {
+    let body = r#"{"addresses":["10.0.0.1"],"services":[{"name":"svc","port":7100}]}"#;
+    let (s, _) = http
+        .call(
+            "PUT",
+            &format!("/v1/namespaces/{ns}/membranes/{id}"),
+            Some(body),
+        )
+        .await
+        .unwrap();
+    assert!(s == 200 || s == 201, "{s}");
+    let (s, v) = http
+        .call("GET", &format!("/v1/namespaces/{ns}/membranes"), None)
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    (
+        v["epoch"].as_u64().unwrap(),
+        v["revision"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn clean_restart_continues_the_event_epoch_and_a_crash_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let http = Http::new(server.url());
+    let (s, _) = http
+        .call("POST", "/v1/namespaces", Some(r#"{"name":"fleet"}"#))
+        .await
+        .unwrap();
+    assert_eq!(s, 201);
+    register_and_list(&http, "fleet", "a").await;
+    let (epoch, rev) = register_and_list(&http, "fleet", "b").await;
+    assert!(server.terminate().success());
+
+    // Clean restart: the same epoch; an agent at `rev` resumes with nothing to replay
+    // (no resync), and its next event is the next change.
+    let server = Server::start(dir.path(), &[]);
+    let http = Http::new(server.url());
+    let (e, mut body) = events(&server, "fleet", rev).await;
+    assert_eq!(e, epoch, "a clean restart keeps the event epoch");
+    let (e2, rev2) = register_and_list(&http, "fleet", "c").await;
+    assert_eq!(e2, epoch);
+    let mut buf = String::new();
+    let frame = next_frame(&mut body, &mut buf).await;
+    assert!(
+        frame.contains("event: registered") && frame.contains("\"id\":\"c\""),
+        "expected the new registration first, got {frame:?}"
+    );
+    assert!(rev2 > rev, "numbering continues after the saved position");
+    // An agent that missed the last event of the previous process gets it replayed.
+    let (_, mut behind) = events(&server, "fleet", rev - 1).await;
+    let frame = next_frame(&mut behind, &mut String::new()).await;
+    assert!(
+        frame.starts_with(&format!("id: {rev}\n")) && frame.contains("\"id\":\"b\""),
+        "{frame:?}"
+    );
+    drop((body, behind));
+
+    // A crash leaves nothing to continue: a new epoch, and resuming asks to resync.
+    server.kill9();
+    let server = Server::start(dir.path(), &[]);
+    let (e3, mut body) = events(&server, "fleet", rev2).await;
+    assert_ne!(e3, epoch, "after a crash, a new epoch");
+    let frame = next_frame(&mut body, &mut String::new()).await;
+    assert!(frame.contains("event: resync"), "{frame:?}");
+}
