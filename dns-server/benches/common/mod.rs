@@ -38,6 +38,22 @@ impl Drop for Proc {
 /// background (a full pipe would block it); warnings and errors are shown.
 /// `BENCH_SERVER_BIN` runs another `dns-server` binary instead (an A/B against an older build).
 pub fn start_server(dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let (p, addrs) = start_server_addrs(dir, extra);
+    (p, addrs.http)
+}
+
+/// The addresses a started server reported.
+pub struct Addrs {
+    /// HTTP.
+    pub http: String,
+    /// DNS over UDP.
+    pub dns_udp: String,
+    /// DNS over TCP.
+    pub dns_tcp: String,
+}
+
+/// [`start_server`], with every address it listens on.
+pub fn start_server_addrs(dir: &Path, extra: &[&str]) -> (Proc, Addrs) {
     let bin = std::env::var_os("BENCH_SERVER_BIN")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_dns-server").into());
     let mut child = Command::new(bin)
@@ -54,12 +70,13 @@ pub fn start_server(dir: &Path, extra: &[&str]) -> (Proc, String) {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut http = None;
+    let (mut http, mut dns_udp, mut dns_tcp) = (None, None, None);
     loop {
         let line = lines.next().expect("server exited").unwrap();
-        if let Some(a) = line.split("listening http ").nth(1) {
-            http = Some(a.trim().to_string());
-        }
+        let addr = |tag: &str| line.split(tag).nth(1).map(|a| a.trim().to_string());
+        http = http.or_else(|| addr("listening http "));
+        dns_udp = dns_udp.or_else(|| addr("listening dns udp "));
+        dns_tcp = dns_tcp.or_else(|| addr("listening dns tcp "));
         if line.contains(" ready") {
             break;
         }
@@ -71,7 +88,27 @@ pub fn start_server(dir: &Path, extra: &[&str]) -> (Proc, String) {
             }
         }
     });
-    (Proc(child), http.expect("no 'listening http' line"))
+    let addrs = Addrs {
+        http: http.expect("no 'listening http' line"),
+        dns_udp: dns_udp.unwrap_or_default(),
+        dns_tcp: dns_tcp.unwrap_or_default(),
+    };
+    (Proc(child), addrs)
+}
+
+/// A field of `/proc/PID/status`, in KiB.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resident set size of `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
 }
 
 /// One request: method, path, JSON body.
