@@ -247,6 +247,7 @@ impl Registry {
                 next_seq: 0,
                 staged: Default::default(),
             })),
+            committed: Default::default(),
             orphaned: Default::default(),
             backend: Backend::Etcd(Arc::new(EtcdBackend {
                 batch: Batcher::start(store.clone(), Limits::default()),

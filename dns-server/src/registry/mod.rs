@@ -436,6 +436,42 @@ impl State {
     }
 }
 
+/// Publishes one committed write to the visible state; returns the namespaces whose DNS
+/// snapshot must be rebuilt.
+type Publication = Box<dyn FnOnce(&mut State) -> Vec<NamespaceName> + Send>;
+
+/// What publishing committed writes needs (the store writer holds one).
+struct Committed {
+    state: Arc<Mutex<State>>,
+    committed: Arc<Mutex<Vec<Publication>>>,
+    dirty: Arc<Dirty>,
+}
+
+impl Committed {
+    /// Publishes, in commit order, every committed write not yet published. Always takes
+    /// the state lock, even with nothing queued: another caller may be publishing this
+    /// caller's write right now, and it is done once that lock is free.
+    fn publish_committed(&self) {
+        let mut st = self.state.lock().unwrap();
+        let dirty = self.publish_locked(&mut st);
+        drop(st);
+        if !dirty.is_empty() {
+            self.dirty.mark(dirty);
+        }
+    }
+
+    /// [`Committed::publish_committed`] with the state lock held: taking the queue under
+    /// it means that whoever finds the queue without its write knows it is published.
+    fn publish_locked(&self, st: &mut State) -> Vec<NamespaceName> {
+        let queue = std::mem::take(&mut *self.committed.lock().unwrap());
+        let mut dirty = Vec::new();
+        for publish in queue {
+            dirty.extend(publish(st));
+        }
+        dirty
+    }
+}
+
 /// Namespaces whose DNS snapshot must be rebuilt.
 #[derive(Default)]
 struct Dirty {
@@ -462,6 +498,8 @@ enum Backend {
 /// The registry. Share it as `Arc<Registry>`.
 pub struct Registry {
     state: Arc<Mutex<State>>,
+    /// Committed writes waiting to be published, in commit order.
+    committed: Arc<Mutex<Vec<Publication>>>,
     /// Live registrations of missing namespaces found at start (kept on disk, not served).
     orphaned: BTreeMap<String, usize>,
     backend: Backend,
@@ -565,6 +603,7 @@ impl Registry {
                 next_seq,
                 staged: Staged::default(),
             })),
+            committed: Default::default(),
             orphaned,
             backend: Backend::Sqlite(writer),
             events: Arc::new(EventHub::new(start_seq)),
@@ -608,9 +647,15 @@ impl Registry {
     }
 
     /// Stages `changes` and queues `ops` (in lock order: `st` is the held state lock);
-    /// returns a receiver that resolves once they are durable and then published: the
-    /// changes applied to the visible state, `events` sent and `dirty` namespaces marked
-    /// for DNS, in commit order. If the commit fails, nothing of it is ever visible.
+    /// returns a receiver that resolves once they are durable. Once committed, the
+    /// changes are published to the visible state with their `events`, and `dirty`
+    /// namespaces are marked for DNS, in commit order, before the caller is answered (see
+    /// [`Registry::durable`]). If the commit fails, nothing of it is ever visible.
+    ///
+    /// The store writer never waits for the state lock on success: it queues the committed
+    /// publication and wakes the caller, who publishes everything committed so far under
+    /// one lock; only a submission nobody awaits (sweep, heartbeat) is published by the
+    /// writer itself.
     fn submit(
         &self,
         st: &mut State,
@@ -622,34 +667,36 @@ impl Registry {
         let (tx, rx) = oneshot::channel();
         let ticket = st.stage(&changes);
         let hub = self.events.clone();
-        let dirty_set = self.dirty.clone();
-        let failed = self.failed.clone();
-        let state = self.state.clone();
-        let publish = move |st: &mut State| {
+        let publish: Publication = Box::new(move |st: &mut State| {
             st.publish(ticket, changes);
             // Under the state lock: a list and the event revision it reports agree.
             for (ns, ev) in events {
                 hub.publish(&ns, ev);
             }
-        };
+            dirty
+        });
         match &self.backend {
             Backend::Sqlite(writer) => {
+                let shared = self.shared();
+                let failed = self.failed.clone();
                 let done: crate::store::sqlite::Done =
                     Box::new(move |r: Result<(), &StoreError>| match r {
                         Ok(()) => {
-                            publish(&mut state.lock().unwrap());
-                            if !dirty.is_empty() {
-                                dirty_set.mark(dirty);
+                            shared.committed.lock().unwrap().push(publish);
+                            if tx.send(Ok(())).is_err() {
+                                // Nobody waits to publish it.
+                                shared.publish_committed();
                             }
-                            let _ = tx.send(Ok(()));
                         }
                         Err(_) => {
                             // The writer fails everything queued after a failure; writes
                             // are refused until a restart reloads from disk.
-                            let mut st = state.lock().unwrap();
+                            let mut st = shared.state.lock().unwrap();
+                            let dirty = shared.publish_locked(&mut st);
                             failed.store(true, Ordering::Relaxed);
                             let dropped = st.unstage_all();
                             drop(st);
+                            shared.dirty.mark(dirty);
                             if dropped > 0 {
                                 tracing::warn!(
                                     changes = dropped,
@@ -669,7 +716,7 @@ impl Registry {
             #[cfg(feature = "etcd")]
             Backend::Etcd(_) => {
                 debug_assert!(ops.is_empty(), "etcd mode never queues store ops");
-                publish(st);
+                let dirty = publish(st);
                 if !dirty.is_empty() {
                     self.dirty.mark(dirty);
                 }
@@ -679,7 +726,24 @@ impl Registry {
         rx
     }
 
-    async fn durable(rx: oneshot::Receiver<Result<(), ()>>) -> Result<(), RegistryError> {
+    fn shared(&self) -> Committed {
+        Committed {
+            state: self.state.clone(),
+            committed: self.committed.clone(),
+            dirty: self.dirty.clone(),
+        }
+    }
+
+    /// Waits until the write behind `rx` is durable, then (also if this future is dropped
+    /// meanwhile) publishes every committed write not yet published, this one included.
+    async fn durable(&self, rx: oneshot::Receiver<Result<(), ()>>) -> Result<(), RegistryError> {
+        struct PublishOnDrop(Committed);
+        impl Drop for PublishOnDrop {
+            fn drop(&mut self) {
+                self.0.publish_committed();
+            }
+        }
+        let _publish = PublishOnDrop(self.shared());
         match rx.await {
             Ok(Ok(())) => Ok(()),
             _ => Err(RegistryError::Unavailable),
@@ -760,7 +824,7 @@ impl Registry {
             );
             (rx, view)
         };
-        Self::durable(rx).await?;
+        self.durable(rx).await?;
         Ok(view)
     }
 
@@ -799,7 +863,7 @@ impl Registry {
             );
             (rx, view)
         };
-        Self::durable(rx).await?;
+        self.durable(rx).await?;
         Ok(view)
     }
 
@@ -846,7 +910,7 @@ impl Registry {
                 vec![name.clone()],
             )
         };
-        Self::durable(rx).await
+        self.durable(rx).await
     }
 
     /// Registers (or updates) a membrane: idempotent upsert keyed by (namespace, id).
@@ -960,7 +1024,7 @@ impl Registry {
                 },
             )
         };
-        Self::durable(rx).await?;
+        self.durable(rx).await?;
         Ok(resp)
     }
 
@@ -1181,7 +1245,7 @@ impl Registry {
                 vec![ns_name.clone()],
             )
         };
-        Self::durable(rx).await
+        self.durable(rx).await
     }
 
     /// Moves membranes past their TTL to `stale` and removes those stale for longer than
