@@ -269,7 +269,9 @@ fn main() {
 
         // 2. Stalled SSE subscribers far behind, while the registry keeps changing.
         let path = |i: usize| format!("/v1/namespaces/sse/membranes/m-{i}");
-        let reg: Vec<Vec<Req>> = split(8, n_events, |i| (hyper::Method::PUT, path(i), body(i)));
+        let reg: Vec<Vec<Req>> = split(8, n_events, |i| {
+            (hyper::Method::PUT, path(i + 1), body(i + 1))
+        });
         http_phase(
             &http,
             split(1, 1, |_| (hyper::Method::PUT, path(0), body(0))),
@@ -296,8 +298,8 @@ fn main() {
         let upd = split(8, n_events, |i| {
             (
                 hyper::Method::PUT,
-                format!("{}?replace=true", path(i)),
-                body(i + 1),
+                format!("{}?replace=true", path(i + 1)),
+                body(i + 2),
             )
         });
         http_phase(&http, upd).await;
