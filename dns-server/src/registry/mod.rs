@@ -440,36 +440,68 @@ impl State {
 /// snapshot must be rebuilt.
 type Publication = Box<dyn FnOnce(&mut State) -> Vec<NamespaceName> + Send>;
 
+/// Committed writes not yet published, in commit order, by submission ticket.
+#[derive(Default)]
+struct CommitQueue {
+    queue: Mutex<Vec<(u64, Publication)>>,
+    /// Every ticket below this is published (set under the state lock, after publishing).
+    published: std::sync::atomic::AtomicU64,
+}
+
 /// What publishing committed writes needs (the store writer holds one).
 struct Committed {
     state: Arc<Mutex<State>>,
-    committed: Arc<Mutex<Vec<Publication>>>,
+    committed: Arc<CommitQueue>,
     dirty: Arc<Dirty>,
 }
 
 impl Committed {
-    /// Publishes, in commit order, every committed write not yet published. Always takes
-    /// the state lock, even with nothing queued: another caller may be publishing this
-    /// caller's write right now, and it is done once that lock is free.
+    /// Whether the write with `ticket` is published.
+    fn is_published(&self, ticket: u64) -> bool {
+        self.committed.published.load(Ordering::Acquire) > ticket
+    }
+
+    /// Publishes, in commit order, every committed write not yet published.
     fn publish_committed(&self) {
         let mut st = self.state.lock().unwrap();
-        let dirty = self.publish_locked(&mut st);
-        drop(st);
+        self.publish_with(&mut st);
+    }
+
+    /// [`Committed::publish_committed`] if the state lock is free right now.
+    fn try_publish_committed(&self) {
+        if let Ok(mut st) = self.state.try_lock() {
+            self.publish_with(&mut st);
+        }
+    }
+
+    fn publish_with(&self, st: &mut std::sync::MutexGuard<'_, State>) {
+        let dirty = self.publish_locked(st);
         if !dirty.is_empty() {
             self.dirty.mark(dirty);
         }
     }
 
-    /// [`Committed::publish_committed`] with the state lock held: taking the queue under
-    /// it means that whoever finds the queue without its write knows it is published.
+    /// Publishes the queue with the state lock held (taken under it, so queue order is
+    /// publication order).
     fn publish_locked(&self, st: &mut State) -> Vec<NamespaceName> {
-        let queue = std::mem::take(&mut *self.committed.lock().unwrap());
+        let queue = std::mem::take(&mut *self.committed.queue.lock().unwrap());
         let mut dirty = Vec::new();
-        for publish in queue {
+        let mut last = None;
+        for (ticket, publish) in queue {
             dirty.extend(publish(st));
+            last = Some(ticket);
+        }
+        if let Some(t) = last {
+            self.committed.published.store(t + 1, Ordering::Release);
         }
         dirty
     }
+}
+
+/// A write queued to the store: see [`Registry::durable`].
+struct Queued {
+    ticket: u64,
+    rx: oneshot::Receiver<Result<(), ()>>,
 }
 
 /// Namespaces whose DNS snapshot must be rebuilt.
@@ -499,7 +531,7 @@ enum Backend {
 pub struct Registry {
     state: Arc<Mutex<State>>,
     /// Committed writes waiting to be published, in commit order.
-    committed: Arc<Mutex<Vec<Publication>>>,
+    committed: Arc<CommitQueue>,
     /// Live registrations of missing namespaces found at start (kept on disk, not served).
     orphaned: BTreeMap<String, usize>,
     backend: Backend,
@@ -663,7 +695,7 @@ impl Registry {
         changes: Vec<Change>,
         events: Vec<(NamespaceName, Event)>,
         dirty: Vec<NamespaceName>,
-    ) -> oneshot::Receiver<Result<(), ()>> {
+    ) -> Queued {
         let (tx, rx) = oneshot::channel();
         let ticket = st.stage(&changes);
         let hub = self.events.clone();
@@ -682,8 +714,16 @@ impl Registry {
                 let done: crate::store::sqlite::Done =
                     Box::new(move |r: Result<(), &StoreError>| match r {
                         Ok(()) => {
-                            shared.committed.lock().unwrap().push(publish);
-                            if tx.send(Ok(())).is_err() {
+                            shared
+                                .committed
+                                .queue
+                                .lock()
+                                .unwrap()
+                                .push((ticket, publish));
+                            // Publish here while that costs no waiting (the writer has
+                            // time while the next fsync runs); else the caller does.
+                            shared.try_publish_committed();
+                            if tx.send(Ok(())).is_err() && !shared.is_published(ticket) {
                                 // Nobody waits to publish it.
                                 shared.publish_committed();
                             }
@@ -723,7 +763,7 @@ impl Registry {
                 let _ = tx.send(Ok(()));
             }
         }
-        rx
+        Queued { ticket, rx }
     }
 
     fn shared(&self) -> Committed {
@@ -734,17 +774,20 @@ impl Registry {
         }
     }
 
-    /// Waits until the write behind `rx` is durable, then (also if this future is dropped
-    /// meanwhile) publishes every committed write not yet published, this one included.
-    async fn durable(&self, rx: oneshot::Receiver<Result<(), ()>>) -> Result<(), RegistryError> {
-        struct PublishOnDrop(Committed);
+    /// Waits until the write is durable, then (also if this future is dropped meanwhile)
+    /// makes sure it is published: unless already done, publishes every committed write
+    /// not yet published, this one included.
+    async fn durable(&self, queued: Queued) -> Result<(), RegistryError> {
+        struct PublishOnDrop(Committed, u64);
         impl Drop for PublishOnDrop {
             fn drop(&mut self) {
-                self.0.publish_committed();
+                if !self.0.is_published(self.1) {
+                    self.0.publish_committed();
+                }
             }
         }
-        let _publish = PublishOnDrop(self.shared());
-        match rx.await {
+        let _publish = PublishOnDrop(self.shared(), queued.ticket);
+        match queued.rx.await {
             Ok(Ok(())) => Ok(()),
             _ => Err(RegistryError::Unavailable),
         }
