@@ -4,11 +4,12 @@
 //! one lock and queued to the store writer in that same order; staged changes are what
 //! later writers validate against (so concurrent writes to one membrane stay serialized and
 //! group commit keeps batching them), but readers (the API, DNS snapshots, SSE events) see
-//! only the committed state. The writer's completion callbacks, run in commit order once a
-//! batch is on disk, publish each change to that state, then its events and DNS updates,
-//! then answer the caller. When a commit fails, the staged changes are dropped: no reader
-//! ever saw them, and every later write is refused until a restart. Heartbeats and health
-//! states are soft state: they never touch the store.
+//! only the committed state. Once a batch is on disk, its changes are published to that
+//! state with their events and DNS updates, in commit order, before any of their callers is
+//! answered: by the store writer when the state lock is free, else by the first caller to
+//! wake (the writer never waits for the lock). When a commit fails, the staged changes are
+//! dropped: no reader ever saw them, and every later write is refused until a restart.
+//! Heartbeats and health states are soft state: they never touch the store.
 //!
 //! Health runs on tokio's monotonic clock: `passing` while heartbeats arrive within the
 //! instance TTL, `stale` after it, removed once stale for the eviction delay.
