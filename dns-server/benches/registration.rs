@@ -10,20 +10,9 @@
 mod common;
 
 use bytes::Bytes;
-use common::{Req, body, env, http_phase, membrane_path, report, split, start_server};
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS")
-}
+use common::{
+    Req, body, env, http_phase, membrane_path, report, rss_kib, split, start_server, status_kib,
+};
 
 /// RSS split: anonymous (heap, stacks) / file-backed / shared memory (SQLite's WAL index).
 fn rss_split(pid: u32) -> String {

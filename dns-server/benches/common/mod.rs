@@ -43,20 +43,33 @@ pub fn start_server(dir: &Path, extra: &[&str]) -> (Proc, String) {
 
 /// [`start_server`] with its HTTP API on `http` (a restart keeps its address).
 pub fn start_server_on(dir: &Path, http: &str, extra: &[&str]) -> (Proc, String) {
-    let (p, http, _) = start_server_full(dir, http, extra);
-    (p, http)
+    let (p, addrs) = start_server_full(dir, http, extra);
+    (p, addrs.http)
 }
 
 /// [`start_server`], also returning the server's (first) DNS UDP address.
 pub fn start_server_dns(dir: &Path, extra: &[&str]) -> (Proc, String, std::net::SocketAddr) {
+    let (p, addrs) = start_server_full(dir, "127.0.0.1:0", extra);
+    let dns = addrs.dns_udp.parse().expect("no 'listening dns udp' line");
+    (p, addrs.http, dns)
+}
+
+/// The addresses a started server reported.
+pub struct Addrs {
+    /// HTTP.
+    pub http: String,
+    /// DNS over UDP.
+    pub dns_udp: String,
+    /// DNS over TCP.
+    pub dns_tcp: String,
+}
+
+/// [`start_server`], with every address it listens on.
+pub fn start_server_addrs(dir: &Path, extra: &[&str]) -> (Proc, Addrs) {
     start_server_full(dir, "127.0.0.1:0", extra)
 }
 
-fn start_server_full(
-    dir: &Path,
-    http: &str,
-    extra: &[&str],
-) -> (Proc, String, std::net::SocketAddr) {
+fn start_server_full(dir: &Path, http: &str, extra: &[&str]) -> (Proc, Addrs) {
     let bin = std::env::var_os("BENCH_SERVER_BIN")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_dns-server").into());
     let mut child = Command::new(bin)
@@ -68,15 +81,13 @@ fn start_server_full(
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut http, mut dns) = (None, None);
+    let (mut http, mut dns_udp, mut dns_tcp) = (None, None, None);
     loop {
         let line = lines.next().expect("server exited").unwrap();
-        if let Some(a) = line.split("listening http ").nth(1) {
-            http = Some(a.trim().to_string());
-        }
-        if let Some(a) = line.split("listening dns udp ").nth(1) {
-            dns = dns.or_else(|| a.trim().parse().ok());
-        }
+        let addr = |tag: &str| line.split(tag).nth(1).map(|a| a.trim().to_string());
+        http = http.or_else(|| addr("listening http "));
+        dns_udp = dns_udp.or_else(|| addr("listening dns udp "));
+        dns_tcp = dns_tcp.or_else(|| addr("listening dns tcp "));
         if line.contains(" ready") {
             break;
         }
@@ -88,11 +99,27 @@ fn start_server_full(
             }
         }
     });
-    (
-        Proc(child),
-        http.expect("no 'listening http' line"),
-        dns.expect("no 'listening dns udp' line"),
-    )
+    let addrs = Addrs {
+        http: http.expect("no 'listening http' line"),
+        dns_udp: dns_udp.unwrap_or_default(),
+        dns_tcp: dns_tcp.unwrap_or_default(),
+    };
+    (Proc(child), addrs)
+}
+
+/// A field of `/proc/PID/status`, in KiB.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resident set size of `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
 }
 
 /// One request: method, path, JSON body.

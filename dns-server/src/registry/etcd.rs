@@ -245,8 +245,9 @@ impl Registry {
             state: Arc::new(Mutex::new(State {
                 namespaces: HashMap::new(),
                 next_seq: 0,
+                staged: Default::default(),
             })),
-            pending: Default::default(),
+            committed: Default::default(),
             orphaned: Default::default(),
             backend: Backend::Etcd(Arc::new(EtcdBackend {
                 batch: Batcher::start(store.clone(), Limits::default()),

@@ -1,13 +1,15 @@
 //! The registry: namespaces and membranes in memory, kept durable through the store.
 //!
-//! Every change is validated and applied under one lock and queued to the store writer in
-//! that same order; the caller is answered only after the store has committed it. Events and
-//! DNS updates are published by the writer's completion callbacks, so they follow commit
-//! order and never announce something that is not on disk. Each queued change keeps an undo
-//! record until it commits: when a commit fails, every change not yet committed is undone in
-//! memory (newest first) before anyone is answered, so a write answered 503 never stays
-//! visible in the API or DNS. Heartbeats and health states are soft state: they never touch
-//! the store.
+//! Nothing is visible before it is committed. Every change is validated and *staged* under
+//! one lock and queued to the store writer in that same order; staged changes are what
+//! later writers validate against (so concurrent writes to one membrane stay serialized and
+//! group commit keeps batching them), but readers (the API, DNS snapshots, SSE events) see
+//! only the committed state. Once a batch is on disk, its changes are published to that
+//! state with their events and DNS updates, in commit order, before any of their callers is
+//! answered: by the store writer when the state lock is free, else by the first caller to
+//! wake (the writer never waits for the lock). When a commit fails, the staged changes are
+//! dropped: no reader ever saw them, and every later write is refused until a restart.
+//! Heartbeats and health states are soft state: they never touch the store.
 //!
 //! Health runs on tokio's monotonic clock: `passing` while heartbeats arrive within the
 //! instance TTL, `stale` after it, removed once stale for the eviction delay. When a large
@@ -20,7 +22,7 @@ pub mod events;
 pub mod preserve;
 pub mod resume;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -160,6 +162,7 @@ pub struct Counts {
     pub stale: usize,
 }
 
+#[derive(Clone)]
 struct Entry {
     /// Store row holding this registration (etcd: the registration key's mod revision).
     seq: i64,
@@ -216,6 +219,19 @@ struct Ns {
 }
 
 impl Ns {
+    /// Everything but the membranes (which stay empty).
+    fn header(&self) -> Ns {
+        Ns {
+            description: self.description.clone(),
+            settings: self.settings,
+            created_at: self.created_at,
+            join_token_hash: self.join_token_hash,
+            membranes: BTreeMap::new(),
+            serial: self.serial,
+            rev: self.rev,
+        }
+    }
+
     fn stored(&self, name: &NamespaceName) -> StoredNamespace {
         StoredNamespace {
             name: name.clone(),
@@ -240,9 +256,258 @@ fn eviction_of(settings: &NamespaceSettings, reg: &Registration) -> Duration {
 }
 
 struct State {
+    /// The committed state: the only one readers (API, DNS, events) ever see.
     namespaces: HashMap<NamespaceName, Ns>,
     /// Next store row sequence number.
     next_seq: i64,
+    /// Changes queued to the store and not yet committed: what writers validate against.
+    staged: Staged,
+}
+
+/// Staged (queued, uncommitted) changes, newest per key, tagged with their submission
+/// ticket; a key's record goes when the change with that ticket is published.
+#[derive(Default)]
+struct Staged {
+    next_ticket: u64,
+    /// Newest staged version of a membrane (`None`: being removed).
+    membranes: HashMap<NamespaceName, HashMap<MembraneId, (u64, Option<Entry>)>>,
+    /// Newest staged version of a namespace's header (`None`: being deleted).
+    namespaces: HashMap<NamespaceName, StagedNs>,
+}
+
+struct StagedNs {
+    ticket: u64,
+    /// The header (no membranes) once the staged changes commit; `None`: deleted.
+    ns: Option<Ns>,
+    /// A staged deletion hides the committed membranes of this name from writers.
+    fresh: bool,
+}
+
+/// One change to the committed state, published once its commit is on disk.
+enum Change {
+    /// Put (`Some`) or remove (`None`) a membrane of an existing namespace.
+    Membrane(NamespaceName, MembraneId, Option<Entry>),
+    /// Create a namespace, or replace its header (membranes are kept).
+    PutNs(NamespaceName, Ns),
+    /// Delete a namespace with its membranes.
+    DeleteNs(NamespaceName),
+}
+
+impl State {
+    /// The namespace as writers see it: committed plus staged. Only its header fields
+    /// are meaningful (a staged one has no membranes); see [`State::staged_membrane`].
+    fn staged_ns(&self, name: &NamespaceName) -> Option<&Ns> {
+        match self.staged.namespaces.get(name) {
+            Some(s) => s.ns.as_ref(),
+            None => self.namespaces.get(name),
+        }
+    }
+
+    /// Whether the committed membranes of `name` are still the writers' view.
+    fn committed_members_current(&self, name: &NamespaceName) -> bool {
+        !self.staged.namespaces.get(name).is_some_and(|s| s.fresh)
+    }
+
+    /// A membrane as writers see it: committed plus staged.
+    fn staged_membrane(&self, ns: &NamespaceName, id: &MembraneId) -> Option<&Entry> {
+        if let Some((_, e)) = self.staged.membranes.get(ns).and_then(|m| m.get(id)) {
+            return e.as_ref();
+        }
+        if !self.committed_members_current(ns) {
+            return None;
+        }
+        self.namespaces.get(ns)?.membranes.get(id)
+    }
+
+    /// Ids of the membranes of `ns` as writers see them, sorted.
+    fn staged_ids(&self, ns: &NamespaceName) -> Vec<MembraneId> {
+        let mut ids: std::collections::BTreeSet<MembraneId> = BTreeSet::new();
+        if self.committed_members_current(ns)
+            && let Some(n) = self.namespaces.get(ns)
+        {
+            ids.extend(n.membranes.keys().cloned());
+        }
+        for (id, (_, e)) in self.staged.membranes.get(ns).into_iter().flatten() {
+            if e.is_some() {
+                ids.insert(id.clone());
+            } else {
+                ids.remove(id);
+            }
+        }
+        ids.into_iter().collect()
+    }
+
+    /// Records `changes` under a new ticket: writers see them from now on, readers not.
+    fn stage(&mut self, changes: &[Change]) -> u64 {
+        let t = self.staged.next_ticket;
+        self.staged.next_ticket += 1;
+        for c in changes {
+            match c {
+                Change::Membrane(n, i, e) => {
+                    self.staged
+                        .membranes
+                        .entry(n.clone())
+                        .or_default()
+                        .insert(i.clone(), (t, e.clone()));
+                }
+                Change::PutNs(n, ns) => {
+                    let fresh = !self.committed_members_current(n);
+                    self.staged.namespaces.insert(
+                        n.clone(),
+                        StagedNs {
+                            ticket: t,
+                            ns: Some(ns.header()),
+                            fresh,
+                        },
+                    );
+                }
+                Change::DeleteNs(n) => {
+                    self.staged.membranes.remove(n);
+                    self.staged.namespaces.insert(
+                        n.clone(),
+                        StagedNs {
+                            ticket: t,
+                            ns: None,
+                            fresh: true,
+                        },
+                    );
+                }
+            }
+        }
+        t
+    }
+
+    /// Applies the committed `changes` of ticket `t` to the visible state and drops their
+    /// staged records (unless a newer staged change of the same key replaced them).
+    fn publish(&mut self, t: u64, changes: Vec<Change>) {
+        for c in changes {
+            match c {
+                Change::Membrane(n, i, e) => {
+                    if let Some(m) = self.staged.membranes.get_mut(&n) {
+                        if m.get(&i).is_some_and(|(x, _)| *x == t) {
+                            m.remove(&i);
+                        }
+                        if m.is_empty() {
+                            self.staged.membranes.remove(&n);
+                        }
+                    }
+                    if let Some(ns) = self.namespaces.get_mut(&n) {
+                        match e {
+                            Some(e) => ns.membranes.insert(i, e),
+                            None => ns.membranes.remove(&i),
+                        };
+                        ns.serial = ns.serial.wrapping_add(1);
+                    }
+                }
+                Change::PutNs(n, header) => {
+                    self.unstage_ns(t, &n);
+                    match self.namespaces.get_mut(&n) {
+                        Some(ns) => {
+                            ns.description = header.description;
+                            ns.settings = header.settings;
+                            ns.join_token_hash = header.join_token_hash;
+                        }
+                        None => {
+                            self.namespaces.insert(n, header);
+                        }
+                    }
+                }
+                Change::DeleteNs(n) => {
+                    self.unstage_ns(t, &n);
+                    self.namespaces.remove(&n);
+                }
+            }
+        }
+    }
+
+    fn unstage_ns(&mut self, t: u64, n: &NamespaceName) {
+        if self.staged.namespaces.get(n).is_some_and(|s| s.ticket == t) {
+            self.staged.namespaces.remove(n);
+        }
+    }
+
+    /// A commit failed: drop every staged change (the writer fails everything queued
+    /// after it). Returns how many records were dropped.
+    fn unstage_all(&mut self) -> usize {
+        let n = self.staged.namespaces.len()
+            + self
+                .staged
+                .membranes
+                .values()
+                .map(HashMap::len)
+                .sum::<usize>();
+        self.staged.namespaces.clear();
+        self.staged.membranes.clear();
+        n
+    }
+}
+
+/// Publishes one committed write to the visible state; returns the namespaces whose DNS
+/// snapshot must be rebuilt.
+type Publication = Box<dyn FnOnce(&mut State) -> Vec<NamespaceName> + Send>;
+
+/// Committed writes not yet published, in commit order, by submission ticket.
+#[derive(Default)]
+struct CommitQueue {
+    queue: Mutex<Vec<(u64, Publication)>>,
+    /// Every ticket below this is published (set under the state lock, after publishing).
+    published: std::sync::atomic::AtomicU64,
+}
+
+/// What publishing committed writes needs (the store writer holds one).
+struct Committed {
+    state: Arc<Mutex<State>>,
+    committed: Arc<CommitQueue>,
+    dirty: Arc<Dirty>,
+}
+
+impl Committed {
+    /// Whether the write with `ticket` is published.
+    fn is_published(&self, ticket: u64) -> bool {
+        self.committed.published.load(Ordering::Acquire) > ticket
+    }
+
+    /// Publishes, in commit order, every committed write not yet published.
+    fn publish_committed(&self) {
+        let mut st = self.state.lock().unwrap();
+        self.publish_with(&mut st);
+    }
+
+    /// [`Committed::publish_committed`] if the state lock is free right now.
+    fn try_publish_committed(&self) {
+        if let Ok(mut st) = self.state.try_lock() {
+            self.publish_with(&mut st);
+        }
+    }
+
+    fn publish_with(&self, st: &mut std::sync::MutexGuard<'_, State>) {
+        let dirty = self.publish_locked(st);
+        if !dirty.is_empty() {
+            self.dirty.mark(dirty);
+        }
+    }
+
+    /// Publishes the queue with the state lock held (taken under it, so queue order is
+    /// publication order).
+    fn publish_locked(&self, st: &mut State) -> Vec<NamespaceName> {
+        let queue = std::mem::take(&mut *self.committed.queue.lock().unwrap());
+        let mut dirty = Vec::new();
+        let mut last = None;
+        for (ticket, publish) in queue {
+            dirty.extend(publish(st));
+            last = Some(ticket);
+        }
+        if let Some(t) = last {
+            self.committed.published.store(t + 1, Ordering::Release);
+        }
+        dirty
+    }
+}
+
+/// A write queued to the store: see [`Registry::durable`].
+struct Queued {
+    ticket: u64,
+    rx: oneshot::Receiver<Result<(), ()>>,
 }
 
 /// Namespaces whose DNS snapshot must be rebuilt.
@@ -259,58 +524,6 @@ impl Dirty {
     }
 }
 
-/// How to take back one in-memory change whose commit failed.
-enum Undo {
-    /// Put back a membrane's previous entry (`None`: remove the one the write added).
-    Membrane(NamespaceName, MembraneId, Option<Entry>),
-    /// Remove a namespace the write created.
-    NsCreated(NamespaceName),
-    /// Put back a namespace the write deleted, with its membranes.
-    NsDeleted(NamespaceName, Ns),
-    /// Put back the previous join token hash.
-    JoinToken(NamespaceName, Option<[u8; 32]>),
-}
-
-impl Undo {
-    /// Applies the undo; returns the namespace whose DNS snapshot must be rebuilt.
-    fn apply(self, st: &mut State) -> NamespaceName {
-        match self {
-            Undo::Membrane(n, i, prev) => {
-                if let Some(ns) = st.namespaces.get_mut(&n) {
-                    match prev {
-                        Some(e) => ns.membranes.insert(i, e),
-                        None => ns.membranes.remove(&i),
-                    };
-                    ns.serial = ns.serial.wrapping_add(1);
-                }
-                n
-            }
-            Undo::NsCreated(n) => {
-                st.namespaces.remove(&n);
-                n
-            }
-            Undo::NsDeleted(n, mut ns) => {
-                ns.serial = ns.serial.wrapping_add(1);
-                st.namespaces.insert(n.clone(), ns);
-                n
-            }
-            Undo::JoinToken(n, h) => {
-                if let Some(ns) = st.namespaces.get_mut(&n) {
-                    ns.join_token_hash = h;
-                }
-                n
-            }
-        }
-    }
-}
-
-/// Undo records of queued, not yet committed writes, by submission ticket.
-#[derive(Default)]
-struct Pending {
-    next_ticket: u64,
-    undo: BTreeMap<u64, Vec<Undo>>,
-}
-
 /// Where writes go.
 enum Backend {
     /// The embedded store: memory first, then the writer thread commits.
@@ -323,8 +536,8 @@ enum Backend {
 /// The registry. Share it as `Arc<Registry>`.
 pub struct Registry {
     state: Arc<Mutex<State>>,
-    /// Lock order: `state`, then `pending`.
-    pending: Arc<Mutex<Pending>>,
+    /// Committed writes waiting to be published, in commit order.
+    committed: Arc<CommitQueue>,
     /// Live registrations of missing namespaces found at start (kept on disk, not served).
     orphaned: BTreeMap<String, usize>,
     backend: Backend,
@@ -428,8 +641,9 @@ impl Registry {
             state: Arc::new(Mutex::new(State {
                 namespaces,
                 next_seq,
+                staged: Staged::default(),
             })),
-            pending: Default::default(),
+            committed: Default::default(),
             orphaned,
             backend: Backend::Sqlite(writer),
             events: Arc::new(EventHub::new(start_seq)),
@@ -483,80 +697,116 @@ impl Registry {
         self.metrics.set_counts(c.namespaces, c.passing, c.stale);
     }
 
-    /// Queues `ops` (in lock order: `st` is the held state lock) and returns a receiver
-    /// that resolves once they are durable and `events` are published. `undo` takes back,
-    /// in reverse order, the in-memory changes the caller made for `ops`; it runs if they
-    /// fail to commit.
+    /// Stages `changes` and queues `ops` (in lock order: `st` is the held state lock);
+    /// returns a receiver that resolves once they are durable. Once committed, the
+    /// changes are published to the visible state with their `events`, and `dirty`
+    /// namespaces are marked for DNS, in commit order, before the caller is answered (see
+    /// [`Registry::durable`]). If the commit fails, nothing of it is ever visible.
+    ///
+    /// The store writer never waits for the state lock on success: it queues the committed
+    /// publication and wakes the caller, who publishes everything committed so far under
+    /// one lock; only a submission nobody awaits (sweep, heartbeat) is published by the
+    /// writer itself.
     fn submit(
         &self,
         st: &mut State,
         ops: Vec<Op>,
+        changes: Vec<Change>,
         events: Vec<(NamespaceName, Event)>,
         dirty: Vec<NamespaceName>,
-        undo: Vec<Undo>,
-    ) -> oneshot::Receiver<Result<(), ()>> {
+    ) -> Queued {
         let (tx, rx) = oneshot::channel();
+        let ticket = st.stage(&changes);
         let hub = self.events.clone();
-        let dirty_set = self.dirty.clone();
-        let failed = self.failed.clone();
-        let (state, pending) = (self.state.clone(), self.pending.clone());
-        let ticket = {
-            let mut p = self.pending.lock().unwrap();
-            let t = p.next_ticket;
-            p.next_ticket += 1;
-            if !undo.is_empty() {
-                p.undo.insert(t, undo);
+        let publish: Publication = Box::new(move |st: &mut State| {
+            st.publish(ticket, changes);
+            // Under the state lock: a list and the event revision it reports agree.
+            for (ns, ev) in events {
+                hub.publish(&ns, ev);
             }
-            t
-        };
-        let done: crate::store::sqlite::Done = Box::new(move |r: Result<(), &StoreError>| {
-            match r {
-                Ok(()) => {
-                    pending.lock().unwrap().undo.remove(&ticket);
-                    for (ns, ev) in events {
-                        hub.publish(&ns, ev);
-                    }
-                    if !dirty.is_empty() {
-                        dirty_set.mark(dirty);
-                    }
-                    let _ = tx.send(Ok(()));
-                }
-                Err(_) => {
-                    // Take back every change not committed, newest first, before answering;
-                    // the writer fails everything queued after a failure, and further
-                    // writes are refused until a restart reloads from disk.
-                    let mut st = state.lock().unwrap();
-                    failed.store(true, Ordering::Relaxed);
-                    let undo = std::mem::take(&mut pending.lock().unwrap().undo);
-                    let touched = rollback(&mut st, undo);
-                    drop(st);
-                    dirty_set.mark(touched);
-                    let _ = tx.send(Err(()));
-                }
-            }
+            dirty
         });
         match &self.backend {
             Backend::Sqlite(writer) => {
+                let shared = self.shared();
+                let failed = self.failed.clone();
+                let done: crate::store::sqlite::Done =
+                    Box::new(move |r: Result<(), &StoreError>| match r {
+                        Ok(()) => {
+                            shared
+                                .committed
+                                .queue
+                                .lock()
+                                .unwrap()
+                                .push((ticket, publish));
+                            // Publish here while that costs no waiting (the writer has
+                            // time while the next fsync runs); else the caller does.
+                            shared.try_publish_committed();
+                            if tx.send(Ok(())).is_err() && !shared.is_published(ticket) {
+                                // Nobody waits to publish it.
+                                shared.publish_committed();
+                            }
+                        }
+                        Err(_) => {
+                            // The writer fails everything queued after a failure; writes
+                            // are refused until a restart reloads from disk.
+                            let mut st = shared.state.lock().unwrap();
+                            let dirty = shared.publish_locked(&mut st);
+                            failed.store(true, Ordering::Relaxed);
+                            let dropped = st.unstage_all();
+                            drop(st);
+                            shared.dirty.mark(dirty);
+                            if dropped > 0 {
+                                tracing::warn!(
+                                    changes = dropped,
+                                    "store failure: changes not committed were dropped \
+                                     (never visible in the API, DNS or events)"
+                                );
+                            }
+                            let _ = tx.send(Err(()));
+                        }
+                    });
                 if writer.submit(Submission { ops, done }).is_err() {
                     self.failed.store(true, Ordering::Relaxed);
-                    let undo = std::mem::take(&mut self.pending.lock().unwrap().undo);
-                    let touched = rollback(st, undo);
-                    self.dirty.mark(touched);
+                    st.unstage_all();
                 }
             }
             // Memory follows the etcd watch: nothing is ever queued here.
             #[cfg(feature = "etcd")]
             Backend::Etcd(_) => {
-                let _ = st;
                 debug_assert!(ops.is_empty(), "etcd mode never queues store ops");
-                done(Ok(()));
+                let dirty = publish(st);
+                if !dirty.is_empty() {
+                    self.dirty.mark(dirty);
+                }
+                let _ = tx.send(Ok(()));
             }
         }
-        rx
+        Queued { ticket, rx }
     }
 
-    async fn durable(rx: oneshot::Receiver<Result<(), ()>>) -> Result<(), RegistryError> {
-        match rx.await {
+    fn shared(&self) -> Committed {
+        Committed {
+            state: self.state.clone(),
+            committed: self.committed.clone(),
+            dirty: self.dirty.clone(),
+        }
+    }
+
+    /// Waits until the write is durable, then (also if this future is dropped meanwhile)
+    /// makes sure it is published: unless already done, publishes every committed write
+    /// not yet published, this one included.
+    async fn durable(&self, queued: Queued) -> Result<(), RegistryError> {
+        struct PublishOnDrop(Committed, u64);
+        impl Drop for PublishOnDrop {
+            fn drop(&mut self) {
+                if !self.0.is_published(self.1) {
+                    self.0.publish_committed();
+                }
+            }
+        }
+        let _publish = PublishOnDrop(self.shared(), queued.ticket);
+        match queued.rx.await {
             Ok(Ok(())) => Ok(()),
             _ => Err(RegistryError::Unavailable),
         }
@@ -620,24 +870,23 @@ impl Registry {
         let (rx, view) = {
             let mut st = self.state.lock().unwrap();
             self.check_writable()?;
-            if st.namespaces.contains_key(&req.name) {
+            if st.staged_ns(&req.name).is_some() {
                 return Err(RegistryError::NamespaceExists(req.name));
             }
             let (ns, token) = Self::new_ns(req.description, req.settings);
             let mut view = ns_view(&req.name, &ns);
             view.join_token = Some(token);
             let stored = ns.stored(&req.name);
-            st.namespaces.insert(req.name.clone(), ns);
             let rx = self.submit(
                 &mut st,
                 vec![Op::PutNamespace(stored)],
+                vec![Change::PutNs(req.name.clone(), ns)],
                 vec![],
                 vec![req.name.clone()],
-                vec![Undo::NsCreated(req.name.clone())],
             );
             (rx, view)
         };
-        Self::durable(rx).await?;
+        self.durable(rx).await?;
         Ok(view)
     }
 
@@ -655,25 +904,28 @@ impl Registry {
         let (rx, view) = {
             let mut st = self.state.lock().unwrap();
             self.check_writable()?;
-            let ns = st
-                .namespaces
-                .get_mut(name)
-                .ok_or_else(|| RegistryError::NamespaceNotFound(name.clone()))?;
+            let mut ns = st
+                .staged_ns(name)
+                .ok_or_else(|| RegistryError::NamespaceNotFound(name.clone()))?
+                .header();
             let token = new_token();
-            let prev = ns.join_token_hash.replace(hash_secret(&token));
-            let mut view = ns_view(name, ns);
+            ns.join_token_hash = Some(hash_secret(&token));
+            let mut view = match st.namespaces.get(name) {
+                Some(committed) if st.committed_members_current(name) => ns_view(name, committed),
+                _ => ns_view(name, &ns),
+            };
             view.join_token = Some(token);
             let stored = ns.stored(name);
             let rx = self.submit(
                 &mut st,
                 vec![Op::PutNamespace(stored)],
+                vec![Change::PutNs(name.clone(), ns)],
                 vec![],
                 vec![],
-                vec![Undo::JoinToken(name.clone(), prev)],
             );
             (rx, view)
         };
-        Self::durable(rx).await?;
+        self.durable(rx).await?;
         Ok(view)
     }
 
@@ -692,26 +944,21 @@ impl Registry {
         let rx = {
             let mut st = self.state.lock().unwrap();
             self.check_writable()?;
-            let ns = st
-                .namespaces
-                .get(name)
-                .ok_or_else(|| RegistryError::NamespaceNotFound(name.clone()))?;
-            if !ns.membranes.is_empty() && !force {
-                return Err(RegistryError::NamespaceNotEmpty(
-                    name.clone(),
-                    ns.membranes.len(),
-                ));
+            if st.staged_ns(name).is_none() {
+                return Err(RegistryError::NamespaceNotFound(name.clone()));
             }
-            let ns = st.namespaces.remove(name).expect("checked above");
-            let events = ns
-                .membranes
-                .keys()
+            let ids = st.staged_ids(name);
+            if !ids.is_empty() && !force {
+                return Err(RegistryError::NamespaceNotEmpty(name.clone(), ids.len()));
+            }
+            let events = ids
+                .into_iter()
                 .map(|id| {
                     (
                         name.clone(),
                         Event::Deregistered {
                             namespace: name.clone(),
-                            id: id.clone(),
+                            id,
                             reason: "namespace_deleted".into(),
                         },
                     )
@@ -720,12 +967,12 @@ impl Registry {
             self.submit(
                 &mut st,
                 vec![Op::DeleteNamespace(name.clone())],
+                vec![Change::DeleteNs(name.clone())],
                 events,
                 vec![name.clone()],
-                vec![Undo::NsDeleted(name.clone(), ns)],
             )
         };
-        Self::durable(rx).await
+        self.durable(rx).await
     }
 
     /// Registers (or updates) a membrane: idempotent upsert keyed by (namespace, id).
@@ -777,20 +1024,18 @@ impl Registry {
             let mut st = self.state.lock().unwrap();
             self.check_writable()?;
             let mut ops = Vec::with_capacity(2);
-            let mut undo = Vec::with_capacity(2);
-            if !st.namespaces.contains_key(ns_name) {
-                if !caller.open {
-                    return Err(RegistryError::NamespaceNotFound(ns_name.clone()));
+            let mut changes = Vec::with_capacity(2);
+            match st.staged_ns(ns_name) {
+                Some(ns) => Self::check_join(caller, ns_name, ns)?,
+                None if caller.open => {
+                    // Open mode: registering into an unknown namespace creates it.
+                    let (ns, _token) = Self::new_ns(String::new(), NamespaceSettings::default());
+                    ops.push(Op::PutNamespace(ns.stored(ns_name)));
+                    changes.push(Change::PutNs(ns_name.clone(), ns));
                 }
-                // Open mode: registering into an unknown namespace creates it.
-                let (ns, _token) = Self::new_ns(String::new(), NamespaceSettings::default());
-                ops.push(Op::PutNamespace(ns.stored(ns_name)));
-                st.namespaces.insert(ns_name.clone(), ns);
-                undo.push(Undo::NsCreated(ns_name.clone()));
+                None => return Err(RegistryError::NamespaceNotFound(ns_name.clone())),
             }
-            let ns = st.namespaces.get_mut(ns_name).expect("present");
-            Self::check_join(caller, ns_name, ns)?;
-            let existing = ns.membranes.get(id);
+            let existing = st.staged_membrane(ns_name, id);
             let secret = Self::choose_secret(caller, ns_name, id, existing)?;
             let now = SystemTime::now();
             let created = existing.is_none();
@@ -799,7 +1044,6 @@ impl Registry {
             let supersedes = existing.map(|e| e.seq);
             let seq = st.next_seq;
             st.next_seq += 1;
-            let ns = st.namespaces.get_mut(ns_name).expect("present");
             let entry = Entry::registered(seq, id, &reg, &secret, registered_at);
             let view = membrane_view(ns_name, id, &entry);
             ops.push(Op::PutMembrane {
@@ -813,9 +1057,7 @@ impl Registry {
                 }),
                 supersedes,
             });
-            let prev = ns.membranes.insert(id.clone(), entry);
-            undo.push(Undo::Membrane(ns_name.clone(), id.clone(), prev));
-            ns.serial = ns.serial.wrapping_add(1);
+            changes.push(Change::Membrane(ns_name.clone(), id.clone(), Some(entry)));
             let mut events = vec![(
                 ns_name.clone(),
                 Event::Registered {
@@ -833,7 +1075,7 @@ impl Registry {
                 ));
             }
             self.metrics.registrations.inc();
-            let rx = self.submit(&mut st, ops, events, vec![ns_name.clone()], undo);
+            let rx = self.submit(&mut st, ops, changes, events, vec![ns_name.clone()]);
             (
                 rx,
                 RegisterResponse {
@@ -844,7 +1086,7 @@ impl Registry {
                 },
             )
         };
-        Self::durable(rx).await?;
+        self.durable(rx).await?;
         Ok(resp)
     }
 
@@ -955,6 +1197,11 @@ impl Registry {
             return self.heartbeat_etcd(e, caller, ns_name, id).await;
         }
         let mut st = self.state.lock().unwrap();
+        // A removal in flight (deregistration, eviction, namespace deletion) wins: the
+        // agent is told to register again.
+        if st.staged_membrane(ns_name, id).is_none() {
+            return Err(RegistryError::MembraneNotFound(ns_name.clone(), id.clone()));
+        }
         let ns = st
             .namespaces
             .get_mut(ns_name)
@@ -985,6 +1232,7 @@ impl Registry {
             drop(self.submit(
                 &mut st,
                 vec![],
+                vec![],
                 vec![(
                     ns_name.clone(),
                     Event::StateChanged {
@@ -994,7 +1242,6 @@ impl Registry {
                     },
                 )],
                 vec![ns_name.clone()],
-                vec![],
             ));
         }
         Ok((HealthState::Passing, ttl))
@@ -1034,12 +1281,9 @@ impl Registry {
             let mut st = self.state.lock().unwrap();
             self.check_writable()?;
             let not_found = || RegistryError::MembraneNotFound(ns_name.clone(), id.clone());
-            let ns = st.namespaces.get_mut(ns_name).ok_or_else(not_found)?;
-            let e = ns.membranes.get(id).ok_or_else(not_found)?;
+            let e = st.staged_membrane(ns_name, id).ok_or_else(not_found)?;
             Self::check_secret(caller, ns_name, id, e)?;
             let supersedes = e.seq;
-            let prev = ns.membranes.remove(id);
-            ns.serial = ns.serial.wrapping_add(1);
             let seq = st.next_seq;
             st.next_seq += 1;
             self.metrics.deregistrations.inc();
@@ -1051,6 +1295,7 @@ impl Registry {
                     id: id.clone(),
                     supersedes,
                 }],
+                vec![Change::Membrane(ns_name.clone(), id.clone(), None)],
                 vec![(
                     ns_name.clone(),
                     Event::Deregistered {
@@ -1060,10 +1305,9 @@ impl Registry {
                     },
                 )],
                 vec![ns_name.clone()],
-                vec![Undo::Membrane(ns_name.clone(), id.clone(), prev)],
             )
         };
-        Self::durable(rx).await
+        self.durable(rx).await
     }
 
     /// Moves membranes past their TTL to `stale` and removes those stale for longer than
@@ -1106,10 +1350,11 @@ impl Registry {
         let mut ops = Vec::new();
         let mut events = Vec::new();
         let mut dirty = Vec::new();
-        let mut undo = Vec::new();
+        let mut changes = Vec::new();
         let State {
             namespaces,
             next_seq,
+            staged,
         } = &mut *st;
         for (ns_name, ns) in namespaces.iter_mut() {
             if hold.holds(ns_name) {
@@ -1119,12 +1364,21 @@ impl Registry {
             let mut changed = false;
             let mut marked = 0;
             let released = preserve.released_at(ns_name);
+            // A namespace change in flight (deletion) removes its membranes anyway.
+            let ns_staged = staged.namespaces.contains_key(ns_name);
+            let staged_ids = staged.membranes.get(ns_name);
             for (id, e) in ns.membranes.iter_mut() {
                 let ttl = ttl_of(&ns.settings, &e.inst.registration);
                 let eviction = eviction_of(&ns.settings, &e.inst.registration);
                 let silent = now.saturating_duration_since(e.last_heartbeat);
                 if e.state == HealthState::Stale {
-                    if can_evict && now.saturating_duration_since(e.state_since) >= eviction {
+                    // Not while a write of it is in flight: that write decides (a
+                    // re-registration keeps it; an eviction already queued removes it).
+                    if can_evict
+                        && now.saturating_duration_since(e.state_since) >= eviction
+                        && !ns_staged
+                        && !staged_ids.is_some_and(|m| m.contains_key(id))
+                    {
                         evict.push(id.clone());
                     }
                 } else if silent >= ttl {
@@ -1155,7 +1409,7 @@ impl Registry {
             }
             preserve.record(now, ns_name, marked);
             for id in evict {
-                let Some(e) = ns.membranes.remove(&id) else {
+                let Some(e) = ns.membranes.get(&id) else {
                     continue;
                 };
                 changed = true;
@@ -1167,7 +1421,7 @@ impl Registry {
                     id: id.clone(),
                     supersedes: e.seq,
                 });
-                undo.push(Undo::Membrane(ns_name.clone(), id.clone(), Some(e)));
+                changes.push(Change::Membrane(ns_name.clone(), id.clone(), None));
                 *next_seq += 1;
                 events.push((
                     ns_name.clone(),
@@ -1185,7 +1439,7 @@ impl Registry {
         }
         drop(preserve);
         if !events.is_empty() {
-            drop(self.submit(&mut st, ops, events, dirty, undo));
+            drop(self.submit(&mut st, ops, changes, events, dirty));
         }
     }
 
@@ -1437,27 +1691,6 @@ impl Registry {
             })
             .collect()
     }
-}
-
-/// Undoes uncommitted changes, newest first; returns the namespaces touched.
-fn rollback(st: &mut State, undo: BTreeMap<u64, Vec<Undo>>) -> HashSet<NamespaceName> {
-    let mut touched = HashSet::new();
-    let mut changes = 0;
-    for (_, undo) in undo.into_iter().rev() {
-        for u in undo.into_iter().rev() {
-            touched.insert(u.apply(st));
-            changes += 1;
-        }
-    }
-    if changes > 0 {
-        let namespaces: Vec<&str> = touched.iter().map(|n| n.as_str()).collect();
-        tracing::warn!(
-            changes,
-            namespaces = namespaces.join(","),
-            "store failure: changes not committed were taken back from memory and DNS"
-        );
-    }
-    touched
 }
 
 fn counts(st: &State) -> Counts {

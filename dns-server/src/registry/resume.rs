@@ -170,10 +170,10 @@ impl Registry {
     /// Resolves once everything submitted before it has committed and its events are
     /// published (the writer commits in submission order).
     pub async fn flush(&self) {
-        let rx = {
+        let queued = {
             let mut st = self.state.lock().unwrap();
             self.submit(&mut st, vec![], vec![], vec![], vec![])
         };
-        let _ = rx.await;
+        let _ = self.durable(queued).await;
     }
 }

@@ -88,14 +88,26 @@ async fn passing_stale_passing_evicted() {
     assert_eq!(r.get(&n, &m).unwrap().state, HealthState::Stale);
     tokio::time::advance(Duration::from_secs(45)).await;
     r.sweep();
-    assert!(matches!(
-        r.get(&n, &m),
-        Err(RegistryError::MembraneNotFound(..))
-    ));
+    // Refused at once (the removal is queued), gone from reads once committed.
     assert!(matches!(
         r.heartbeat(&open_caller(), &n, &m).await,
         Err(RegistryError::MembraneNotFound(..))
     ));
+    committed(|| r.get(&n, &m).is_err());
+    assert!(matches!(
+        r.heartbeat(&open_caller(), &n, &m).await,
+        Err(RegistryError::MembraneNotFound(..))
+    ));
+}
+
+/// Waits (in real time: the store writer is a thread of its own) until `cond` holds, as it
+/// does once a queued change is committed and published.
+fn committed(cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "never committed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -610,7 +622,9 @@ async fn run_for(r: &Registry, secs: u64, alive: &[(NamespaceName, MembraneId)])
     }
 }
 
-fn state_of(r: &Registry, n: &NamespaceName, m: &MembraneId) -> Option<HealthState> {
+/// The committed state of `m`, after every queued write (an eviction) is published.
+async fn state_of(r: &Registry, n: &NamespaceName, m: &MembraneId) -> Option<HealthState> {
+    r.flush().await;
     r.get(n, m).ok().map(|v| v.state)
 }
 
@@ -644,17 +658,17 @@ async fn mass_silence_holds_stale_marking_and_evictions_until_heartbeats_recover
     run_for(&r, 1, &[]).await;
     assert!(!r.self_preservation().active);
     assert_eq!(r.metrics.self_preservation.get(), 0);
-    assert_eq!(state_of(&r, &n, &ids[0]), Some(HealthState::Stale));
-    assert_eq!(state_of(&r, &n, &ids[50]), Some(HealthState::Passing));
+    assert_eq!(state_of(&r, &n, &ids[0]).await, Some(HealthState::Stale));
+    assert_eq!(state_of(&r, &n, &ids[50]).await, Some(HealthState::Passing));
     run_for(&r, 58, &alive).await;
     assert_eq!(
-        state_of(&r, &n, &ids[0]),
+        state_of(&r, &n, &ids[0]).await,
         Some(HealthState::Stale),
         "not evicted before its eviction delay from the end of the hold"
     );
     run_for(&r, 2, &alive).await;
     assert_eq!(
-        state_of(&r, &n, &ids[0]),
+        state_of(&r, &n, &ids[0]).await,
         None,
         "evicted once the delay passed"
     );
@@ -670,14 +684,18 @@ async fn a_single_silent_membrane_still_goes_stale_and_is_evicted() {
     let ids = fleet(&r, &n, "m", 100).await;
     let alive: Vec<_> = ids[1..].iter().map(|m| (n.clone(), m.clone())).collect();
     run_for(&r, 29, &alive).await;
-    assert_eq!(state_of(&r, &n, &ids[0]), Some(HealthState::Passing));
+    assert_eq!(state_of(&r, &n, &ids[0]).await, Some(HealthState::Passing));
     run_for(&r, 1, &alive).await;
-    assert_eq!(state_of(&r, &n, &ids[0]), Some(HealthState::Stale));
+    assert_eq!(state_of(&r, &n, &ids[0]).await, Some(HealthState::Stale));
     assert!(!r.self_preservation().active);
     run_for(&r, 59, &alive).await;
-    assert_eq!(state_of(&r, &n, &ids[0]), Some(HealthState::Stale));
+    assert_eq!(state_of(&r, &n, &ids[0]).await, Some(HealthState::Stale));
     run_for(&r, 1, &alive).await;
-    assert_eq!(state_of(&r, &n, &ids[0]), None, "evicted at TTL + eviction");
+    assert_eq!(
+        state_of(&r, &n, &ids[0]).await,
+        None,
+        "evicted at TTL + eviction"
+    );
     assert_eq!(r.counts().passing, 99);
 }
 
@@ -888,4 +906,136 @@ async fn membranes_stale_at_a_clean_stop_are_announced_passing_again() {
             && frame.contains(r#""state":"passing""#),
         "{frame}"
     );
+}
+
+/// Holds the store's next commit: another connection holding SQLite's write lock makes the
+/// writer wait (its busy timeout is 5 s) until [`CommitGate::release`].
+struct CommitGate(rusqlite::Connection);
+
+impl CommitGate {
+    fn hold(path: &Path) -> Self {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        CommitGate(conn)
+    }
+    fn release(self) {
+        self.0.execute_batch("ROLLBACK").unwrap();
+    }
+}
+
+/// Waits until `n` registrations have been validated and queued to the store.
+async fn queued(r: &Registry, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while r.metrics.registrations.get() < n {
+        assert!(std::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_visible_before_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (r, _t) = open(&path);
+    let (a, oc) = (ns("a"), open_caller());
+    let old = r.register(&oc, &a, &id("old"), reg(None)).await.unwrap();
+    r.register(&oc, &a, &id("gone"), reg(None)).await.unwrap();
+    let mut sub = r.events().subscribe(&a, None);
+    let revision = r.list(&a, &ListFilter::default()).unwrap().1;
+    let serial = r.snapshot(&a).unwrap().serial;
+
+    let gate = CommitGate::hold(&path);
+    let with_secret = Caller {
+        secret: Some(old.instance_secret.clone()),
+        ..open_caller()
+    };
+    let writes = {
+        let r = r.clone();
+        tokio::spawn(async move {
+            let (a, b, oc) = (ns("a"), ns("b"), open_caller());
+            let (old, new, x, gone) = (id("old"), id("new"), id("x"), id("gone"));
+            tokio::join!(
+                r.register(&with_secret, &a, &old, reg(Some(99))),
+                r.register(&oc, &a, &new, reg(None)),
+                r.register(&oc, &b, &x, reg(None)),
+                r.deregister(&oc, &a, &gone),
+            )
+        })
+    };
+    queued(&r, 5).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!writes.is_finished(), "answered before the commit");
+
+    // Readers see only what was committed: the API...
+    let committed = |r: &Registry| {
+        assert_eq!(
+            r.get(&a, &id("old")).unwrap().registration.ttl_seconds,
+            None
+        );
+        assert!(
+            r.get(&a, &id("new")).is_err(),
+            "uncommitted registration visible"
+        );
+        assert!(
+            r.get(&a, &id("gone")).is_ok(),
+            "uncommitted deregistration visible"
+        );
+        assert!(
+            r.get_namespace(&ns("b")).is_err(),
+            "uncommitted namespace visible"
+        );
+        let (list, rev) = r.list(&a, &ListFilter::default()).unwrap();
+        let ids: Vec<_> = list.iter().map(|m| m.id.as_str().to_string()).collect();
+        assert_eq!(ids, ["gone", "old"]);
+        assert_eq!(rev, revision);
+        assert_eq!(r.counts().membranes, 2);
+        // ...DNS (the zone updater renders these snapshots)...
+        let snap = r.snapshot(&a).unwrap();
+        assert_eq!(snap.serial, serial);
+        let ids: Vec<_> = snap.instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["gone", "old"]);
+        assert!(r.snapshot(&ns("b")).is_none());
+    };
+    committed(&r);
+    // ...and events.
+    assert!(
+        sub.live.try_recv().is_err(),
+        "event of an uncommitted write"
+    );
+
+    // Writers do see the queued writes: the same membrane's next write is validated
+    // against them (a second deregistration of `gone` is refused, `new` is taken).
+    assert!(matches!(
+        r.deregister(&oc, &a, &id("gone")).await,
+        Err(RegistryError::MembraneNotFound(..))
+    ));
+    committed(&r);
+
+    gate.release();
+    let (u, n, x, d) = writes.await.unwrap();
+    assert!(!u.unwrap().created);
+    assert!(n.unwrap().created);
+    assert!(x.unwrap().created);
+    d.unwrap();
+    assert_eq!(
+        r.get(&a, &id("old")).unwrap().registration.ttl_seconds,
+        Some(99)
+    );
+    assert!(r.get(&a, &id("new")).is_ok());
+    assert!(r.get(&a, &id("gone")).is_err());
+    assert!(r.get_namespace(&ns("b")).is_ok());
+    let ids: Vec<_> = r
+        .snapshot(&a)
+        .unwrap()
+        .instances
+        .iter()
+        .map(|i| i.id.to_string())
+        .collect();
+    assert_eq!(ids, ["new", "old"]);
+    let mut kinds = Vec::new();
+    while let Ok((_, e)) = sub.live.try_recv() {
+        kinds.push(e.kind());
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["deregistered", "registered", "registered"]);
 }

@@ -403,8 +403,8 @@ fn commit(
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Submission>, mut garbage: BTreeSet<i64>) {
     let mut batch = Vec::with_capacity(64);
-    // Fail-stop: after one failed commit every later write fails too, so the caller's
-    // in-memory rollback of everything uncommitted matches the disk exactly.
+    // Fail-stop: after one failed commit every later write fails too, so the registry,
+    // which drops every staged (uncommitted) change then, matches the disk exactly.
     let mut broken = false;
     loop {
         // Collect garbage only while no write is waiting.

@@ -139,13 +139,33 @@ async fn stale_membrane_leaves_srv_answers() {
         .await
         .unwrap();
     assert_eq!(v["state"], "stale");
-    let out = dig(&server, &["SRV", "_svc._tcp.ns", "+short"]).unwrap();
+    // DNS follows once the change is published and the zone rebuilt (milliseconds).
+    let settled = |want: &'static str| {
+        let server = &server;
+        async move {
+            let mut out = String::new();
+            for _ in 0..100 {
+                out = dig(server, &["SRV", "_svc._tcp.ns", "+short"]).unwrap();
+                let done = if want.is_empty() {
+                    out.lines().count() == 2
+                } else {
+                    out.trim() == want
+                };
+                if done {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            out
+        }
+    };
+    let out = settled("0 10 2 long.ns.").await;
     assert_eq!(out.trim(), "0 10 2 long.ns.", "{out}");
     // A heartbeat brings it back.
     http.call("POST", "/v1/namespaces/ns/membranes/short/heartbeat", None)
         .await
         .unwrap();
-    let out = dig(&server, &["SRV", "_svc._tcp.ns", "+short"]).unwrap();
+    let out = settled("").await;
     assert_eq!(out.lines().count(), 2, "{out}");
 }
 

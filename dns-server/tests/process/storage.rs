@@ -239,3 +239,125 @@ async fn a_write_answered_503_is_not_visible_in_the_api_or_dns() {
         .unwrap();
     assert_eq!(status, 404);
 }
+
+/// `membrane_registrations_total` from `/metrics` (counted when a write is queued).
+async fn registrations_counted(server: &Server) -> u64 {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let resp = client
+        .get(format!("{}/metrics", server.url()).parse().unwrap())
+        .await
+        .unwrap();
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix("membrane_registrations_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("membrane_registrations_total in /metrics")
+}
+
+/// While the store's commit is held (another connection holds SQLite's write lock, so the
+/// server's writer waits in its busy timeout), a queued registration and a queued update
+/// are in neither the API nor DNS; once the commit goes through, both are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_not_visible_before_it_is_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let http = Http::new(server.url());
+    let path = "/v1/namespaces/store/membranes";
+    let body = |ip: &str| format!(r#"{{"addresses":["{ip}"],"services":[]}}"#);
+    let (status, v) = http
+        .call("PUT", &format!("{path}/m1"), Some(&body("10.0.0.1")))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    let secret = v["instance_secret"].as_str().unwrap().to_string();
+    let counted = registrations_counted(&server).await;
+    let dig = |name: &str| super::dig::dig(&server, &["+short", name, "A"]);
+    let dns_serves = async |name: &str, ip: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while dig(name).unwrap().trim() != ip {
+            assert!(Instant::now() < deadline, "DNS never served {name} {ip}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let has_dig = dig("m1.store.").is_some();
+    if has_dig {
+        dns_serves("m1.store.", "10.0.0.1").await;
+    }
+
+    // Hold the commit: the writer cannot take the write lock until it is released (the
+    // server's busy timeout is 5 s; everything below takes milliseconds).
+    let gate = rusqlite::Connection::open(dir.path().join("registry.sqlite3")).unwrap();
+    gate.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let update = http::Request::builder()
+        .method("PUT")
+        .uri(format!("{}{path}/m1", server.url()))
+        .header("x-membrane-secret", &secret)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body(
+            "10.0.0.9",
+        ))))
+        .unwrap();
+    let update = tokio::spawn(client.request(update));
+    let http2 = Http::new(server.url());
+    let b2 = body("10.0.0.2");
+    let fresh = tokio::spawn(async move {
+        http2
+            .call("PUT", "/v1/namespaces/store/membranes/m2", Some(&b2))
+            .await
+    });
+    // Both are validated and queued to the store when the counter has moved.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while registrations_counted(&server).await < counted + 2 {
+        assert!(Instant::now() < deadline, "the writes were never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        !update.is_finished() && !fresh.is_finished(),
+        "answered before the commit"
+    );
+
+    // Readers see the committed state only.
+    let (status, v) = http.call("GET", &format!("{path}/m1"), None).await.unwrap();
+    assert_eq!(
+        (status, &v["addresses"][0]),
+        (200, &"10.0.0.1".into()),
+        "{v}"
+    );
+    let (status, _) = http.call("GET", &format!("{path}/m2"), None).await.unwrap();
+    assert_eq!(status, 404, "a registration not yet committed is visible");
+    let (_, v) = http.call("GET", path, None).await.unwrap();
+    assert_eq!(v["membranes"].as_array().map(Vec::len), Some(1), "{v}");
+    if has_dig {
+        // (The zones of committed changes are rebuilt within milliseconds.)
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let out = dig("m1.store.").unwrap();
+        assert_eq!(
+            out.trim(),
+            "10.0.0.1",
+            "DNS serves an update not yet committed"
+        );
+        assert_eq!(
+            dig("m2.store.").unwrap().trim(),
+            "",
+            "DNS serves m2 before its commit"
+        );
+    }
+
+    // The commit goes through: both are answered and visible.
+    gate.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(update.await.unwrap().unwrap().status(), 200);
+    assert_eq!(fresh.await.unwrap().unwrap().0, 201);
+    let (_, v) = http.call("GET", &format!("{path}/m1"), None).await.unwrap();
+    assert_eq!(v["addresses"][0], "10.0.0.9", "{v}");
+    let (status, _) = http.call("GET", &format!("{path}/m2"), None).await.unwrap();
+    assert_eq!(status, 200);
+    if has_dig {
+        // DNS follows the commit.
+        dns_serves("m1.store.", "10.0.0.9").await;
+        dns_serves("m2.store.", "10.0.0.2").await;
+    }
+}
