@@ -223,15 +223,27 @@ pub async fn list_membranes(
     State(s): State<AppState>,
     P(ns): P<String>,
     Q(q): Q<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let ns = extract::ns(&ns)?;
-    let (membranes, revision) = s.registry.list(&ns, &q.into())?;
+    let (membranes, revision) = s.registry.list_shared(&ns, &q.into())?;
     // `revision`: the last event this list includes (resume the event stream after it);
     // `epoch`: the numbering it belongs to (see `http::sse`).
     let epoch = s.registry.events().epoch();
-    Ok(Json(
-        json!({"membranes": membranes, "revision": revision, "epoch": epoch}),
-    ))
+    // Serialized straight from the shared registrations: building a `serde_json::Value`
+    // tree first cost more than the rest of a 20,000-membrane list (profiled under the
+    // fleet bench).
+    #[derive(serde::Serialize)]
+    struct Answer {
+        membranes: Vec<crate::registry::SharedView>,
+        revision: u64,
+        epoch: u64,
+    }
+    Ok(Json(Answer {
+        membranes,
+        revision,
+        epoch,
+    })
+    .into_response())
 }
 
 /// `GET /v1/namespaces/{ns}/tree`.

@@ -1581,6 +1581,36 @@ impl Registry {
         Ok((v, revision))
     }
 
+    /// [`Registry::list`] for serializing large answers: each membrane's registration is
+    /// shared (a reference count under the lock, not a deep copy) and the views serialize
+    /// to exactly what [`MembraneView`] does.
+    pub fn list_shared(
+        &self,
+        ns_name: &NamespaceName,
+        filter: &ListFilter,
+    ) -> Result<(Vec<SharedView>, u64), RegistryError> {
+        let st = self.state.lock().unwrap();
+        let revision = self.events.revision();
+        let ns = st
+            .namespaces
+            .get(ns_name)
+            .ok_or_else(|| RegistryError::NamespaceNotFound(ns_name.clone()))?;
+        let name = Arc::new(ns_name.clone());
+        let v = ns
+            .membranes
+            .values()
+            .filter(|e| matches(e, filter))
+            .map(|e| SharedView {
+                namespace: name.clone(),
+                inst: e.inst.clone(),
+                state: e.state,
+                registered_at: e.registered_at,
+                last_heartbeat: e.last_heartbeat_wall,
+            })
+            .collect();
+        Ok((v, revision))
+    }
+
     /// Membranes of every namespace matching `filter` (for the alias routes).
     pub fn list_all(&self, filter: &ListFilter) -> Vec<MembraneView> {
         let st = self.state.lock().unwrap();
@@ -1725,6 +1755,42 @@ fn matches(e: &Entry, f: &ListFilter) -> bool {
             .as_deref()
             .is_none_or(|p| r.parent.as_ref().is_some_and(|x| x.as_str() == p))
         && f.state.is_none_or(|s| s == e.state)
+}
+
+/// A membrane as [`MembraneView`] shows it, sharing the registration with the registry
+/// (see [`Registry::list_shared`]).
+#[derive(Debug, Clone)]
+pub struct SharedView {
+    namespace: Arc<NamespaceName>,
+    inst: Arc<Instance>,
+    state: HealthState,
+    registered_at: SystemTime,
+    last_heartbeat: SystemTime,
+}
+
+impl serde::Serialize for SharedView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        /// The same fields, in the same order, as [`MembraneView`].
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            id: &'a MembraneId,
+            namespace: &'a NamespaceName,
+            #[serde(flatten)]
+            registration: &'a shared::Registration,
+            state: HealthState,
+            registered_at: String,
+            last_heartbeat: String,
+        }
+        Out {
+            id: &self.inst.id,
+            namespace: &self.namespace,
+            registration: &self.inst.registration,
+            state: self.state,
+            registered_at: rfc3339(self.registered_at),
+            last_heartbeat: rfc3339(self.last_heartbeat),
+        }
+        .serialize(s)
+    }
 }
 
 fn membrane_view(ns: &NamespaceName, id: &MembraneId, e: &Entry) -> MembraneView {

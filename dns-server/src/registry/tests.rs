@@ -1039,3 +1039,31 @@ async fn nothing_is_visible_before_its_commit() {
     kinds.sort();
     assert_eq!(kinds, ["deregistered", "registered", "registered"]);
 }
+
+/// The shared list views serialize exactly as the owned ones (the v1 list answer).
+#[tokio::test]
+async fn shared_list_views_serialize_like_membrane_views() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let n = ns("cog");
+    let mut full = reg(Some(30));
+    full.parent = Some(id("root"));
+    full.capabilities = vec!["vision".parse().unwrap()];
+    full.tags = vec!["gpu".parse().unwrap()];
+    full.metadata.insert("k".into(), "v".into());
+    r.register(&open_caller(), &n, &id("a"), full)
+        .await
+        .unwrap();
+    r.register(&open_caller(), &n, &id("b"), reg(None))
+        .await
+        .unwrap();
+    let filter = ListFilter::default();
+    let (owned, rev) = r.list(&n, &filter).unwrap();
+    let (shared, rev2) = r.list_shared(&n, &filter).unwrap();
+    assert_eq!(rev, rev2);
+    assert_eq!(owned.len(), 2);
+    assert_eq!(
+        serde_json::to_string(&shared).unwrap(),
+        serde_json::to_string(&owned).unwrap()
+    );
+}
