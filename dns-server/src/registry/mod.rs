@@ -1566,19 +1566,8 @@ impl Registry {
         ns_name: &NamespaceName,
         filter: &ListFilter,
     ) -> Result<(Vec<MembraneView>, u64), RegistryError> {
-        let st = self.state.lock().unwrap();
-        let revision = self.events.revision();
-        let ns = st
-            .namespaces
-            .get(ns_name)
-            .ok_or_else(|| RegistryError::NamespaceNotFound(ns_name.clone()))?;
-        let v = ns
-            .membranes
-            .iter()
-            .filter(|(_, e)| matches(e, filter))
-            .map(|(id, e)| membrane_view(ns_name, id, e))
-            .collect();
-        Ok((v, revision))
+        let (v, revision) = self.list_shared(ns_name, filter)?;
+        Ok((v.iter().map(SharedView::to_view).collect(), revision))
     }
 
     /// [`Registry::list`] for serializing large answers: each membrane's registration is
@@ -1766,6 +1755,20 @@ pub struct SharedView {
     state: HealthState,
     registered_at: SystemTime,
     last_heartbeat: SystemTime,
+}
+
+impl SharedView {
+    /// The owned view (a copy of the registration).
+    pub fn to_view(&self) -> MembraneView {
+        MembraneView {
+            id: self.inst.id.clone(),
+            namespace: (*self.namespace).clone(),
+            registration: (*self.inst.registration).clone(),
+            state: self.state,
+            registered_at: rfc3339(self.registered_at),
+            last_heartbeat: rfc3339(self.last_heartbeat),
+        }
+    }
 }
 
 impl serde::Serialize for SharedView {
