@@ -1098,28 +1098,14 @@ mod tests {
             frame_deadline: Duration::from_secs(30),
         };
         // Idle: closed after 60 s without a byte, not before.
-        let (mut client, server) = tokio::io::duplex(1 << 16);
         let t0 = tokio::time::Instant::now();
-        let h = tokio::spawn(connection(
-            server,
-            inbox.clone(),
-            limits,
-            false,
-            slot(limits),
-        ));
+        let (mut client, h) = open_connection(&inbox, limits);
         let mut b = [0u8; 1];
         assert_eq!(client.read(&mut b).await.unwrap(), 0);
         h.await.unwrap();
         assert_eq!(t0.elapsed().as_secs(), 60);
         // Slow: a frame trickled a byte every 10 s is cut 30 s after its first byte.
-        let (mut client, server) = tokio::io::duplex(1 << 16);
-        let h = tokio::spawn(connection(
-            server,
-            inbox.clone(),
-            limits,
-            false,
-            slot(limits),
-        ));
+        let (mut client, h) = open_connection(&inbox, limits);
         let e = envelope(1, "slow");
         let mut f = Vec::new();
         Frame::Msg(e.encode()).encode_into(&mut f);
@@ -1139,14 +1125,7 @@ mod tests {
         );
         assert!(inbox.maildir.list_new().unwrap().is_empty());
         // A complete frame resets the clock: a live sender is not cut.
-        let (mut client, server) = tokio::io::duplex(1 << 16);
-        let h = tokio::spawn(connection(
-            server,
-            inbox.clone(),
-            limits,
-            false,
-            slot(limits),
-        ));
+        let (mut client, h) = open_connection(&inbox, limits);
         for n in 0..4u64 {
             let e = envelope(10 + n, "ok");
             let mut f = Vec::new();
@@ -1168,14 +1147,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let inbox = inbox(dir.path(), 1000).await;
         let limits = Limits::default();
-        let (client, server) = tokio::io::duplex(1 << 16);
-        let h = tokio::spawn(connection(
-            server,
-            inbox.clone(),
-            limits,
-            false,
-            slot(limits),
-        ));
+        let (client, h) = open_connection(&inbox, limits);
         let (_rd, mut wr) = tokio::io::split(client);
         let mut bad = Vec::new();
         Frame::Msg(Vec::new()).encode_into(&mut bad);
@@ -1203,14 +1175,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let inbox = inbox(dir.path(), 1000).await;
         let limits = Limits::default();
-        let (mut client, server) = tokio::io::duplex(1 << 16);
-        let h = tokio::spawn(connection(
-            server,
-            inbox.clone(),
-            limits,
-            false,
-            slot(limits),
-        ));
+        let (mut client, h) = open_connection(&inbox, limits);
         let mut all = Vec::new();
         for n in 0..6u64 {
             Frame::Msg(envelope(20 + n, "split").encode()).encode_into(&mut all);
@@ -1251,6 +1216,23 @@ mod tests {
                 other => panic!("kind {kind}: {other:?}"),
             }
         }
+    }
+
+    /// A connection task (no sender authentication) on an in-memory stream: the client end
+    /// and the task.
+    fn open_connection(
+        inbox: &Arc<Inbox>,
+        limits: Limits,
+    ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let h = tokio::spawn(connection(
+            server,
+            inbox.clone(),
+            limits,
+            false,
+            slot(limits),
+        ));
+        (client, h)
     }
 
     /// A slot in a table of its own.
