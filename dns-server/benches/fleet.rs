@@ -113,6 +113,10 @@ impl Shared {
     fn err(&self, e: Fail) {
         self.errors[self.phase()][e as usize].fetch_add(1, Ordering::Relaxed);
     }
+    /// Counts an unexpected HTTP status (by code, for the report).
+    fn unexpected(&self, status: u16) {
+        *self.status_codes.lock().unwrap().entry(status).or_insert(0) += 1;
+    }
     fn ns_of(&self, agent: usize) -> String {
         format!("ns-{}", agent % self.namespaces)
     }
@@ -246,12 +250,7 @@ impl Sse {
             let mut buf = Vec::with_capacity(1024);
             let (status, head, _) = read_head(&mut s, &mut buf).await?;
             if status != 200 {
-                sh.status_codes
-                    .lock()
-                    .unwrap()
-                    .entry(status)
-                    .and_modify(|n| *n += 1)
-                    .or_insert(1);
+                sh.unexpected(status);
                 return Err(Fail::Status);
             }
             let lower = buf[..head].to_ascii_lowercase();
@@ -398,12 +397,7 @@ impl Agent {
                     return true;
                 }
                 Ok((status, _)) => {
-                    sh.status_codes
-                        .lock()
-                        .unwrap()
-                        .entry(status)
-                        .and_modify(|n| *n += 1)
-                        .or_insert(1);
+                    sh.unexpected(status);
                     sh.err(Fail::Status)
                 }
                 Err(e) => sh.err(e),
@@ -477,12 +471,7 @@ impl Agent {
             other => {
                 match other {
                     Ok((status, _)) => {
-                        sh.status_codes
-                            .lock()
-                            .unwrap()
-                            .entry(status)
-                            .and_modify(|n| *n += 1)
-                            .or_insert(1);
+                        sh.unexpected(status);
                         sh.err(Fail::Status)
                     }
                     Err(e) => sh.err(e),
