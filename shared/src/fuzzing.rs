@@ -66,23 +66,26 @@ pub fn registration(data: &[u8]) {
     assert_eq!(back.validate(), verdict, "validation after the round trip");
 }
 
+/// Runs every file of `dir` (a target's checked-in seed corpus and the reproducers of
+/// past findings) through the target body `f`; a crate's `cargo test` replays its seeds
+/// with it. Panics when `dir` holds fewer than 10 seeds (a corpus gone missing).
+pub fn replay_seeds(dir: &std::path::Path, f: fn(&[u8])) {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        eprintln!("{}", path.display());
+        f(&std::fs::read(&path).unwrap());
+        n += 1;
+    }
+    assert!(n >= 10, "{}: only {n} seeds", dir.display());
+}
+
 #[cfg(test)]
 mod tests {
-    /// Every file of `shared/fuzz/seeds/<target>` (the checked-in seed corpus and the
-    /// reproducers of past findings) through the target body.
+    /// `shared/fuzz/seeds/<target>` through the target body.
     fn replay(target: &str, f: fn(&[u8])) {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fuzz/seeds")
-            .join(target);
-        let mut n = 0;
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let path = e.unwrap().path();
-            let data = std::fs::read(&path).unwrap();
-            eprintln!("{}", path.display());
-            f(&data);
-            n += 1;
-        }
-        assert!(n >= 10, "{}: only {n} seeds", dir.display());
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+        super::replay_seeds(&dir.join(target), f);
     }
 
     #[test]

@@ -258,20 +258,10 @@ fn instance(id: &str, i: u16) -> Instance {
 
 #[cfg(test)]
 mod tests {
-    /// Every file of `dns-server/fuzz/seeds/<target>` (the checked-in seed corpus and the
-    /// reproducers of past findings) through the target body.
+    /// `dns-server/fuzz/seeds/<target>` through the target body.
     fn replay(target: &str, f: fn(&[u8])) {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fuzz/seeds")
-            .join(target);
-        let mut n = 0;
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let path = e.unwrap().path();
-            eprintln!("{}", path.display());
-            f(&std::fs::read(&path).unwrap());
-            n += 1;
-        }
-        assert!(n >= 10, "{}: only {n} seeds", dir.display());
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+        shared::fuzzing::replay_seeds(&dir.join(target), f);
     }
 
     #[test]
