@@ -82,8 +82,11 @@ fn agents_appear_in_dns_and_leave_on_sigterm() {
     // A graceful stop deregisters at once: gone from DNS without waiting for the TTL.
     let status = agents[1].terminate();
     assert!(status.success(), "{status:?}");
-    let srv = server.dig("SRV", "_visual._tcp.cognitive-system").unwrap();
-    assert_eq!(srv, vec!["0 10 7102 visual-worker-2.cognitive-system."]);
+    // (The zone is rebuilt milliseconds after the deregistration is answered.)
+    wait_for("visual-worker-1 out of DNS", Duration::from_secs(2), || {
+        let srv = server.dig("SRV", "_visual._tcp.cognitive-system").unwrap();
+        (srv == ["0 10 7102 visual-worker-2.cognitive-system."]).then_some(())
+    });
 
     // A killed agent leaves its membrane to go stale after the TTL: out of DNS, still listed.
     let _ = agents[2].child.kill();
@@ -92,10 +95,13 @@ fn agents_appear_in_dns_and_leave_on_sigterm() {
         let (_, v) = server.get("/v1/namespaces/cognitive-system/membranes/visual-worker-2");
         (v["state"] == "stale").then_some(())
     });
-    assert!(
+    // DNS follows once the stale marking is published and the zone rebuilt (milliseconds
+    // after the API shows it).
+    wait_for("visual-worker-2 out of DNS", Duration::from_secs(2), || {
         server
             .dig("SRV", "_visual._tcp.cognitive-system")
             .unwrap()
             .is_empty()
-    );
+            .then_some(())
+    });
 }
