@@ -141,6 +141,11 @@ async fn connect(sh: &Shared) -> Result<TcpStream, Fail> {
     if sh.sources > 1 {
         let k = sh.next_source.fetch_add(1, Ordering::Relaxed) % sh.sources;
         let ip = Ipv4Addr::new(127, 0, 0, 2 + k as u8);
+        // Pick the port at connect(), which may reuse ports in TIME_WAIT: a bind() to port
+        // 0 searches for a port in use by nothing at all, a slow search that blocks a
+        // generator thread for milliseconds once tens of thousands are in TIME_WAIT.
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+            .map_err(|_| Fail::Connect)?;
         sock.bind(SocketAddr::new(IpAddr::V4(ip), 0))
             .map_err(|_| Fail::Connect)?;
     }
@@ -355,6 +360,11 @@ fn upto(d: Duration) -> Duration {
     d.mul_f64(rand::rng().random::<f64>())
 }
 
+/// A heartbeat in flight: its answer and when it was sent.
+type InFlight = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (Result<(u16, Vec<u8>), Fail>, Instant)> + Send>,
+>;
+
 /// One simulated agent.
 struct Agent {
     i: usize,
@@ -430,20 +440,26 @@ impl Agent {
     }
 
     /// One heartbeat; the delay until the next.
-    async fn heartbeat(&mut self, sh: &Shared, stop: &CancellationToken) -> Duration {
+    /// A heartbeat request, to run beside the stream (the agent's heartbeat loop is its own
+    /// task: a slow heartbeat never delays reading events).
+    fn heartbeat(&self, sh: &Arc<Shared>) -> InFlight {
         let headers = format!(
             "x-membrane-secret: {}\r\n",
             self.secret.as_deref().unwrap_or("")
         );
+        let path = format!("{}/heartbeat", self.path());
+        let sh = sh.clone();
         let t = Instant::now();
-        let r = request(
-            sh,
-            "POST",
-            &format!("{}/heartbeat", self.path()),
-            &headers,
-            b"",
-        )
-        .await;
+        Box::pin(async move { (request(&sh, "POST", &path, &headers, b"").await, t) })
+    }
+
+    /// Accounts a heartbeat's answer; returns the delay to the next one.
+    async fn heartbeat_done(
+        &mut self,
+        (r, t): (Result<(u16, Vec<u8>), Fail>, Instant),
+        sh: &Shared,
+        stop: &CancellationToken,
+    ) -> Duration {
         match r {
             Ok((200, _)) => {
                 if sh.phase() == 1 {
@@ -579,6 +595,7 @@ impl Agent {
         let mut stream: Option<Sse> = None;
         let mut reconnect_at = Instant::now();
         let mut list_at: Option<Instant> = None;
+        let mut hb: Option<InFlight> = None;
         loop {
             if stream.is_none() && Instant::now() >= reconnect_at {
                 let last = self.position.map(|(_, id)| id);
@@ -614,6 +631,13 @@ impl Agent {
                 _ = stop.cancelled() => return,
                 r = read_stream(&mut stream) => {
                     let now_ns = sh.now_ns();
+                    // What came with the response head is a replay of events published
+                    // before this subscription (while the agent restarted, say): not
+                    // fan-out to a subscriber.
+                    let (r, replay) = match r {
+                        Ok((n, fresh)) => (Ok(n), fresh),
+                        Err(e) => (Err(e), false),
+                    };
                     let s = stream.as_mut().expect("reading");
                     let mut resync = false;
                     let ended = match r {
@@ -627,7 +651,9 @@ impl Agent {
                                         resync = true;
                                         return;
                                     }
-                                    account(&sh, me, epoch, id, kind, now_ns);
+                                    if !replay {
+                                        account(&sh, me, epoch, id, kind, now_ns);
+                                    }
                                     if !pending && position.is_some() {
                                         *position = Some((epoch, id));
                                     }
@@ -650,8 +676,12 @@ impl Agent {
                         self.reconnect_backoff = (self.reconnect_backoff * 2).min(MAX_BACKOFF);
                     }
                 }
-                _ = sleep_until(hb_at) => {
-                    let next = self.heartbeat(&sh, &stop).await;
+                _ = sleep_until(hb_at), if hb.is_none() => {
+                    hb = Some(self.heartbeat(&sh));
+                }
+                r = async { hb.as_mut().expect("in flight").await }, if hb.is_some() => {
+                    hb = None;
+                    let next = self.heartbeat_done(r, &sh, &stop).await;
                     hb_at = Instant::now() + next;
                 }
                 _ = sleep_until(list_at.unwrap_or(hb_at)), if list_at.is_some() => {
@@ -668,11 +698,12 @@ impl Agent {
                     // The container restarts as a new membrane: deregister, register, and
                     // its agent reconnects its stream (resuming from its cache).
                     churn_at = Instant::now() + churn_delay();
+                    stream = None;
+                    hb = None;
                     self.deregister(&sh).await;
                     self.generation += 1;
                     self.secret = None;
                     self.register(&sh, &stop).await;
-                    stream = None;
                     reconnect_at = Instant::now();
                     hb_at = Instant::now() + jitter(HEARTBEAT, 0.1);
                 }
@@ -682,15 +713,16 @@ impl Agent {
 }
 
 /// Reads more of the stream, if one is open (else never ready).
-async fn read_stream(stream: &mut Option<Sse>) -> std::io::Result<usize> {
+/// `true` with what came with the response head.
+async fn read_stream(stream: &mut Option<Sse>) -> std::io::Result<(usize, bool)> {
     match stream.as_mut() {
         Some(s) => {
             // What came with the head (a replay, say) first.
             if std::mem::take(&mut s.fresh) {
-                return Ok(s.raw.len().max(1));
+                return Ok((s.raw.len().max(1), true));
             }
             s.raw.reserve(2048);
-            s.s.read_buf(&mut s.raw).await
+            Ok((s.s.read_buf(&mut s.raw).await?, false))
         }
         None => std::future::pending().await,
     }

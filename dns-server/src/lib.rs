@@ -290,6 +290,11 @@ pub async fn run(
             dns::export_zone(&snap, &exporter_config)
         })),
         sse_permits: Arc::new(tokio::sync::Semaphore::new(sse_max)),
+        sse_pacing: http::sse::Pacing {
+            cap: sse_max,
+            min_window: config.sse_batch,
+            writes_per_sec: config.sse_max_writes,
+        },
     };
     if config.admin_token.is_none() {
         tracing::warn!("no admin token: the admin API is open (no checks at all)");
@@ -470,15 +475,16 @@ pub fn fit_to_open_files(
     )
 }
 
-/// Event streams hold their HTTP connection for good: at most three quarters of the HTTP
-/// connections may be streams, so requests always find room.
+/// Event streams hold their HTTP connection for good: a quarter of the HTTP connections,
+/// up to 1,024 (plenty for short requests: 20,000 agents heartbeating every 10 s keep a few
+/// dozen open), stays free of streams, so requests always find room.
 pub fn sse_cap(configured: usize, http_max_connections: usize) -> usize {
-    let room = (http_max_connections * 3 / 4).max(1);
+    let room = (http_max_connections - (http_max_connections / 4).min(1024)).max(1);
     if configured > room {
         tracing::warn!(
             configured,
             lowered_to = room,
-            "--sse-max-subscribers above 3/4 of the HTTP connection cap; lowered"
+            "--sse-max-subscribers leaves too few HTTP connections for requests (a quarter of the cap, at most 1,024); lowered"
         );
     }
     configured.min(room)
@@ -572,5 +578,7 @@ mod tests {
         assert_eq!(sse_cap(1024, 4096), 1024);
         assert_eq!(sse_cap(1024, 200), 150);
         assert_eq!(sse_cap(5, 1), 1);
+        // Large caps keep 1,024 connections for requests, not a quarter.
+        assert_eq!(sse_cap(30_000, 20_000), 18_976);
     }
 }

@@ -49,6 +49,8 @@ pub struct AppState {
     pub zone_exporter: Option<ZoneExporter>,
     /// One permit per event stream subscriber (`--sse-max-subscribers`).
     pub sse_permits: Arc<tokio::sync::Semaphore>,
+    /// How often each subscriber is written to (`--sse-batch-ms`, `--sse-max-writes`).
+    pub sse_pacing: sse::Pacing,
 }
 
 /// Default request body limit: 64 KiB is far above any valid registration.

@@ -43,6 +43,11 @@ fn harness(admin: Option<&str>) -> Harness {
         shutdown: CancellationToken::new(),
         zone_exporter: Some(Arc::new(|s| format!("zone {}", s.name))),
         sse_permits: Arc::new(tokio::sync::Semaphore::new(SSE_MAX)),
+        sse_pacing: crate::http::sse::Pacing {
+            cap: SSE_MAX,
+            min_window: std::time::Duration::from_millis(20),
+            writes_per_sec: 1_000,
+        },
     };
     Harness {
         router: router(state.clone()),
@@ -912,11 +917,11 @@ fn gone(ns: &shared::NamespaceName, i: usize) -> shared::Event {
 
 /// Subscribers resuming from an old `Last-Event-ID` and never reading must not pin private
 /// copies of the history: far behind they get `resync` (nothing replayed), near behind
-/// they get references to the bytes published once, and a stalled live subscriber is
-/// bounded by the shared live ring (then `resync`).
+/// they get references to the bytes published once, and a stalled live subscriber holds
+/// only its position in the shared history (then `resync`).
 #[tokio::test]
 async fn sse_subscribers_share_event_bytes_and_have_bounded_queues() {
-    use crate::registry::events::{LIVE, REPLAY_MAX};
+    use crate::registry::events::{REPLAY_MAX, RING};
     let h = harness(None);
     h.call(Method::PUT, M, Some(&reg_body(1)), &[]).await;
     let ns = shared::NamespaceName::new("cognitive-system").unwrap();
@@ -942,13 +947,106 @@ async fn sse_subscribers_share_event_bytes_and_have_bounded_queues() {
         let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(frame.as_ptr(), p.frame().as_ptr(), "event {seq} was copied");
     }
-    // A live subscriber that stops reading: more than the live ring later, its next frame
+    // A live subscriber that stops reading: more than the history later, its next frame
     // is a resync, not a queue of everything it missed.
-    for i in 0..LIVE + 10 {
+    for i in 0..RING + 10 {
         hub.publish(&ns, gone(&ns, i));
     }
     let text = next_frame(&mut body).await;
     assert!(text.contains("event: resync"), "{text}");
+}
+
+/// Reads frames of `body` until `n` events have arrived; returns the number of chunks
+/// they came in and the concatenated text.
+async fn read_events(body: &mut Body, n: usize) -> (usize, String) {
+    let (mut chunks, mut text) = (0, String::new());
+    while text.matches("\nevent: ").count() + usize::from(text.starts_with("event: ")) < n {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), next_frame(body))
+            .await
+            .expect("events missing");
+        if !chunk.starts_with(':') {
+            chunks += 1;
+        }
+        text.push_str(&chunk);
+    }
+    (chunks, text)
+}
+
+/// A burst of events reaches a subscriber coalesced into a few writes, not one per event,
+/// in order and complete; an event after a quiet period goes out at once.
+#[tokio::test]
+async fn sse_coalesces_bursts_into_few_writes() {
+    let h = harness(None);
+    h.call(Method::PUT, M, Some(&reg_body(1)), &[]).await;
+    let ns = shared::NamespaceName::new("cognitive-system").unwrap();
+    let hub = h.state.registry.events();
+    let mut body = events(&h, None).await;
+    let first = hub.publish(&ns, gone(&ns, 0));
+    let (chunks, text) = read_events(&mut body, 1).await;
+    assert_eq!(chunks, 1);
+    assert!(text.starts_with(&format!("id: {first}\n")), "{text}");
+    for i in 1..=200 {
+        hub.publish(&ns, gone(&ns, i));
+    }
+    let (chunks, text) = read_events(&mut body, 200).await;
+    assert!(chunks <= 3, "200 events in {chunks} writes");
+    let ids: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(ids, (first + 1..=first + 200).collect::<Vec<_>>());
+    assert!(!text.contains("resync"));
+}
+
+/// Events published one by one over a while reach a subscriber at most once per window
+/// (20 ms here), not once per event.
+#[tokio::test]
+async fn sse_writes_to_a_subscriber_are_paced() {
+    let h = harness(None);
+    h.call(Method::PUT, M, Some(&reg_body(1)), &[]).await;
+    let ns = shared::NamespaceName::new("cognitive-system").unwrap();
+    let hub = h.state.registry.events();
+    let mut body = events(&h, None).await;
+    let started = std::time::Instant::now();
+    for i in 0..100 {
+        hub.publish(&ns, gone(&ns, i));
+        tokio::time::sleep(std::time::Duration::from_millis(4)).await;
+    }
+    let (chunks, text) = read_events(&mut body, 100).await;
+    let windows = started.elapsed().as_millis() / 20 + 2;
+    assert!(
+        chunks as u128 <= windows,
+        "100 events in {chunks} writes over {windows} windows"
+    );
+    assert!(chunks < 100, "one write per event");
+    assert!(!text.contains("resync"));
+}
+
+/// A live subscriber that does not read while thousands of events are published (more
+/// than any per-subscriber queue would hold) gets every one of them when it reads again,
+/// in a few large writes, and no `resync` as long as they are in the shared history.
+#[tokio::test]
+async fn a_stalled_subscriber_catches_up_from_the_history() {
+    let h = harness(None);
+    h.call(Method::PUT, M, Some(&reg_body(1)), &[]).await;
+    let ns = shared::NamespaceName::new("cognitive-system").unwrap();
+    let hub = h.state.registry.events();
+    let mut body = events(&h, None).await;
+    let start = hub.revision();
+    for i in 0..5_000 {
+        hub.publish(&ns, gone(&ns, i));
+    }
+    let (chunks, text) = read_events(&mut body, 5_000).await;
+    assert!(!text.contains("resync"));
+    let ids: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(ids, (start + 1..=start + 5_000).collect::<Vec<_>>());
+    // About 130 bytes an event, up to 64 KiB a write.
+    assert!(chunks <= 20, "{chunks} writes");
 }
 
 #[tokio::test]

@@ -5,26 +5,27 @@
 //! either resumes from the bounded history or, when that history is gone (too old,
 //! or from before a restart), gets a `resync` telling it to refetch the list.
 //!
-//! Each event is framed for SSE once, at publication, into shared [`Bytes`]: history,
-//! live channels and every subscriber hold references to the same bytes. What one
-//! subscriber can hold is bounded: a replay of at most [`REPLAY_MAX`] events (further
-//! behind: `resync`), and a position in the namespace's live ring of [`LIVE`] events
-//! (further behind: `resync`).
+//! Each event is framed for SSE once, at publication, into shared [`Bytes`]: the history
+//! and every subscriber hold references to the same bytes. A live subscriber holds no
+//! queue, only a cursor (the last sequence number it took) into the history and a wake-up
+//! channel of its namespace: when it gets to run it takes every event after its cursor at
+//! once (see [`Feed::take`]), so a subscriber that falls behind costs nothing until it
+//! reads, then catches up in a few large writes instead of one per event. What one
+//! subscriber can hold is bounded: a replay of at most [`REPLAY_MAX`] events at subscription
+//! (further behind: `resync`); a live subscriber whose cursor fell out of the history
+//! (more than [`RING`] events of all namespaces behind) gets `resync`.
 
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use shared::{Event, NamespaceName};
-use tokio::sync::broadcast;
+use tokio::sync::watch;
 
-/// Events kept (across all namespaces) for resumption: a few hundred bytes each, so about
-/// 8 MB; at 5 %/min churn of 20,000 membranes (about 2,000 events a minute) that is eight
-/// minutes of history.
-const RING: usize = 16_384;
-/// Live buffer per subscribed namespace (shared by its subscribers); a subscriber further
-/// behind gets `resync`.
-pub const LIVE: usize = 1024;
+/// Events kept (across all namespaces) for resumption and for live subscribers that fall
+/// behind: a few hundred bytes each, so about 8 MB; at 5 %/min churn of 20,000 membranes
+/// (about 2,000 events a minute) that is eight minutes of history.
+pub const RING: usize = 16_384;
 /// Most events replayed to a resuming subscriber; further behind, it gets `resync`. A
 /// replay holds references to shared frames (16 bytes each) and costs far less than the
 /// full list a `resync` leads to: two minutes of the churn above.
@@ -60,6 +61,14 @@ impl Published {
     pub fn frame(&self) -> Bytes {
         self.frame.clone()
     }
+    /// The frame's length in bytes.
+    pub fn len(&self) -> usize {
+        self.frame.len()
+    }
+    /// Whether the frame is empty (never: a frame has at least its `id:` line).
+    pub fn is_empty(&self) -> bool {
+        self.frame.is_empty()
+    }
 }
 
 /// A sequenced event.
@@ -73,8 +82,9 @@ struct Inner {
     ring: VecDeque<(NamespaceName, Sequenced)>,
     /// Per namespace: events up to this sequence number have left `ring`.
     dropped_upto: HashMap<NamespaceName, u64>,
-    /// Live channels, created by the first subscriber of a namespace.
-    live: HashMap<NamespaceName, broadcast::Sender<Sequenced>>,
+    /// Wake-up channels of live subscribers, created by the first subscriber of a namespace
+    /// (shared so that a publisher wakes them after releasing the lock).
+    live: HashMap<NamespaceName, Arc<watch::Sender<()>>>,
     /// Per namespace: the sequence number of its last event in this epoch (what a clean
     /// shutdown hands to the next process, see [`Position`]).
     ns_last: HashMap<NamespaceName, u64>,
@@ -119,7 +129,7 @@ fn known_kind(kind: &str) -> Option<&'static str> {
 
 /// Fan-out of registry events to subscribers, with a bounded history for resumption.
 pub struct EventHub {
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
 }
 
 /// What a new subscriber gets.
@@ -128,22 +138,113 @@ pub struct Subscription {
     pub replay: Vec<Sequenced>,
     /// The client's position is lost: it must refetch the full list.
     pub resync: bool,
-    /// Live events.
-    pub live: broadcast::Receiver<Sequenced>,
+    /// Live events: everything after the replay.
+    pub live: Feed,
+}
+
+/// A live subscriber's position in the history of its namespace.
+pub struct Feed {
+    inner: Arc<Mutex<Inner>>,
+    ns: NamespaceName,
+    /// The last sequence number taken (or skipped: events of other namespaces).
+    cursor: u64,
+    wake: watch::Receiver<()>,
+}
+
+/// What [`Feed::take`] found.
+#[derive(Debug)]
+pub enum Taken {
+    /// Nothing after the cursor.
+    Nothing,
+    /// The next events, in order; `more`: further events are waiting (a size limit).
+    Events {
+        /// The events.
+        events: Vec<Sequenced>,
+        /// More are waiting.
+        more: bool,
+    },
+    /// Events after the cursor left the history before they were taken: the subscriber
+    /// must refetch the full list. The cursor moved to this (the last) sequence number.
+    Lost(u64),
+}
+
+impl Feed {
+    /// Waits until an event of the namespace may have been published since the last
+    /// [`take`](Self::take) (or this feed's creation); `false` when the hub is gone.
+    pub async fn changed(&mut self) -> bool {
+        self.wake.changed().await.is_ok()
+    }
+
+    /// Takes the events after the cursor, up to about `max_bytes` of frames (at least one
+    /// event), and moves the cursor past them.
+    pub fn take(&mut self, max_bytes: usize) -> Taken {
+        self.wake.mark_unchanged();
+        let inner = self.inner.lock().unwrap();
+        if self.cursor < inner.dropped_upto.get(&self.ns).copied().unwrap_or(0) {
+            self.cursor = inner.last_seq;
+            return Taken::Lost(inner.last_seq);
+        }
+        let from = inner
+            .ring
+            .partition_point(|(_, (seq, _))| *seq <= self.cursor);
+        let (mut events, mut bytes) = (Vec::new(), 0);
+        for (n, item) in inner.ring.range(from..) {
+            if n != &self.ns {
+                continue;
+            }
+            if bytes >= max_bytes && !events.is_empty() {
+                self.cursor = events.last().map_or(self.cursor, |(s, _): &Sequenced| *s);
+                return Taken::Events { events, more: true };
+            }
+            bytes += item.1.frame.len();
+            events.push(item.clone());
+        }
+        // Everything up to the last event of any namespace has been looked at.
+        self.cursor = inner.last_seq;
+        if events.is_empty() {
+            Taken::Nothing
+        } else {
+            Taken::Events {
+                events,
+                more: false,
+            }
+        }
+    }
+
+    /// The next event, waiting for it (one at a time: for tests and simple consumers);
+    /// `None` when the hub is gone. A lost position yields a `resync` event.
+    pub async fn recv(&mut self) -> Option<Sequenced> {
+        loop {
+            match self.take(0) {
+                Taken::Events { mut events, .. } => return events.pop(),
+                Taken::Lost(seq) => {
+                    let ev = Event::Resync {
+                        namespace: self.ns.clone(),
+                    };
+                    return Some((seq, Arc::new(Published::new(seq, &ev))));
+                }
+                Taken::Nothing => {
+                    if !self.changed().await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl EventHub {
     /// A hub whose first event is numbered after `start_seq`.
     pub fn new(start_seq: u64) -> Self {
         EventHub {
-            inner: Mutex::new(Inner {
+            inner: Arc::new(Mutex::new(Inner {
                 last_seq: start_seq,
                 start_seq,
                 ring: VecDeque::new(),
                 dropped_upto: HashMap::new(),
                 live: HashMap::new(),
                 ns_last: HashMap::new(),
-            }),
+            })),
         }
     }
 
@@ -236,14 +337,22 @@ impl EventHub {
         {
             inner.dropped_upto.insert(old_ns, old);
         }
-        if let Some(tx) = inner.live.get(ns) {
-            // No receivers left: drop the channel.
-            if tx.send(item.clone()).is_err() {
-                inner.live.remove(ns);
-            }
-        }
         inner.ring.push_back((ns.clone(), item));
         inner.ns_last.insert(ns.clone(), seq);
+        let wake = match inner.live.get(ns) {
+            // No subscribers left: drop the channel.
+            Some(tx) if tx.receiver_count() == 0 => {
+                inner.live.remove(ns);
+                None
+            }
+            tx => tx.cloned(),
+        };
+        drop(inner);
+        // Waking every subscriber of a namespace is outside the lock, which they take to
+        // read the event.
+        if let Some(tx) = wake {
+            tx.send_replace(());
+        }
         seq
     }
 
@@ -263,11 +372,17 @@ impl EventHub {
     /// Subscribes to `ns`, replaying what came after `last_id`.
     pub fn subscribe(&self, ns: &NamespaceName, last_id: Option<u64>) -> Subscription {
         let mut inner = self.inner.lock().unwrap();
-        let live = inner
-            .live
-            .entry(ns.clone())
-            .or_insert_with(|| broadcast::channel(LIVE).0)
-            .subscribe();
+        let live = Feed {
+            inner: self.inner.clone(),
+            ns: ns.clone(),
+            // The replay (or nothing, or a resync) takes the subscriber to here.
+            cursor: inner.last_seq,
+            wake: inner
+                .live
+                .entry(ns.clone())
+                .or_insert_with(|| Arc::new(watch::channel(()).0))
+                .subscribe(),
+        };
         let Some(last_id) = last_id else {
             return Subscription {
                 replay: Vec::new(),
