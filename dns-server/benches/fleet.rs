@@ -11,7 +11,9 @@
 //! Reports the server's CPU (from `/proc/<pid>/stat`, % of one core), RSS and RSS per agent,
 //! heartbeat latency percentiles, fan-out (time from a change's commit — its writer's answer,
 //! which the server sends right after publishing the event — to its arrival at every
-//! subscriber of the namespace), lists, resyncs and errors.
+//! subscriber of the namespace; events replayed to an agent that reconnects are not
+//! counted), lists, resyncs and errors. Heartbeats run beside the stream (like the agent's
+//! own task), so a slow heartbeat never delays reading events.
 //!
 //! Run: `cargo bench -p dns-server --bench fleet`; the issue's target (20,000 agents in one
 //! namespace, 5 %/min churn, warm caches, as root for the open-file limit):
@@ -22,8 +24,11 @@
 //! second), BENCH_RESTART (1: run the restart phase), BENCH_RESTART_KILL (0: clean stop with
 //! SIGTERM; 1: kill -9), BENCH_SETTLE (20 s after the restart), BENCH_SOURCES (agents / 2500,
 //! at least 1: loopback source addresses 127.0.0.2.. to spread ephemeral ports over),
-//! BENCH_WARM (0; 1: agents start as if with a warm cache — no full list at start, which for
-//! N agents in one namespace is N lists of up to N membranes),
+//! BENCH_WARM (0; 1: a fleet already running: agents register at the ramp rate and then
+//! open their streams over a second window as long, as if with a warm cache — no full list
+//! at start, which for N agents in one namespace is N lists of up to N membranes, and no
+//! registration fanned out to every agent already streaming, N²/2 deliveries: both are a
+//! cold start of a whole fleet, which BENCH_WARM=0 measures),
 //! BENCH_SERVER_BIN (another `dns-server` binary).
 //!
 //! The generator is a raw HTTP/1.1 client over tokio `TcpStream`s with minimal parsing,
@@ -79,6 +84,10 @@ struct Shared {
     sources: usize,
     /// Agents start with a warm cache (BENCH_WARM): their first list is a tiny one.
     warm: bool,
+    /// Warm start: when agents open their streams (a random instant in the window after
+    /// every agent registered), as in a fleet that was already running.
+    streams_from: std::time::Instant,
+    streams_spread: Duration,
     next_source: AtomicUsize,
     /// 0 ramp, 1 steady, 2 restart.
     phase: AtomicU32,
@@ -450,7 +459,10 @@ impl Agent {
         let path = format!("{}/heartbeat", self.path());
         let sh = sh.clone();
         let t = Instant::now();
-        Box::pin(async move { (request(&sh, "POST", &path, &headers, b"").await, t) })
+        // Its own task, as in the agent (and so that a busy stream does not delay polling
+        // the heartbeat's connection).
+        let h = tokio::spawn(async move { (request(&sh, "POST", &path, &headers, b"").await, t) });
+        Box::pin(async move { h.await.expect("heartbeat task") })
     }
 
     /// Accounts a heartbeat's answer; returns the delay to the next one.
@@ -593,7 +605,11 @@ impl Agent {
         };
         let mut churn_at = Instant::now() + churn_delay();
         let mut stream: Option<Sse> = None;
-        let mut reconnect_at = Instant::now();
+        let mut reconnect_at = if sh.warm {
+            Instant::from_std(sh.streams_from) + upto(sh.streams_spread)
+        } else {
+            Instant::now()
+        };
         let mut list_at: Option<Instant> = None;
         let mut hb: Option<InFlight> = None;
         loop {
@@ -745,6 +761,131 @@ fn account(sh: &Shared, agent: usize, epoch: u64, id: u64, key: u64, now_ns: u64
     }
 }
 
+/// What the observer measured (milliseconds).
+#[derive(Default)]
+struct Observed {
+    heartbeats: Vec<f64>,
+    fanout: Vec<f64>,
+    missing: usize,
+}
+
+/// An observer beside the fleet, on its own OS thread with blocking sockets (so that it
+/// measures the server, not the generator's scheduling of 20,000 tasks): one membrane
+/// heartbeating every 50 ms, and a new membrane registered every 500 ms (the previous one
+/// deregistered) whose `registered` event is timed from the write's answer to its arrival
+/// on the observer's own event stream. Its phase in the server's write window is random
+/// like any subscriber's, so over many events its delays spread over the whole window.
+fn observe(addr: SocketAddr, ns: String, stop: Arc<AtomicBool>) -> Observed {
+    use std::io::{Read, Write};
+    use std::net::TcpStream as Std;
+    let call = |method: &str, path: &str, body: &str| -> Option<(u16, f64)> {
+        let t = std::time::Instant::now();
+        let mut s = Std::connect_timeout(&addr, REQUEST_TIMEOUT).ok()?;
+        s.set_read_timeout(Some(REQUEST_TIMEOUT)).ok()?;
+        let _ = s.set_nodelay(true);
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: registry\r\nconnection: close\r\ncontent-type: application/json\r\nx-membrane-secret: {}\r\ncontent-length: {}\r\n\r\n{body}",
+            "0b".repeat(32),
+            body.len()
+        );
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).ok()?;
+        let status = std::str::from_utf8(out.get(9..12)?).ok()?.parse().ok()?;
+        Some((status, t.elapsed().as_secs_f64() * 1e3))
+    };
+    let arrivals: Arc<Mutex<HashMap<u64, std::time::Instant>>> = Arc::default();
+    let reader = {
+        let (arrivals, stop, ns) = (arrivals.clone(), stop.clone(), ns.clone());
+        std::thread::spawn(move || {
+            let Ok(mut s) = Std::connect(addr) else {
+                return;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            let _ = write!(
+                s,
+                "GET /v1/namespaces/{ns}/events HTTP/1.1\r\nhost: registry\r\n\r\n"
+            );
+            let (mut buf, mut chunk) = (Vec::new(), [0u8; 65536]);
+            while !stop.load(Ordering::Relaxed) {
+                let n = match s.read(&mut chunk) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(_) => continue,
+                };
+                let now = std::time::Instant::now();
+                buf.extend_from_slice(&chunk[..n]);
+                let mut from = 0;
+                while let Some(i) = find(&buf[from..], b"\"id\":\"obs-") {
+                    let rest = &buf[from + i + 10..];
+                    let Some(e) = rest.iter().position(|b| !b.is_ascii_digit()) else {
+                        break;
+                    };
+                    if let Some(k) = std::str::from_utf8(&rest[..e])
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                    {
+                        arrivals.lock().unwrap().entry(k).or_insert(now);
+                    }
+                    from += i + 10 + e;
+                }
+                buf.drain(..from);
+                if buf.len() > 64 {
+                    buf.drain(..buf.len() - 64);
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let reg =
+        r#"{"addresses":["10.255.0.1"],"services":[{"name":"svc-0","proto":"tcp","port":7100}]}"#;
+    let base = format!("/v1/namespaces/{ns}/membranes");
+    let mut out = Observed::default();
+    let _ = call("PUT", &format!("{base}/obs-hb"), reg);
+    let mut answered: HashMap<u64, std::time::Instant> = HashMap::new();
+    let mut next_reg = std::time::Instant::now();
+    let mut k = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some((200, ms)) = call("POST", &format!("{base}/obs-hb/heartbeat"), "") {
+            out.heartbeats.push(ms);
+        } else {
+            out.missing += 1;
+        }
+        if std::time::Instant::now() >= next_reg {
+            next_reg += Duration::from_millis(500);
+            k += 1;
+            if let Some((201, _)) = call("PUT", &format!("{base}/obs-{k}"), reg) {
+                answered.insert(k, std::time::Instant::now());
+            }
+            let _ = call("DELETE", &format!("{base}/obs-{}", k - 1), "");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = call("DELETE", &format!("{base}/obs-{k}"), "");
+    let _ = call("DELETE", &format!("{base}/obs-hb"), "");
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let _ = reader.join();
+    let arrivals = arrivals.lock().unwrap();
+    for (k, at) in answered {
+        match arrivals.get(&k) {
+            Some(a) => out
+                .fanout
+                .push(a.saturating_duration_since(at).as_secs_f64() * 1e3),
+            None => out.missing += 1,
+        }
+    }
+    out
+}
+
+fn pct_f(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
 /// utime + stime of `pid`, in clock ticks.
 fn cpu_ticks(pid: &str) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -862,10 +1003,11 @@ fn main() {
     );
     let rss_idle = rss_kib(&pid);
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(env("BENCH_GEN_THREADS", 2).max(1))
         .enable_all()
         .build()
         .unwrap();
+    let ramp_time = Duration::from_secs_f64(agents as f64 / ramp as f64);
     let sh = Arc::new(Shared {
         addr: addr.parse().unwrap(),
         t0: std::time::Instant::now(),
@@ -873,6 +1015,8 @@ fn main() {
         namespaces,
         sources,
         warm,
+        streams_from: std::time::Instant::now() + ramp_time + Duration::from_secs(2),
+        streams_spread: ramp_time,
         next_source: AtomicUsize::new(0),
         phase: AtomicU32::new(0),
         errors: Default::default(),
@@ -948,7 +1092,13 @@ fn main() {
         sleep(Duration::from_secs(2)).await;
         sh.phase.store(1, Ordering::Relaxed);
         let (c0, g0, t0) = (cpu_ticks(&pid), cpu_ticks(&gen_pid), Instant::now());
+        let obs_stop = Arc::new(AtomicBool::new(false));
+        let observer = {
+            let (addr, ns, stop) = (sh.addr, sh.ns_of(0), obs_stop.clone());
+            std::thread::spawn(move || observe(addr, ns, stop))
+        };
         sleep(Duration::from_secs(seconds)).await;
+        obs_stop.store(true, Ordering::Relaxed);
         let (c1, g1, dt) = (cpu_ticks(&pid), cpu_ticks(&gen_pid), t0.elapsed());
         let rss = rss_kib(&pid);
         let writes = std::mem::take(&mut *sh.writes.lock().unwrap());
@@ -1011,6 +1161,20 @@ fn main() {
             pct(&from_send, 0.99) / 1000.0,
             reached.first().copied().unwrap_or(0),
             pct(&reached, 0.5),
+        );
+        let mut seen = observer.join().expect("observer");
+        println!(
+            "observer (own thread, blocking sockets): heartbeats {}: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms; \
+             event delivery to its stream, {} changes: p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms; failed or missing {}",
+            seen.heartbeats.len(),
+            pct_f(&mut seen.heartbeats, 0.5),
+            pct_f(&mut seen.heartbeats, 0.99),
+            pct_f(&mut seen.heartbeats, 1.0),
+            seen.fanout.len(),
+            pct_f(&mut seen.fanout, 0.5),
+            pct_f(&mut seen.fanout, 0.99),
+            pct_f(&mut seen.fanout, 1.0),
+            seen.missing,
         );
         report_errors(&sh, 1, "steady");
 

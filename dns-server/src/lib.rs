@@ -76,11 +76,29 @@ impl Listeners {
     }
 }
 
+/// Pending connections the kernel queues for the HTTP listener until it accepts them
+/// (capped by `net.core.somaxconn`, 4096 by default). Past it, a client's SYN is dropped and
+/// retried after 1 s, 3 s, 7 s: 20,000 agents heartbeating every 10 s open 2,000
+/// connections a second, so a queue of 1,024 (tokio's default) overflowed whenever the
+/// accept loop waited a few hundred milliseconds for a worker.
+const HTTP_BACKLOG: u32 = 4096;
+
+/// A TCP listener on `addr` with [`HTTP_BACKLOG`].
+fn listen_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(HTTP_BACKLOG)
+}
+
 /// Binds every configured address and logs each one (`listening http 127.0.0.1:8765`).
 /// For a DNS address with port 0, UDP picks the port and TCP binds the same one.
 pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
-    let http = TcpListener::bind(config.http_listen)
-        .await
+    let http = listen_tcp(config.http_listen)
         .map_err(io_err(format!("binding http {}", config.http_listen)))?;
     tracing::info!(
         "listening http {}",
@@ -402,9 +420,12 @@ pub async fn run(
     Ok(())
 }
 
-/// Descriptors kept for everything but client connections (store, listeners, UDP
-/// sockets, logs, etcd).
-const FD_RESERVE: u64 = 128;
+/// Descriptors kept for everything but client connections: the store, listeners, UDP
+/// sockets, logs, etcd (about 30), over-cap clients being told 503
+/// ([`http::accept::SHEDDING`]), and connections closed to make room for new ones whose
+/// descriptor is not closed yet. (Running out only delays accepting, by up to
+/// [`http::accept::ACCEPT_BACKOFF`], but a 20,000-agent soak did run out with 128.)
+const FD_RESERVE: u64 = 384;
 
 /// Raises the soft open-file limit to the hard one (a server holding thousands of
 /// connections needs more than the usual 1024); returns the soft limit in force.

@@ -972,60 +972,9 @@ async fn read_events(body: &mut Body, n: usize) -> (usize, String) {
     (chunks, text)
 }
 
-/// A burst of events reaches a subscriber coalesced into a few writes, not one per event,
-/// in order and complete; an event after a quiet period goes out at once.
-#[tokio::test]
-async fn sse_coalesces_bursts_into_few_writes() {
-    let h = harness(None);
-    h.call(Method::PUT, M, Some(&reg_body(1)), &[]).await;
-    let ns = shared::NamespaceName::new("cognitive-system").unwrap();
-    let hub = h.state.registry.events();
-    let mut body = events(&h, None).await;
-    let first = hub.publish(&ns, gone(&ns, 0));
-    let (chunks, text) = read_events(&mut body, 1).await;
-    assert_eq!(chunks, 1);
-    assert!(text.starts_with(&format!("id: {first}\n")), "{text}");
-    for i in 1..=200 {
-        hub.publish(&ns, gone(&ns, i));
-    }
-    let (chunks, text) = read_events(&mut body, 200).await;
-    assert!(chunks <= 3, "200 events in {chunks} writes");
-    let ids: Vec<u64> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("id: "))
-        .map(|v| v.parse().unwrap())
-        .collect();
-    assert_eq!(ids, (first + 1..=first + 200).collect::<Vec<_>>());
-    assert!(!text.contains("resync"));
-}
-
-/// Events published one by one over a while reach a subscriber at most once per window
-/// (20 ms here), not once per event.
-#[tokio::test]
-async fn sse_writes_to_a_subscriber_are_paced() {
-    let h = harness(None);
-    h.call(Method::PUT, M, Some(&reg_body(1)), &[]).await;
-    let ns = shared::NamespaceName::new("cognitive-system").unwrap();
-    let hub = h.state.registry.events();
-    let mut body = events(&h, None).await;
-    let started = std::time::Instant::now();
-    for i in 0..100 {
-        hub.publish(&ns, gone(&ns, i));
-        tokio::time::sleep(std::time::Duration::from_millis(4)).await;
-    }
-    let (chunks, text) = read_events(&mut body, 100).await;
-    let windows = started.elapsed().as_millis() / 20 + 2;
-    assert!(
-        chunks as u128 <= windows,
-        "100 events in {chunks} writes over {windows} windows"
-    );
-    assert!(chunks < 100, "one write per event");
-    assert!(!text.contains("resync"));
-}
-
 /// A live subscriber that does not read while thousands of events are published (more
 /// than any per-subscriber queue would hold) gets every one of them when it reads again,
-/// in a few large writes, and no `resync` as long as they are in the shared history.
+/// and no `resync` as long as they are in the shared history.
 #[tokio::test]
 async fn a_stalled_subscriber_catches_up_from_the_history() {
     let h = harness(None);
@@ -1037,7 +986,7 @@ async fn a_stalled_subscriber_catches_up_from_the_history() {
     for i in 0..5_000 {
         hub.publish(&ns, gone(&ns, i));
     }
-    let (chunks, text) = read_events(&mut body, 5_000).await;
+    let (_, text) = read_events(&mut body, 5_000).await;
     assert!(!text.contains("resync"));
     let ids: Vec<u64> = text
         .lines()
@@ -1045,8 +994,6 @@ async fn a_stalled_subscriber_catches_up_from_the_history() {
         .map(|v| v.parse().unwrap())
         .collect();
     assert_eq!(ids, (start + 1..=start + 5_000).collect::<Vec<_>>());
-    // About 130 bytes an event, up to 64 KiB a write.
-    assert!(chunks <= 20, "{chunks} writes");
 }
 
 #[tokio::test]

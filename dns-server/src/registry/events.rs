@@ -61,6 +61,10 @@ impl Published {
     pub fn frame(&self) -> Bytes {
         self.frame.clone()
     }
+    /// The frame's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.frame
+    }
     /// The frame's length in bytes.
     pub fn len(&self) -> usize {
         self.frame.len()
