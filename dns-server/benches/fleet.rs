@@ -29,7 +29,14 @@
 //! at start, which for N agents in one namespace is N lists of up to N membranes, and no
 //! registration fanned out to every agent already streaming, N²/2 deliveries: both are a
 //! cold start of a whole fleet, which BENCH_WARM=0 measures),
-//! BENCH_SERVER_BIN (another `dns-server` binary).
+//! BENCH_SERVER_BIN (another `dns-server` binary), BENCH_GEN_THREADS (2: the generator's
+//! worker threads).
+//!
+//! Beside the fleet, an observer on its own OS thread with blocking sockets heartbeats one
+//! membrane every 50 ms and times the `registered` event of a membrane it registers every
+//! 500 ms on its own event stream: what the server does, free of the generator's scheduling
+//! of thousands of tasks (at 12,000+ agents the fleet's own heartbeat and fan-out tails of
+//! seconds are not seen by the observer nor by the server's latency histogram).
 //!
 //! The generator is a raw HTTP/1.1 client over tokio `TcpStream`s with minimal parsing,
 //! one task per agent, on 2 worker threads (it shares the cores with the server).
