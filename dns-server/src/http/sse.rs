@@ -148,7 +148,8 @@ impl Live {
                     .cap
                     .saturating_sub(self.permits.available_permits());
                 let window = self.pacing.window(subscribers);
-                // Not before a window after the last write (the window may have shrunk).
+                // Half a window after the last write at the earliest: the subscriber's next
+                // slot is then a whole window after it (if the window has not changed).
                 let not_before = self
                     .last_write
                     .map_or_else(Instant::now, |at| (at + window / 2).max(Instant::now()));
