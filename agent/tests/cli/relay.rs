@@ -252,10 +252,14 @@ fn send_usage_errors_and_direct_delivery() {
 
 /// A control-socket client that sends `ids[i]` with body `m{i}`, retrying (same id) across
 /// agent restarts until the agent confirms the message is spooled.
+/// Sends `items` through the control socket, counting acknowledgements in `acked`; waits
+/// while `acked` is at `gate` or above (so a crash test's kills happen at their marks, not
+/// after a fast stream has already ended).
 fn sender_thread(
     socket: PathBuf,
     items: Vec<(usize, MessageId)>,
     acked: Arc<AtomicUsize>,
+    gate: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -264,6 +268,10 @@ fn sender_thread(
             loop {
                 if stop.load(Ordering::Relaxed) {
                     return;
+                }
+                if acked.load(Ordering::Relaxed) >= gate.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
                 }
                 if conn.is_none() {
                     match UnixStream::connect(&socket) {
@@ -312,6 +320,8 @@ fn crash_test(mode: Mode) {
         .map(|i| MessageId::from_parts(base + i as u64, 0xabc0_0000 + i as u128))
         .collect();
     let acked = Arc::new(AtomicUsize::new(0));
+    // Senders pause at each kill's mark until the kill is under way.
+    let gate = Arc::new(AtomicUsize::new(N * 3 / 10));
     let stop = Arc::new(AtomicBool::new(false));
     let threads = 24;
     let handles: Vec<_> = (0..threads)
@@ -324,6 +334,7 @@ fn crash_test(mode: Mode) {
                 a.state_dir.join("control.sock"),
                 items,
                 acked.clone(),
+                gate.clone(),
                 stop.clone(),
             )
         })
@@ -348,12 +359,14 @@ fn crash_test(mode: Mode) {
         );
         let n = acked.load(Ordering::Relaxed);
         if !killed_b && n >= N * 3 / 10 {
+            gate.store(N * 6 / 10, Ordering::Relaxed);
             b.kill();
             take(&mut received); // the membrane reads while its agent is down
             std::thread::sleep(Duration::from_millis(300));
             b = Agent::start(&b_flags, &d.join("b"), &[]);
             killed_b = true;
         } else if !killed_a && n >= N * 6 / 10 {
+            gate.store(usize::MAX, Ordering::Relaxed);
             a.kill();
             std::thread::sleep(Duration::from_millis(300));
             a = Agent::start(&a_flags, &d.join("a"), &[]);
