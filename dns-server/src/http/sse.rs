@@ -155,25 +155,19 @@ impl Live {
                     .map_or_else(Instant::now, |at| (at + window / 2).max(Instant::now()));
                 tokio::time::sleep_until(next_slot(not_before, window, self.phase)).await;
             }
-            let now = Instant::now();
-            match self.feed.take(MAX_WRITE) {
+            let (bytes, more) = match self.feed.take(MAX_WRITE) {
                 Taken::Nothing => {
                     self.more = false;
                     continue;
                 }
-                Taken::Lost(seq) => {
-                    self.more = false;
-                    self.last_write = Some(now);
-                    self.ping = now + KEEP_ALIVE;
-                    return Some(resync(&self.ns, seq));
-                }
-                Taken::Events { events, more } => {
-                    self.more = more;
-                    self.last_write = Some(now);
-                    self.ping = now + KEEP_ALIVE;
-                    return Some(concat(&events));
-                }
-            }
+                Taken::Lost(seq) => (resync(&self.ns, seq), false),
+                Taken::Events { events, more } => (concat(&events), more),
+            };
+            let now = Instant::now();
+            self.more = more;
+            self.last_write = Some(now);
+            self.ping = now + KEEP_ALIVE;
+            return Some(bytes);
         }
     }
 }
@@ -183,7 +177,7 @@ fn concat(events: &[Sequenced]) -> Bytes {
     if let [(_, one)] = events {
         return one.frame();
     }
-    let mut buf = BytesMut::with_capacity(events.iter().map(|(_, p)| p.len()).sum());
+    let mut buf = BytesMut::with_capacity(events.iter().map(|(_, p)| p.bytes().len()).sum());
     for (_, p) in events {
         buf.extend_from_slice(p.bytes());
     }
@@ -251,16 +245,9 @@ pub async fn events(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::tests::gone;
     use crate::registry::events::EventHub;
     use std::sync::Arc;
-
-    fn gone(ns: &NamespaceName, i: usize) -> Event {
-        Event::Deregistered {
-            namespace: ns.clone(),
-            id: shared::MembraneId::new(&format!("m{i}")).unwrap(),
-            reason: "deregistered".into(),
-        }
-    }
 
     /// A subscriber of `hub` with a 20 ms window.
     fn live(hub: &EventHub, ns: &NamespaceName, phase: f64) -> Live {

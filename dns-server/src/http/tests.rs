@@ -907,7 +907,8 @@ async fn metrics_labels_are_a_closed_set() {
     );
 }
 
-fn gone(ns: &shared::NamespaceName, i: usize) -> shared::Event {
+/// An event for membrane `m{i}` of `ns` (what the SSE tests publish).
+pub(crate) fn gone(ns: &shared::NamespaceName, i: usize) -> shared::Event {
     shared::Event::Deregistered {
         namespace: ns.clone(),
         id: shared::MembraneId::new(&format!("m{i}")).unwrap(),

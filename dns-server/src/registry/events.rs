@@ -65,14 +65,6 @@ impl Published {
     pub fn bytes(&self) -> &[u8] {
         &self.frame
     }
-    /// The frame's length in bytes.
-    pub fn len(&self) -> usize {
-        self.frame.len()
-    }
-    /// Whether the frame is empty (never: a frame has at least its `id:` line).
-    pub fn is_empty(&self) -> bool {
-        self.frame.is_empty()
-    }
 }
 
 /// A sequenced event.
