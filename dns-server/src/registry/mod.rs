@@ -705,8 +705,8 @@ impl Registry {
     ///
     /// The store writer never waits for the state lock on success: it queues the committed
     /// publication and wakes the caller, who publishes everything committed so far under
-    /// one lock; only a submission nobody awaits (sweep, heartbeat) is published by the
-    /// writer itself.
+    /// one lock; only a submission nobody awaits (see [`Registry::submit_detached`]) is
+    /// published by the writer itself.
     fn submit(
         &self,
         st: &mut State,
@@ -714,6 +714,36 @@ impl Registry {
         changes: Vec<Change>,
         events: Vec<(NamespaceName, Event)>,
         dirty: Vec<NamespaceName>,
+    ) -> Queued {
+        self.submit_with(st, ops, changes, events, dirty, true)
+    }
+
+    /// [`Registry::submit`] for a change nobody awaits (a sweep's stale marking, a
+    /// heartbeat's revival): the store writer publishes it once committed.
+    ///
+    /// Known when submitting, not guessed from the receiver: the writer may commit before
+    /// the submitter (still holding the state lock) has dropped the receiver, and a
+    /// publication left to a receiver about to be dropped would never happen: no event,
+    /// and DNS never rebuilt.
+    fn submit_detached(
+        &self,
+        st: &mut State,
+        ops: Vec<Op>,
+        changes: Vec<Change>,
+        events: Vec<(NamespaceName, Event)>,
+        dirty: Vec<NamespaceName>,
+    ) {
+        drop(self.submit_with(st, ops, changes, events, dirty, false));
+    }
+
+    fn submit_with(
+        &self,
+        st: &mut State,
+        ops: Vec<Op>,
+        changes: Vec<Change>,
+        events: Vec<(NamespaceName, Event)>,
+        dirty: Vec<NamespaceName>,
+        awaited: bool,
     ) -> Queued {
         let (tx, rx) = oneshot::channel();
         let ticket = st.stage(&changes);
@@ -742,7 +772,11 @@ impl Registry {
                             // Publish here while that costs no waiting (the writer has
                             // time while the next fsync runs); else the caller does.
                             shared.try_publish_committed();
-                            if tx.send(Ok(())).is_err() && !shared.is_published(ticket) {
+                            // An awaited write whose caller has gone is published by
+                            // the caller's drop guard if the caller took the receiver
+                            // past this send, else here.
+                            let abandoned = !awaited || tx.send(Ok(())).is_err();
+                            if abandoned && !shared.is_published(ticket) {
                                 // Nobody waits to publish it.
                                 shared.publish_committed();
                             }
@@ -1229,7 +1263,7 @@ impl Registry {
             );
             // No ops: ordering through the writer only, so this event follows any pending
             // registration event of the same membrane.
-            drop(self.submit(
+            self.submit_detached(
                 &mut st,
                 vec![],
                 vec![],
@@ -1242,7 +1276,7 @@ impl Registry {
                     },
                 )],
                 vec![ns_name.clone()],
-            ));
+            );
         }
         Ok((HealthState::Passing, ttl))
     }
@@ -1439,7 +1473,7 @@ impl Registry {
         }
         drop(preserve);
         if !events.is_empty() {
-            drop(self.submit(&mut st, ops, changes, events, dirty));
+            self.submit_detached(&mut st, ops, changes, events, dirty);
         }
     }
 

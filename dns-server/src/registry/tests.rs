@@ -1067,3 +1067,51 @@ async fn shared_list_views_serialize_like_membrane_views() {
         serde_json::to_string(&owned).unwrap()
     );
 }
+
+/// The next event of `feed`, waiting (in real time: the store writer publishes health
+/// changes from its own thread) at most 5 s.
+fn next_event(feed: &mut events::Feed) -> Option<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let events::Taken::Events { events, .. } = feed.take(0) {
+            return events
+                .first()
+                .map(|(_, e)| String::from_utf8_lossy(e.bytes()).into());
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Health changes nobody awaits (a sweep's stale marking, a heartbeat's revival) are
+/// published by the store writer even when it commits them before the submitter has let
+/// go of the state lock. (It once left that to the receiver's drop: with the receiver
+/// still alive, nobody published, so no event went out and DNS kept serving the stale
+/// membrane; an e2e test caught it about one run in three.)
+#[tokio::test(start_paused = true)]
+async fn health_changes_nobody_awaits_are_always_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let (n, m, oc) = (ns("a"), id("m"), open_caller());
+    r.register(&oc, &n, &m, reg(Some(1))).await.unwrap();
+    let mut sub = r.events().subscribe(&n, None);
+    for round in 0..300 {
+        tokio::time::advance(Duration::from_secs(2)).await;
+        r.sweep();
+        let ev = next_event(&mut sub.live);
+        assert!(
+            ev.as_deref()
+                .is_some_and(|e| e.contains(r#""state":"stale""#)),
+            "round {round}: stale marking not published: {ev:?}"
+        );
+        r.heartbeat(&oc, &n, &m).await.unwrap();
+        let ev = next_event(&mut sub.live);
+        assert!(
+            ev.as_deref()
+                .is_some_and(|e| e.contains(r#""state":"passing""#)),
+            "round {round}: revival not published: {ev:?}"
+        );
+    }
+}
