@@ -57,8 +57,17 @@ fn agents_appear_in_dns_and_leave_on_sigterm() {
         "{tree}"
     );
 
+    // (The zone is rebuilt just after the API answers.)
     let Some(srv) = server.dig("SRV", "_visual._tcp.cognitive-system") else {
         return;
+    };
+    let srv = if srv.len() == 2 {
+        srv
+    } else {
+        wait_for("both workers in DNS", Duration::from_secs(2), || {
+            let srv = server.dig("SRV", "_visual._tcp.cognitive-system").unwrap();
+            (srv.len() == 2).then_some(srv)
+        })
     };
     assert_eq!(
         srv,

@@ -151,7 +151,10 @@ async fn stale_membrane_leaves_srv_answers() {
     http.call("PUT", "/v1/namespaces/ns/membranes/long", Some(long))
         .await
         .unwrap();
-    let Some(out) = dig(&server, &["SRV", "_svc._tcp.ns", "+short"]) else {
+    // (The zone is rebuilt just after the API answers.)
+    let Some(out) = dig_until(&server, &["SRV", "_svc._tcp.ns", "+short"], |o| {
+        o.lines().count() == 2
+    }) else {
         return;
     };
     assert_eq!(out.lines().count(), 2, "{out}");
@@ -263,9 +266,11 @@ async fn dig_sees_nsid_cookies_ede_and_ns_hosts() {
         .await
         .unwrap();
     assert_eq!(s, 201);
-    let Some(out) = dig(
+    // (The zone appears just after the registration is answered.)
+    let Some(out) = dig_until(
         &server,
         &["+nsid", "+cookie", "+dnssec", "SOA", "cognitive-system"],
+        |o| o.contains("status: NOERROR"),
     ) else {
         return;
     };
@@ -300,26 +305,41 @@ async fn seed_clients_calls_show_in_dns() {
         let (s, v) = http.call(method, path, e["body"].as_str()).await.unwrap();
         assert_eq!(s, e["status"], "{} {method} {path}: {v}", e["client"]);
     }
-    // RegistryClient: host and port.
-    let Some(srv) = dig(
+    // RegistryClient: host and port. (Each check waits for the zone rebuild that follows
+    // the last answer.)
+    let Some(srv) = dig_until(
         &server,
         &["SRV", "_visual-cortex._tcp.cognitive-system", "+short"],
+        |o| o.trim() == "0 10 7201 visual-cortex.cognitive-system.",
     ) else {
         return;
     };
     assert_eq!(srv.trim(), "0 10 7201 visual-cortex.cognitive-system.");
-    let a = dig(&server, &["A", "visual-cortex.cognitive-system", "+short"]).unwrap();
+    let a = dig_until(
+        &server,
+        &["A", "visual-cortex.cognitive-system", "+short"],
+        |o| o.trim() == "10.0.0.21",
+    )
+    .unwrap();
     assert_eq!(a.trim(), "10.0.0.21");
     // The membrane install.sh curl registration.
-    let a = dig(&server, &["A", "motor-cortex.cognitive-system", "+short"]).unwrap();
+    let a = dig_until(
+        &server,
+        &["A", "motor-cortex.cognitive-system", "+short"],
+        |o| o.trim() == "192.0.2.2",
+    )
+    .unwrap();
     assert_eq!(a.trim(), "192.0.2.2");
     // NamespaceClient: parent and endpoint (a network URL served as host:port).
-    let txt = dig(&server, &["TXT", "perception.default", "+short"]).unwrap();
+    let txt = dig_until(&server, &["TXT", "perception.default", "+short"], |o| {
+        o.contains("\"parent=cognitive-root\"")
+    })
+    .unwrap();
     assert!(txt.contains("\"parent=cognitive-root\""), "{txt}");
     assert!(txt.contains("\"endpoint=localhost:9730\""), "{txt}");
     // Deregistered (NamespaceClient) and unregistered (modularity CLI): gone.
     for name in ["motor.default", "hello-service.default"] {
-        let nx = dig(&server, &["TXT", name]).unwrap();
+        let nx = dig_until(&server, &["TXT", name], |o| o.contains("status: NXDOMAIN")).unwrap();
         assert!(nx.contains("status: NXDOMAIN"), "{name}: {nx}");
     }
 }
