@@ -23,6 +23,10 @@
 //! - on an accept error waits only until a connection ends or [`ACCEPT_BACKOFF`] passes;
 //! - keeps hyper's read buffer small ([`MAX_BUF`]), so that an idle connection costs a few
 //!   KiB;
+//! - writes long-lived responses (event streams, see [`detachable`]) itself, after hyper
+//!   has parsed the request and let go of the connection: hyper keeps 16 KiB of buffers
+//!   per connection (8 KiB read, 8 KiB for response heads) for as long as a response
+//!   lasts, which for thousands of event streams was most of the server's memory;
 //! - at shutdown stops accepting and lets each connection finish its request (graceful);
 //! - with TLS ([`serve_tls`]), does each handshake in the connection's task within
 //!   [`HttpLimits::header_timeout`]; over-cap clients are closed without a 503 (it would
@@ -90,6 +94,170 @@ impl Default for HttpLimits {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
+    }
+}
+
+/// A response body the connection may write itself instead of hyper (see
+/// [`detachable`]).
+type DetachedStream = Pin<Box<dyn futures_util::Stream<Item = Bytes> + Send>>;
+
+/// Response extension: the connection may take the body's stream and write it outside
+/// hyper (chunked, or until close for HTTP/1.0), freeing hyper's buffers for the rest of
+/// a long response. Only `200` answers to `GET` are taken.
+#[derive(Clone)]
+pub struct Detach(Arc<Mutex<Option<DetachedStream>>>);
+
+/// A streaming body for `stream` and the [`Detach`] extension that lets the accept loop
+/// take it instead. Whoever comes first gets the stream: the body (served by any other
+/// server, or by `oneshot` in tests) or the loop; the other sees nothing.
+pub fn detachable(
+    stream: impl futures_util::Stream<Item = Bytes> + Send + 'static,
+) -> (Body, Detach) {
+    let slot: Arc<Mutex<Option<DetachedStream>>> = Arc::new(Mutex::new(Some(Box::pin(stream))));
+    let from = slot.clone();
+    let mut taken: Option<DetachedStream> = None;
+    let body = futures_util::stream::poll_fn(move |cx| {
+        if taken.is_none() {
+            taken = from.lock().unwrap().take();
+        }
+        match taken.as_mut() {
+            Some(s) => s.as_mut().poll_next(cx).map(|b| b.map(Ok::<_, Infallible>)),
+            None => Poll::Ready(None),
+        }
+    });
+    (Body::from_stream(body), Detach(slot))
+}
+
+/// A response taken from hyper, to be written by the connection once hyper has finished.
+struct Handed {
+    head: axum::http::response::Parts,
+    stream: DetachedStream,
+    /// Close-delimited (HTTP/1.0) instead of chunked.
+    http10: bool,
+    _busy: Busy,
+}
+
+impl Handed {
+    /// Status line and headers.
+    fn head(&self) -> Vec<u8> {
+        let status = self.head.status;
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        )
+        .into_bytes();
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in &self.head.headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(if self.http10 {
+            b"connection: close\r\n\r\n".as_slice()
+        } else {
+            b"transfer-encoding: chunked\r\n\r\n".as_slice()
+        });
+        out
+    }
+
+    /// Writes the response to `io` until the stream ends (then the last chunk), `close`,
+    /// or an error.
+    async fn write(mut self, io: &mut Gate, close: &CancellationToken) -> io::Result<()> {
+        io.write_all(&self.head()).await?;
+        let mut frame = Vec::new();
+        loop {
+            let next = tokio::select! {
+                b = futures_util::StreamExt::next(&mut self.stream) => b,
+                _ = close.cancelled() => None,
+            };
+            let Some(bytes) = next else { break };
+            if bytes.is_empty() {
+                continue;
+            }
+            if self.http10 {
+                io.write_all(&bytes).await?;
+            } else {
+                // One buffer, one write (a copy of a few hundred bytes costs far less than
+                // a system call per part).
+                frame.clear();
+                frame.extend_from_slice(format!("{:x}\r\n", bytes.len()).as_bytes());
+                frame.extend_from_slice(&bytes);
+                frame.extend_from_slice(b"\r\n");
+                io.write_all(&frame).await?;
+                if frame.capacity() > 64 * 1024 {
+                    frame = Vec::new();
+                }
+            }
+        }
+        if !self.http10 {
+            io.write_all(b"0\r\n\r\n").await?;
+        }
+        io.shutdown().await
+    }
+}
+
+/// What hyper reads and writes; its writes are discarded once a response is taken from it
+/// (the stand-in answer it writes then is never sent).
+struct Gate {
+    inner: Box<dyn Io>,
+    discard: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gate {
+    fn discarding(&self) -> bool {
+        self.discard.load(Ordering::Acquire)
+    }
+}
+
+impl AsyncRead for Gate {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Gate {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.discarding() {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.discarding() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.discarding() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.discarding() {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -501,12 +669,23 @@ async fn connection(
             }
         }
     };
-    let io = TokioIo::new(io);
+    let discard = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = TokioIo::new(Gate {
+        inner: io,
+        discard: discard.clone(),
+    });
+    let handoff: Arc<Mutex<Option<Handed>>> = Arc::default();
     let svc = {
         let activity = activity.clone();
+        let handoff = handoff.clone();
         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let busy = activity.begin();
             let mut router = router.clone();
+            let (handoff, discard) = (handoff.clone(), discard.clone());
+            let (get, http10) = (
+                req.method() == axum::http::Method::GET,
+                req.version() == axum::http::Version::HTTP_10,
+            );
             let req = req.map(|inner| {
                 Body::new(Deadline {
                     inner,
@@ -514,8 +693,31 @@ async fn connection(
                     sleep: None,
                 })
             });
-            async move {
-                let resp = router.call(req).await?;
+            Box::pin(async move {
+                let mut resp = router.call(req).await?;
+                let detached = resp
+                    .extensions_mut()
+                    .remove::<Detach>()
+                    .filter(|_| get && resp.status() == axum::http::StatusCode::OK)
+                    .and_then(|d| d.0.lock().unwrap().take());
+                if let Some(stream) = detached {
+                    // Hyper answers with a stand-in it never sends, then closes; the
+                    // connection writes the real response (see `Handed`).
+                    let (head, _) = resp.into_parts();
+                    *handoff.lock().unwrap() = Some(Handed {
+                        head,
+                        stream,
+                        http10,
+                        _busy: busy,
+                    });
+                    discard.store(true, Ordering::Release);
+                    let mut stand_in = axum::response::Response::new(Body::empty());
+                    stand_in.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                    return Ok::<_, Infallible>(stand_in);
+                }
                 // Busy until hyper has sent (or dropped) the whole response body.
                 Ok::<_, Infallible>(resp.map(|b| {
                     Body::new(b.map_frame(move |f| {
@@ -523,21 +725,24 @@ async fn connection(
                         f
                     }))
                 }))
-            }
+            })
         })
     };
-    let conn = hyper::server::conn::http1::Builder::new()
-        .max_buf_size(MAX_BUF)
-        .serve_connection(io, svc);
-    tokio::pin!(conn);
+    // Boxed: once it lets go of the connection, hyper's state (and buffers) is freed.
+    let mut conn = Box::new(
+        hyper::server::conn::http1::Builder::new()
+            .max_buf_size(MAX_BUF)
+            .serve_connection(io, svc),
+    );
     let mut draining = false;
     loop {
         tokio::select! {
-            r = conn.as_mut() => {
+            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "http connection");
+                    return;
                 }
-                return;
+                break;
             }
             _ = shutdown.cancelled(), if !draining => {
                 if activity.in_flight.load(Ordering::SeqCst) == 0 {
@@ -545,12 +750,31 @@ async fn connection(
                     return;
                 }
                 draining = true;
-                conn.as_mut().graceful_shutdown();
+                Pin::new(&mut *conn).graceful_shutdown();
             }
             _ = activity.expired(limits) => {
                 tracing::debug!("http connection: idle, slow request head or not reading; closing");
                 return;
             }
+        }
+    }
+    let mut io = conn.into_parts().io.into_inner();
+    io.discard.store(false, Ordering::Release);
+    let handed = handoff.lock().unwrap().take();
+    let done = async {
+        match handed {
+            Some(h) => h.write(&mut io, &shutdown).await,
+            None => io.shutdown().await,
+        }
+    };
+    tokio::select! {
+        r = done => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "http connection: writing a detached response");
+            }
+        }
+        _ = activity.expired(limits) => {
+            tracing::debug!("http connection: not reading; closing");
         }
     }
 }
@@ -607,6 +831,35 @@ mod tests {
                     Body::from_stream(s)
                 }),
             );
+        let router = router
+            .route(
+                "/detached",
+                get(|| async {
+                    // Two chunks and an end, written by the connection, not hyper.
+                    let chunks = [&b"a"[..], b"bb"].map(Bytes::from_static);
+                    detached_response(futures_util::stream::iter(chunks))
+                }),
+            )
+            .route(
+                "/detached-forever",
+                get(|| async {
+                    // An event stream that never ends: a chunk, then nothing.
+                    let first = futures_util::stream::iter([Bytes::from_static(b"hello")]);
+                    detached_response(futures_util::StreamExt::chain(
+                        first,
+                        futures_util::stream::pending(),
+                    ))
+                }),
+            )
+            .route(
+                "/detached-flood",
+                get(|| async {
+                    // 1 MiB chunks without end: more than the socket buffers hold.
+                    let chunks =
+                        futures_util::stream::repeat_with(|| Bytes::from(vec![b'x'; 1 << 20]));
+                    detached_response(chunks)
+                }),
+            );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -616,6 +869,19 @@ mod tests {
             shutdown,
             task,
         }
+    }
+
+    fn detached_response(
+        stream: impl futures_util::Stream<Item = Bytes> + Send + 'static,
+    ) -> axum::response::Response {
+        let (body, detach) = detachable(stream);
+        let mut resp = axum::response::Response::new(body);
+        resp.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("text/event-stream"),
+        );
+        resp.extensions_mut().insert(detach);
+        resp
     }
 
     /// Reads until EOF (or an error such as a reset); the text read.
@@ -823,5 +1089,74 @@ mod tests {
         );
         srv.task.await.unwrap().unwrap();
         assert!(TcpStream::connect(addr).await.is_err(), "stopped accepting");
+    }
+
+    /// A detachable response is written by the connection after hyper let go of it
+    /// (freeing hyper's buffers): same head as hyper's, chunked, the last chunk at the
+    /// end; close-delimited for HTTP/1.0; a HEAD request still gets hyper's bodiless answer.
+    #[tokio::test]
+    async fn a_detached_response_is_framed_like_hyper_would() {
+        let srv = start(LIMITS).await;
+        let text = get_close(srv.addr, "/detached").await;
+        let (head, body) = text.split_once("\r\n\r\n").expect(&text);
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(head.contains("\r\ndate: "), "{text}");
+        assert!(
+            head.contains("\r\ncontent-type: text/event-stream"),
+            "{text}"
+        );
+        assert!(head.contains("\r\ntransfer-encoding: chunked"), "{text}");
+        assert_eq!(body, "1\r\na\r\n2\r\nbb\r\n0\r\n\r\n");
+
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(b"GET /detached HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_all(&mut s).await;
+        let (head, body) = text.split_once("\r\n\r\n").expect(&text);
+        assert!(head.contains("\r\nconnection: close"), "{text}");
+        assert!(!head.contains("transfer-encoding"), "{text}");
+        assert_eq!(body, "abb");
+
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(b"HEAD /detached HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_all(&mut s).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\n"), "no body: {text}");
+        srv.shutdown.cancel();
+        srv.task.await.unwrap().unwrap();
+    }
+
+    /// A detached stream still ends (with its last chunk) at shutdown, and one whose
+    /// client stopped reading is closed after the header timeout like any response.
+    #[tokio::test(start_paused = true)]
+    async fn detached_streams_end_at_shutdown_and_when_not_read() {
+        let srv = start(LIMITS).await;
+        let mut stalled = TcpStream::connect(srv.addr).await.unwrap();
+        stalled
+            .write_all(b"GET /detached-flood HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reader = TcpStream::connect(srv.addr).await.unwrap();
+        reader
+            .write_all(b"GET /detached-forever HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0; 4096];
+        let n = reader.read(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(text.contains("\r\n\r\n5\r\nhello\r\n"), "{text}");
+        // The stalled client: its socket full, it is closed after the header timeout.
+        tokio::time::sleep(LIMITS.header_timeout * 2).await;
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(60), stalled.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "the stalled stream was never closed");
+        srv.shutdown.cancel();
+        // The reading client gets the rest, then the last chunk, then EOF.
+        let rest = read_all(&mut reader).await;
+        assert_eq!(rest, "0\r\n\r\n");
+        srv.task.await.unwrap().unwrap();
     }
 }

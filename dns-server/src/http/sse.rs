@@ -17,10 +17,8 @@
 //! costs a bounded number of writes per second (see [`Pacing`]). Subscribers are capped
 //! (`--sse-max-subscribers`): beyond the cap a client gets 503 `too_many_subscribers`.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -228,18 +226,21 @@ pub async fn events(
     // End the stream at shutdown so graceful shutdown does not wait on it.
     let stream = stream::iter(head)
         .chain(live)
-        .take_until(s.shutdown.clone().cancelled_owned())
-        .map(Ok::<_, Infallible>);
+        .take_until(s.shutdown.clone().cancelled_owned());
+    // Written by the connection itself, without hyper's per-connection buffers.
+    let (body, detach) = super::accept::detachable(stream);
     let epoch = s.registry.events().epoch().to_string();
-    Ok((
+    let mut resp = (
         [
             (header::CONTENT_TYPE, "text/event-stream".to_string()),
             (header::CACHE_CONTROL, "no-cache".to_string()),
             (header::HeaderName::from_static(EPOCH_HEADER), epoch),
         ],
-        Body::from_stream(stream),
+        body,
     )
-        .into_response())
+        .into_response();
+    resp.extensions_mut().insert(detach);
+    Ok(resp)
 }
 
 #[cfg(test)]
