@@ -168,7 +168,6 @@ impl Handed {
     /// or an error.
     async fn write(mut self, io: &mut Gate, close: &CancellationToken) -> io::Result<()> {
         io.write_all(&self.head()).await?;
-        let mut frame = Vec::new();
         loop {
             let next = tokio::select! {
                 b = futures_util::StreamExt::next(&mut self.stream) => b,
@@ -181,16 +180,12 @@ impl Handed {
             if self.http10 {
                 io.write_all(&bytes).await?;
             } else {
-                // One buffer, one write (a copy of a few hundred bytes costs far less than
-                // a system call per part).
-                frame.clear();
-                frame.extend_from_slice(format!("{:x}\r\n", bytes.len()).as_bytes());
-                frame.extend_from_slice(&bytes);
-                frame.extend_from_slice(b"\r\n");
-                io.write_all(&frame).await?;
-                if frame.capacity() > 64 * 1024 {
-                    frame = Vec::new();
-                }
+                // One vectored write, no buffer kept between writes (thousands of idle
+                // streams would each hold their largest write).
+                use bytes::Buf;
+                let size = format!("{:x}\r\n", bytes.len());
+                let mut chunk = size.as_bytes().chain(bytes).chain(&b"\r\n"[..]);
+                io.write_all_buf(&mut chunk).await?;
             }
         }
         if !self.http10 {
