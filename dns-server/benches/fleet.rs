@@ -22,7 +22,9 @@
 //! Knobs (env): BENCH_AGENTS (1000), BENCH_NAMESPACES (1), BENCH_CHURN (5, % of the agents
 //! per minute), BENCH_SECONDS (60, steady phase), BENCH_RAMP (500 agents started per
 //! second), BENCH_RESTART (1: run the restart phase), BENCH_RESTART_KILL (0: clean stop with
-//! SIGTERM; 1: kill -9), BENCH_SETTLE (20 s after the restart), BENCH_SOURCES (agents / 2500,
+//! SIGTERM; 1: kill -9), BENCH_SETTLE (20 s after the restart), BENCH_WARMUP (30 s of churn
+//! before the steady phase, not measured: after a ramp of 15,000 the streams opened last
+//! were seconds behind and took about 30 s to catch up, which is not steady state), BENCH_SOURCES (agents / 2500,
 //! at least 1: loopback source addresses 127.0.0.2.. to spread ephemeral ports over),
 //! BENCH_WARM (0; 1: a fleet already running: agents register at the ramp rate and then
 //! open their streams over a second window as long, as if with a warm cache — no full list
@@ -912,6 +914,33 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// The host's TCP counters that show connections lost before the server saw them:
+/// accept-queue overflows (SYNs dropped: the client retries after 1 s, then 3 s) and SYN
+/// retransmissions (from `/proc/net/netstat`; host-wide, so other load counts too).
+const TCP_COUNTERS: [&str; 2] = ["ListenOverflows", "TCPSynRetrans"];
+
+fn tcp_counters() -> [u64; 2] {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let mut out = [0; 2];
+    if let [names, values] = lines[..] {
+        for (name, value) in names.split_whitespace().zip(values.split_whitespace()) {
+            if let Some(i) = TCP_COUNTERS.iter().position(|c| *c == name) {
+                out[i] = value.parse().unwrap_or(0);
+            }
+        }
+    }
+    out
+}
+
+fn report_tcp(phase: &str, before: &[u64; 2], after: &[u64; 2]) {
+    println!(
+        "tcp {phase} (host-wide): listen overflows {}, SYN retransmits {}",
+        after[0].saturating_sub(before[0]),
+        after[1].saturating_sub(before[1])
+    );
+}
+
 fn rss_kib(pid: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -954,6 +983,7 @@ fn main() {
     let ramp = env("BENCH_RAMP", 500).max(1);
     let restart = env("BENCH_RESTART", 1) == 1;
     let settle = env("BENCH_SETTLE", if quick { 1 } else { 20 }) as u64;
+    let warmup = env("BENCH_WARMUP", if quick { 0 } else { 30 }) as u64;
     // A fresh connection per heartbeat: 2,000/s at 20k agents, each port held in TIME_WAIT
     // for a minute; one source address has ~28k ephemeral ports.
     let sources = env("BENCH_SOURCES", agents / 2500).clamp(1, 250);
@@ -1098,7 +1128,16 @@ fn main() {
         // Steady phase.
         sleep(Duration::from_secs(2)).await;
         sh.phase.store(1, Ordering::Relaxed);
+        if warmup > 0 {
+            // Churn runs, nothing is recorded: what the ramp left behind (streams opened
+            // last still catching up) is not steady state.
+            sleep(Duration::from_secs(warmup)).await;
+            sh.hb_lat_us.lock().unwrap().clear();
+            sh.writes.lock().unwrap().clear();
+            println!("warm-up {warmup} s with churn: not measured");
+        }
         let (c0, g0, t0) = (cpu_ticks(&pid), cpu_ticks(&gen_pid), Instant::now());
+        let tcp0 = tcp_counters();
         let obs_stop = Arc::new(AtomicBool::new(false));
         let observer = {
             let (addr, ns, stop) = (sh.addr, sh.ns_of(0), obs_stop.clone());
@@ -1107,6 +1146,7 @@ fn main() {
         sleep(Duration::from_secs(seconds)).await;
         obs_stop.store(true, Ordering::Relaxed);
         let (c1, g1, dt) = (cpu_ticks(&pid), cpu_ticks(&gen_pid), t0.elapsed());
+        let tcp1 = tcp_counters();
         let rss = rss_kib(&pid);
         let writes = std::mem::take(&mut *sh.writes.lock().unwrap());
         let per_ns = (agents / namespaces) as u32;
@@ -1184,11 +1224,13 @@ fn main() {
             seen.missing,
         );
         report_errors(&sh, 1, "steady");
+        report_tcp("steady", &tcp0, &tcp1);
 
         if restart {
             // Registry restart: a clean stop (SIGTERM; BENCH_RESTART_KILL=1: kill -9), then
             // start again on the same address.
             sh.phase.store(2, Ordering::Relaxed);
+            let tcp2 = tcp_counters();
             sh.restarting.store(true, Ordering::Relaxed);
             let kill = Instant::now();
             sh.kill_ns.store(sh.now_ns(), Ordering::Relaxed);
@@ -1270,6 +1312,7 @@ fn main() {
                 rss_kib(&pid2) as f64 / 1024.0
             );
             report_errors(&sh, 2, "restart (expected while down)");
+            report_tcp("restart", &tcp2, &tcp_counters());
         }
         stop.cancel();
         for t in tasks {

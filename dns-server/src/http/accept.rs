@@ -167,8 +167,24 @@ impl Handed {
     /// Writes the response to `io` until the stream ends (then the last chunk), `close`,
     /// or an error.
     async fn write(mut self, io: &mut Gate, close: &CancellationToken) -> io::Result<()> {
-        io.write_all(&self.head()).await?;
-        loop {
+        // The head goes out with what is ready at once (a replay of missed events), in one
+        // write, as hyper would.
+        let mut head = self.head();
+        let mut ended = false;
+        match futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(&mut self.stream))
+        {
+            Some(Some(first)) if self.http10 => head.extend_from_slice(&first),
+            Some(Some(first)) if !first.is_empty() => {
+                head.extend_from_slice(format!("{:x}\r\n", first.len()).as_bytes());
+                head.extend_from_slice(&first);
+                head.extend_from_slice(b"\r\n");
+            }
+            Some(None) => ended = true,
+            _ => {}
+        }
+        io.write_all(&head).await?;
+        drop(head);
+        while !ended {
             let next = tokio::select! {
                 b = futures_util::StreamExt::next(&mut self.stream) => b,
                 _ = close.cancelled() => None,
