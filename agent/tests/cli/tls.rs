@@ -297,6 +297,17 @@ fn dns_server_serves_https_itself_and_refuses_bad_tls_files() {
     args.extend(["--registry-ca".into(), ca.to_string_lossy().into()]);
     let a = Agent::start(&args, &tmp.path().join("a"), &[]);
     a.wait_registered();
+    // The event stream works over TLS too (the server writes it outside hyper): a second
+    // membrane reaches the first agent's cache through it.
+    let mut args2 = quick("w2", "tls", &url);
+    args2.extend(["--registry-ca".into(), ca.to_string_lossy().into()]);
+    let b = Agent::start(&args2, &tmp.path().join("b"), &[]);
+    b.wait_registered();
+    wait_for("w2 in w1's live cache", Duration::from_secs(10), || {
+        let s = a.status()?;
+        (s["cache"]["live"] == true && s["cache"]["membranes"] == 2).then_some(())
+    });
+    drop(b);
     // Plain http to the TLS port gets no HTTP answer, and the server goes on.
     let plain = http(server.port, "GET", "/health", None);
     assert!(
