@@ -24,8 +24,9 @@
 //! second), BENCH_RESTART (1: run the restart phase), BENCH_RESTART_KILL (0: clean stop with
 //! SIGTERM; 1: kill -9), BENCH_SETTLE (20 s after the restart), BENCH_WARMUP (30 s of churn
 //! before the steady phase, not measured: after a ramp of 15,000 the streams opened last
-//! were seconds behind and took about 30 s to catch up, which is not steady state), BENCH_SOURCES (agents / 2500,
-//! at least 1: loopback source addresses 127.0.0.2.. to spread ephemeral ports over),
+//! were seconds behind and took about 30 s to catch up, which is not steady state),
+//! BENCH_SOURCES (agents / 2500, at least 1: loopback source addresses 127.0.0.2.. to
+//! spread ephemeral ports over),
 //! BENCH_WARM (0; 1: a fleet already running: agents register at the ramp rate and then
 //! open their streams over a second window as long, as if with a warm cache — no full list
 //! at start, which for N agents in one namespace is N lists of up to N membranes, and no

@@ -455,7 +455,7 @@ fn open_file_limit() -> Option<u64> {
 }
 
 /// Lowers the HTTP and DNS-over-TCP connection caps (in proportion) so that together they
-/// fit the open-file limit with [`FD_RESERVE`] to spare: connections past a cap are shed
+/// fit the open-file limit with `FD_RESERVE` (384) to spare: connections past a cap are shed
 /// politely, while connections past the file limit would fail every accept (and the store).
 pub fn fit_to_open_files(
     http: http::HttpLimits,

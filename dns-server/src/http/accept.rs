@@ -184,24 +184,26 @@ impl Handed {
         }
         io.write_all(&head).await?;
         drop(head);
-        while !ended {
-            let next = tokio::select! {
-                b = futures_util::StreamExt::next(&mut self.stream) => b,
-                _ = close.cancelled() => None,
-            };
-            let Some(bytes) = next else { break };
-            if bytes.is_empty() {
-                continue;
-            }
-            if self.http10 {
-                io.write_all(&bytes).await?;
-            } else {
-                // One vectored write, no buffer kept between writes (thousands of idle
-                // streams would each hold their largest write).
-                use bytes::Buf;
-                let size = format!("{:x}\r\n", bytes.len());
-                let mut chunk = size.as_bytes().chain(bytes).chain(&b"\r\n"[..]);
-                io.write_all_buf(&mut chunk).await?;
+        if !ended {
+            loop {
+                let next = tokio::select! {
+                    b = futures_util::StreamExt::next(&mut self.stream) => b,
+                    _ = close.cancelled() => None,
+                };
+                let Some(bytes) = next else { break };
+                if bytes.is_empty() {
+                    continue;
+                }
+                if self.http10 {
+                    io.write_all(&bytes).await?;
+                } else {
+                    // One vectored write, no buffer kept between writes (thousands of idle
+                    // streams would each hold their largest write).
+                    use bytes::Buf;
+                    let size = format!("{:x}\r\n", bytes.len());
+                    let mut chunk = size.as_bytes().chain(bytes).chain(&b"\r\n"[..]);
+                    io.write_all_buf(&mut chunk).await?;
+                }
             }
         }
         if !self.http10 {

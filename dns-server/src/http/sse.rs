@@ -16,6 +16,10 @@
 //! since its last write; the window grows with the number of subscribers so that fan-out
 //! costs a bounded number of writes per second (see [`Pacing`]). Subscribers are capped
 //! (`--sse-max-subscribers`): beyond the cap a client gets 503 `too_many_subscribers`.
+//!
+//! The accept loop writes each stream itself once hyper has parsed the request (see
+//! [`detachable`](super::accept::detachable)): hyper's buffers are not kept for the
+//! stream's whole life.
 
 use std::time::Duration;
 
@@ -54,10 +58,10 @@ fn resync(ns: &NamespaceName, seq: u64) -> Bytes {
 }
 
 /// Most bytes of events written at once (a subscriber further behind takes several writes,
-/// back to back). Each write is one buffer, copied from the shared frames: one chunk for
-/// hyper, one `writev` (frames handed over one by one cost hyper a chunk each and a write
-/// per 16: 15 % more server CPU and 3 KiB more per agent at 5,000 agents). Bounded so
-/// that a subscriber behind holds at most this plus hyper's buffer.
+/// back to back). Each write is one buffer, copied from the shared frames: one chunk, one
+/// `writev` (frames handed over one by one cost a chunk each: 15 % more server CPU at
+/// 5,000 agents when hyper wrote them). Bounded so that a subscriber behind holds at most
+/// this at a time.
 const MAX_WRITE: usize = 16 * 1024;
 
 /// How often each subscriber is written to.
