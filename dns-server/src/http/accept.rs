@@ -130,17 +130,26 @@ pub fn detachable(
 
 /// A response taken from hyper, to be written by the connection once hyper has finished.
 struct Handed {
-    head: axum::http::response::Parts,
+    /// Status line and headers, serialized.
+    head: Vec<u8>,
     stream: DetachedStream,
     /// Close-delimited (HTTP/1.0) instead of chunked.
     http10: bool,
     _busy: Busy,
 }
 
+/// Most bytes a client may send on a stream's connection per read (then dropped: it sends
+/// nothing after its request; reading only notices that it has gone).
+const SINK: usize = 64;
+
 impl Handed {
-    /// Status line and headers.
-    fn head(&self) -> Vec<u8> {
-        let status = self.head.status;
+    fn new(
+        head: &axum::http::response::Parts,
+        stream: DetachedStream,
+        http10: bool,
+        busy: Busy,
+    ) -> Self {
+        let status = head.status;
         let mut out = format!(
             "HTTP/1.1 {} {}\r\n",
             status.as_u16(),
@@ -150,30 +159,47 @@ impl Handed {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
         out.extend_from_slice(b"\r\n");
-        for (name, value) in &self.head.headers {
+        for (name, value) in &head.headers {
+            if name == axum::http::header::DATE || name == axum::http::header::CONNECTION {
+                continue;
+            }
             out.extend_from_slice(name.as_str().as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        out.extend_from_slice(if self.http10 {
-            b"connection: close\r\n\r\n".as_slice()
-        } else {
-            b"transfer-encoding: chunked\r\n\r\n".as_slice()
-        });
-        out
+        // The connection ends with the stream: a pooling client must not reuse it.
+        out.extend_from_slice(b"connection: close\r\n");
+        if !http10 {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        Handed {
+            head: out,
+            stream,
+            http10,
+            _busy: busy,
+        }
     }
 
     /// Writes the response to `io` until the stream ends (then the last chunk), `close`,
-    /// or an error.
-    async fn write(mut self, io: &mut Gate, close: &CancellationToken) -> io::Result<()> {
+    /// the client closes its side, or an error. Every write is flushed (through TLS, data
+    /// accepted is not yet sent) so that it reaches the client, and the watchdog sees the
+    /// socket drain.
+    async fn write(self, io: &mut Gate, close: &CancellationToken) -> io::Result<()> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncReadExt;
+        let Handed {
+            mut head,
+            mut stream,
+            http10,
+            _busy,
+        } = self;
         // The head goes out with what is ready at once (a replay of missed events), in one
         // write, as hyper would.
-        let mut head = self.head();
         let mut ended = false;
-        match futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(&mut self.stream))
-        {
-            Some(Some(first)) if self.http10 => head.extend_from_slice(&first),
+        match futures_util::FutureExt::now_or_never(stream.next()) {
+            Some(Some(first)) if http10 => head.extend_from_slice(&first),
             Some(Some(first)) if !first.is_empty() => {
                 head.extend_from_slice(format!("{:x}\r\n", first.len()).as_bytes());
                 head.extend_from_slice(&first);
@@ -183,30 +209,42 @@ impl Handed {
             _ => {}
         }
         io.write_all(&head).await?;
+        io.flush().await?;
         drop(head);
+        let mut sink = [0u8; SINK];
         if !ended {
             loop {
-                let next = tokio::select! {
-                    b = futures_util::StreamExt::next(&mut self.stream) => b,
-                    _ = close.cancelled() => None,
+                let bytes = tokio::select! {
+                    b = stream.next() => match b {
+                        Some(b) => b,
+                        None => break,
+                    },
+                    _ = close.cancelled() => break,
+                    // Hyper noticed a client gone mid-response by reading; so does this (its
+                    // subscriber slot is freed now, not at a failed write up to two keep-alives
+                    // later).
+                    r = io.read(&mut sink) => match r {
+                        Ok(0) | Err(_) => return Ok(()),
+                        Ok(_) => continue,
+                    },
                 };
-                let Some(bytes) = next else { break };
                 if bytes.is_empty() {
                     continue;
                 }
-                if self.http10 {
+                if http10 {
                     io.write_all(&bytes).await?;
                 } else {
                     // One vectored write, no buffer kept between writes (thousands of idle
                     // streams would each hold their largest write).
                     use bytes::Buf;
                     let size = format!("{:x}\r\n", bytes.len());
-                    let mut chunk = size.as_bytes().chain(bytes).chain(&b"\r\n"[..]);
+                    let mut chunk = Buf::chain(Buf::chain(size.as_bytes(), bytes), &b"\r\n"[..]);
                     io.write_all_buf(&mut chunk).await?;
                 }
+                io.flush().await?;
             }
         }
-        if !self.http10 {
+        if !http10 {
             io.write_all(b"0\r\n\r\n").await?;
         }
         io.shutdown().await
@@ -217,12 +255,28 @@ impl Handed {
 /// (the stand-in answer it writes then is never sent).
 struct Gate {
     inner: Box<dyn Io>,
-    discard: Arc<std::sync::atomic::AtomicBool>,
+    flags: Arc<GateFlags>,
+}
+
+/// What [`Gate`] and the service share.
+#[derive(Default)]
+struct GateFlags {
+    /// Hyper's writes are discarded.
+    discard: std::sync::atomic::AtomicBool,
+    /// Something was written and not yet flushed (an earlier response may still be in
+    /// hyper's or TLS's buffers: no response is taken from hyper then).
+    unflushed: std::sync::atomic::AtomicBool,
 }
 
 impl Gate {
     fn discarding(&self) -> bool {
-        self.discard.load(Ordering::Acquire)
+        self.flags.discard.load(Ordering::Acquire)
+    }
+
+    fn wrote(&self, r: &Poll<io::Result<usize>>) {
+        if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
+            self.flags.unflushed.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -245,13 +299,19 @@ impl AsyncWrite for Gate {
         if self.discarding() {
             return Poll::Ready(Ok(buf.len()));
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(&r);
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.discarding() {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            self.flags.unflushed.store(false, Ordering::Release);
+        }
+        r
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.discarding() {
@@ -267,7 +327,9 @@ impl AsyncWrite for Gate {
         if self.discarding() {
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(&r);
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -682,10 +744,10 @@ async fn connection(
             }
         }
     };
-    let discard = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flags = Arc::new(GateFlags::default());
     let io = TokioIo::new(Gate {
         inner: io,
-        discard: discard.clone(),
+        flags: flags.clone(),
     });
     let handoff: Arc<Mutex<Option<Handed>>> = Arc::default();
     let svc = {
@@ -694,7 +756,7 @@ async fn connection(
         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let busy = activity.begin();
             let mut router = router.clone();
-            let (handoff, discard) = (handoff.clone(), discard.clone());
+            let (handoff, flags) = (handoff.clone(), flags.clone());
             let (get, http10) = (
                 req.method() == axum::http::Method::GET,
                 req.version() == axum::http::Version::HTTP_10,
@@ -711,19 +773,17 @@ async fn connection(
                 let detached = resp
                     .extensions_mut()
                     .remove::<Detach>()
-                    .filter(|_| get && resp.status() == axum::http::StatusCode::OK)
+                    .filter(|_| {
+                        get && resp.status() == axum::http::StatusCode::OK
+                            && !flags.unflushed.load(Ordering::Acquire)
+                    })
                     .and_then(|d| d.0.lock().unwrap().take());
                 if let Some(stream) = detached {
                     // Hyper answers with a stand-in it never sends, then closes; the
                     // connection writes the real response (see `Handed`).
                     let (head, _) = resp.into_parts();
-                    *handoff.lock().unwrap() = Some(Handed {
-                        head,
-                        stream,
-                        http10,
-                        _busy: busy,
-                    });
-                    discard.store(true, Ordering::Release);
+                    *handoff.lock().unwrap() = Some(Handed::new(&head, stream, http10, busy));
+                    flags.discard.store(true, Ordering::Release);
                     let mut stand_in = axum::response::Response::new(Body::empty());
                     stand_in.headers_mut().insert(
                         axum::http::header::CONNECTION,
@@ -772,7 +832,7 @@ async fn connection(
         }
     }
     let mut io = conn.into_parts().io.into_inner();
-    io.discard.store(false, Ordering::Release);
+    io.flags.discard.store(false, Ordering::Release);
     let handed = handoff.lock().unwrap().take();
     let done = async {
         match handed {
@@ -1119,6 +1179,7 @@ mod tests {
             "{text}"
         );
         assert!(head.contains("\r\ntransfer-encoding: chunked"), "{text}");
+        assert!(head.contains("\r\nconnection: close"), "{text}");
         assert_eq!(body, "1\r\na\r\n2\r\nbb\r\n0\r\n\r\n");
 
         let mut s = TcpStream::connect(srv.addr).await.unwrap();
@@ -1171,5 +1232,56 @@ mod tests {
         let rest = read_all(&mut reader).await;
         assert_eq!(rest, "0\r\n\r\n");
         srv.task.await.unwrap().unwrap();
+    }
+
+    /// A client that goes away ends its detached stream at once (its subscriber slot is
+    /// freed), as hyper did by reading mid-response: not at a failed write, which for an
+    /// idle stream comes only with the next keep-alives.
+    #[tokio::test(start_paused = true)]
+    async fn a_detached_stream_ends_when_its_client_goes() {
+        // Counts the streams alive (plus this test's and the route's own).
+        let live = Arc::new(());
+        let route_live = live.clone();
+        let router = Router::new().route(
+            "/watched",
+            get(move || {
+                let guard = route_live.clone();
+                async move {
+                    // "hello", then nothing; `guard` is dropped with the stream.
+                    let first = futures_util::stream::iter([Bytes::from_static(b"hello")]);
+                    let rest = futures_util::stream::unfold(guard, |g| async move {
+                        std::future::pending::<()>().await;
+                        Some((Bytes::new(), g))
+                    });
+                    detached_response(futures_util::StreamExt::chain(first, rest))
+                }
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, router, shutdown.clone(), LIMITS));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /watched HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("hello"));
+        assert_eq!(Arc::strong_count(&live), 3, "one stream");
+        drop(s);
+        for _ in 0..100 {
+            if Arc::strong_count(&live) == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            Arc::strong_count(&live),
+            2,
+            "the stream outlived its client by a second"
+        );
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
     }
 }

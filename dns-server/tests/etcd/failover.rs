@@ -32,6 +32,16 @@ async fn b_serves_when_a_dies_and_a_restarted_replica_rebuilds_from_etcd() {
     })
     .await;
 
+    // (B's zone is rebuilt just after its copy has them.)
+    eventually("B's DNS has all 20", Duration::from_secs(5), || async {
+        for i in 0..20 {
+            if !dns_has_a(b.dns(), &format!("m{i}.fo.")).await {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
     a.server.kill9();
     // B keeps answering DNS and reads from its copy...
     for i in 0..20 {
