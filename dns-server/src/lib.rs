@@ -313,6 +313,7 @@ pub async fn run(
             min_window: config.sse_batch,
             writes_per_sec: config.sse_max_writes,
         },
+        lists: Default::default(),
     };
     if config.admin_token.is_none() {
         tracing::warn!("no admin token: the admin API is open (no checks at all)");

@@ -109,6 +109,8 @@ pub struct Metrics {
     pub heartbeats: Counter,
     /// Membranes removed after their eviction delay.
     pub evictions: Counter,
+    /// Membrane lists answered with an answer already serialized (see `http::lists`).
+    pub list_cache_hits: Counter,
     state_changes: Family<StateLabels, Counter>,
     membranes: Family<StateLabels, Gauge>,
     namespaces: Gauge,
@@ -140,6 +142,7 @@ impl Metrics {
             deregistrations: Counter::default(),
             heartbeats: Counter::default(),
             evictions: Counter::default(),
+            list_cache_hits: Counter::default(),
             state_changes: Family::default(),
             membranes: Family::default(),
             namespaces: Gauge::default(),
@@ -163,6 +166,11 @@ impl Metrics {
             "evictions",
             "Membranes removed after staying stale for their eviction delay",
             m.evictions.clone(),
+        );
+        r.register(
+            "list_cache_hits",
+            "Membrane lists answered with one already serialized at the same revision",
+            m.list_cache_hits.clone(),
         );
         r.register(
             "state_changes",

@@ -4,6 +4,7 @@ pub mod accept;
 pub mod error;
 pub mod extract;
 pub mod legacy;
+pub mod lists;
 pub mod sse;
 pub mod tls;
 pub mod ui;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub sse_permits: Arc<tokio::sync::Semaphore>,
     /// How often each subscriber is written to (`--sse-batch-ms`, `--sse-max-writes`).
     pub sse_pacing: sse::Pacing,
+    /// Membrane lists serialized once for many identical requests.
+    pub lists: Arc<lists::ListCache>,
 }
 
 /// Default request body limit: 64 KiB is far above any valid registration.

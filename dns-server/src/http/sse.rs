@@ -193,7 +193,7 @@ pub async fn events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let ns = extract::ns(&ns)?;
-    s.registry.get_namespace(&ns)?;
+    s.registry.check_namespace(&ns)?;
     let permit = s.sse_permits.clone().try_acquire_owned().map_err(|_| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -48,6 +48,7 @@ fn harness(admin: Option<&str>) -> Harness {
             min_window: std::time::Duration::from_millis(20),
             writes_per_sec: 1_000,
         },
+        lists: Default::default(),
     };
     Harness {
         router: router(state.clone()),
@@ -1016,4 +1017,55 @@ async fn sse_subscribers_are_capped_with_a_clear_503() {
     // A subscriber leaving frees its place.
     drop(open.pop());
     open.push(events(&h, None).await);
+}
+
+/// Identical lists at the same revision are serialized once (a restart's list storm);
+/// any change is a new revision and never answered from the shared copy, and a deleted
+/// namespace is 404 even with a copy of its list.
+#[tokio::test]
+async fn identical_lists_are_serialized_once_and_never_hide_a_change() {
+    let h = harness(None);
+    let list = "/v1/namespaces/cognitive-system/membranes";
+    let (s, _) = h.call(Method::PUT, M, Some(&reg_body(7100)), &[]).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let hits = || h.state.metrics.list_cache_hits.get();
+    let first = h.get(list).await;
+    assert_eq!(first.0, StatusCode::OK);
+    assert_eq!(hits(), 0);
+    let second = h.get(list).await;
+    assert_eq!(second, first);
+    assert_eq!(hits(), 1, "the same list at the same revision is shared");
+    // Another query is another answer.
+    let (_, stale) = h.get(&format!("{list}?state=stale")).await;
+    assert_eq!(stale["membranes"], json!([]));
+    assert_eq!(hits(), 1);
+    // A change: a new revision, listed afresh.
+    let other = "/v1/namespaces/cognitive-system/membranes/visual-worker-2";
+    let (s, _) = h.call(Method::PUT, other, Some(&reg_body(7101)), &[]).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (_, v) = h.get(list).await;
+    assert_eq!(v["membranes"].as_array().unwrap().len(), 2, "{v}");
+    assert!(v["revision"].as_u64() > first.1["revision"].as_u64());
+    assert_eq!(hits(), 1);
+    // An empty namespace deleted after its list was shared: 404, not the copy.
+    let (s, _) = h
+        .call(
+            Method::POST,
+            "/v1/namespaces",
+            Some(r#"{"name":"empty"}"#),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let empty = "/v1/namespaces/empty/membranes";
+    assert_eq!(h.get(empty).await.0, StatusCode::OK);
+    let (s, _) = h
+        .call(Method::DELETE, "/v1/namespaces/empty", None, &[])
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_error(
+        &h.get(empty).await,
+        StatusCode::NOT_FOUND,
+        "namespace_not_found",
+    );
 }

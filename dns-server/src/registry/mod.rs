@@ -1574,6 +1574,16 @@ impl Registry {
         v
     }
 
+    /// Whether the namespace exists (without building its view, which counts its
+    /// membranes).
+    pub fn check_namespace(&self, name: &NamespaceName) -> Result<(), RegistryError> {
+        if self.state.lock().unwrap().namespaces.contains_key(name) {
+            Ok(())
+        } else {
+            Err(RegistryError::NamespaceNotFound(name.clone()))
+        }
+    }
+
     /// One namespace.
     pub fn get_namespace(&self, name: &NamespaceName) -> Result<NamespaceView, RegistryError> {
         let st = self.state.lock().unwrap();

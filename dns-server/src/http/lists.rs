@@ -1,0 +1,137 @@
+//! Shared answers of `GET /v1/namespaces/{ns}/membranes`.
+//!
+//! When agents must list a namespace all at once (a registry restart after a crash starts
+//! a new event epoch, so every agent lists), thousands of identical lists arrive within
+//! seconds, all at the same revision. Each answer is serialized once per (namespace,
+//! query, epoch, revision) and shared for at most [`MAX_AGE`]: membership and health are
+//! exact as of the answer's `revision` (every change is a new revision, so a change is
+//! never answered from here), only `last_heartbeat` may be up to [`MAX_AGE`] old.
+//! Bounded: [`MAX_ENTRIES`] answers and [`MAX_BYTES`] in all; an answer larger than a
+//! quarter of that is not kept.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+/// How long an answer is shared.
+pub const MAX_AGE: Duration = Duration::from_secs(1);
+/// Most answers kept.
+pub const MAX_ENTRIES: usize = 64;
+/// Most bytes kept, all answers together.
+pub const MAX_BYTES: usize = 64 << 20;
+
+/// Which answer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ListKey {
+    /// The namespace.
+    pub namespace: String,
+    /// The raw query string (filters).
+    pub query: String,
+}
+
+struct Entry {
+    epoch: u64,
+    revision: u64,
+    at: Instant,
+    body: Bytes,
+}
+
+/// The shared answers.
+#[derive(Default)]
+pub struct ListCache {
+    inner: Mutex<(HashMap<ListKey, Entry>, usize)>,
+}
+
+impl ListCache {
+    /// The answer for `key` serialized at `revision` of `epoch` less than [`MAX_AGE`] ago.
+    pub fn get(&self, key: &ListKey, epoch: u64, revision: u64) -> Option<Bytes> {
+        let inner = self.inner.lock().unwrap();
+        let e = inner.0.get(key)?;
+        (e.epoch == epoch && e.revision == revision && e.at.elapsed() < MAX_AGE)
+            .then(|| e.body.clone())
+    }
+
+    /// Keeps `body`, the answer for `key` at `revision` of `epoch`.
+    pub fn put(&self, key: ListKey, epoch: u64, revision: u64, body: Bytes) {
+        if body.len() > MAX_BYTES / 4 {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap();
+        let (entries, bytes) = &mut *inner;
+        if let Some(old) = entries.remove(&key) {
+            *bytes -= old.body.len();
+        }
+        if entries.len() >= MAX_ENTRIES || *bytes + body.len() > MAX_BYTES {
+            entries.retain(|_, e| e.at.elapsed() < MAX_AGE);
+            *bytes = entries.values().map(|e| e.body.len()).sum();
+            if entries.len() >= MAX_ENTRIES || *bytes + body.len() > MAX_BYTES {
+                entries.clear();
+                *bytes = 0;
+            }
+        }
+        *bytes += body.len();
+        entries.insert(
+            key,
+            Entry {
+                epoch,
+                revision,
+                at: Instant::now(),
+                body,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ns: &str, q: &str) -> ListKey {
+        ListKey {
+            namespace: ns.into(),
+            query: q.into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_is_shared_only_at_its_revision_and_for_a_second() {
+        let c = ListCache::default();
+        c.put(key("a", ""), 1, 10, Bytes::from_static(b"x"));
+        assert_eq!(c.get(&key("a", ""), 1, 10).as_deref(), Some(&b"x"[..]));
+        assert!(c.get(&key("a", ""), 1, 11).is_none(), "another revision");
+        assert!(c.get(&key("a", ""), 2, 10).is_none(), "another epoch");
+        assert!(
+            c.get(&key("a", "state=stale"), 1, 10).is_none(),
+            "another query"
+        );
+        assert!(c.get(&key("b", ""), 1, 10).is_none(), "another namespace");
+        tokio::time::advance(MAX_AGE).await;
+        assert!(c.get(&key("a", ""), 1, 10).is_none(), "too old");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_and_bytes_are_bounded() {
+        let c = ListCache::default();
+        for i in 0..MAX_ENTRIES * 2 {
+            c.put(key(&format!("n{i}"), ""), 1, 1, Bytes::from_static(b"x"));
+        }
+        let inner = c.inner.lock().unwrap();
+        assert!(inner.0.len() <= MAX_ENTRIES);
+        drop(inner);
+        let big = Bytes::from(vec![0; MAX_BYTES / 4]);
+        for i in 0..8 {
+            c.put(key(&format!("big{i}"), ""), 1, 1, big.clone());
+            assert!(c.inner.lock().unwrap().1 <= MAX_BYTES);
+        }
+        c.put(
+            key("huge", ""),
+            1,
+            1,
+            Bytes::from(vec![0; MAX_BYTES / 4 + 1]),
+        );
+        assert!(c.get(&key("huge", ""), 1, 1).is_none(), "too large to keep");
+    }
+}
