@@ -7,7 +7,7 @@
 //! exact as of the answer's `revision` (every change is a new revision, so a change is
 //! never answered from here), only `last_heartbeat` may be up to [`MAX_AGE`] old.
 //! Bounded: [`MAX_ENTRIES`] answers and [`MAX_BYTES`] in all; an answer larger than a
-//! quarter of that is not kept.
+//! quarter of that is not kept, and expired answers are dropped at the next one kept.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -20,8 +20,8 @@ use tokio::time::Instant;
 pub const MAX_AGE: Duration = Duration::from_secs(1);
 /// Most answers kept.
 pub const MAX_ENTRIES: usize = 64;
-/// Most bytes kept, all answers together.
-pub const MAX_BYTES: usize = 64 << 20;
+/// Most bytes kept, all answers together (a list of 20,000 membranes is about 6 MB).
+pub const MAX_BYTES: usize = 32 << 20;
 
 /// Which answer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -61,16 +61,13 @@ impl ListCache {
         }
         let mut inner = self.inner.lock().unwrap();
         let (entries, bytes) = &mut *inner;
-        if let Some(old) = entries.remove(&key) {
-            *bytes -= old.body.len();
-        }
+        // Expired answers go first (at most MAX_ENTRIES to look at).
+        entries.remove(&key);
+        entries.retain(|_, e| e.at.elapsed() < MAX_AGE);
+        *bytes = entries.values().map(|e| e.body.len()).sum();
         if entries.len() >= MAX_ENTRIES || *bytes + body.len() > MAX_BYTES {
-            entries.retain(|_, e| e.at.elapsed() < MAX_AGE);
-            *bytes = entries.values().map(|e| e.body.len()).sum();
-            if entries.len() >= MAX_ENTRIES || *bytes + body.len() > MAX_BYTES {
-                entries.clear();
-                *bytes = 0;
-            }
+            entries.clear();
+            *bytes = 0;
         }
         *bytes += body.len();
         entries.insert(
