@@ -115,9 +115,7 @@ mod tests {
         for i in 0..MAX_ENTRIES * 2 {
             c.put(key(&format!("n{i}"), ""), 1, 1, Bytes::from_static(b"x"));
         }
-        let inner = c.inner.lock().unwrap();
-        assert!(inner.0.len() <= MAX_ENTRIES);
-        drop(inner);
+        assert!(c.inner.lock().unwrap().0.len() <= MAX_ENTRIES);
         let big = Bytes::from(vec![0; MAX_BYTES / 4]);
         for i in 0..8 {
             c.put(key(&format!("big{i}"), ""), 1, 1, big.clone());
@@ -130,5 +128,10 @@ mod tests {
             Bytes::from(vec![0; MAX_BYTES / 4 + 1]),
         );
         assert!(c.get(&key("huge", ""), 1, 1).is_none(), "too large to keep");
+        // Expired answers are dropped at the next one kept.
+        tokio::time::advance(MAX_AGE).await;
+        c.put(key("small", ""), 1, 1, Bytes::from_static(b"x"));
+        let inner = c.inner.lock().unwrap();
+        assert_eq!((inner.0.len(), inner.1), (1, 1));
     }
 }
