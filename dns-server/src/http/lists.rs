@@ -42,14 +42,19 @@ struct Entry {
 /// The shared answers.
 #[derive(Default)]
 pub struct ListCache {
-    inner: Mutex<(HashMap<ListKey, Entry>, usize)>,
+    entries: Mutex<HashMap<ListKey, Entry>>,
+}
+
+/// Bytes held by `entries`.
+fn held(entries: &HashMap<ListKey, Entry>) -> usize {
+    entries.values().map(|e| e.body.len()).sum()
 }
 
 impl ListCache {
     /// The answer for `key` serialized at `revision` of `epoch` less than [`MAX_AGE`] ago.
     pub fn get(&self, key: &ListKey, epoch: u64, revision: u64) -> Option<Bytes> {
-        let inner = self.inner.lock().unwrap();
-        let e = inner.0.get(key)?;
+        let entries = self.entries.lock().unwrap();
+        let e = entries.get(key)?;
         (e.epoch == epoch && e.revision == revision && e.at.elapsed() < MAX_AGE)
             .then(|| e.body.clone())
     }
@@ -59,17 +64,13 @@ impl ListCache {
         if body.len() > MAX_BYTES / 4 {
             return;
         }
-        let mut inner = self.inner.lock().unwrap();
-        let (entries, bytes) = &mut *inner;
+        let mut entries = self.entries.lock().unwrap();
         // Expired answers go first (at most MAX_ENTRIES to look at).
         entries.remove(&key);
         entries.retain(|_, e| e.at.elapsed() < MAX_AGE);
-        *bytes = entries.values().map(|e| e.body.len()).sum();
-        if entries.len() >= MAX_ENTRIES || *bytes + body.len() > MAX_BYTES {
+        if entries.len() >= MAX_ENTRIES || held(&entries) + body.len() > MAX_BYTES {
             entries.clear();
-            *bytes = 0;
         }
-        *bytes += body.len();
         entries.insert(
             key,
             Entry {
@@ -115,11 +116,11 @@ mod tests {
         for i in 0..MAX_ENTRIES * 2 {
             c.put(key(&format!("n{i}"), ""), 1, 1, Bytes::from_static(b"x"));
         }
-        assert!(c.inner.lock().unwrap().0.len() <= MAX_ENTRIES);
+        assert!(c.entries.lock().unwrap().len() <= MAX_ENTRIES);
         let big = Bytes::from(vec![0; MAX_BYTES / 4]);
         for i in 0..8 {
             c.put(key(&format!("big{i}"), ""), 1, 1, big.clone());
-            assert!(c.inner.lock().unwrap().1 <= MAX_BYTES);
+            assert!(held(&c.entries.lock().unwrap()) <= MAX_BYTES);
         }
         c.put(
             key("huge", ""),
@@ -131,7 +132,7 @@ mod tests {
         // Expired answers are dropped at the next one kept.
         tokio::time::advance(MAX_AGE).await;
         c.put(key("small", ""), 1, 1, Bytes::from_static(b"x"));
-        let inner = c.inner.lock().unwrap();
-        assert_eq!((inner.0.len(), inner.1), (1, 1));
+        let entries = c.entries.lock().unwrap();
+        assert_eq!((entries.len(), held(&entries)), (1, 1));
     }
 }
