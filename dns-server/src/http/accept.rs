@@ -45,7 +45,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, HttpBody};
 use axum::http::Request;
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -190,7 +190,7 @@ impl Handed {
         use futures_util::StreamExt;
         use tokio::io::AsyncReadExt;
         let Handed {
-            mut head,
+            head,
             mut stream,
             http10,
             _busy,
@@ -198,17 +198,16 @@ impl Handed {
         // The head goes out with what is ready at once (a replay of missed events), in one
         // write, as hyper would.
         let mut ended = false;
-        match futures_util::FutureExt::now_or_never(stream.next()) {
-            Some(Some(first)) if http10 => head.extend_from_slice(&first),
-            Some(Some(first)) if !first.is_empty() => {
-                head.extend_from_slice(format!("{:x}\r\n", first.len()).as_bytes());
-                head.extend_from_slice(&first);
-                head.extend_from_slice(b"\r\n");
+        let first = match futures_util::FutureExt::now_or_never(stream.next()) {
+            Some(Some(first)) => first,
+            Some(None) => {
+                ended = true;
+                Bytes::new()
             }
-            Some(None) => ended = true,
-            _ => {}
-        }
-        io.write_all(&head).await?;
+            None => Bytes::new(),
+        };
+        io.write_all_buf(&mut Buf::chain(&head[..], framed(first, http10)))
+            .await?;
         io.flush().await?;
         drop(head);
         let mut sink = [0u8; SINK];
@@ -231,16 +230,9 @@ impl Handed {
                 if bytes.is_empty() {
                     continue;
                 }
-                if http10 {
-                    io.write_all(&bytes).await?;
-                } else {
-                    // One vectored write, no buffer kept between writes (thousands of idle
-                    // streams would each hold their largest write).
-                    use bytes::Buf;
-                    let size = format!("{:x}\r\n", bytes.len());
-                    let mut chunk = Buf::chain(Buf::chain(size.as_bytes(), bytes), &b"\r\n"[..]);
-                    io.write_all_buf(&mut chunk).await?;
-                }
+                // One vectored write, no buffer kept between writes (thousands of idle
+                // streams would each hold their largest write).
+                io.write_all_buf(&mut framed(bytes, http10)).await?;
                 io.flush().await?;
             }
         }
@@ -249,6 +241,23 @@ impl Handed {
         }
         io.shutdown().await
     }
+}
+
+/// `bytes` as the body's next part: a chunk (size line, bytes, CRLF), or as they are
+/// when the body is close-delimited (HTTP/1.0); nothing for no bytes (an empty chunk
+/// would end the body).
+fn framed(bytes: Bytes, http10: bool) -> impl Buf {
+    let size = if http10 || bytes.is_empty() {
+        String::new()
+    } else {
+        format!("{:x}\r\n", bytes.len())
+    };
+    let end: &'static [u8] = if http10 || bytes.is_empty() {
+        b""
+    } else {
+        b"\r\n"
+    };
+    Buf::chain(Buf::chain(Bytes::from(size), bytes), end)
 }
 
 /// What hyper reads and writes; its writes are discarded once a response is taken from it
