@@ -204,26 +204,15 @@ pub async fn run(
                      served (create the namespace again and restart to serve them)"
                 );
             }
-            // Taken before anything can change the store: used by this start at most.
-            let marker = match registry::resume::take(&config.data_dir) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "event resume marker unusable; new event epoch");
-                    None
-                }
-            };
+            // Left by versions that kept the event position only across a clean stop;
+            // the store keeps it now.
+            let _ = std::fs::remove_file(config.data_dir.join("events-resume.json"));
             let registry = Registry::new(loaded, writer, metrics.clone());
-            if let Some(marker) = marker {
-                if registry.resume_events(&marker) {
-                    tracing::info!(
-                        epoch = marker.position.epoch,
-                        "event stream continued from the clean shutdown: agents resume \
-                         without listing"
-                    );
-                } else {
-                    tracing::info!("the store changed since the clean shutdown; new event epoch");
-                }
-            }
+            tracing::info!(
+                epoch = registry.events().epoch(),
+                revision = registry.events().revision(),
+                "event history loaded: agents resume their streams without listing"
+            );
             (
                 Arc::new(registry),
                 Some(writer_thread),
@@ -398,18 +387,6 @@ pub async fn run(
         tracing::warn!("shutdown grace expired; aborting remaining tasks");
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
-    }
-    // Every write committed and its event published: let the next start continue the
-    // event epoch (agents resume instead of listing).
-    registry.flush().await;
-    if let Some(marker) = registry.resume_marker() {
-        match registry::resume::save(&config.data_dir, &marker) {
-            Ok(()) => tracing::info!(
-                epoch = marker.position.epoch,
-                "event position saved for the next start"
-            ),
-            Err(e) => tracing::warn!(error = %e, "event position not saved"),
-        }
     }
     // Last reference to the store's queue: the writer flushes and exits.
     drop(registry);

@@ -1,5 +1,6 @@
-//! A registry restart with agents running: after a clean stop the agents' event streams
-//! resume from their caches (same event epoch) instead of listing the namespace again.
+//! A registry restart with agents running: after a clean stop, and after a crash, the
+//! agents' event streams resume from their caches (same event epoch) instead of listing
+//! the namespace again.
 
 use std::time::Duration;
 
@@ -11,6 +12,16 @@ fn activity(dir: &std::path::Path) -> String {
 
 #[test]
 fn agents_resume_their_event_stream_across_a_clean_registry_restart() {
+    resume_across(|server| assert!(server.stop().success()));
+}
+
+#[test]
+fn agents_resume_their_event_stream_across_a_registry_crash() {
+    // Dropped: SIGKILL, nothing of the server's shutdown runs.
+    resume_across(drop);
+}
+
+fn resume_across(restart: fn(DnsServer)) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = DnsServer::start(&data);
@@ -46,7 +57,7 @@ fn agents_resume_their_event_stream_across_a_clean_registry_restart() {
     // Let the last events reach both caches.
     std::thread::sleep(Duration::from_millis(500));
 
-    assert!(server.stop().success());
+    restart(server);
     let server = DnsServer::start_on(&data, &http);
     for d in [&a_dir, &b_dir] {
         wait_for("stream resumed", Duration::from_secs(30), || {

@@ -1,9 +1,13 @@
 //! The change feed behind `GET /v1/namespaces/{ns}/events`.
 //!
 //! Every event gets a sequence number, increasing across the whole server and across
-//! restarts (it starts from the wall clock in microseconds), so a client's `Last-Event-ID`
-//! either resumes from the bounded history or, when that history is gone (too old,
-//! or from before a restart), gets a `resync` telling it to refetch the list.
+//! restarts, so a client's `Last-Event-ID` either resumes from the bounded history or,
+//! when that history is gone (too old, or never known here), gets a `resync` telling it to
+//! refetch the list. With the embedded store the numbering and the history are durable:
+//! the store writer numbers and frames each event and commits it with the change it
+//! reports (see [`EventLog`]), so after a restart, a crash included, agents resume
+//! where they were instead of listing their namespace. With etcd each replica numbers its
+//! own events from the wall clock in microseconds at start (a new epoch per process).
 //!
 //! Each event is framed for SSE once, at publication, into shared [`Bytes`]: the history
 //! and every subscriber hold references to the same bytes. A live subscriber holds no
@@ -21,6 +25,8 @@ use std::sync::{Arc, Mutex};
 
 use shared::{Event, NamespaceName};
 use tokio::sync::watch;
+
+use crate::store::EventLog;
 
 /// Events kept (across all namespaces) for resumption and for live subscribers that fall
 /// behind: a few hundred bytes each, so about 8 MB; at 5 %/min churn of 20,000 membranes
@@ -57,6 +63,13 @@ impl Published {
     pub fn kind(&self) -> &'static str {
         self.kind
     }
+    /// An event as kept by the store; `None` for an unknown kind.
+    pub fn stored(kind: &str, frame: Vec<u8>) -> Option<Self> {
+        Some(Published {
+            kind: known_kind(kind)?,
+            frame: Bytes::from(frame),
+        })
+    }
     /// The SSE frame (a reference to the shared bytes).
     pub fn frame(&self) -> Bytes {
         self.frame.clone()
@@ -72,8 +85,13 @@ pub type Sequenced = (u64, Arc<Published>);
 
 struct Inner {
     last_seq: u64,
+    /// The numbering's identity (see [`EventHub::epoch`]).
+    epoch: u64,
     /// Sequence number before the first event of this process.
     start_seq: u64,
+    /// Earlier processes' numbers `(start, last)` of this epoch (see [`EventLog`]): a
+    /// position in one of them is part of this history.
+    segments: Vec<(u64, u64)>,
     /// Recent events of every namespace, oldest first; bounded by [`RING`].
     ring: VecDeque<(NamespaceName, Sequenced)>,
     /// Per namespace: events up to this sequence number have left `ring`.
@@ -81,39 +99,6 @@ struct Inner {
     /// Wake-up channels of live subscribers, created by the first subscriber of a namespace
     /// (shared so that a publisher wakes them after releasing the lock).
     live: HashMap<NamespaceName, Arc<watch::Sender<()>>>,
-    /// Per namespace: the sequence number of its last event in this epoch (what a clean
-    /// shutdown hands to the next process, see [`Position`]).
-    ns_last: HashMap<NamespaceName, u64>,
-}
-
-/// Where a hub's numbering stands: what a clean shutdown saves so that the next process
-/// continues the same epoch (see [`EventHub::restore`]).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Position {
-    /// The epoch.
-    pub epoch: u64,
-    /// The last sequence number used.
-    pub last_seq: u64,
-    /// Per namespace, the sequence number of its last event in the epoch.
-    pub namespaces: std::collections::BTreeMap<String, u64>,
-    /// The last events (at most [`REPLAY_MAX`]), oldest first: the next process replays
-    /// them to clients a little behind (events published while the streams were closing,
-    /// or not yet delivered) instead of sending `resync`.
-    #[serde(default)]
-    pub tail: Vec<TailEvent>,
-}
-
-/// One saved event of [`Position::tail`].
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TailEvent {
-    /// Namespace.
-    pub ns: String,
-    /// Sequence number.
-    pub seq: u64,
-    /// SSE `event:` name.
-    pub kind: String,
-    /// The whole SSE frame, as sent.
-    pub frame: String,
 }
 
 /// The `'static` name of a known event kind.
@@ -230,111 +215,98 @@ impl Feed {
 }
 
 impl EventHub {
-    /// A hub whose first event is numbered after `start_seq`.
+    /// A hub whose first event is numbered after `start_seq`, an epoch of its own.
     pub fn new(start_seq: u64) -> Self {
         EventHub {
             inner: Arc::new(Mutex::new(Inner {
                 last_seq: start_seq,
+                epoch: start_seq,
                 start_seq,
+                segments: Vec::new(),
                 ring: VecDeque::new(),
                 dropped_upto: HashMap::new(),
                 live: HashMap::new(),
-                ns_last: HashMap::new(),
             })),
         }
     }
 
-    /// Where the numbering stands (epoch, last sequence number, each namespace's last
-    /// event).
-    pub fn position(&self) -> Position {
-        let inner = self.inner.lock().unwrap();
-        Position {
-            epoch: inner.start_seq,
-            last_seq: inner.last_seq,
-            namespaces: inner
-                .ns_last
-                .iter()
-                .map(|(ns, seq)| (ns.as_str().to_string(), *seq))
-                .collect(),
-            tail: inner
-                .ring
-                .iter()
-                .skip(inner.ring.len().saturating_sub(REPLAY_MAX))
-                .filter_map(|(ns, (seq, p))| {
-                    Some(TailEvent {
-                        ns: ns.as_str().to_string(),
-                        seq: *seq,
-                        kind: p.kind.to_string(),
-                        frame: String::from_utf8(p.frame.to_vec()).ok()?,
-                    })
-                })
-                .collect(),
-        }
-    }
-
-    /// Continues the epoch of `pos` (saved by a clean shutdown of the previous process):
-    /// numbering goes on after `pos.last_seq`, and a client resuming with an id of that
-    /// epoch resumes: replayed from the saved tail of events, or with nothing to replay
-    /// when it had every event of its namespace; a client further behind than the tail
-    /// gets `resync`. Only before the first event (else
-    /// `false`, nothing changed).
-    pub fn restore(&self, pos: &Position) -> bool {
-        let mut inner = self.inner.lock().unwrap();
-        if inner.last_seq != inner.start_seq || pos.last_seq < pos.epoch {
-            return false;
-        }
-        let mut last = HashMap::new();
-        for (ns, seq) in &pos.namespaces {
-            // A namespace name that no longer validates cannot be subscribed to anyway.
-            if let Ok(n) = NamespaceName::new(ns) {
-                last.insert(n, (*seq).clamp(pos.epoch, pos.last_seq));
-            }
-        }
-        // The saved tail: in order, within the epoch, at most REPLAY_MAX.
+    /// The hub continuing the history the store kept: the same epoch, the kept events in
+    /// the history (an agent whose `Last-Event-ID` is among or after them resumes), and
+    /// numbering from `log.start` (the store writer numbers the events, see
+    /// [`EventHub::publish_sequenced`]).
+    pub fn from_log(log: &EventLog) -> Self {
         let mut ring = VecDeque::new();
-        let mut prev = pos.epoch;
-        for t in pos
-            .tail
+        let mut prev = 0;
+        for e in log
+            .recent
             .iter()
-            .skip(pos.tail.len().saturating_sub(REPLAY_MAX))
+            .skip(log.recent.len().saturating_sub(RING))
         {
-            let (Ok(ns), Some(kind)) = (NamespaceName::new(&t.ns), known_kind(&t.kind)) else {
+            let (Ok(ns), Some(p)) = (
+                NamespaceName::new(&e.namespace),
+                Published::stored(&e.kind, e.frame.clone()),
+            ) else {
                 continue;
             };
-            if t.seq <= prev || t.seq > pos.last_seq {
+            // In order, and before this process's numbers.
+            if e.seq <= prev || e.seq > log.start {
                 continue;
             }
-            prev = t.seq;
-            let frame = Bytes::from(t.frame.clone());
-            ring.push_back((ns, (t.seq, Arc::new(Published { kind, frame }))));
+            prev = e.seq;
+            ring.push_back((ns, (e.seq, Arc::new(p))));
         }
-        // Events up to `before` are not in the ring: a namespace's last one among them
-        // is at most `before` (exact when none of its events is in the tail).
-        let before = ring.front().map_or(pos.last_seq, |(_, (seq, _))| seq - 1);
-        inner.dropped_upto = last
+        // Events up to `before` are not in the ring: a namespace's last one among them is
+        // at most `before` (exact when none of its events is in the ring).
+        let before = ring.front().map_or(log.start, |(_, (seq, _))| seq - 1);
+        let dropped_upto = log
+            .namespace_last
             .iter()
-            .map(|(ns, seq)| (ns.clone(), (*seq).min(before)))
+            .filter_map(|(ns, seq)| Some((NamespaceName::new(ns).ok()?, (*seq).min(before))))
             .collect();
-        inner.start_seq = pos.epoch;
-        inner.last_seq = pos.last_seq;
-        inner.ring = ring;
-        inner.ns_last = last;
-        true
+        EventHub {
+            inner: Arc::new(Mutex::new(Inner {
+                last_seq: log.start,
+                epoch: log.epoch,
+                start_seq: log.start,
+                segments: log.segments.clone(),
+                ring,
+                dropped_upto,
+                live: HashMap::new(),
+            })),
+        }
     }
 
     /// Numbers and publishes `event` for `ns`; returns its sequence number.
     pub fn publish(&self, ns: &NamespaceName, event: Event) -> u64 {
-        let mut inner = self.inner.lock().unwrap();
-        inner.last_seq += 1;
-        let seq = inner.last_seq;
+        let inner = self.inner.lock().unwrap();
+        let seq = inner.last_seq + 1;
         let item = (seq, Arc::new(Published::new(seq, &event)));
+        Self::publish_locked(inner, ns, item);
+        seq
+    }
+
+    /// Publishes an event numbered and framed by the store writer, which numbers them in
+    /// the order they are published here: after every number published before.
+    pub fn publish_sequenced(&self, ns: &NamespaceName, item: Sequenced) {
+        let inner = self.inner.lock().unwrap();
+        debug_assert!(item.0 > inner.last_seq, "events published out of order");
+        if item.0 > inner.last_seq {
+            Self::publish_locked(inner, ns, item);
+        }
+    }
+
+    fn publish_locked(
+        mut inner: std::sync::MutexGuard<'_, Inner>,
+        ns: &NamespaceName,
+        item: Sequenced,
+    ) {
+        inner.last_seq = item.0;
         if inner.ring.len() == RING
             && let Some((old_ns, (old, _))) = inner.ring.pop_front()
         {
             inner.dropped_upto.insert(old_ns, old);
         }
         inner.ring.push_back((ns.clone(), item));
-        inner.ns_last.insert(ns.clone(), seq);
         let wake = match inner.live.get(ns) {
             // No subscribers left: drop the channel.
             Some(tx) if tx.receiver_count() == 0 => {
@@ -349,15 +321,15 @@ impl EventHub {
         if let Some(tx) = wake {
             tx.send_replace(());
         }
-        seq
     }
 
-    /// This hub's epoch: the sequence number before its first event, unique per process
-    /// (the wall clock in microseconds at start). Event ids and list revisions are only
+    /// This hub's epoch: the identity of its numbering, created with the embedded store's
+    /// database (with etcd: the sequence number before the first event, the wall clock in
+    /// microseconds at start, so one per process). Event ids and list revisions are only
     /// comparable within one epoch: a client resuming with an id of another epoch (another
     /// replica behind the same address, say) must list instead.
     pub fn epoch(&self) -> u64 {
-        self.inner.lock().unwrap().start_seq
+        self.inner.lock().unwrap().epoch
     }
 
     /// The sequence number of the last published event.
@@ -387,8 +359,14 @@ impl EventHub {
             };
         };
         let dropped = inner.dropped_upto.get(ns).copied().unwrap_or(0);
-        // An id from the future, from before this process, or older than the history.
-        let lost = last_id > inner.last_seq || last_id < inner.start_seq || last_id < dropped;
+        // An id from the future, never issued in this history (before it, or by a process
+        // whose numbers the store no longer knows), or older than the history kept.
+        let known = last_id >= inner.start_seq
+            || inner
+                .segments
+                .iter()
+                .any(|&(start, last)| (start..=last).contains(&last_id));
+        let lost = last_id > inner.last_seq || !known || last_id < dropped;
         if lost {
             return Subscription {
                 replay: Vec::new(),
@@ -504,39 +482,80 @@ mod tests {
         assert!(text.ends_with("}\n\n"), "{text}");
     }
 
+    fn log_of(hub: &EventHub, start: u64) -> EventLog {
+        let inner = hub.inner.lock().unwrap();
+        let mut namespace_last = HashMap::new();
+        let recent = inner
+            .ring
+            .iter()
+            .map(|(ns, (seq, p))| {
+                namespace_last.insert(ns.as_str().to_string(), *seq);
+                crate::store::StoredEvent {
+                    seq: *seq,
+                    namespace: ns.as_str().to_string(),
+                    kind: p.kind().to_string(),
+                    frame: p.bytes().to_vec(),
+                }
+            })
+            .collect();
+        EventLog {
+            epoch: inner.epoch,
+            segments: vec![(inner.start_seq, inner.last_seq)],
+            start,
+            namespace_last: namespace_last.into_iter().collect(),
+            recent,
+            stale: vec![],
+        }
+    }
+
     #[test]
-    fn a_restored_hub_replays_the_saved_tail_and_resyncs_further_behind() {
+    fn a_hub_from_the_kept_log_resumes_known_positions_only() {
         let hub = EventHub::new(1000);
-        let (a, b) = (
+        let (a, b, c) = (
             NamespaceName::new("a").unwrap(),
             NamespaceName::new("b").unwrap(),
+            NamespaceName::new("c").unwrap(),
         );
+        let only_c = hub.publish(&c, ev(&c, "only"));
         let first_b = hub.publish(&b, ev(&b, "only"));
         let mut a_seqs = Vec::new();
-        for i in 0..REPLAY_MAX + 10 {
-            a_seqs.push(hub.publish(&a, ev(&a, &format!("m{i}"))));
+        for _ in 0..10 {
+            a_seqs.push(hub.publish(&a, ev(&a, "m")));
         }
-        let pos = hub.position();
-        assert_eq!(pos.tail.len(), REPLAY_MAX);
-        assert_eq!(pos.namespaces["b"], first_b);
-        let json = serde_json::to_string(&pos).unwrap();
-        let next = EventHub::new(5_000_000);
-        assert!(next.restore(&serde_json::from_str(&json).unwrap()));
-        assert_eq!((next.epoch(), next.revision()), (1000, pos.last_seq));
-        // Within the tail: replayed, the same frames.
-        let n = a_seqs.len();
-        let near = next.subscribe(&a, Some(a_seqs[n - 3]));
+        let mut log = log_of(&hub, 5_000);
+        let last = hub.revision();
+        // The oldest kept event is `b`'s: `c`'s left the table.
+        log.recent.remove(0);
+        let next = EventHub::from_log(&log);
+        assert_eq!((next.epoch(), next.revision()), (1000, 5_000));
+        // Within the kept events: replayed, the same frames.
+        let near = next.subscribe(&a, Some(a_seqs[7]));
         assert!(!near.resync);
         assert_eq!(near.replay.len(), 2);
-        let before = hub.subscribe(&a, Some(a_seqs[n - 2]));
-        assert_eq!(near.replay[1].1.frame(), before.replay[0].1.frame());
-        // Before the tail: resync; `b` had everything at its last event.
-        assert!(next.subscribe(&a, Some(a_seqs[0])).resync);
-        assert!(!next.subscribe(&b, Some(first_b)).resync);
-        assert!(next.subscribe(&b, Some(first_b - 1)).resync);
-        // Numbering continues; a second restore is refused.
-        assert_eq!(next.publish(&b, ev(&b, "new")), pos.last_seq + 1);
-        assert!(!next.restore(&pos));
+        let before = hub.subscribe(&a, Some(a_seqs[7]));
+        assert_eq!(near.replay[1].1.frame(), before.replay[1].1.frame());
+        // `c` had everything at its last event, though it is no longer kept; a client that
+        // missed it resyncs.
+        assert!(!next.subscribe(&c, Some(only_c)).resync);
+        assert!(next.subscribe(&c, Some(only_c - 1)).resync);
+        assert!(!next.subscribe(&b, Some(first_b - 1)).resync, "b is kept");
+        // The previous process's last number, and this process's start, are positions.
+        assert!(next.subscribe(&a, Some(last)).replay.is_empty());
+        assert!(!next.subscribe(&a, Some(last)).resync);
+        assert!(!next.subscribe(&a, Some(5_000)).resync);
+        // Numbers no segment holds: issued by a process whose numbers the store lost (a
+        // database restored from a backup), or from the future.
+        assert!(next.subscribe(&a, Some(last + 1)).resync);
+        assert!(next.subscribe(&a, Some(4_999)).resync);
+        assert!(next.subscribe(&a, Some(5_001)).resync);
+        // The writer's numbers go on after the start.
+        let p = Arc::new(Published::new(5_001, &ev(&a, "new")));
+        next.publish_sequenced(&a, (5_001, p));
+        let sub = next.subscribe(&a, Some(last));
+        assert_eq!(
+            sub.replay.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            [5_001]
+        );
     }
 
     #[tokio::test]

@@ -20,7 +20,6 @@
 mod etcd;
 pub mod events;
 pub mod preserve;
-pub mod resume;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -631,13 +630,28 @@ impl Registry {
                 );
             }
         }
-        let start_seq = wall
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
+        // Health is soft state: membranes last announced stale start passing again, and
+        // subscribers resuming their streams are told so (the first events of this start).
+        let revived: Vec<(NamespaceName, Event)> = loaded
+            .events
+            .stale
+            .iter()
+            .filter_map(|(ns, id)| {
+                let (ns, id) = (NamespaceName::new(ns).ok()?, MembraneId::new(id).ok()?);
+                namespaces.get(&ns)?.membranes.contains_key(&id).then(|| {
+                    let event = Event::StateChanged {
+                        namespace: ns.clone(),
+                        id,
+                        state: HealthState::Passing,
+                    };
+                    (ns, event)
+                })
+            })
+            .collect();
+        let events = Arc::new(EventHub::from_log(&loaded.events));
         let dirty = Arc::new(Dirty::default());
         dirty.mark(namespaces.keys().cloned());
-        Registry {
+        let registry = Registry {
             state: Arc::new(Mutex::new(State {
                 namespaces,
                 next_seq,
@@ -646,12 +660,17 @@ impl Registry {
             committed: Default::default(),
             orphaned,
             backend: Backend::Sqlite(writer),
-            events: Arc::new(EventHub::new(start_seq)),
+            events,
             dirty,
             metrics,
             failed: Arc::new(AtomicBool::new(false)),
             preserve: Mutex::new(Preservation::new(PreservationConfig::default())),
+        };
+        if !revived.is_empty() {
+            let mut st = registry.state.lock().unwrap();
+            registry.submit_detached(&mut st, vec![], vec![], revived, vec![]);
         }
+        registry
     }
 
     /// Sets the self-preservation rule of the health sweep (see [`preserve`]).
@@ -748,21 +767,23 @@ impl Registry {
         let (tx, rx) = oneshot::channel();
         let ticket = st.stage(&changes);
         let hub = self.events.clone();
-        let publish: Publication = Box::new(move |st: &mut State| {
-            st.publish(ticket, changes);
-            // Under the state lock: a list and the event revision it reports agree.
-            for (ns, ev) in events {
-                hub.publish(&ns, ev);
-            }
-            dirty
-        });
         match &self.backend {
             Backend::Sqlite(writer) => {
                 let shared = self.shared();
                 let failed = self.failed.clone();
                 let done: crate::store::sqlite::Done =
-                    Box::new(move |r: Result<(), &StoreError>| match r {
-                        Ok(()) => {
+                    Box::new(move |r: Result<Vec<_>, &StoreError>| match r {
+                        Ok(framed) => {
+                            // Numbered, framed and committed by the writer.
+                            let publish: Publication = Box::new(move |st: &mut State| {
+                                st.publish(ticket, changes);
+                                // Under the state lock: a list and the event revision it
+                                // reports agree.
+                                for (ns, item) in framed {
+                                    hub.publish_sequenced(&ns, item);
+                                }
+                                dirty
+                            });
                             shared
                                 .committed
                                 .queue
@@ -800,7 +821,7 @@ impl Registry {
                             let _ = tx.send(Err(()));
                         }
                     });
-                if writer.submit(Submission { ops, done }).is_err() {
+                if writer.submit(Submission { ops, events, done }).is_err() {
                     self.failed.store(true, Ordering::Relaxed);
                     st.unstage_all();
                 }
@@ -809,7 +830,10 @@ impl Registry {
             #[cfg(feature = "etcd")]
             Backend::Etcd(_) => {
                 debug_assert!(ops.is_empty(), "etcd mode never queues store ops");
-                let dirty = publish(st);
+                st.publish(ticket, changes);
+                for (ns, ev) in events {
+                    hub.publish(&ns, ev);
+                }
                 if !dirty.is_empty() {
                     self.dirty.mark(dirty);
                 }
@@ -844,6 +868,16 @@ impl Registry {
             Ok(Ok(())) => Ok(()),
             _ => Err(RegistryError::Unavailable),
         }
+    }
+
+    /// Resolves once everything submitted before it has committed and its events are
+    /// published (the writer commits in submission order).
+    pub async fn flush(&self) {
+        let queued = {
+            let mut st = self.state.lock().unwrap();
+            self.submit(&mut st, vec![], vec![], vec![], vec![])
+        };
+        let _ = self.durable(queued).await;
     }
 
     fn check_writable(&self) -> Result<(), RegistryError> {

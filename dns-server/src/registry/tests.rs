@@ -776,60 +776,48 @@ async fn after_a_restart_every_membrane_gets_one_fresh_ttl() {
     );
 }
 
-/// Stops `r` (its writer flushes) and opens the same store again.
-fn reopen(
+/// Abandons `r` as a crash would (nothing of it runs again; what its writer committed is
+/// on disk) and opens the same store again.
+fn crash_and_reopen(
     r: Arc<Registry>,
     t: sqlite::WriterThread,
     path: &Path,
 ) -> (Arc<Registry>, sqlite::WriterThread) {
-    drop(r);
-    t.join();
+    std::mem::forget((r, t));
     open(path)
 }
 
+/// The sequence number of the next event of `ns` after position `after`.
+fn next_seq(r: &Registry, ns: &NamespaceName, after: u64) -> u64 {
+    r.events().subscribe(ns, Some(after)).replay[0].0
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_clean_stop_lets_the_next_start_continue_the_event_epoch() {
+async fn after_a_crash_the_event_history_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     let (r, t) = open(&path);
     let (n, other) = (ns("fleet"), ns("other"));
-    r.register(&open_caller(), &n, &id("a"), reg(Some(30)))
-        .await
-        .unwrap();
-    r.register(&open_caller(), &other, &id("x"), reg(Some(30)))
-        .await
-        .unwrap();
-    r.register(&open_caller(), &n, &id("b"), reg(Some(30)))
-        .await
-        .unwrap();
-    r.register(&open_caller(), &other, &id("y"), reg(Some(30)))
-        .await
-        .unwrap();
-    r.flush().await;
-    let marker = r.resume_marker().unwrap();
+    for (ns, m) in [(&n, "a"), (&other, "x"), (&n, "b"), (&other, "y")] {
+        r.register(&open_caller(), ns, &id(m), reg(Some(30)))
+            .await
+            .unwrap();
+    }
     let epoch = r.events().epoch();
     let last = r.events().revision();
-    // Round trip through the data dir; taken once only.
-    resume::save(dir.path(), &marker).unwrap();
-    assert_eq!(resume::take(dir.path()).unwrap().as_ref(), Some(&marker));
-    assert_eq!(
-        resume::take(dir.path()).unwrap(),
-        None,
-        "used by one start at most"
-    );
+    let at_x = next_seq(&r, &other, epoch);
+    let at_b = next_seq(&r, &n, at_x);
+    assert!(at_b < last);
 
-    let (r, t) = reopen(r, t, &path);
-    assert!(r.resume_events(&marker));
-    assert_eq!(r.events().epoch(), epoch);
+    let (r, t) = crash_and_reopen(r, t, &path);
+    assert_eq!(r.events().epoch(), epoch, "the same numbering");
+    assert!(r.events().revision() > last, "numbers go on after it");
     // `fleet`'s last event was `b`, before `y` of `other`: an agent of `fleet` at `b`
     // had everything of its namespace.
-    let at_b = marker.position.namespaces["fleet"];
-    assert!(at_b < last);
     let sub = r.events().subscribe(&n, Some(at_b));
     assert!(!sub.resync && sub.replay.is_empty());
-    // A client that missed `b` (published as the streams closed, say) gets it from the
-    // saved tail, not a resync.
-    let sub = r.events().subscribe(&n, Some(at_b - 1));
+    // One that missed `b` gets it from the kept history, the very frame, not a resync.
+    let sub = r.events().subscribe(&n, Some(at_x));
     assert!(!sub.resync);
     assert_eq!(
         sub.replay.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
@@ -840,39 +828,27 @@ async fn a_clean_stop_lets_the_next_start_continue_the_event_epoch() {
         frame.starts_with(&format!("id: {at_b}\nevent: registered\n")),
         "{frame}"
     );
-    assert_eq!(
-        r.events().subscribe(&other, Some(at_b)).replay.len(),
-        1,
-        "`y`"
-    );
+    assert_eq!(r.events().subscribe(&other, Some(at_b)).replay.len(), 1);
     assert!(!r.events().subscribe(&other, Some(last)).resync);
-    // Numbering goes on after the saved position.
+    // New events follow, after the crash too.
     r.register(&open_caller(), &n, &id("c"), reg(Some(30)))
         .await
         .unwrap();
-    r.flush().await;
-    let sub = r.events().subscribe(&n, Some(at_b));
-    assert_eq!(sub.replay.len(), 1);
-    assert!(sub.replay[0].0 > last);
+    let at_c = next_seq(&r, &n, at_b);
+    assert!(at_c > last);
+    let (r, _t) = crash_and_reopen(r, t, &path);
     let numbers: Vec<u64> = r
         .events()
-        .subscribe(&n, Some(epoch))
+        .subscribe(&n, Some(at_x))
         .replay
         .iter()
         .map(|(s, _)| *s)
         .collect();
-    assert_eq!(numbers.len(), 3, "a, b (saved) and c: {numbers:?}");
-    assert!(numbers.windows(2).all(|w| w[0] < w[1]));
-
-    // The store changed since the marker (`c`): a new epoch.
-    let (r, _t) = reopen(r, t, &path);
-    assert!(!r.resume_events(&marker));
-    assert_ne!(r.events().epoch(), epoch);
-    assert!(r.events().subscribe(&n, Some(at_b)).resync);
+    assert_eq!(numbers, [at_b, at_c]);
 }
 
 #[tokio::test(start_paused = true)]
-async fn membranes_stale_at_a_clean_stop_are_announced_passing_again() {
+async fn membranes_stale_at_a_crash_are_announced_passing_again() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     let (r, t) = open(&path);
@@ -889,13 +865,11 @@ async fn membranes_stale_at_a_clean_stop_are_announced_passing_again() {
     r.sweep();
     r.flush().await;
     assert_eq!(r.get(&n, &id("quiet")).unwrap().state, HealthState::Stale);
-    let marker = r.resume_marker().unwrap();
-    assert_eq!(marker.stale["fleet"], vec!["quiet".to_string()]);
     let last = r.events().revision();
 
     // Every membrane starts passing: agents that had `quiet` stale are told.
-    let (r, _t) = reopen(r, t, &path);
-    assert!(r.resume_events(&marker));
+    let (r, t) = crash_and_reopen(r, t, &path);
+    r.flush().await;
     let sub = r.events().subscribe(&n, Some(last));
     assert!(!sub.resync);
     assert_eq!(sub.replay.len(), 1);
@@ -906,6 +880,53 @@ async fn membranes_stale_at_a_clean_stop_are_announced_passing_again() {
             && frame.contains(r#""state":"passing""#),
         "{frame}"
     );
+    // Told once: that announcement is kept too.
+    let (r, _t) = crash_and_reopen(r, t, &path);
+    r.flush().await;
+    let after = r.events().revision();
+    assert_eq!(r.events().subscribe(&n, Some(last)).replay.len(), 1);
+    assert!(r.events().subscribe(&n, Some(after)).replay.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn numbers_issued_after_a_restored_backup_are_not_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let backup = dir.path().join("backup");
+    let (r, t) = open(&path);
+    let n = ns("fleet");
+    r.register(&open_caller(), &n, &id("a"), reg(Some(30)))
+        .await
+        .unwrap();
+    let at_a = r.events().revision();
+    drop(r);
+    t.join();
+    std::fs::copy(&path, &backup).unwrap();
+
+    let (r, t) = open(&path);
+    r.register(&open_caller(), &n, &id("b"), reg(Some(30)))
+        .await
+        .unwrap();
+    let at_b = r.events().revision();
+    drop(r);
+    t.join();
+    // The operator restores the backup: `b` and its number are gone.
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    std::fs::copy(&backup, &path).unwrap();
+    let (r, _t) = open(&path);
+    r.register(&open_caller(), &n, &id("c"), reg(Some(30)))
+        .await
+        .unwrap();
+    assert!(r.events().revision() > at_b);
+    // An agent at `b` holds a number of a history this store never had: it lists.
+    assert!(r.events().subscribe(&n, Some(at_b)).resync);
+    // One at `a` resumes: `c` is the next event it has not seen.
+    let sub = r.events().subscribe(&n, Some(at_a));
+    assert!(!sub.resync);
+    assert_eq!(sub.replay.len(), 1);
+    assert!(String::from_utf8_lossy(&sub.replay[0].1.frame()).contains(r#""id":"c""#));
 }
 
 /// Holds the store's next commit: another connection holding SQLite's write lock makes the

@@ -91,6 +91,49 @@ pub struct Loaded {
     /// Live registrations whose namespace is missing, by namespace name: kept on disk
     /// untouched (never deleted at start), not served, reported.
     pub orphaned: std::collections::BTreeMap<String, usize>,
+    /// The event history kept with the data.
+    pub events: EventLog,
+}
+
+/// The event history kept with the data, committed in the same transaction as the
+/// changes it reports: what lets agents resume their event streams after a restart, a
+/// crash included, instead of listing their namespace again (see
+/// [`registry::events`](crate::registry::events)).
+///
+/// Every process numbers its events in a *segment* of its own: after a number above all
+/// earlier ones (the wall clock in microseconds, or the last number + 1). A client's
+/// `Last-Event-ID` can be resumed from only if it lies in a recorded segment, so after the
+/// database went back in time (restored from a backup) the numbers issued since the backup
+/// are unknown and their holders resync instead of getting another history's events.
+#[derive(Debug, Default)]
+pub struct EventLog {
+    /// The numbering's identity, created with the database (the `Membrane-Event-Epoch`).
+    pub epoch: u64,
+    /// Earlier processes' segments `(start, last)`, oldest first: `start` is the number
+    /// before the segment's first event, `last` its last event (or `start`).
+    pub segments: Vec<(u64, u64)>,
+    /// The number before this process's first event.
+    pub start: u64,
+    /// Per namespace, the number of its last event.
+    pub namespace_last: Vec<(String, u64)>,
+    /// The newest events (at most [`RING`](crate::registry::events::RING)), oldest first.
+    pub recent: Vec<StoredEvent>,
+    /// Membranes whose last announced state is `stale` (health is soft state: they start
+    /// `passing`, and subscribers are told so).
+    pub stale: Vec<(String, String)>,
+}
+
+/// One event as kept: its number, namespace, SSE `event:` name and whole frame as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Sequence number.
+    pub seq: u64,
+    /// Namespace.
+    pub namespace: String,
+    /// SSE `event:` name.
+    pub kind: String,
+    /// The SSE frame.
+    pub frame: Vec<u8>,
 }
 
 /// A store failure. Its message is logged, never sent to clients.

@@ -10,21 +10,29 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use shared::{MembraneId, NamespaceName};
+use shared::{Event, HealthState, MembraneId, NamespaceName};
 
-use super::{Loaded, Op, StoreError, StoredMembrane, StoredNamespace};
+use super::{EventLog, Loaded, Op, StoreError, StoredEvent, StoredMembrane, StoredNamespace};
+use crate::registry::events::{Published, RING, Sequenced};
 
 /// Most submissions folded into one transaction.
 const MAX_BATCH: usize = 4096;
 
-/// Called once the submission's batch is committed (or failed), on the writer thread, in
-/// submission order.
-pub type Done = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
+/// Events kept beyond [`RING`] before the oldest are deleted (in one statement).
+const TRIM_SLACK: usize = 1024;
+/// Numbering segments kept (one per process start).
+const MAX_SEGMENTS: usize = 64;
 
-/// Ops to commit together, and what to do after.
+/// Called once the submission's batch is committed (or failed), on the writer thread, in
+/// submission order, with the submission's events as numbered and framed.
+pub type Done = Box<dyn FnOnce(Result<Vec<(NamespaceName, Sequenced)>, &StoreError>) + Send>;
+
+/// Ops to commit together, the events reporting them, and what to do after.
 pub struct Submission {
     /// The changes.
     pub ops: Vec<Op>,
+    /// The events: numbered in submission order and committed with the ops.
+    pub events: Vec<(NamespaceName, Event)>,
     /// Completion callback.
     pub done: Done,
 }
@@ -70,6 +78,27 @@ CREATE TABLE IF NOT EXISTS membranes (
     secret_hash BLOB,
     registered_at_ms INTEGER NOT NULL
 ) STRICT;
+-- The event history (see `EventLog`): the newest events, each namespace's last event,
+-- every process's numbering segment, and the membranes last announced stale.
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    namespace TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    frame BLOB NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS event_namespaces (
+    namespace TEXT PRIMARY KEY,
+    last INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS event_segments (
+    start INTEGER PRIMARY KEY,
+    last INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS event_stale (
+    namespace TEXT NOT NULL,
+    id TEXT NOT NULL,
+    PRIMARY KEY (namespace, id)
+) STRICT;
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
 ";
 
@@ -83,12 +112,23 @@ const GC_CHUNK: usize = 2048;
 /// registry database is refused ([`StoreError::Unusable`]) and left untouched.
 pub fn open(path: &Path) -> Result<(Loaded, Writer, WriterThread), StoreError> {
     prepare_file(path)?;
-    let conn = connect(path).map_err(|e| unusable(path, e))?;
-    let (loaded, garbage) = load(&conn).map_err(|e| unusable(path, e))?;
+    let mut conn = connect(path).map_err(|e| unusable(path, e))?;
+    let (mut loaded, garbage) = load(&conn).map_err(|e| unusable(path, e))?;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let (events, rows) = load_events(&mut conn, now_us).map_err(|e| unusable(path, e))?;
+    let numbering = Numbering {
+        start: events.start,
+        last: events.start,
+        rows,
+    };
+    loaded.events = events;
     let (tx, rx) = mpsc::channel::<Submission>();
     let handle = std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || writer_loop(conn, rx, garbage))
+        .spawn(move || writer_loop(conn, rx, garbage, numbering))
         .map_err(|e| StoreError::Io {
             path: path.display().to_string(),
             source: e,
@@ -299,6 +339,141 @@ fn load(conn: &Connection) -> Result<(Loaded, BTreeSet<i64>), StoreError> {
     Ok((out, garbage))
 }
 
+fn to_u64(table: &'static str, v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| corrupt(table, format!("negative sequence number {v}")))
+}
+
+/// Reads the event history and opens this process's numbering segment (after every
+/// number used before, and the wall clock `now_us`); drops what belongs to namespaces
+/// that no longer exist. Returns the history and the number of events the table holds.
+fn load_events(conn: &mut Connection, now_us: u64) -> Result<(EventLog, usize), StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('event_epoch', ?1)",
+        [now_us.to_string()],
+    )?;
+    let epoch: String = tx.query_row(
+        "SELECT value FROM meta WHERE key = 'event_epoch'",
+        [],
+        |r| r.get(0),
+    )?;
+    let epoch: u64 = epoch
+        .parse()
+        .map_err(|e| corrupt("meta", format!("event_epoch {epoch:?}: {e}")))?;
+    let mut segments = Vec::new();
+    {
+        let mut stmt = tx.prepare("SELECT start, last FROM event_segments ORDER BY start")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let (s, l) = (to_u64("event_segments", r.get(0)?)?, r.get(1)?);
+            segments.push((s, to_u64("event_segments", l)?.max(s)));
+        }
+    }
+    let max_event: Option<i64> = tx.query_row("SELECT max(seq) FROM events", [], |r| r.get(0))?;
+    let high = segments
+        .iter()
+        .map(|&(_, l)| l)
+        .chain(max_event.map(|v| to_u64("events", v)).transpose()?)
+        .max();
+    let start = match high {
+        Some(h) => now_us.max(h + 1),
+        None => now_us.max(epoch),
+    };
+    if segments.len() >= MAX_SEGMENTS {
+        let keep_from = segments[segments.len() + 1 - MAX_SEGMENTS].0;
+        tx.execute(
+            "DELETE FROM event_segments WHERE start < ?1",
+            [keep_from as i64],
+        )?;
+        segments.retain(|&(s, _)| s >= keep_from);
+    }
+    tx.execute(
+        "INSERT INTO event_segments (start, last) VALUES (?1, ?1)",
+        [start as i64],
+    )?;
+    tx.execute_batch(
+        "DELETE FROM event_namespaces WHERE namespace NOT IN (SELECT name FROM namespaces);
+         DELETE FROM event_stale WHERE namespace NOT IN (SELECT name FROM namespaces);",
+    )?;
+    let mut namespace_last = Vec::new();
+    {
+        let mut stmt = tx.prepare("SELECT namespace, last FROM event_namespaces")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            namespace_last.push((r.get(0)?, to_u64("event_namespaces", r.get(1)?)?));
+        }
+    }
+    let mut recent = Vec::new();
+    {
+        let mut stmt = tx
+            .prepare("SELECT seq, namespace, kind, frame FROM events ORDER BY seq DESC LIMIT ?1")?;
+        let mut rows = stmt.query([RING as i64])?;
+        while let Some(r) = rows.next()? {
+            recent.push(StoredEvent {
+                seq: to_u64("events", r.get(0)?)?,
+                namespace: r.get(1)?,
+                kind: r.get(2)?,
+                frame: r.get(3)?,
+            });
+        }
+        recent.reverse();
+    }
+    let mut stale = Vec::new();
+    {
+        let mut stmt = tx.prepare("SELECT namespace, id FROM event_stale")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            stale.push((r.get(0)?, r.get(1)?));
+        }
+    }
+    let rows: i64 = tx.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+    tx.commit()?;
+    Ok((
+        EventLog {
+            epoch,
+            segments,
+            start,
+            namespace_last,
+            recent,
+            stale,
+        },
+        rows as usize,
+    ))
+}
+
+/// The writer's event numbering: this process's segment, and the events the table holds.
+struct Numbering {
+    start: u64,
+    last: u64,
+    rows: usize,
+}
+
+/// Keeps `event_stale` (the membranes last announced stale) up to date with `ev`.
+fn note_health(tx: &rusqlite::Transaction<'_>, ev: &Event) -> Result<(), rusqlite::Error> {
+    let (ns, id, stale) = match ev {
+        Event::StateChanged {
+            namespace,
+            id,
+            state,
+        } => (namespace, id, *state == HealthState::Stale),
+        Event::Deregistered { namespace, id, .. } => (namespace, id, false),
+        Event::Registered { membrane } => (
+            &membrane.namespace,
+            &membrane.id,
+            membrane.state == HealthState::Stale,
+        ),
+        Event::Resync { .. } => return Ok(()),
+    };
+    let sql = if stale {
+        "INSERT OR IGNORE INTO event_stale (namespace, id) VALUES (?1, ?2)"
+    } else {
+        "DELETE FROM event_stale WHERE namespace = ?1 AND id = ?2"
+    };
+    tx.prepare_cached(sql)?
+        .execute([ns.as_str(), id.as_str()])?;
+    Ok(())
+}
+
 const INSERT_ROW: &str = "INSERT INTO membranes
     (seq, namespace, id, registration, secret_hash, registered_at_ms)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
@@ -384,24 +559,85 @@ fn collect_garbage(conn: &mut Connection, garbage: &mut BTreeSet<i64>) -> Result
     Ok(())
 }
 
+/// One submission's events, numbered and framed.
+type Framed = Vec<(NamespaceName, Sequenced)>;
+
+/// Commits the batch's ops and events in one transaction; returns each submission's
+/// events as numbered (in submission order, after every number used before).
 fn commit(
     conn: &mut Connection,
-    batch: &[Submission],
+    batch: &mut [Submission],
     garbage: &mut BTreeSet<i64>,
-) -> Result<(), StoreError> {
+    numbering: &mut Numbering,
+) -> Result<Vec<Framed>, StoreError> {
+    // Framed here, once for every subscriber and for the table, off the registry's locks.
+    let mut last = numbering.last;
+    let mut events: Vec<Vec<(NamespaceName, Event, Sequenced)>> = Vec::with_capacity(batch.len());
+    for sub in batch.iter_mut() {
+        let framed = std::mem::take(&mut sub.events)
+            .into_iter()
+            .map(|(ns, ev)| {
+                last += 1;
+                let p = Published::new(last, &ev);
+                (ns, ev, (last, std::sync::Arc::new(p)))
+            })
+            .collect();
+        events.push(framed);
+    }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut new_garbage = BTreeSet::new();
-    for sub in batch {
+    for sub in batch.iter() {
         for op in &sub.ops {
             apply(&tx, op, &mut new_garbage)?;
         }
     }
+    let mut added = 0;
+    let mut namespace_last: HashMap<&NamespaceName, u64> = HashMap::new();
+    for (ns, ev, (seq, p)) in events.iter().flatten() {
+        tx.prepare_cached(
+            "INSERT INTO events (seq, namespace, kind, frame) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![*seq as i64, ns.as_str(), p.kind(), p.bytes()])?;
+        note_health(&tx, ev)?;
+        namespace_last.insert(ns, *seq);
+        added += 1;
+    }
+    for (ns, seq) in namespace_last {
+        tx.prepare_cached(
+            "INSERT INTO event_namespaces (namespace, last) VALUES (?1, ?2)
+             ON CONFLICT (namespace) DO UPDATE SET last = excluded.last",
+        )?
+        .execute(params![ns.as_str(), seq as i64])?;
+    }
+    let mut rows = numbering.rows + added;
+    if added > 0 {
+        tx.prepare_cached("UPDATE event_segments SET last = ?2 WHERE start = ?1")?
+            .execute(params![numbering.start as i64, last as i64])?;
+        if rows > RING + TRIM_SLACK {
+            tx.prepare_cached(
+                "DELETE FROM events WHERE seq <
+                 (SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?1)",
+            )?
+            .execute([RING as i64 - 1])?;
+            rows = RING;
+        }
+    }
     tx.commit()?;
+    numbering.last = last;
+    numbering.rows = rows;
     garbage.append(&mut new_garbage);
-    Ok(())
+    Ok(events
+        .into_iter()
+        .map(|evs| evs.into_iter().map(|(ns, _, item)| (ns, item)).collect())
+        .collect())
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Submission>, mut garbage: BTreeSet<i64>) {
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Submission>,
+    mut garbage: BTreeSet<i64>,
+    mut numbering: Numbering,
+) {
     let mut batch = Vec::with_capacity(64);
     // Fail-stop: after one failed commit every later write fails too, so the registry,
     // which drops every staged (uncommitted) change then, matches the disk exactly.
@@ -431,13 +667,15 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Submission>, mut garbage
                 Err(_) => break,
             }
         }
-        let has_ops = batch.iter().any(|s| !s.ops.is_empty());
-        let result = if !has_ops {
-            Ok(())
+        let has_work = batch
+            .iter()
+            .any(|s| !s.ops.is_empty() || !s.events.is_empty());
+        let result = if !has_work {
+            Ok(batch.iter().map(|_| Vec::new()).collect())
         } else if broken {
             Err(StoreError::Closed)
         } else {
-            commit(&mut conn, &batch, &mut garbage)
+            commit(&mut conn, &mut batch, &mut garbage, &mut numbering)
         };
         if let Err(e) = &result
             && !broken
@@ -449,8 +687,17 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Submission>, mut garbage
                 "store commit failed; writes are refused until a restart"
             );
         }
-        for sub in batch.drain(..) {
-            (sub.done)(result.as_ref().map(|_| ()));
+        match result {
+            Ok(framed) => {
+                for (sub, events) in batch.drain(..).zip(framed) {
+                    (sub.done)(Ok(events));
+                }
+            }
+            Err(e) => {
+                for sub in batch.drain(..) {
+                    (sub.done)(Err(&e));
+                }
+            }
         }
     }
     tracing::debug!("store writer stopped");
@@ -550,8 +797,9 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         w.submit(Submission {
             ops,
+            events: vec![],
             done: Box::new(move |r| {
-                let _ = tx.send(r.map_err(|e| e.to_string()));
+                let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
             }),
         })
         .unwrap();
@@ -735,6 +983,7 @@ mod tests {
             let order = order.clone();
             w.submit(Submission {
                 ops: vec![put(i + 1, "a", &format!("m{i}"), None)],
+                events: vec![],
                 done: Box::new(move |r| {
                     assert!(r.is_ok());
                     order.lock().unwrap().push(i);

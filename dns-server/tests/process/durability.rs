@@ -177,7 +177,7 @@ async fn register_and_list(http: &Http, ns: &str, id: &str) -> (u64, u64) {
 }
 
 #[tokio::test]
-async fn clean_restart_continues_the_event_epoch_and_a_crash_does_not() {
+async fn event_streams_resume_across_a_clean_restart_and_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]);
     let http = Http::new(server.url());
@@ -204,7 +204,7 @@ async fn clean_restart_continues_the_event_epoch_and_a_crash_does_not() {
         frame.contains("event: registered") && frame.contains("\"id\":\"c\""),
         "expected the new registration first, got {frame:?}"
     );
-    assert!(rev2 > rev, "numbering continues after the saved position");
+    assert!(rev2 > rev, "numbering continues after the kept position");
     // An agent that missed the last event of the previous process gets it replayed.
     let (_, mut behind) = events(&server, "fleet", rev - 1).await;
     let frame = next_frame(&mut behind, &mut String::new()).await;
@@ -214,11 +214,24 @@ async fn clean_restart_continues_the_event_epoch_and_a_crash_does_not() {
     );
     drop((body, behind));
 
-    // A crash leaves nothing to continue: a new epoch, and resuming asks to resync.
+    // A crash right after a change: that change was committed with its event, so an agent
+    // at `rev2` resumes (same epoch, no resync) and one that missed `d` gets it.
+    let (_, rev3) = register_and_list(&http, "fleet", "d").await;
     server.kill9();
     let server = Server::start(dir.path(), &[]);
-    let (e3, mut body) = events(&server, "fleet", rev2).await;
-    assert_ne!(e3, epoch, "after a crash, a new epoch");
+    let (e3, mut body) = events(&server, "fleet", rev3).await;
+    assert_eq!(e3, epoch, "a crash keeps the event epoch too");
+    let (_, mut behind) = events(&server, "fleet", rev2).await;
+    let frame = next_frame(&mut behind, &mut String::new()).await;
+    assert!(
+        frame.starts_with(&format!("id: {rev3}\n")) && frame.contains("\"id\":\"d\""),
+        "{frame:?}"
+    );
+    let http = Http::new(server.url());
+    register_and_list(&http, "fleet", "e").await;
     let frame = next_frame(&mut body, &mut String::new()).await;
-    assert!(frame.contains("event: resync"), "{frame:?}");
+    assert!(
+        frame.contains("event: registered") && frame.contains("\"id\":\"e\""),
+        "expected the next registration, not a resync: {frame:?}"
+    );
 }
