@@ -4,7 +4,7 @@
 //! With 16 clients registering at once, each commit carries about 16 registrations, so one
 //! fsync serves all of them: durability without a throughput cap of one fsync per request.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -18,8 +18,12 @@ use crate::registry::events::{Published, RING, Sequenced};
 /// Most submissions folded into one transaction.
 const MAX_BATCH: usize = 4096;
 
-/// Events kept beyond [`RING`] before the oldest are deleted (in one statement).
+/// Events kept beyond [`RING`] before the oldest are deleted, while no write waits (the
+/// deletion then costs a write burst nothing)...
 const TRIM_SLACK: usize = 1024;
+/// ... or within a commit once this many are kept beyond it (a sustained burst: about
+/// 20 MB of events at most).
+const TRIM_HARD: usize = 2 * RING;
 /// Numbering segments kept (one per process start).
 const MAX_SEGMENTS: usize = 64;
 
@@ -78,8 +82,10 @@ CREATE TABLE IF NOT EXISTS membranes (
     secret_hash BLOB,
     registered_at_ms INTEGER NOT NULL
 ) STRICT;
--- The event history (see `EventLog`): the newest events, each namespace's last event,
--- every process's numbering segment, and the membranes last announced stale.
+-- The event history (see `EventLog`): the newest events; each namespace's last event
+-- among those deleted (written when the oldest are deleted); every process's numbering
+-- segment (its last number written at the next start, from `events`); and the membranes
+-- last announced stale.
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY,
     namespace TEXT NOT NULL,
@@ -118,11 +124,11 @@ pub fn open(path: &Path) -> Result<(Loaded, Writer, WriterThread), StoreError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0);
-    let (events, rows) = load_events(&mut conn, now_us).map_err(|e| unusable(path, e))?;
+    let (events, kept) = load_events(&mut conn, now_us).map_err(|e| unusable(path, e))?;
     let numbering = Numbering {
-        start: events.start,
         last: events.start,
-        rows,
+        kept,
+        stale: events.stale.iter().cloned().collect(),
     };
     loaded.events = events;
     let (tx, rx) = mpsc::channel::<Submission>();
@@ -345,8 +351,12 @@ fn to_u64(table: &'static str, v: i64) -> Result<u64, StoreError> {
 
 /// Reads the event history and opens this process's numbering segment (after every
 /// number used before, and the wall clock `now_us`); drops what belongs to namespaces
-/// that no longer exist. Returns the history and the number of events the table holds.
-fn load_events(conn: &mut Connection, now_us: u64) -> Result<(EventLog, usize), StoreError> {
+/// that no longer exist. Returns the history and the numbers of every event the table
+/// holds, oldest first.
+fn load_events(
+    conn: &mut Connection,
+    now_us: u64,
+) -> Result<(EventLog, VecDeque<u64>), StoreError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute(
         "INSERT OR IGNORE INTO meta (key, value) VALUES ('event_epoch', ?1)",
@@ -367,6 +377,26 @@ fn load_events(conn: &mut Connection, now_us: u64) -> Result<(EventLog, usize), 
         while let Some(r) = rows.next()? {
             let (s, l) = (to_u64("event_segments", r.get(0)?)?, r.get(1)?);
             segments.push((s, to_u64("event_segments", l)?.max(s)));
+        }
+    }
+    // A segment's last number is not written while its process runs (one write less per
+    // commit): its newest events are still kept now, so it is found here.
+    for i in 0..segments.len() {
+        let end = segments.get(i + 1).map_or(i64::MAX, |&(s, _)| s as i64);
+        let (start, last) = segments[i];
+        let found: Option<i64> = tx.query_row(
+            "SELECT max(seq) FROM events WHERE seq > ?1 AND seq < ?2",
+            params![start as i64, end],
+            |r| r.get(0),
+        )?;
+        if let Some(found) = found.map(|v| to_u64("events", v)).transpose()?
+            && found > last
+        {
+            tx.execute(
+                "UPDATE event_segments SET last = ?2 WHERE start = ?1",
+                params![start as i64, found as i64],
+            )?;
+            segments[i].1 = found;
         }
     }
     let max_event: Option<i64> = tx.query_row("SELECT max(seq) FROM events", [], |r| r.get(0))?;
@@ -395,14 +425,21 @@ fn load_events(conn: &mut Connection, now_us: u64) -> Result<(EventLog, usize), 
         "DELETE FROM event_namespaces WHERE namespace NOT IN (SELECT name FROM namespaces);
          DELETE FROM event_stale WHERE namespace NOT IN (SELECT name FROM namespaces);",
     )?;
-    let mut namespace_last = Vec::new();
-    {
-        let mut stmt = tx.prepare("SELECT namespace, last FROM event_namespaces")?;
+    // Each namespace's last event: among the kept events, else among the deleted ones.
+    let mut namespace_last: HashMap<String, u64> = HashMap::new();
+    for sql in [
+        "SELECT namespace, last FROM event_namespaces",
+        "SELECT namespace, max(seq) FROM events GROUP BY namespace",
+    ] {
+        let mut stmt = tx.prepare(sql)?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            namespace_last.push((r.get(0)?, to_u64("event_namespaces", r.get(1)?)?));
+            let seq = to_u64("event_namespaces", r.get(1)?)?;
+            let last = namespace_last.entry(r.get(0)?).or_default();
+            *last = (*last).max(seq);
         }
     }
+    let namespace_last = namespace_last.into_iter().collect();
     let mut recent = Vec::new();
     {
         let mut stmt = tx
@@ -426,7 +463,14 @@ fn load_events(conn: &mut Connection, now_us: u64) -> Result<(EventLog, usize), 
             stale.push((r.get(0)?, r.get(1)?));
         }
     }
-    let rows: i64 = tx.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+    let mut kept = VecDeque::new();
+    {
+        let mut stmt = tx.prepare("SELECT seq FROM events ORDER BY seq")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            kept.push_back(to_u64("events", r.get(0)?)?);
+        }
+    }
     tx.commit()?;
     Ok((
         EventLog {
@@ -437,20 +481,28 @@ fn load_events(conn: &mut Connection, now_us: u64) -> Result<(EventLog, usize), 
             recent,
             stale,
         },
-        rows as usize,
+        kept,
     ))
 }
 
-/// The writer's event numbering: this process's segment, and the events the table holds.
+/// The writer's event numbering and what the event tables hold.
 struct Numbering {
-    start: u64,
+    /// The last number (this process's segment starts after it).
     last: u64,
-    rows: usize,
+    /// The numbers of the events in `events`, oldest first.
+    kept: VecDeque<u64>,
+    /// The rows of `event_stale` (namespace, id).
+    stale: HashSet<(String, String)>,
 }
 
-/// Keeps `event_stale` (the membranes last announced stale) up to date with `ev`.
-fn note_health(tx: &rusqlite::Transaction<'_>, ev: &Event) -> Result<(), rusqlite::Error> {
-    let (ns, id, stale) = match ev {
+/// Keeps `event_stale` (the membranes last announced stale, mirrored in `stale`) up to
+/// date with `ev`.
+fn note_health(
+    tx: &rusqlite::Transaction<'_>,
+    ev: &Event,
+    stale: &mut HashSet<(String, String)>,
+) -> Result<(), rusqlite::Error> {
+    let (ns, id, is_stale) = match ev {
         Event::StateChanged {
             namespace,
             id,
@@ -464,13 +516,20 @@ fn note_health(tx: &rusqlite::Transaction<'_>, ev: &Event) -> Result<(), rusqlit
         ),
         Event::Resync { .. } => return Ok(()),
     };
-    let sql = if stale {
-        "INSERT OR IGNORE INTO event_stale (namespace, id) VALUES (?1, ?2)"
-    } else {
-        "DELETE FROM event_stale WHERE namespace = ?1 AND id = ?2"
+    let key = (ns.as_str().to_string(), id.as_str().to_string());
+    // Only a change of the set touches the table (most events are not about health).
+    let sql = match (is_stale, stale.contains(&key)) {
+        (true, false) => "INSERT OR IGNORE INTO event_stale (namespace, id) VALUES (?1, ?2)",
+        (false, true) => "DELETE FROM event_stale WHERE namespace = ?1 AND id = ?2",
+        _ => return Ok(()),
     };
     tx.prepare_cached(sql)?
         .execute([ns.as_str(), id.as_str()])?;
+    if is_stale {
+        stale.insert(key);
+    } else {
+        stale.remove(&key);
+    }
     Ok(())
 }
 
@@ -559,6 +618,25 @@ fn collect_garbage(conn: &mut Connection, garbage: &mut BTreeSet<i64>) -> Result
     Ok(())
 }
 
+/// Deletes the oldest events but the newest [`RING`], keeping each namespace's last event
+/// among them in `event_namespaces`; returns how many to drop from `kept` once committed.
+fn trim_events(tx: &rusqlite::Transaction<'_>, kept: &VecDeque<u64>) -> Result<usize, StoreError> {
+    let extra = kept.len().saturating_sub(RING);
+    let Some(&cut) = kept.get(extra) else {
+        return Ok(0);
+    };
+    let cut = cut as i64;
+    tx.prepare_cached(
+        "INSERT INTO event_namespaces (namespace, last)
+         SELECT namespace, max(seq) FROM events WHERE seq < ?1 GROUP BY namespace
+         ON CONFLICT (namespace) DO UPDATE SET last = max(last, excluded.last)",
+    )?
+    .execute([cut])?;
+    tx.prepare_cached("DELETE FROM events WHERE seq < ?1")?
+        .execute([cut])?;
+    Ok(extra)
+}
+
 /// One submission's events, numbered and framed.
 type Framed = Vec<(NamespaceName, Sequenced)>;
 
@@ -591,40 +669,22 @@ fn commit(
             apply(&tx, op, &mut new_garbage)?;
         }
     }
-    let mut added = 0;
-    let mut namespace_last: HashMap<&NamespaceName, u64> = HashMap::new();
     for (ns, ev, (seq, p)) in events.iter().flatten() {
         tx.prepare_cached(
             "INSERT INTO events (seq, namespace, kind, frame) VALUES (?1, ?2, ?3, ?4)",
         )?
         .execute(params![*seq as i64, ns.as_str(), p.kind(), p.bytes()])?;
-        note_health(&tx, ev)?;
-        namespace_last.insert(ns, *seq);
-        added += 1;
+        note_health(&tx, ev, &mut numbering.stale)?;
+        numbering.kept.push_back(*seq);
     }
-    for (ns, seq) in namespace_last {
-        tx.prepare_cached(
-            "INSERT INTO event_namespaces (namespace, last) VALUES (?1, ?2)
-             ON CONFLICT (namespace) DO UPDATE SET last = excluded.last",
-        )?
-        .execute(params![ns.as_str(), seq as i64])?;
-    }
-    let mut rows = numbering.rows + added;
-    if added > 0 {
-        tx.prepare_cached("UPDATE event_segments SET last = ?2 WHERE start = ?1")?
-            .execute(params![numbering.start as i64, last as i64])?;
-        if rows > RING + TRIM_SLACK {
-            tx.prepare_cached(
-                "DELETE FROM events WHERE seq <
-                 (SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?1)",
-            )?
-            .execute([RING as i64 - 1])?;
-            rows = RING;
-        }
+    // Trimmed while idle (see `writer_loop`); here only past the hard bound.
+    let mut trimmed = 0;
+    if numbering.kept.len() > RING + TRIM_HARD {
+        trimmed = trim_events(&tx, &numbering.kept)?;
     }
     tx.commit()?;
+    numbering.kept.drain(..trimmed);
     numbering.last = last;
-    numbering.rows = rows;
     garbage.append(&mut new_garbage);
     Ok(events
         .into_iter()
@@ -642,10 +702,32 @@ fn writer_loop(
     // Fail-stop: after one failed commit every later write fails too, so the registry,
     // which drops every staged (uncommitted) change then, matches the disk exactly.
     let mut broken = false;
+    let mut idle_trim = true;
     loop {
         // Collect garbage only while no write is waiting.
         let first = match rx.try_recv() {
             Ok(sub) => sub,
+            Err(mpsc::TryRecvError::Empty)
+                if idle_trim && !broken && numbering.kept.len() > RING + TRIM_SLACK =>
+            {
+                let trimmed = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(StoreError::from)
+                    .and_then(|tx| {
+                        let n = trim_events(&tx, &numbering.kept)?;
+                        tx.commit()?;
+                        Ok(n)
+                    });
+                match trimmed {
+                    Ok(n) => drop(numbering.kept.drain(..n)),
+                    // Only costs space: left to the hard bound within commits.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "deleting old events failed");
+                        idle_trim = false;
+                    }
+                }
+                continue;
+            }
             Err(mpsc::TryRecvError::Empty) if !garbage.is_empty() => {
                 if let Err(e) = collect_garbage(&mut conn, &mut garbage) {
                     // Harmless to keep: superseded rows only cost space until next start.
@@ -971,6 +1053,82 @@ mod tests {
         let err = submit_wait(&w, vec![put(2, "a", "y", None)]).unwrap_err();
         assert!(err.contains("stopped"), "{err}");
         submit_wait(&w, vec![]).unwrap();
+    }
+
+    /// Submits `events` (of `ns`) without ops; returns their numbers.
+    fn submit_events(w: &Writer, ns: &str, n: usize) -> Vec<u64> {
+        let ns = NamespaceName::new(ns).unwrap();
+        let events = (0..n)
+            .map(|i| {
+                let ev = Event::Deregistered {
+                    namespace: ns.clone(),
+                    id: MembraneId::new(&format!("m{i}")).unwrap(),
+                    reason: "deregistered".into(),
+                };
+                (ns.clone(), ev)
+            })
+            .collect();
+        let (tx, rx) = mpsc::channel();
+        w.submit(Submission {
+            ops: vec![],
+            events,
+            done: Box::new(move |r| {
+                let seqs = r.unwrap().iter().map(|(_, (s, _))| *s).collect();
+                let _ = tx.send(seqs);
+            }),
+        })
+        .unwrap();
+        rx.recv().unwrap()
+    }
+
+    #[test]
+    fn the_event_history_is_bounded_and_keeps_each_namespace_last_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let (loaded, w, t) = open(&path).unwrap();
+        let first = loaded.events.start;
+        submit_wait(
+            &w,
+            vec![Op::PutNamespace(ns("a")), Op::PutNamespace(ns("b"))],
+        )
+        .unwrap();
+        let quiet = submit_events(&w, "b", 1)[0];
+        assert_eq!(quiet, first + 1, "numbered after the segment's start");
+        let mut last = 0;
+        // One burst past the bound a commit trims at, then the rest in smaller ones.
+        for n in [RING + TRIM_HARD + 100, 1000, 1000] {
+            let seqs = submit_events(&w, "a", n);
+            assert!(seqs.windows(2).all(|p| p[1] == p[0] + 1));
+            last = *seqs.last().unwrap();
+        }
+        // Trimmed once the writer is idle.
+        let count = || -> i64 {
+            Connection::open(&path)
+                .unwrap()
+                .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+                .unwrap()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while count() as usize > RING + TRIM_SLACK {
+            assert!(std::time::Instant::now() < deadline, "{}", count());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        drop(w);
+        t.join();
+
+        let (loaded, w, t) = open(&path).unwrap();
+        let log = &loaded.events;
+        assert_eq!(log.recent.len(), RING);
+        assert_eq!(log.recent.last().unwrap().seq, last);
+        assert!(log.recent.iter().all(|e| e.namespace == "a"));
+        let by_ns: HashMap<_, _> = log.namespace_last.iter().cloned().collect();
+        assert_eq!(by_ns["b"], quiet, "b's only event is no longer kept");
+        assert_eq!(by_ns["a"], last);
+        // The previous process's segment ends at its last event; this one starts after.
+        assert_eq!(log.segments, [(first, last)]);
+        assert!(log.start > last);
+        drop(w);
+        t.join();
     }
 
     #[test]
