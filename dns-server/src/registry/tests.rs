@@ -444,6 +444,52 @@ async fn writes_answered_503_are_taken_back_from_memory_and_dns() {
     check(&r);
 }
 
+#[tokio::test(start_paused = true)]
+async fn health_events_go_on_after_a_store_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (r, _t) = open(&path);
+    let (n, oc) = (ns("a"), open_caller());
+    let boom = r
+        .register(&oc, &n, &id("boom"), reg(Some(30)))
+        .await
+        .unwrap();
+    r.register(&oc, &n, &id("quiet"), reg(Some(30)))
+        .await
+        .unwrap();
+    inject_store_failure(&path);
+    let with_secret = Caller {
+        secret: Some(boom.instance_secret),
+        ..open_caller()
+    };
+    assert!(
+        r.register(&with_secret, &n, &id("boom"), reg(Some(30)))
+            .await
+            .is_err()
+    );
+    assert!(r.store_failed());
+    let at = r.events().revision();
+    // Both fall silent: subscribers (and DNS) still learn they are stale, and that one
+    // is back.
+    tokio::time::advance(Duration::from_secs(35)).await;
+    r.sweep();
+    r.heartbeat(&oc, &n, &id("quiet")).await.unwrap();
+    r.flush().await;
+    let frames: Vec<String> = r
+        .events()
+        .subscribe(&n, Some(at))
+        .replay
+        .iter()
+        .map(|(_, p)| String::from_utf8(p.frame().to_vec()).unwrap())
+        .collect();
+    assert_eq!(frames.len(), 3, "{frames:?}");
+    assert!(frames[..2].iter().all(|f| f.contains(r#""state":"stale""#)));
+    assert!(frames[2].contains(r#""id":"quiet""#) && frames[2].contains(r#""state":"passing""#));
+    let snap = r.snapshot(&n).unwrap();
+    let ids: Vec<_> = snap.instances.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["quiet"], "DNS serves the passing one only");
+}
+
 #[tokio::test]
 async fn open_mode_same_instance_is_the_one_holding_the_secret() {
     let dir = tempfile::tempdir().unwrap();

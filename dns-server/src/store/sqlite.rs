@@ -495,12 +495,13 @@ struct Numbering {
     stale: HashSet<(String, String)>,
 }
 
-/// Keeps `event_stale` (the membranes last announced stale, mirrored in `stale`) up to
-/// date with `ev`.
+/// Keeps `event_stale` (the membranes last announced stale, mirrored in `stale` as of the
+/// last commit, and in `changed` for this transaction) up to date with `ev`.
 fn note_health(
     tx: &rusqlite::Transaction<'_>,
     ev: &Event,
-    stale: &mut HashSet<(String, String)>,
+    stale: &HashSet<(String, String)>,
+    changed: &mut HashMap<(String, String), bool>,
 ) -> Result<(), rusqlite::Error> {
     let (ns, id, is_stale) = match ev {
         Event::StateChanged {
@@ -517,19 +518,19 @@ fn note_health(
         Event::Resync { .. } => return Ok(()),
     };
     let key = (ns.as_str().to_string(), id.as_str().to_string());
+    let was = changed
+        .get(&key)
+        .copied()
+        .unwrap_or_else(|| stale.contains(&key));
     // Only a change of the set touches the table (most events are not about health).
-    let sql = match (is_stale, stale.contains(&key)) {
+    let sql = match (is_stale, was) {
         (true, false) => "INSERT OR IGNORE INTO event_stale (namespace, id) VALUES (?1, ?2)",
         (false, true) => "DELETE FROM event_stale WHERE namespace = ?1 AND id = ?2",
         _ => return Ok(()),
     };
     tx.prepare_cached(sql)?
         .execute([ns.as_str(), id.as_str()])?;
-    if is_stale {
-        stale.insert(key);
-    } else {
-        stale.remove(&key);
-    }
+    changed.insert(key, is_stale);
     Ok(())
 }
 
@@ -640,56 +641,73 @@ fn trim_events(tx: &rusqlite::Transaction<'_>, kept: &VecDeque<u64>) -> Result<u
 /// One submission's events, numbered and framed.
 type Framed = Vec<(NamespaceName, Sequenced)>;
 
+/// Numbers `events` after `last` (moving it) and frames them, once for every subscriber
+/// and for the table, off the registry's locks.
+fn frame_events(last: &mut u64, events: &[(NamespaceName, Event)]) -> Framed {
+    events
+        .iter()
+        .map(|(ns, ev)| {
+            *last += 1;
+            let p = Published::new(*last, ev);
+            (ns.clone(), (*last, std::sync::Arc::new(p)))
+        })
+        .collect()
+}
+
 /// Commits the batch's ops and events in one transaction; returns each submission's
-/// events as numbered (in submission order, after every number used before).
+/// events as numbered (in submission order, after every number used before). Nothing of
+/// `numbering` changes unless the commit succeeds.
 fn commit(
     conn: &mut Connection,
-    batch: &mut [Submission],
+    batch: &[Submission],
     garbage: &mut BTreeSet<i64>,
     numbering: &mut Numbering,
 ) -> Result<Vec<Framed>, StoreError> {
-    // Framed here, once for every subscriber and for the table, off the registry's locks.
     let mut last = numbering.last;
-    let mut events: Vec<Vec<(NamespaceName, Event, Sequenced)>> = Vec::with_capacity(batch.len());
-    for sub in batch.iter_mut() {
-        let framed = std::mem::take(&mut sub.events)
-            .into_iter()
-            .map(|(ns, ev)| {
-                last += 1;
-                let p = Published::new(last, &ev);
-                (ns, ev, (last, std::sync::Arc::new(p)))
-            })
-            .collect();
-        events.push(framed);
-    }
+    let framed: Vec<Framed> = batch
+        .iter()
+        .map(|sub| frame_events(&mut last, &sub.events))
+        .collect();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut new_garbage = BTreeSet::new();
-    for sub in batch.iter() {
+    for sub in batch {
         for op in &sub.ops {
             apply(&tx, op, &mut new_garbage)?;
         }
     }
-    for (ns, ev, (seq, p)) in events.iter().flatten() {
-        tx.prepare_cached(
-            "INSERT INTO events (seq, namespace, kind, frame) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![*seq as i64, ns.as_str(), p.kind(), p.bytes()])?;
-        note_health(&tx, ev, &mut numbering.stale)?;
-        numbering.kept.push_back(*seq);
+    let mut health = HashMap::new();
+    for (sub, framed) in batch.iter().zip(&framed) {
+        for ((_, ev), (ns, (seq, p))) in sub.events.iter().zip(framed) {
+            tx.prepare_cached(
+                "INSERT INTO events (seq, namespace, kind, frame) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![*seq as i64, ns.as_str(), p.kind(), p.bytes()])?;
+            note_health(&tx, ev, &numbering.stale, &mut health)?;
+        }
     }
+    let added = framed.iter().map(Vec::len).sum::<usize>();
     // Trimmed while idle (see `writer_loop`); here only past the hard bound.
     let mut trimmed = 0;
-    if numbering.kept.len() > RING + TRIM_HARD {
-        trimmed = trim_events(&tx, &numbering.kept)?;
+    if numbering.kept.len() + added > RING + TRIM_HARD {
+        let mut kept = numbering.kept.clone();
+        kept.extend(framed.iter().flatten().map(|(_, (seq, _))| *seq));
+        trimmed = trim_events(&tx, &kept)?;
     }
     tx.commit()?;
+    numbering
+        .kept
+        .extend(framed.iter().flatten().map(|(_, (seq, _))| *seq));
     numbering.kept.drain(..trimmed);
+    for (key, stale) in health {
+        if stale {
+            numbering.stale.insert(key);
+        } else {
+            numbering.stale.remove(&key);
+        }
+    }
     numbering.last = last;
     garbage.append(&mut new_garbage);
-    Ok(events
-        .into_iter()
-        .map(|evs| evs.into_iter().map(|(ns, _, item)| (ns, item)).collect())
-        .collect())
+    Ok(framed)
 }
 
 fn writer_loop(
@@ -757,7 +775,7 @@ fn writer_loop(
         } else if broken {
             Err(StoreError::Closed)
         } else {
-            commit(&mut conn, &mut batch, &mut garbage, &mut numbering)
+            commit(&mut conn, &batch, &mut garbage, &mut numbering)
         };
         if let Err(e) = &result
             && !broken
@@ -777,7 +795,16 @@ fn writer_loop(
             }
             Err(e) => {
                 for sub in batch.drain(..) {
-                    (sub.done)(Err(&e));
+                    if sub.ops.is_empty() {
+                        // Health changes (events only) go on in memory once the store
+                        // has failed, as they must for DNS: numbered, not kept. No
+                        // segment holds these numbers, so after a restart their holders
+                        // resync instead of resuming.
+                        let framed = frame_events(&mut numbering.last, &sub.events);
+                        (sub.done)(Ok(framed));
+                    } else {
+                        (sub.done)(Err(&e));
+                    }
                 }
             }
         }
@@ -1053,12 +1080,16 @@ mod tests {
         let err = submit_wait(&w, vec![put(2, "a", "y", None)]).unwrap_err();
         assert!(err.contains("stopped"), "{err}");
         submit_wait(&w, vec![]).unwrap();
+        // Events without ops (health changes) are still numbered, in order.
+        let first = submit_events(&w, "a", 2);
+        let next = submit_events(&w, "a", 1);
+        assert_eq!((first[1], next[0]), (first[0] + 1, first[0] + 2));
     }
 
-    /// Submits `events` (of `ns`) without ops; returns their numbers.
-    fn submit_events(w: &Writer, ns: &str, n: usize) -> Vec<u64> {
+    /// `n` events of `ns`.
+    fn events_of(ns: &str, n: usize) -> Vec<(NamespaceName, Event)> {
         let ns = NamespaceName::new(ns).unwrap();
-        let events = (0..n)
+        (0..n)
             .map(|i| {
                 let ev = Event::Deregistered {
                     namespace: ns.clone(),
@@ -1067,11 +1098,15 @@ mod tests {
                 };
                 (ns.clone(), ev)
             })
-            .collect();
+            .collect()
+    }
+
+    /// Submits `n` events of `ns` without ops; returns their numbers.
+    fn submit_events(w: &Writer, ns: &str, n: usize) -> Vec<u64> {
         let (tx, rx) = mpsc::channel();
         w.submit(Submission {
             ops: vec![],
-            events,
+            events: events_of(ns, n),
             done: Box::new(move |r| {
                 let seqs = r.unwrap().iter().map(|(_, (s, _))| *s).collect();
                 let _ = tx.send(seqs);
@@ -1094,20 +1129,34 @@ mod tests {
         .unwrap();
         let quiet = submit_events(&w, "b", 1)[0];
         assert_eq!(quiet, first + 1, "numbered after the segment's start");
-        let mut last = 0;
-        // One burst past the bound a commit trims at, then the rest in smaller ones.
-        for n in [RING + TRIM_HARD + 100, 1000, 1000] {
-            let seqs = submit_events(&w, "a", n);
-            assert!(seqs.windows(2).all(|p| p[1] == p[0] + 1));
-            last = *seqs.last().unwrap();
-        }
-        // Trimmed once the writer is idle.
-        let count = || -> i64 {
-            Connection::open(&path)
+        let count = |path: &Path| -> i64 {
+            Connection::open(path)
                 .unwrap()
                 .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
                 .unwrap()
         };
+        // One burst past the hard bound: trimmed within its own commit (`done` runs right
+        // after it, on the writer thread, before any trimming while idle).
+        let (tx, rx) = mpsc::channel();
+        let p = path.clone();
+        w.submit(Submission {
+            ops: vec![],
+            events: events_of("a", RING + TRIM_HARD + 100),
+            done: Box::new(move |r| {
+                assert!(r.is_ok());
+                let _ = tx.send(count(&p));
+            }),
+        })
+        .unwrap();
+        assert_eq!(rx.recv().unwrap() as usize, RING);
+        // Then smaller ones: trimmed once the writer is idle.
+        let mut last = 0;
+        for _ in 0..2 {
+            let seqs = submit_events(&w, "a", 1000);
+            assert!(seqs.windows(2).all(|p| p[1] == p[0] + 1));
+            last = *seqs.last().unwrap();
+        }
+        let count = || count(&path);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while count() as usize > RING + TRIM_SLACK {
             assert!(std::time::Instant::now() < deadline, "{}", count());
