@@ -237,15 +237,16 @@ impl EventHub {
     pub fn from_log(log: &EventLog) -> Self {
         let mut ring = VecDeque::new();
         let mut prev = 0;
+        // Events that cannot be replayed (an unknown kind: written by a newer version):
+        // their namespace's subscribers behind them resync.
+        let mut unreadable: HashMap<NamespaceName, u64> = HashMap::new();
         for e in log
             .recent
             .iter()
             .skip(log.recent.len().saturating_sub(RING))
         {
-            let (Ok(ns), Some(p)) = (
-                NamespaceName::new(&e.namespace),
-                Published::stored(&e.kind, e.frame.clone()),
-            ) else {
+            // A namespace name that no longer validates cannot be subscribed to anyway.
+            let Ok(ns) = NamespaceName::new(&e.namespace) else {
                 continue;
             };
             // In order, and before this process's numbers.
@@ -253,16 +254,25 @@ impl EventHub {
                 continue;
             }
             prev = e.seq;
-            ring.push_back((ns, (e.seq, Arc::new(p))));
+            match Published::stored(&e.kind, e.frame.clone()) {
+                Some(p) => ring.push_back((ns, (e.seq, Arc::new(p)))),
+                None => {
+                    unreadable.insert(ns, e.seq);
+                }
+            }
         }
         // Events up to `before` are not in the ring: a namespace's last one among them is
         // at most `before` (exact when none of its events is in the ring).
         let before = ring.front().map_or(log.start, |(_, (seq, _))| seq - 1);
-        let dropped_upto = log
+        let mut dropped_upto: HashMap<NamespaceName, u64> = log
             .namespace_last
             .iter()
             .filter_map(|(ns, seq)| Some((NamespaceName::new(ns).ok()?, (*seq).min(before))))
             .collect();
+        for (ns, seq) in unreadable {
+            let d = dropped_upto.entry(ns).or_default();
+            *d = (*d).max(seq);
+        }
         EventHub {
             inner: Arc::new(Mutex::new(Inner {
                 last_seq: log.start,
@@ -548,6 +558,15 @@ mod tests {
         assert!(next.subscribe(&a, Some(last + 1)).resync);
         assert!(next.subscribe(&a, Some(4_999)).resync);
         assert!(next.subscribe(&a, Some(5_001)).resync);
+        // An event that cannot be replayed (an unknown kind) is a gap: its namespace's
+        // subscribers behind it resync, the others are not concerned.
+        let mut odd = log_of(&hub, 5_000);
+        let i = odd.recent.len() - 2;
+        odd.recent[i].kind = "from_a_newer_version".into();
+        let odd = EventHub::from_log(&odd);
+        assert!(odd.subscribe(&a, Some(a_seqs[7])).resync);
+        assert!(!odd.subscribe(&a, Some(a_seqs[8])).resync);
+        assert!(!odd.subscribe(&b, Some(first_b)).resync);
         // The writer's numbers go on after the start.
         let p = Arc::new(Published::new(5_001, &ev(&a, "new")));
         next.publish_sequenced(&a, (5_001, p));

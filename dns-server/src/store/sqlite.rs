@@ -421,9 +421,17 @@ fn load_events(
         "INSERT INTO event_segments (start, last) VALUES (?1, ?1)",
         [start as i64],
     )?;
-    tx.execute_batch(
-        "DELETE FROM event_namespaces WHERE namespace NOT IN (SELECT name FROM namespaces);
-         DELETE FROM event_stale WHERE namespace NOT IN (SELECT name FROM namespaces);",
+    // A namespace's last event is kept after the namespace is deleted (recreated, its
+    // old subscribers must not resume past its deletion) until no kept segment can hold a
+    // position before it.
+    let oldest = segments.first().map_or(start, |&(s, _)| s);
+    tx.execute(
+        "DELETE FROM event_namespaces WHERE last < ?1",
+        [oldest as i64],
+    )?;
+    tx.execute(
+        "DELETE FROM event_stale WHERE namespace NOT IN (SELECT name FROM namespaces)",
+        [],
     )?;
     // Each namespace's last event: among the kept events, else among the deleted ones.
     let mut namespace_last: HashMap<String, u64> = HashMap::new();
@@ -1122,13 +1130,22 @@ mod tests {
         let path = dir.path().join("r.db");
         let (loaded, w, t) = open(&path).unwrap();
         let first = loaded.events.start;
+        let gone = NamespaceName::new("gone").unwrap();
         submit_wait(
             &w,
-            vec![Op::PutNamespace(ns("a")), Op::PutNamespace(ns("b"))],
+            vec![
+                Op::PutNamespace(ns("a")),
+                Op::PutNamespace(ns("b")),
+                Op::PutNamespace(ns("gone")),
+            ],
         )
         .unwrap();
         let quiet = submit_events(&w, "b", 1)[0];
         assert_eq!(quiet, first + 1, "numbered after the segment's start");
+        // `gone` is deleted after its last event: that event is still what its old
+        // subscribers must be behind of, should it be created again.
+        let deleted = submit_events(&w, "gone", 1)[0];
+        submit_wait(&w, vec![Op::DeleteNamespace(gone)]).unwrap();
         let count = |path: &Path| -> i64 {
             Connection::open(path)
                 .unwrap()
@@ -1172,6 +1189,7 @@ mod tests {
         assert!(log.recent.iter().all(|e| e.namespace == "a"));
         let by_ns: HashMap<_, _> = log.namespace_last.iter().cloned().collect();
         assert_eq!(by_ns["b"], quiet, "b's only event is no longer kept");
+        assert_eq!(by_ns["gone"], deleted);
         assert_eq!(by_ns["a"], last);
         // The previous process's segment ends at its last event; this one starts after.
         assert_eq!(log.segments, [(first, last)]);
