@@ -515,6 +515,7 @@ mod tests {
             namespace_last: namespace_last.into_iter().collect(),
             recent,
             stale: vec![],
+            adopted: vec![],
         }
     }
 

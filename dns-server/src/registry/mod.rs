@@ -630,24 +630,32 @@ impl Registry {
                 );
             }
         }
-        // Health is soft state: membranes last announced stale start passing again, and
-        // subscribers resuming their streams are told so (the first events of this start).
-        let revived: Vec<(NamespaceName, Event)> = loaded
-            .events
-            .stale
-            .iter()
-            .filter_map(|(ns, id)| {
-                let (ns, id) = (NamespaceName::new(ns).ok()?, MembraneId::new(id).ok()?);
-                namespaces.get(&ns)?.membranes.contains_key(&id).then(|| {
-                    let event = Event::StateChanged {
-                        namespace: ns.clone(),
-                        id,
-                        state: HealthState::Passing,
-                    };
-                    (ns, event)
-                })
+        // Registrations served again with no event (see `EventLog::adopted`): their
+        // namespace's subscribers list.
+        let adopted = loaded.events.adopted.iter().filter_map(|ns| {
+            let ns = NamespaceName::new(ns).ok()?;
+            namespaces.contains_key(&ns).then(|| {
+                let event = Event::Resync {
+                    namespace: ns.clone(),
+                };
+                (ns, event)
             })
-            .collect();
+        });
+        // Health is soft state: membranes last announced stale start passing again, and
+        // subscribers resuming their streams are told so.
+        let revived = loaded.events.stale.iter().filter_map(|(ns, id)| {
+            let (ns, id) = (NamespaceName::new(ns).ok()?, MembraneId::new(id).ok()?);
+            namespaces.get(&ns)?.membranes.contains_key(&id).then(|| {
+                let event = Event::StateChanged {
+                    namespace: ns.clone(),
+                    id,
+                    state: HealthState::Passing,
+                };
+                (ns, event)
+            })
+        });
+        // The first events of this start.
+        let first: Vec<(NamespaceName, Event)> = adopted.chain(revived).collect();
         let events = Arc::new(EventHub::from_log(&loaded.events));
         let dirty = Arc::new(Dirty::default());
         dirty.mark(namespaces.keys().cloned());
@@ -666,9 +674,9 @@ impl Registry {
             failed: Arc::new(AtomicBool::new(false)),
             preserve: Mutex::new(Preservation::new(PreservationConfig::default())),
         };
-        if !revived.is_empty() {
+        if !first.is_empty() {
             let mut st = registry.state.lock().unwrap();
-            registry.submit_detached(&mut st, vec![], vec![], revived, vec![]);
+            registry.submit_detached(&mut st, vec![], vec![], first, vec![]);
         }
         registry
     }

@@ -935,6 +935,51 @@ async fn membranes_stale_at_a_crash_are_announced_passing_again() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn registrations_served_again_without_events_make_their_subscribers_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (r, t) = open(&path);
+    let n = ns("later");
+    r.register(&open_caller(), &n, &id("x"), reg(Some(30)))
+        .await
+        .unwrap();
+    drop(r);
+    t.join();
+    // The namespace row goes (behind the server's back): `x` is kept, not served.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute("DELETE FROM namespaces WHERE name = 'later'", [])
+        .unwrap();
+    let (r, t) = open(&path);
+    assert_eq!(r.orphaned().get("later"), Some(&1));
+    // The namespace is created again (by a registration): `x` is served after the next
+    // start, with no event of its own.
+    r.register(&open_caller(), &n, &id("y"), reg(Some(30)))
+        .await
+        .unwrap();
+    let at = r.events().revision();
+    drop(r);
+    t.join();
+    let (r, t) = open(&path);
+    r.flush().await;
+    assert!(r.get(&n, &id("x")).is_ok());
+    let sub = r.events().subscribe(&n, Some(at));
+    let kinds: Vec<_> = sub.replay.iter().map(|(_, p)| p.kind()).collect();
+    assert_eq!(
+        kinds,
+        ["resync"],
+        "an agent at `y` must list to learn of `x`"
+    );
+    // Once.
+    let at = r.events().revision();
+    drop(r);
+    t.join();
+    let (r, _t) = open(&path);
+    r.flush().await;
+    assert!(r.events().subscribe(&n, Some(at)).replay.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
 async fn numbers_issued_after_a_restored_backup_are_not_resumed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");

@@ -121,6 +121,10 @@ pub struct EventLog {
     /// Membranes whose last announced state is `stale` (health is soft state: they start
     /// `passing`, and subscribers are told so).
     pub stale: Vec<(String, String)>,
+    /// Namespaces whose registrations were kept but not served at the last start (the
+    /// namespace was missing) and are served now: no event announced them, so their
+    /// subscribers are sent `resync`.
+    pub adopted: Vec<String>,
 }
 
 /// One event as kept: its number, namespace, SSE `event:` name and whole frame as sent.

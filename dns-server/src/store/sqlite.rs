@@ -100,6 +100,9 @@ CREATE TABLE IF NOT EXISTS event_segments (
     start INTEGER PRIMARY KEY,
     last INTEGER NOT NULL
 ) STRICT;
+-- Namespaces whose registrations were kept but not served at the last start (the
+-- namespace was missing): served once it exists again, with no event for them.
+CREATE TABLE IF NOT EXISTS event_orphans (namespace TEXT PRIMARY KEY) STRICT;
 CREATE TABLE IF NOT EXISTS event_stale (
     namespace TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -124,7 +127,8 @@ pub fn open(path: &Path) -> Result<(Loaded, Writer, WriterThread), StoreError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0);
-    let (events, kept) = load_events(&mut conn, now_us).map_err(|e| unusable(path, e))?;
+    let (events, kept) =
+        load_events(&mut conn, now_us, &loaded.orphaned).map_err(|e| unusable(path, e))?;
     let numbering = Numbering {
         last: events.start,
         kept,
@@ -356,6 +360,7 @@ fn to_u64(table: &'static str, v: i64) -> Result<u64, StoreError> {
 fn load_events(
     conn: &mut Connection,
     now_us: u64,
+    orphaned: &std::collections::BTreeMap<String, usize>,
 ) -> Result<(EventLog, VecDeque<u64>), StoreError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute(
@@ -471,6 +476,20 @@ fn load_events(
             stale.push((r.get(0)?, r.get(1)?));
         }
     }
+    let mut adopted = Vec::new();
+    {
+        let mut stmt = tx.prepare(
+            "SELECT namespace FROM event_orphans WHERE namespace IN (SELECT name FROM namespaces)",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            adopted.push(r.get(0)?);
+        }
+    }
+    tx.execute("DELETE FROM event_orphans", [])?;
+    for ns in orphaned.keys() {
+        tx.execute("INSERT INTO event_orphans (namespace) VALUES (?1)", [ns])?;
+    }
     let mut kept = VecDeque::new();
     {
         let mut stmt = tx.prepare("SELECT seq FROM events ORDER BY seq")?;
@@ -488,6 +507,7 @@ fn load_events(
             namespace_last,
             recent,
             stale,
+            adopted,
         },
         kept,
     ))
