@@ -229,8 +229,8 @@ async fn round(
             );
         }
         Some((rev, epoch)) => {
-            // Another numbering (the registry restarted, or another instance answered):
-            // like a resync, list after a random delay.
+            // Another numbering (another instance answered, an etcd replica restarted, a
+            // new database): like a resync, list after a random delay.
             cache.forget_revision();
             let delay = pacing.resync_delay(cache.snapshot().0.membranes.len());
             tracing::info!(

@@ -754,7 +754,10 @@ async fn read_stream(stream: &mut Option<Sse>) -> std::io::Result<(usize, bool)>
     }
 }
 
-/// Counts one event's arrival at one subscriber.
+/// Counts one event's arrival at one subscriber. Slots are indexed from the epoch: the
+/// bench's fresh database numbers its first process's events right after it (a later
+/// process numbers in a segment far above, not counted: the restart phase reports no
+/// fan-out).
 fn account(sh: &Shared, agent: usize, epoch: u64, id: u64, key: u64, now_ns: u64) {
     if key == 0 || epoch != sh.epoch.load(Ordering::Relaxed) || id <= epoch {
         return;

@@ -1,7 +1,7 @@
 //! Shared answers of `GET /v1/namespaces/{ns}/membranes`.
 //!
-//! When agents must list a namespace all at once (a registry restart after a crash starts
-//! a new event epoch, so every agent lists), thousands of identical lists arrive within
+//! When agents must list a namespace all at once (a new database, or a history they fell
+//! out of: every agent of the namespace lists), thousands of identical lists arrive within
 //! seconds, all at the same revision. Each answer is serialized once per (namespace,
 //! query, epoch, revision) and shared for at most [`MAX_AGE`]: membership and health are
 //! exact as of the answer's `revision` (every change is a new revision, so a change is
