@@ -63,6 +63,11 @@ fn resume_across(restart: fn(DnsServer)) {
         wait_for("stream resumed", Duration::from_secs(30), || {
             activity(d).contains("\"cache_resumed\"").then_some(())
         });
+    }
+    // A `resync` on the resumed stream would be answered by a list within a random delay
+    // of at most a second (two cached membranes): give it that long to show.
+    std::thread::sleep(Duration::from_millis(1500));
+    for d in [&a_dir, &b_dir] {
         let log = activity(d);
         assert_eq!(
             log.matches("\"cache_synced\"").count(),
