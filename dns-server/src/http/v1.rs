@@ -268,9 +268,8 @@ pub async fn list_membranes(
     })?;
     let body = bytes::Bytes::from(body);
     // Health changes are visible at once but their events commit a moment later: answer
-    // once they are durable, so that an agent never holds a state (say `stale`) that a
-    // crash would forget to tell it has changed.
-    s.registry.flush().await;
+    // once they are durable (see `Registry::health_durable`).
+    s.registry.health_durable().await;
     s.lists.put(key, epoch, revision, body.clone());
     Ok(json(body))
 }

@@ -261,6 +261,7 @@ impl Registry {
             dirty: Arc::new(super::Dirty::default()),
             metrics,
             failed: Arc::new(AtomicBool::new(false)),
+            detached: Default::default(),
             // Not applied with etcd: staleness comes from lease expiry in etcd.
             preserve: Mutex::new(super::Preservation::default()),
         }

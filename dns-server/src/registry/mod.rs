@@ -544,6 +544,8 @@ pub struct Registry {
     dirty: Arc<Dirty>,
     metrics: Arc<Metrics>,
     failed: Arc<AtomicBool>,
+    /// Ticket + 1 of the last submission nobody awaits (a health change; 0: none).
+    detached: std::sync::atomic::AtomicU64,
     /// Self-preservation state of the health sweep.
     preserve: Mutex<Preservation>,
 }
@@ -672,6 +674,7 @@ impl Registry {
             dirty,
             metrics,
             failed: Arc::new(AtomicBool::new(false)),
+            detached: Default::default(),
             preserve: Mutex::new(Preservation::new(PreservationConfig::default())),
         };
         if !first.is_empty() {
@@ -760,7 +763,9 @@ impl Registry {
         events: Vec<(NamespaceName, Event)>,
         dirty: Vec<NamespaceName>,
     ) {
-        drop(self.submit_with(st, ops, changes, events, dirty, false));
+        let queued = self.submit_with(st, ops, changes, events, dirty, false);
+        self.detached
+            .fetch_max(queued.ticket + 1, Ordering::Relaxed);
     }
 
     fn submit_with(
@@ -886,6 +891,18 @@ impl Registry {
             self.submit(&mut st, vec![], vec![], vec![], vec![])
         };
         let _ = self.durable(queued).await;
+    }
+
+    /// Resolves once every health change made so far has its event committed and
+    /// published. Health changes are visible at once (the sweep, a heartbeat's revival)
+    /// while their events commit a moment later: a list answered before that could show
+    /// an agent a state (say `stale`) that a crash would then forget to tell it has changed.
+    /// Costs nothing when none is in flight.
+    pub async fn health_durable(&self) {
+        let last = self.detached.load(Ordering::Relaxed);
+        if last > 0 && !self.shared().is_published(last - 1) {
+            self.flush().await;
+        }
     }
 
     fn check_writable(&self) -> Result<(), RegistryError> {

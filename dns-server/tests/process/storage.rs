@@ -257,6 +257,46 @@ async fn registrations_counted(server: &Server) -> u64 {
         .expect("membrane_registrations_total in /metrics")
 }
 
+/// A membrane marked stale is visible at once and its event commits a moment later: a list
+/// showing it stale is answered only once that event is durable (held here by another
+/// connection holding SQLite's write lock), so no agent holds a state that a crash would
+/// forget to tell it has changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_waits_for_the_health_events_it_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--sweep-interval", "100ms"]);
+    let http = Http::new(server.url());
+    let path = "/v1/namespaces/store/membranes";
+    let body = r#"{"addresses":["10.0.0.1"],"services":[],"ttl_seconds":1}"#;
+    let (status, v) = http
+        .call("PUT", &format!("{path}/m1"), Some(body))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    let gate = rusqlite::Connection::open(dir.path().join("registry.sqlite3")).unwrap();
+    gate.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, v) = http.call("GET", &format!("{path}/m1"), None).await.unwrap();
+        if v["state"] == "stale" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never stale: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let http2 = Http::new(server.url());
+    let list = tokio::spawn(async move { http2.call("GET", path, None).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !list.is_finished(),
+        "a list showed a state whose event is not durable"
+    );
+    gate.execute_batch("ROLLBACK").unwrap();
+    let (status, v) = list.await.unwrap().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(v["membranes"][0]["state"], "stale", "{v}");
+}
+
 /// While the store's commit is held (another connection holds SQLite's write lock, so the
 /// server's writer waits in its busy timeout), a queued registration and a queued update
 /// are in neither the API nor DNS; once the commit goes through, both are.
