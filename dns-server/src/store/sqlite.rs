@@ -3,6 +3,10 @@
 //!
 //! With 16 clients registering at once, each commit carries about 16 registrations, so one
 //! fsync serves all of them: durability without a throughput cap of one fsync per request.
+//!
+//! The writer also numbers and frames the events reporting those changes and commits them
+//! in the same transaction (see [`EventLog`]), so the event history a client resumes from
+//! is never ahead of, nor behind, the data.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::Path;
@@ -349,19 +353,41 @@ fn load(conn: &Connection) -> Result<(Loaded, BTreeSet<i64>), StoreError> {
     Ok((out, garbage))
 }
 
-fn to_u64(table: &'static str, v: i64) -> Result<u64, StoreError> {
-    u64::try_from(v).map_err(|_| corrupt(table, format!("negative sequence number {v}")))
-}
-
 /// Reads the event history and opens this process's numbering segment (after every
 /// number used before, and the wall clock `now_us`); drops what belongs to namespaces
 /// that no longer exist. Returns the history and the numbers of every event the table
 /// holds, oldest first.
+/// Column `i` as a sequence number (a non-negative INTEGER; a negative one is an error,
+/// and the file is refused as unusable).
+fn seq_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<u64> {
+    let v: i64 = r.get(i)?;
+    u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(i, v))
+}
+
+/// [`seq_at`] of a column that may be NULL.
+fn seq_opt(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<u64>> {
+    match r.get::<_, Option<i64>>(i)? {
+        None => Ok(None),
+        Some(_) => seq_at(r, i).map(Some),
+    }
+}
+
 fn load_events(
     conn: &mut Connection,
     now_us: u64,
     orphaned: &std::collections::BTreeMap<String, usize>,
 ) -> Result<(EventLog, VecDeque<u64>), StoreError> {
+    /// Every row of `sql`, mapped by `f`.
+    fn select<T>(
+        tx: &Connection,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut stmt = tx.prepare(sql)?;
+        let rows = stmt.query_map(params, f)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute(
         "INSERT OR IGNORE INTO meta (key, value) VALUES ('event_epoch', ?1)",
@@ -375,26 +401,23 @@ fn load_events(
     let epoch: u64 = epoch
         .parse()
         .map_err(|e| corrupt("meta", format!("event_epoch {epoch:?}: {e}")))?;
-    let mut segments = Vec::new();
-    {
-        let mut stmt = tx.prepare("SELECT start, last FROM event_segments ORDER BY start")?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            let (s, l) = (to_u64("event_segments", r.get(0)?)?, r.get(1)?);
-            segments.push((s, to_u64("event_segments", l)?.max(s)));
-        }
-    }
+    let mut segments: Vec<(u64, u64)> = select(
+        &tx,
+        "SELECT start, max(start, last) FROM event_segments ORDER BY start",
+        [],
+        |r| Ok((seq_at(r, 0)?, seq_at(r, 1)?)),
+    )?;
     // A segment's last number is not written while its process runs (one write less per
     // commit): its newest events are still kept now, so it is found here.
     for i in 0..segments.len() {
-        let end = segments.get(i + 1).map_or(i64::MAX, |&(s, _)| s as i64);
+        let end = segments.get(i + 1).map_or(u64::MAX, |&(s, _)| s);
         let (start, last) = segments[i];
-        let found: Option<i64> = tx.query_row(
+        let found: Option<u64> = tx.query_row(
             "SELECT max(seq) FROM events WHERE seq > ?1 AND seq < ?2",
-            params![start as i64, end],
-            |r| r.get(0),
+            params![start as i64, end.min(i64::MAX as u64) as i64],
+            |r| seq_opt(r, 0),
         )?;
-        if let Some(found) = found.map(|v| to_u64("events", v)).transpose()?
+        if let Some(found) = found
             && found > last
         {
             tx.execute(
@@ -404,12 +427,8 @@ fn load_events(
             segments[i].1 = found;
         }
     }
-    let max_event: Option<i64> = tx.query_row("SELECT max(seq) FROM events", [], |r| r.get(0))?;
-    let high = segments
-        .iter()
-        .map(|&(_, l)| l)
-        .chain(max_event.map(|v| to_u64("events", v)).transpose()?)
-        .max();
+    let max_event = tx.query_row("SELECT max(seq) FROM events", [], |r| seq_opt(r, 0))?;
+    let high = segments.iter().map(|&(_, l)| l).chain(max_event).max();
     let start = match high {
         Some(h) => now_us.max(h + 1),
         None => now_us.max(epoch),
@@ -439,65 +458,45 @@ fn load_events(
         [],
     )?;
     // Each namespace's last event: among the kept events, else among the deleted ones.
-    let mut namespace_last: HashMap<String, u64> = HashMap::new();
-    for sql in [
-        "SELECT namespace, last FROM event_namespaces",
-        "SELECT namespace, max(seq) FROM events GROUP BY namespace",
-    ] {
-        let mut stmt = tx.prepare(sql)?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            let seq = to_u64("event_namespaces", r.get(1)?)?;
-            let last = namespace_last.entry(r.get(0)?).or_default();
-            *last = (*last).max(seq);
-        }
-    }
-    let namespace_last = namespace_last.into_iter().collect();
-    let mut recent = Vec::new();
-    {
-        let mut stmt = tx
-            .prepare("SELECT seq, namespace, kind, frame FROM events ORDER BY seq DESC LIMIT ?1")?;
-        let mut rows = stmt.query([RING as i64])?;
-        while let Some(r) = rows.next()? {
-            recent.push(StoredEvent {
-                seq: to_u64("events", r.get(0)?)?,
+    let namespace_last = select(
+        &tx,
+        "SELECT namespace, max(last) FROM (
+             SELECT namespace, last FROM event_namespaces
+             UNION ALL SELECT namespace, seq FROM events)
+         GROUP BY namespace",
+        [],
+        |r| Ok((r.get(0)?, seq_at(r, 1)?)),
+    )?;
+    let mut recent = select(
+        &tx,
+        "SELECT seq, namespace, kind, frame FROM events ORDER BY seq DESC LIMIT ?1",
+        [RING as i64],
+        |r| {
+            Ok(StoredEvent {
+                seq: seq_at(r, 0)?,
                 namespace: r.get(1)?,
                 kind: r.get(2)?,
                 frame: r.get(3)?,
-            });
-        }
-        recent.reverse();
-    }
-    let mut stale = Vec::new();
-    {
-        let mut stmt = tx.prepare("SELECT namespace, id FROM event_stale")?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            stale.push((r.get(0)?, r.get(1)?));
-        }
-    }
-    let mut adopted = Vec::new();
-    {
-        let mut stmt = tx.prepare(
-            "SELECT namespace FROM event_orphans WHERE namespace IN (SELECT name FROM namespaces)",
-        )?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            adopted.push(r.get(0)?);
-        }
-    }
+            })
+        },
+    )?;
+    recent.reverse();
+    let stale = select(&tx, "SELECT namespace, id FROM event_stale", [], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })?;
+    let adopted = select(
+        &tx,
+        "SELECT namespace FROM event_orphans WHERE namespace IN (SELECT name FROM namespaces)",
+        [],
+        |r| r.get(0),
+    )?;
     tx.execute("DELETE FROM event_orphans", [])?;
     for ns in orphaned.keys() {
         tx.execute("INSERT INTO event_orphans (namespace) VALUES (?1)", [ns])?;
     }
-    let mut kept = VecDeque::new();
-    {
-        let mut stmt = tx.prepare("SELECT seq FROM events ORDER BY seq")?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            kept.push_back(to_u64("events", r.get(0)?)?);
-        }
-    }
+    let kept = select(&tx, "SELECT seq FROM events ORDER BY seq", [], |r| {
+        seq_at(r, 0)
+    })?;
     tx.commit()?;
     Ok((
         EventLog {
@@ -509,7 +508,7 @@ fn load_events(
             stale,
             adopted,
         },
-        kept,
+        kept.into(),
     ))
 }
 
