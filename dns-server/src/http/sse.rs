@@ -124,6 +124,12 @@ struct Live {
     last_write: Option<Instant>,
     /// Events are waiting (the last write was full).
     more: bool,
+    /// The last slot found events: the next slot is likely to find some too, so it is
+    /// waited for directly instead of waking first at the next publication (under steady
+    /// churn that is one wake-up per write instead of two).
+    busy: bool,
+    /// Wake-ups to take events (at a publication, at a slot).
+    wakes: u64,
     pacing: Pacing,
     /// This subscriber's phase in the window, in [0, 1).
     phase: f64,
@@ -138,11 +144,18 @@ impl Live {
     async fn next(&mut self) -> Option<Bytes> {
         loop {
             if !self.more {
-                tokio::select! {
-                    alive = self.feed.changed() => if !alive { return None },
-                    _ = tokio::time::sleep_until(self.ping) => {
-                        self.ping = Instant::now() + KEEP_ALIVE;
-                        return Some(Bytes::from_static(KEEP_ALIVE_FRAME));
+                if !self.busy {
+                    tokio::select! {
+                        alive = self.feed.changed() => {
+                            if !alive {
+                                return None;
+                            }
+                            self.wakes += 1;
+                        }
+                        _ = tokio::time::sleep_until(self.ping) => {
+                            self.ping = Instant::now() + KEEP_ALIVE;
+                            return Some(Bytes::from_static(KEEP_ALIVE_FRAME));
+                        }
                     }
                 }
                 let subscribers = self
@@ -156,17 +169,19 @@ impl Live {
                     .last_write
                     .map_or_else(Instant::now, |at| (at + window / 2).max(Instant::now()));
                 tokio::time::sleep_until(next_slot(not_before, window, self.phase)).await;
+                self.wakes += 1;
             }
             let (bytes, more) = match self.feed.take(MAX_WRITE) {
                 Taken::Nothing => {
-                    self.more = false;
+                    // Quiet: wait for the next publication again.
+                    (self.more, self.busy) = (false, false);
                     continue;
                 }
                 Taken::Lost(seq) => (resync(&self.ns, seq), false),
                 Taken::Events { events, more } => (concat(&events), more),
             };
             let now = Instant::now();
-            self.more = more;
+            (self.more, self.busy) = (more, true);
             self.last_write = Some(now);
             self.ping = now + KEEP_ALIVE;
             return Some(bytes);
@@ -218,6 +233,8 @@ pub async fn events(
         ping: Instant::now() + KEEP_ALIVE,
         last_write: None,
         more: false,
+        busy: false,
+        wakes: 0,
         pacing: s.sse_pacing,
         phase: rand::random::<f64>(),
         permits: s.sse_permits.clone(),
@@ -264,6 +281,8 @@ mod tests {
             ping: Instant::now() + KEEP_ALIVE,
             last_write: None,
             more: false,
+            busy: false,
+            wakes: 0,
             pacing: Pacing {
                 cap: 8,
                 min_window: Duration::from_millis(20),
@@ -327,6 +346,31 @@ mod tests {
         for w in &writes {
             assert_eq!((*w - origin()).as_millis() % 20, 10, "{:?}", *w - started);
         }
+        // Under steady events, woken once per write (at its slot), not also at each
+        // publication before it.
+        assert!(
+            sub.wakes <= writes.len() as u64 + 2,
+            "{} wake-ups for {} writes",
+            sub.wakes,
+            writes.len()
+        );
+        // Quiet again: after one slot that finds nothing, the subscriber waits for the
+        // next publication (not for slots: 50 of them in a second).
+        let before = sub.wakes;
+        let quiet = tokio::spawn(async move {
+            let frame = sub.next().await;
+            (frame, sub.wakes)
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!quiet.is_finished());
+        hub.publish(&ns, gone(&ns, 100));
+        let (frame, wakes) = quiet.await.unwrap();
+        assert!(String::from_utf8_lossy(&frame.unwrap()).contains("id: 101"));
+        assert!(
+            wakes - before <= 3,
+            "{} wake-ups while quiet",
+            wakes - before
+        );
     }
 
     /// A burst goes out in one write; subscribers with other phases write at other
