@@ -124,9 +124,10 @@ struct Live {
     last_write: Option<Instant>,
     /// Events are waiting (the last write was full).
     more: bool,
-    /// The last slot found events: the next slot is likely to find some too, so it is
-    /// waited for directly instead of waking first at the next publication (under steady
-    /// churn that is one wake-up per write instead of two).
+    /// The last slot found several events: the next slot is likely to find some too, so
+    /// it is waited for directly instead of waking first at the next publication (under
+    /// steady churn that is one wake-up per write instead of two; with about one event per
+    /// window or fewer, an empty slot would cost a wake-up more than it saves).
     busy: bool,
     /// Wake-ups to take events (at a publication, at a slot).
     wakes: u64,
@@ -171,17 +172,17 @@ impl Live {
                 tokio::time::sleep_until(next_slot(not_before, window, self.phase)).await;
                 self.wakes += 1;
             }
-            let (bytes, more) = match self.feed.take(MAX_WRITE) {
+            let (bytes, more, several) = match self.feed.take(MAX_WRITE) {
                 Taken::Nothing => {
                     // Quiet: wait for the next publication again.
                     (self.more, self.busy) = (false, false);
                     continue;
                 }
-                Taken::Lost(seq) => (resync(&self.ns, seq), false),
-                Taken::Events { events, more } => (concat(&events), more),
+                Taken::Lost(seq) => (resync(&self.ns, seq), false, false),
+                Taken::Events { events, more } => (concat(&events), more, events.len() > 1),
             };
             let now = Instant::now();
-            (self.more, self.busy) = (more, true);
+            (self.more, self.busy) = (more, several);
             self.last_write = Some(now);
             self.ping = now + KEEP_ALIVE;
             return Some(bytes);
