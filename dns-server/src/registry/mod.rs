@@ -503,6 +503,19 @@ impl Committed {
     }
 }
 
+/// One write to submit (see [`Registry::submit`]).
+#[derive(Default)]
+struct Write {
+    /// Store operations.
+    ops: Vec<Op>,
+    /// The changes they make to the visible state, staged until committed.
+    changes: Vec<Change>,
+    /// The events reporting them.
+    events: Vec<(NamespaceName, Event)>,
+    /// Namespaces whose DNS snapshot must be rebuilt.
+    dirty: Vec<NamespaceName>,
+}
+
 /// A write queued to the store: see [`Registry::durable`].
 struct Queued {
     ticket: u64,
@@ -679,7 +692,13 @@ impl Registry {
         };
         if !first.is_empty() {
             let mut st = registry.state.lock().unwrap();
-            registry.submit_detached(&mut st, vec![], vec![], first, vec![]);
+            registry.submit_detached(
+                &mut st,
+                Write {
+                    events: first,
+                    ..Default::default()
+                },
+            );
         }
         registry
     }
@@ -727,8 +746,8 @@ impl Registry {
         self.metrics.set_counts(c.namespaces, c.passing, c.stale);
     }
 
-    /// Stages `changes` and queues `ops` (in lock order: `st` is the held state lock);
-    /// returns a receiver that resolves once they are durable. Once committed, the
+    /// Stages the write's `changes` and queues its `ops` (in lock order: `st` is the held
+    /// state lock); returns a receiver that resolves once they are durable. Once committed, the
     /// changes are published to the visible state with their `events`, and `dirty`
     /// namespaces are marked for DNS, in commit order, before the caller is answered (see
     /// [`Registry::durable`]). If the commit fails, nothing of it is ever visible.
@@ -737,15 +756,8 @@ impl Registry {
     /// publication and wakes the caller, who publishes everything committed so far under
     /// one lock; only a submission nobody awaits (see [`Registry::submit_detached`]) is
     /// published by the writer itself.
-    fn submit(
-        &self,
-        st: &mut State,
-        ops: Vec<Op>,
-        changes: Vec<Change>,
-        events: Vec<(NamespaceName, Event)>,
-        dirty: Vec<NamespaceName>,
-    ) -> Queued {
-        self.submit_with(st, ops, changes, events, dirty, true)
+    fn submit(&self, st: &mut State, write: Write) -> Queued {
+        self.submit_with(st, write, true)
     }
 
     /// [`Registry::submit`] for a change nobody awaits (a sweep's stale marking, a
@@ -755,28 +767,19 @@ impl Registry {
     /// the submitter (still holding the state lock) has dropped the receiver, and a
     /// publication left to a receiver about to be dropped would never happen: no event,
     /// and DNS never rebuilt.
-    fn submit_detached(
-        &self,
-        st: &mut State,
-        ops: Vec<Op>,
-        changes: Vec<Change>,
-        events: Vec<(NamespaceName, Event)>,
-        dirty: Vec<NamespaceName>,
-    ) {
-        let queued = self.submit_with(st, ops, changes, events, dirty, false);
+    fn submit_detached(&self, st: &mut State, write: Write) {
+        let queued = self.submit_with(st, write, false);
         self.detached
             .fetch_max(queued.ticket + 1, Ordering::Relaxed);
     }
 
-    fn submit_with(
-        &self,
-        st: &mut State,
-        ops: Vec<Op>,
-        changes: Vec<Change>,
-        events: Vec<(NamespaceName, Event)>,
-        dirty: Vec<NamespaceName>,
-        awaited: bool,
-    ) -> Queued {
+    fn submit_with(&self, st: &mut State, write: Write, awaited: bool) -> Queued {
+        let Write {
+            ops,
+            changes,
+            events,
+            dirty,
+        } = write;
         let (tx, rx) = oneshot::channel();
         let ticket = st.stage(&changes);
         let hub = self.events.clone();
@@ -888,7 +891,7 @@ impl Registry {
     pub async fn flush(&self) {
         let queued = {
             let mut st = self.state.lock().unwrap();
-            self.submit(&mut st, vec![], vec![], vec![], vec![])
+            self.submit(&mut st, Write::default())
         };
         let _ = self.durable(queued).await;
     }
@@ -972,10 +975,12 @@ impl Registry {
             let stored = ns.stored(&req.name);
             let rx = self.submit(
                 &mut st,
-                vec![Op::PutNamespace(stored)],
-                vec![Change::PutNs(req.name.clone(), ns)],
-                vec![],
-                vec![req.name.clone()],
+                Write {
+                    ops: vec![Op::PutNamespace(stored)],
+                    changes: vec![Change::PutNs(req.name.clone(), ns)],
+                    dirty: vec![req.name.clone()],
+                    ..Default::default()
+                },
             );
             (rx, view)
         };
@@ -1011,10 +1016,11 @@ impl Registry {
             let stored = ns.stored(name);
             let rx = self.submit(
                 &mut st,
-                vec![Op::PutNamespace(stored)],
-                vec![Change::PutNs(name.clone(), ns)],
-                vec![],
-                vec![],
+                Write {
+                    ops: vec![Op::PutNamespace(stored)],
+                    changes: vec![Change::PutNs(name.clone(), ns)],
+                    ..Default::default()
+                },
             );
             (rx, view)
         };
@@ -1059,10 +1065,12 @@ impl Registry {
                 .collect();
             self.submit(
                 &mut st,
-                vec![Op::DeleteNamespace(name.clone())],
-                vec![Change::DeleteNs(name.clone())],
-                events,
-                vec![name.clone()],
+                Write {
+                    ops: vec![Op::DeleteNamespace(name.clone())],
+                    changes: vec![Change::DeleteNs(name.clone())],
+                    events,
+                    dirty: vec![name.clone()],
+                },
             )
         };
         self.durable(rx).await
@@ -1168,7 +1176,15 @@ impl Registry {
                 ));
             }
             self.metrics.registrations.inc();
-            let rx = self.submit(&mut st, ops, changes, events, vec![ns_name.clone()]);
+            let rx = self.submit(
+                &mut st,
+                Write {
+                    ops,
+                    changes,
+                    events,
+                    dirty: vec![ns_name.clone()],
+                },
+            );
             (
                 rx,
                 RegisterResponse {
@@ -1324,17 +1340,18 @@ impl Registry {
             // registration event of the same membrane.
             self.submit_detached(
                 &mut st,
-                vec![],
-                vec![],
-                vec![(
-                    ns_name.clone(),
-                    Event::StateChanged {
-                        namespace: ns_name.clone(),
-                        id: id.clone(),
-                        state: HealthState::Passing,
-                    },
-                )],
-                vec![ns_name.clone()],
+                Write {
+                    events: vec![(
+                        ns_name.clone(),
+                        Event::StateChanged {
+                            namespace: ns_name.clone(),
+                            id: id.clone(),
+                            state: HealthState::Passing,
+                        },
+                    )],
+                    dirty: vec![ns_name.clone()],
+                    ..Default::default()
+                },
             );
         }
         Ok((HealthState::Passing, ttl))
@@ -1382,22 +1399,24 @@ impl Registry {
             self.metrics.deregistrations.inc();
             self.submit(
                 &mut st,
-                vec![Op::DeleteMembrane {
-                    seq,
-                    namespace: ns_name.clone(),
-                    id: id.clone(),
-                    supersedes,
-                }],
-                vec![Change::Membrane(ns_name.clone(), id.clone(), None)],
-                vec![(
-                    ns_name.clone(),
-                    Event::Deregistered {
+                Write {
+                    ops: vec![Op::DeleteMembrane {
+                        seq,
                         namespace: ns_name.clone(),
                         id: id.clone(),
-                        reason: "deregistered".into(),
-                    },
-                )],
-                vec![ns_name.clone()],
+                        supersedes,
+                    }],
+                    changes: vec![Change::Membrane(ns_name.clone(), id.clone(), None)],
+                    events: vec![(
+                        ns_name.clone(),
+                        Event::Deregistered {
+                            namespace: ns_name.clone(),
+                            id: id.clone(),
+                            reason: "deregistered".into(),
+                        },
+                    )],
+                    dirty: vec![ns_name.clone()],
+                },
             )
         };
         self.durable(rx).await
@@ -1532,7 +1551,15 @@ impl Registry {
         }
         drop(preserve);
         if !events.is_empty() {
-            self.submit_detached(&mut st, ops, changes, events, dirty);
+            self.submit_detached(
+                &mut st,
+                Write {
+                    ops,
+                    changes,
+                    events,
+                    dirty,
+                },
+            );
         }
     }
 
