@@ -56,6 +56,9 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
+use super::paced::{Back, Sub, Writer};
+pub use super::paced::{DetachedStream, Paced, Visit};
+
 /// After an accept error (EMFILE, ENFILE, ENOBUFS), the longest pause before accepting
 /// again; a connection that ends (freeing a descriptor) ends it sooner.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
@@ -97,15 +100,32 @@ impl Default for HttpLimits {
     }
 }
 
-/// A response body the connection may write itself instead of hyper (see
-/// [`detachable`]).
-type DetachedStream = Pin<Box<dyn futures_util::Stream<Item = Bytes> + Send>>;
+/// A long response body the connection may write itself instead of hyper.
+enum Detached {
+    /// A stream, written as its items come.
+    Stream(DetachedStream),
+    /// These bytes at once, then a [`Paced`] source (written by the [`Writer`] on plain
+    /// TCP).
+    Paced(Vec<Bytes>, Box<dyn Paced>),
+}
 
-/// Response extension: the connection may take the body's stream and write it outside
-/// hyper (chunked, or until close for HTTP/1.0), freeing hyper's buffers for the rest of
-/// a long response. Only `200` answers to `GET` are taken.
+impl Detached {
+    fn into_stream(self) -> DetachedStream {
+        match self {
+            Detached::Stream(s) => s,
+            Detached::Paced(first, paced) => Box::pin(futures_util::StreamExt::chain(
+                futures_util::stream::iter(first),
+                paced.into_stream(),
+            )),
+        }
+    }
+}
+
+/// Response extension: the connection may take the body and write it outside hyper
+/// (chunked, or until close for HTTP/1.0), freeing hyper's buffers for the rest of a long
+/// response. Only `200` answers to `GET` are taken.
 #[derive(Clone)]
-pub struct Detach(Arc<Mutex<Option<DetachedStream>>>);
+pub struct Detach(Arc<Mutex<Option<Detached>>>);
 
 /// A streaming body for `stream` and the [`Detach`] extension that lets the accept loop
 /// take it instead. Whoever comes first gets the stream: the body (served by any other
@@ -113,12 +133,22 @@ pub struct Detach(Arc<Mutex<Option<DetachedStream>>>);
 pub fn detachable(
     stream: impl futures_util::Stream<Item = Bytes> + Send + 'static,
 ) -> (Body, Detach) {
-    let slot: Arc<Mutex<Option<DetachedStream>>> = Arc::new(Mutex::new(Some(Box::pin(stream))));
+    detach(Detached::Stream(Box::pin(stream)))
+}
+
+/// [`detachable`] for `first` then `paced`: on plain TCP the accept loop hands the source
+/// to its [`Writer`]; elsewhere it is the stream of [`Paced::into_stream`].
+pub fn detachable_paced(first: Vec<Bytes>, paced: Box<dyn Paced>) -> (Body, Detach) {
+    detach(Detached::Paced(first, paced))
+}
+
+fn detach(detached: Detached) -> (Body, Detach) {
+    let slot = Arc::new(Mutex::new(Some(detached)));
     let from = slot.clone();
     let mut taken: Option<DetachedStream> = None;
     let body = futures_util::stream::poll_fn(move |cx| {
         if taken.is_none() {
-            taken = from.lock().unwrap().take();
+            taken = from.lock().unwrap().take().map(Detached::into_stream);
         }
         match taken.as_mut() {
             Some(s) => s.as_mut().poll_next(cx).map(|b| b.map(Ok::<_, Infallible>)),
@@ -132,7 +162,7 @@ pub fn detachable(
 struct Handed {
     /// Status line and headers, serialized.
     head: Vec<u8>,
-    stream: DetachedStream,
+    body: Detached,
     /// Close-delimited (HTTP/1.0) instead of chunked.
     http10: bool,
     _busy: Busy,
@@ -143,12 +173,7 @@ struct Handed {
 const SINK: usize = 64;
 
 impl Handed {
-    fn new(
-        head: &axum::http::response::Parts,
-        stream: DetachedStream,
-        http10: bool,
-        busy: Busy,
-    ) -> Self {
+    fn new(head: &axum::http::response::Parts, body: Detached, http10: bool, busy: Busy) -> Self {
         let status = head.status;
         let mut out = format!(
             "HTTP/1.1 {} {}\r\n",
@@ -176,25 +201,112 @@ impl Handed {
         out.extend_from_slice(b"\r\n");
         Handed {
             head: out,
-            stream,
+            body,
             http10,
             _busy: busy,
         }
+    }
+
+    /// Writes the response to `io`: a paced body through `writer` when given (plain TCP),
+    /// else as a stream (see [`write_stream`](Self::write_stream)).
+    async fn write(
+        self,
+        io: &mut Gate,
+        close: &CancellationToken,
+        writer: Option<(&Writer, Arc<TcpStream>)>,
+    ) -> io::Result<()> {
+        let Handed {
+            head,
+            body,
+            http10,
+            _busy,
+        } = self;
+        match (body, writer) {
+            (Detached::Paced(first, paced), Some((writer, tcp))) => {
+                let first = first.concat();
+                io.write_all_buf(&mut Buf::chain(&head[..], framed(first.into(), http10)))
+                    .await?;
+                io.flush().await?;
+                drop(head);
+                let sub = Sub {
+                    io: tcp,
+                    paced,
+                    http10,
+                    closing: Arc::default(),
+                };
+                Self::write_paced(sub, io, close, writer).await
+            }
+            (body, _) => Self::write_stream(head, body.into_stream(), http10, io, close).await,
+        }
+    }
+
+    /// Lends `sub` to `writer` until it ends, `close`, or the client closes its side;
+    /// writes what the writer could not (a slow client) itself, under the connection's
+    /// watchdog, then lends it again.
+    async fn write_paced(
+        mut sub: Sub,
+        io: &mut Gate,
+        close: &CancellationToken,
+        writer: &Writer,
+    ) -> io::Result<()> {
+        use tokio::io::AsyncReadExt;
+        let closing = sub.closing.clone();
+        let http10 = sub.http10;
+        let mut at = Instant::now();
+        let mut sink = [0u8; SINK];
+        loop {
+            let mut back = writer.add(sub, at);
+            let returned = loop {
+                tokio::select! {
+                    b = &mut back => break b,
+                    // Take the stream back to end the response.
+                    _ = close.cancelled(), if !closing.load(Ordering::Acquire) => {
+                        writer.close(&closing);
+                    }
+                    // The client gone: the writer drops the stream (and its subscriber
+                    // slot) at once.
+                    r = io.read(&mut sink), if !closing.load(Ordering::Acquire) => match r {
+                        Ok(0) | Err(_) => {
+                            writer.close(&closing);
+                            return Ok(());
+                        }
+                        Ok(_) => continue,
+                    },
+                }
+            };
+            match returned {
+                // The writer dropped it: a write failed, the client is gone.
+                Err(_) => return Ok(()),
+                Ok(Back::Blocked(s, rest, next)) => {
+                    io.write_all(&rest).await?;
+                    io.flush().await?;
+                    (sub, at) = (s, next);
+                    if closing.load(Ordering::Acquire) {
+                        break;
+                    }
+                }
+                Ok(Back::End(_) | Back::Stop(_)) => break,
+            }
+        }
+        if !http10 {
+            io.write_all(b"0\r\n\r\n").await?;
+        }
+        io.shutdown().await
     }
 
     /// Writes the response to `io` until the stream ends (then the last chunk), `close`,
     /// the client closes its side, or an error. Every write is flushed (through TLS, data
     /// accepted is not yet sent) so that it reaches the client, and the watchdog sees the
     /// socket drain.
-    async fn write(self, io: &mut Gate, close: &CancellationToken) -> io::Result<()> {
+    async fn write_stream(
+        head: Vec<u8>,
+        mut stream: DetachedStream,
+        http10: bool,
+        io: &mut Gate,
+        close: &CancellationToken,
+    ) -> io::Result<()> {
         use futures_util::StreamExt;
         use tokio::io::AsyncReadExt;
-        let Handed {
-            head,
-            mut stream,
-            http10,
-            _busy,
-        } = self;
         // The head goes out with what is ready at once (a replay of missed events), in one
         // write, as hyper would.
         let mut ended = false;
@@ -246,7 +358,7 @@ impl Handed {
 /// `bytes` as the body's next part: a chunk (size line, bytes, CRLF), or as they are
 /// when the body is close-delimited (HTTP/1.0); nothing for no bytes (an empty chunk
 /// would end the body).
-fn framed(bytes: Bytes, http10: bool) -> impl Buf {
+pub(super) fn framed(bytes: Bytes, http10: bool) -> impl Buf {
     let size = if http10 || bytes.is_empty() {
         String::new()
     } else {
@@ -395,6 +507,18 @@ pub async fn serve_tls(
         next_id: AtomicU64::new(0),
         conns: Mutex::new(BTreeMap::new()),
     });
+    // Event streams on plain TCP are written by a task per worker thread (each gives its
+    // streams back at shutdown); a connection's stream goes to one of them in turn.
+    let shards = tokio::runtime::Handle::current()
+        .metrics()
+        .num_workers()
+        .max(1);
+    let writers: Vec<Arc<Writer>> = (0..shards).map(|_| Arc::default()).collect();
+    let mut writer_tasks = JoinSet::new();
+    for w in &writers {
+        writer_tasks.spawn(w.clone().run(shutdown.clone()));
+    }
+    let mut accepted = 0usize;
     let mut conns = JoinSet::new();
     let mut shedding = JoinSet::new();
     let shed_permits = Arc::new(Semaphore::new(SHEDDING));
@@ -419,7 +543,15 @@ pub async fn serve_tls(
                         }
                         continue;
                     };
-                    conns.spawn(connection(stream, router.clone(), slot, limits, tls.clone()));
+                    accepted = accepted.wrapping_add(1);
+                    conns.spawn(connection(
+                        stream,
+                        router.clone(),
+                        slot,
+                        limits,
+                        tls.clone(),
+                        writers[accepted % shards].clone(),
+                    ));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "http accept");
@@ -432,6 +564,7 @@ pub async fn serve_tls(
     shedding.abort_all();
     // Each connection finishes its request (SSE streams end on the same token).
     while conns.join_next().await.is_some() {}
+    while writer_tasks.join_next().await.is_some() {}
     Ok(())
 }
 
@@ -620,9 +753,11 @@ impl Drop for Busy {
     }
 }
 
-/// The socket, telling [`Activity`] when bytes arrive.
+/// The socket, telling [`Activity`] when bytes arrive and whether writes are blocked.
+/// Shared (`Arc`) with the [`Writer`], which writes to it while it holds the connection's
+/// event stream (the connection then only reads).
 struct Watched {
-    io: TcpStream,
+    io: Arc<TcpStream>,
     activity: Arc<Activity>,
 }
 
@@ -630,50 +765,83 @@ struct Watched {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
+impl Watched {
+    /// A write by `f` once the socket is writable (`poll_write` of a shared socket).
+    fn poll_write_with(
+        &self,
+        cx: &mut Context<'_>,
+        f: impl Fn(&TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let r = loop {
+            match self.io.poll_write_ready(cx) {
+                Poll::Pending => break Poll::Pending,
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => match f(&self.io) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    r => break Poll::Ready(r),
+                },
+            }
+        };
+        self.activity.wrote(&r);
+        r
+    }
+}
+
 impl AsyncRead for Watched {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.read();
+        loop {
+            match self.io.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => match self.io.try_read(buf.initialize_unfilled()) {
+                    Ok(n) => {
+                        buf.advance(n);
+                        if n > 0 {
+                            self.activity.read();
+                        }
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                },
+            }
         }
-        r
     }
 }
 
 impl AsyncWrite for Watched {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.activity.wrote(&r);
-        r
+        self.poll_write_with(cx, |io| io.try_write(buf))
     }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.io).poll_flush(cx);
-        self.activity.wrote(&r);
-        r
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A socket has nothing to flush.
+        Poll::Ready(Ok(()))
     }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        use std::os::fd::AsRawFd;
+        let r = nix::sys::socket::shutdown(self.io.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        Poll::Ready(match r {
+            Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
+            Err(e) => Err(e.into()),
+        })
     }
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.activity.wrote(&r);
-        r
+        self.poll_write_with(cx, |io| io.try_write_vectored(bufs))
     }
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        true
     }
 }
 
@@ -723,11 +891,15 @@ async fn connection(
     slot: Slot,
     limits: HttpLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    writer: Arc<Writer>,
 ) {
     let _ = stream.set_nodelay(true);
     let activity = slot.activity.clone();
     // A child of the shutdown token: shutdown drains, `close` alone (eviction) drops.
     let shutdown = activity.close.clone();
+    let stream = Arc::new(stream);
+    // The writer writes to the socket itself: plain TCP only.
+    let plain = tls.is_none().then(|| stream.clone());
     let watched = Watched {
         io: stream,
         activity: activity.clone(),
@@ -845,7 +1017,10 @@ async fn connection(
     let handed = handoff.lock().unwrap().take();
     let done = async {
         match handed {
-            Some(h) => h.write(&mut io, &shutdown).await,
+            Some(h) => {
+                h.write(&mut io, &shutdown, plain.map(|t| (&*writer, t)))
+                    .await
+            }
             None => io.shutdown().await,
         }
     };
@@ -941,6 +1116,28 @@ mod tests {
                         futures_util::stream::repeat_with(|| Bytes::from(vec![b'x'; 1 << 20]));
                     detached_response(chunks)
                 }),
+            )
+            // The same three, paced: written by the writer task on plain TCP.
+            .route(
+                "/paced",
+                get(|| async { paced_response(vec![], Chunks::new(&[b"a", b"bb"], None, ())) }),
+            )
+            .route(
+                "/paced-forever",
+                get(|| async {
+                    let quiet = Some(Bytes::new());
+                    paced_response(
+                        vec![Bytes::from_static(b"hello")],
+                        Chunks::new(&[], quiet, ()),
+                    )
+                }),
+            )
+            .route(
+                "/paced-flood",
+                get(|| async {
+                    let flood = Some(Bytes::from(vec![b'x'; 1 << 20]));
+                    paced_response(vec![], Chunks::new(&[], flood, ()))
+                }),
             );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -957,6 +1154,58 @@ mod tests {
         stream: impl futures_util::Stream<Item = Bytes> + Send + 'static,
     ) -> axum::response::Response {
         let (body, detach) = detachable(stream);
+        let mut resp = axum::response::Response::new(body);
+        resp.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("text/event-stream"),
+        );
+        resp.extensions_mut().insert(detach);
+        resp
+    }
+
+    /// A paced source: its chunks one visit (1 ms) apart, then `then` forever (an empty
+    /// one: quiet; `None`: the end). `G` is dropped with it.
+    struct Chunks<G> {
+        chunks: std::collections::VecDeque<Bytes>,
+        then: Option<Bytes>,
+        _guard: G,
+    }
+
+    impl<G: Send + 'static> Chunks<G> {
+        fn new(chunks: &[&'static [u8]], then: Option<Bytes>, guard: G) -> Self {
+            Chunks {
+                chunks: chunks.iter().map(|c| Bytes::from_static(c)).collect(),
+                then,
+                _guard: guard,
+            }
+        }
+    }
+
+    impl<G: Send + 'static> Paced for Chunks<G> {
+        fn visit(&mut self, now: Instant) -> Visit {
+            match (self.chunks.pop_front(), &self.then) {
+                (Some(c), _) => Visit::Write(c, now + Duration::from_millis(1)),
+                (None, None) => Visit::End,
+                (None, Some(b)) if b.is_empty() => Visit::Wait(now + Duration::from_secs(3600)),
+                (None, Some(b)) => Visit::Write(b.clone(), now),
+            }
+        }
+        fn into_stream(self: Box<Self>) -> DetachedStream {
+            let then = self.then.clone();
+            let rest: DetachedStream = match then {
+                None => Box::pin(futures_util::stream::empty()),
+                Some(b) if b.is_empty() => Box::pin(futures_util::stream::pending()),
+                Some(b) => Box::pin(futures_util::stream::repeat(b)),
+            };
+            Box::pin(futures_util::StreamExt::chain(
+                futures_util::stream::iter(self.chunks),
+                rest,
+            ))
+        }
+    }
+
+    fn paced_response(first: Vec<Bytes>, paced: impl Paced) -> axum::response::Response {
+        let (body, detach) = detachable_paced(first, Box::new(paced));
         let mut resp = axum::response::Response::new(body);
         resp.headers_mut().insert(
             axum::http::header::CONTENT_TYPE,
@@ -1179,35 +1428,39 @@ mod tests {
     #[tokio::test]
     async fn a_detached_response_is_framed_like_hyper_would() {
         let srv = start(LIMITS).await;
-        let text = get_close(srv.addr, "/detached").await;
-        let (head, body) = text.split_once("\r\n\r\n").expect(&text);
-        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
-        assert!(head.contains("\r\ndate: "), "{text}");
-        assert!(
-            head.contains("\r\ncontent-type: text/event-stream"),
-            "{text}"
-        );
-        assert!(head.contains("\r\ntransfer-encoding: chunked"), "{text}");
-        assert!(head.contains("\r\nconnection: close"), "{text}");
-        assert_eq!(body, "1\r\na\r\n2\r\nbb\r\n0\r\n\r\n");
+        for path in ["/detached", "/paced"] {
+            let text = get_close(srv.addr, path).await;
+            let (head, body) = text.split_once("\r\n\r\n").expect(&text);
+            assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+            assert!(head.contains("\r\ndate: "), "{text}");
+            assert!(
+                head.contains("\r\ncontent-type: text/event-stream"),
+                "{text}"
+            );
+            assert!(head.contains("\r\ntransfer-encoding: chunked"), "{text}");
+            assert!(head.contains("\r\nconnection: close"), "{text}");
+            assert_eq!(body, "1\r\na\r\n2\r\nbb\r\n0\r\n\r\n", "{path}");
 
-        let mut s = TcpStream::connect(srv.addr).await.unwrap();
-        s.write_all(b"GET /detached HTTP/1.0\r\n\r\n")
+            let mut s = TcpStream::connect(srv.addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let text = read_all(&mut s).await;
+            let (head, body) = text.split_once("\r\n\r\n").expect(&text);
+            assert!(head.contains("\r\nconnection: close"), "{text}");
+            assert!(!head.contains("transfer-encoding"), "{text}");
+            assert_eq!(body, "abb", "{path}");
+
+            let mut s = TcpStream::connect(srv.addr).await.unwrap();
+            s.write_all(
+                format!("HEAD {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+            )
             .await
             .unwrap();
-        let text = read_all(&mut s).await;
-        let (head, body) = text.split_once("\r\n\r\n").expect(&text);
-        assert!(head.contains("\r\nconnection: close"), "{text}");
-        assert!(!head.contains("transfer-encoding"), "{text}");
-        assert_eq!(body, "abb");
-
-        let mut s = TcpStream::connect(srv.addr).await.unwrap();
-        s.write_all(b"HEAD /detached HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let text = read_all(&mut s).await;
-        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
-        assert!(text.ends_with("\r\n\r\n"), "no body: {text}");
+            let text = read_all(&mut s).await;
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+            assert!(text.ends_with("\r\n\r\n"), "no body: {text}");
+        }
         srv.shutdown.cancel();
         srv.task.await.unwrap().unwrap();
     }
@@ -1216,31 +1469,34 @@ mod tests {
     /// client stopped reading is closed after the header timeout like any response.
     #[tokio::test(start_paused = true)]
     async fn detached_streams_end_at_shutdown_and_when_not_read() {
-        let srv = start(LIMITS).await;
-        let mut stalled = TcpStream::connect(srv.addr).await.unwrap();
-        stalled
-            .write_all(b"GET /detached-flood HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut reader = TcpStream::connect(srv.addr).await.unwrap();
-        reader
-            .write_all(b"GET /detached-forever HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = vec![0; 4096];
-        let n = reader.read(&mut buf).await.unwrap();
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        assert!(text.contains("\r\n\r\n5\r\nhello\r\n"), "{text}");
-        // The stalled client: its socket full, it is closed after the header timeout.
-        tokio::time::sleep(LIMITS.header_timeout * 2).await;
-        let mut sink = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(60), stalled.read_to_end(&mut sink)).await;
-        assert!(r.is_ok(), "the stalled stream was never closed");
-        srv.shutdown.cancel();
-        // The reading client gets the rest, then the last chunk, then EOF.
-        let rest = read_all(&mut reader).await;
-        assert_eq!(rest, "0\r\n\r\n");
-        srv.task.await.unwrap().unwrap();
+        for kind in ["detached", "paced"] {
+            let srv = start(LIMITS).await;
+            let mut stalled = TcpStream::connect(srv.addr).await.unwrap();
+            stalled
+                .write_all(format!("GET /{kind}-flood HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut reader = TcpStream::connect(srv.addr).await.unwrap();
+            reader
+                .write_all(format!("GET /{kind}-forever HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut buf = vec![0; 4096];
+            let n = reader.read(&mut buf).await.unwrap();
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(text.contains("\r\n\r\n5\r\nhello\r\n"), "{kind}: {text}");
+            // The stalled client: its socket full, it is closed after the header timeout.
+            tokio::time::sleep(LIMITS.header_timeout * 2).await;
+            let mut sink = Vec::new();
+            let r =
+                tokio::time::timeout(Duration::from_secs(60), stalled.read_to_end(&mut sink)).await;
+            assert!(r.is_ok(), "{kind}: the stalled stream was never closed");
+            srv.shutdown.cancel();
+            // The reading client gets the rest, then the last chunk, then EOF.
+            let rest = read_all(&mut reader).await;
+            assert_eq!(rest, "0\r\n\r\n", "{kind}");
+            srv.task.await.unwrap().unwrap();
+        }
     }
 
     /// A client that goes away ends its detached stream at once (its subscriber slot is
@@ -1250,46 +1506,60 @@ mod tests {
     async fn a_detached_stream_ends_when_its_client_goes() {
         // Counts the streams alive (plus this test's and the route's own).
         let live = Arc::new(());
-        let route_live = live.clone();
-        let router = Router::new().route(
-            "/watched",
-            get(move || {
-                let guard = route_live.clone();
-                async move {
-                    // "hello", then nothing; `guard` is dropped with the stream.
-                    let first = futures_util::stream::iter([Bytes::from_static(b"hello")]);
-                    let rest = futures_util::stream::unfold(guard, |g| async move {
-                        std::future::pending::<()>().await;
-                        Some((Bytes::new(), g))
-                    });
-                    detached_response(futures_util::StreamExt::chain(first, rest))
-                }
-            }),
-        );
+        let (route_live, paced_live) = (live.clone(), live.clone());
+        let router = Router::new()
+            .route(
+                "/watched",
+                get(move || {
+                    let guard = route_live.clone();
+                    async move {
+                        // "hello", then nothing; `guard` is dropped with the stream.
+                        let first = futures_util::stream::iter([Bytes::from_static(b"hello")]);
+                        let rest = futures_util::stream::unfold(guard, |g| async move {
+                            std::future::pending::<()>().await;
+                            Some((Bytes::new(), g))
+                        });
+                        detached_response(futures_util::StreamExt::chain(first, rest))
+                    }
+                }),
+            )
+            .route(
+                "/watched-paced",
+                get(move || {
+                    // The same, paced: visited again only in an hour.
+                    let guard = paced_live.clone();
+                    async move {
+                        let first = vec![Bytes::from_static(b"hello")];
+                        paced_response(first, Chunks::new(&[], Some(Bytes::new()), guard))
+                    }
+                }),
+            );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve(listener, router, shutdown.clone(), LIMITS));
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /watched HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = vec![0; 4096];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).contains("hello"));
-        assert_eq!(Arc::strong_count(&live), 3, "one stream");
-        drop(s);
-        for _ in 0..100 {
-            if Arc::strong_count(&live) == 2 {
-                break;
+        for path in ["/watched", "/watched-paced"] {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut buf = vec![0; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(String::from_utf8_lossy(&buf[..n]).contains("hello"));
+            assert_eq!(Arc::strong_count(&live), 4, "{path}: one stream");
+            drop(s);
+            for _ in 0..100 {
+                if Arc::strong_count(&live) == 3 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert_eq!(
+                Arc::strong_count(&live),
+                3,
+                "{path}: the stream outlived its client by a second"
+            );
         }
-        assert_eq!(
-            Arc::strong_count(&live),
-            2,
-            "the stream outlived its client by a second"
-        );
         shutdown.cancel();
         task.await.unwrap().unwrap();
     }

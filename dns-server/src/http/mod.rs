@@ -5,6 +5,7 @@ pub mod error;
 pub mod extract;
 pub mod legacy;
 pub mod lists;
+pub mod paced;
 pub mod sse;
 pub mod tls;
 pub mod ui;

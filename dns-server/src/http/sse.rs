@@ -32,6 +32,7 @@ use shared::{Event, NamespaceName};
 use tokio::time::Instant;
 
 use super::AppState;
+use super::accept::{DetachedStream, Paced, Visit};
 use super::error::ApiError;
 use super::extract::{self, P};
 use crate::registry::events::{Feed, Published, Sequenced, Taken};
@@ -95,23 +96,20 @@ impl Pacing {
     }
 }
 
-/// The instant all phases are counted from.
-fn origin() -> Instant {
-    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *ORIGIN.get_or_init(Instant::now)
-}
-
-/// The first instant at or after `not_before` that is `phase` (a fraction of the window)
-/// into a window counted from [`origin`].
-fn next_slot(not_before: Instant, window: Duration, phase: f64) -> Instant {
+/// The first of the slots `slot`, `slot + window`, `slot + 2 window`, ... that is after
+/// `after`. Slots are counted from the subscriber's own last slot, so that a change of the
+/// window (of the number of subscribers) moves only the slots after it: counted from a
+/// common origin, a window 25 µs longer (one subscriber more at 40,000 writes/s) moved the
+/// slot of a server up for an hour by over a window, and a write came up to one and a half
+/// windows after the last.
+fn slot_after(slot: Instant, window: Duration, after: Instant) -> Instant {
+    if slot > after {
+        return slot;
+    }
     let window = window.max(Duration::from_millis(1));
-    let offset = window.mul_f64(phase);
-    let since = not_before.saturating_duration_since(origin() + offset);
-    let k = since.as_nanos().div_ceil(window.as_nanos());
-    // (u64 nanoseconds: 584 years of uptime.)
-    let after = u64::try_from(k * window.as_nanos()).unwrap_or(u64::MAX);
-    let slot = origin() + offset + Duration::from_nanos(after);
-    slot.max(not_before)
+    let k = (after - slot).as_nanos() / window.as_nanos() + 1;
+    // (u64 nanoseconds: 584 years.)
+    slot + Duration::from_nanos(u64::try_from(k * window.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// A subscriber's live part.
@@ -120,8 +118,9 @@ struct Live {
     ns: NamespaceName,
     /// When a keep-alive comment is due.
     ping: Instant,
-    /// The last write of events.
-    last_write: Option<Instant>,
+    /// The subscriber's last slot (the first: its phase in the first window, at random):
+    /// its writes of events are at this plus whole windows.
+    slot: Instant,
     /// Events are waiting (the last write was full).
     more: bool,
     /// The last slot found several events: the next slot is likely to find some too, so
@@ -132,16 +131,47 @@ struct Live {
     /// Wake-ups to take events (at a publication, at a slot).
     wakes: u64,
     pacing: Pacing,
-    /// This subscriber's phase in the window, in [0, 1).
-    phase: f64,
     permits: std::sync::Arc<tokio::sync::Semaphore>,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Ends the stream when it paces itself ([`Paced::into_stream`]).
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl Live {
+    /// The window for the current number of subscribers.
+    fn window(&self) -> Duration {
+        let subscribers = self
+            .pacing
+            .cap
+            .saturating_sub(self.permits.available_permits());
+        self.pacing.window(subscribers)
+    }
+
+    /// This subscriber's first slot after `after` (see [`slot_after`]), now its last.
+    fn slot_after(&mut self, after: Instant) -> Instant {
+        self.slot = slot_after(self.slot, self.window(), after);
+        self.slot
+    }
+
+    /// The events published since the last write, at most [`MAX_WRITE`] of them (`more`
+    /// is set when others wait), or a `resync`; `None` when there are none.
+    fn take(&mut self, now: Instant) -> Option<Bytes> {
+        let (bytes, more, several) = match self.feed.take(MAX_WRITE) {
+            Taken::Nothing => {
+                (self.more, self.busy) = (false, false);
+                return None;
+            }
+            Taken::Lost(seq) => (resync(&self.ns, seq), false, false),
+            Taken::Events { events, more } => (concat(&events), more, events.len() > 1),
+        };
+        (self.more, self.busy) = (more, several);
+        self.ping = now + KEEP_ALIVE;
+        Some(bytes)
+    }
+
     /// The next bytes to send: the events published since the last write, all at once,
     /// at this subscriber's next slot (see [`Pacing`]), or a keep-alive; `None` when the
-    /// hub is gone.
+    /// hub is gone. (The pacing of a stream not written by the paced writer.)
     async fn next(&mut self) -> Option<Bytes> {
         loop {
             if !self.more {
@@ -159,34 +189,48 @@ impl Live {
                         }
                     }
                 }
-                let subscribers = self
-                    .pacing
-                    .cap
-                    .saturating_sub(self.permits.available_permits());
-                let window = self.pacing.window(subscribers);
-                // Half a window after the last write at the earliest: the subscriber's next
-                // slot is then a whole window after it (if the window has not changed).
-                let not_before = self
-                    .last_write
-                    .map_or_else(Instant::now, |at| (at + window / 2).max(Instant::now()));
-                tokio::time::sleep_until(next_slot(not_before, window, self.phase)).await;
+                let at = self.slot_after(Instant::now());
+                tokio::time::sleep_until(at).await;
                 self.wakes += 1;
             }
-            let (bytes, more, several) = match self.feed.take(MAX_WRITE) {
-                Taken::Nothing => {
-                    // Quiet: wait for the next publication again.
-                    (self.more, self.busy) = (false, false);
-                    continue;
-                }
-                Taken::Lost(seq) => (resync(&self.ns, seq), false, false),
-                Taken::Events { events, more } => (concat(&events), more, events.len() > 1),
-            };
-            let now = Instant::now();
-            (self.more, self.busy) = (more, several);
-            self.last_write = Some(now);
-            self.ping = now + KEEP_ALIVE;
-            return Some(bytes);
+            if let Some(bytes) = self.take(Instant::now()) {
+                return Some(bytes);
+            }
         }
+    }
+}
+
+impl Paced for Live {
+    /// At each of the subscriber's slots: what was published since the last write, or a
+    /// keep-alive when due; back to back while more events wait.
+    fn visit(&mut self, now: Instant) -> Visit {
+        let Some(published) = self.feed.pending() else {
+            return Visit::End;
+        };
+        if (published || self.more)
+            && let Some(bytes) = self.take(now)
+        {
+            let at = if self.more { now } else { self.slot_after(now) };
+            return Visit::Write(bytes, at);
+        }
+        let at = self.slot_after(now);
+        if now >= self.ping {
+            self.ping = now + KEEP_ALIVE;
+            return Visit::Write(Bytes::from_static(KEEP_ALIVE_FRAME), at);
+        }
+        Visit::Wait(at)
+    }
+
+    fn into_stream(self: Box<Self>) -> DetachedStream {
+        let shutdown = self.shutdown.clone();
+        // End the stream at shutdown so graceful shutdown does not wait on it.
+        Box::pin(
+            stream::unfold(*self, |mut st| async move {
+                let frame = st.next().await?;
+                Some((frame, st))
+            })
+            .take_until(shutdown.cancelled_owned()),
+        )
     }
 }
 
@@ -232,25 +276,26 @@ pub async fn events(
         feed: sub.live,
         ns,
         ping: Instant::now() + KEEP_ALIVE,
-        last_write: None,
+        // The first slot in the first window, at random: subscribers are spread over it.
+        slot: Instant::now()
+            + s.sse_pacing
+                .window(
+                    s.sse_pacing
+                        .cap
+                        .saturating_sub(s.sse_permits.available_permits()),
+                )
+                .mul_f64(rand::random::<f64>()),
         more: false,
         busy: false,
         wakes: 0,
         pacing: s.sse_pacing,
-        phase: rand::random::<f64>(),
         permits: s.sse_permits.clone(),
         _permit: permit,
+        shutdown: s.shutdown.clone(),
     };
-    let live = stream::unfold(state, |mut st| async move {
-        let frame = st.next().await?;
-        Some((frame, st))
-    });
-    // End the stream at shutdown so graceful shutdown does not wait on it.
-    let stream = stream::iter(head)
-        .chain(live)
-        .take_until(s.shutdown.clone().cancelled_owned());
-    // Written by the connection itself, without hyper's per-connection buffers.
-    let (body, detach) = super::accept::detachable(stream);
+    // Written by the connection (or the paced writer), without hyper's per-connection
+    // buffers.
+    let (body, detach) = super::accept::detachable_paced(head, Box::new(state));
     let epoch = s.registry.events().epoch().to_string();
     let mut resp = (
         [
@@ -280,7 +325,7 @@ mod tests {
             feed: hub.subscribe(ns, None).live,
             ns: ns.clone(),
             ping: Instant::now() + KEEP_ALIVE,
-            last_write: None,
+            slot: Instant::now() + Duration::from_millis(20).mul_f64(phase),
             more: false,
             busy: false,
             wakes: 0,
@@ -289,9 +334,9 @@ mod tests {
                 min_window: Duration::from_millis(20),
                 writes_per_sec: 1_000,
             },
-            phase,
             permits,
             _permit: permit,
+            shutdown: Default::default(),
         }
     }
 
@@ -345,7 +390,7 @@ mod tests {
         );
         // Each write at the subscriber's phase: 10 ms into a 20 ms window.
         for w in &writes {
-            assert_eq!((*w - origin()).as_millis() % 20, 10, "{:?}", *w - started);
+            assert_eq!((*w - started).as_millis() % 20, 10, "{:?}", *w - started);
         }
         // Under steady events, woken once per write (at its slot), not also at each
         // publication before it.
@@ -380,6 +425,7 @@ mod tests {
     async fn a_burst_is_one_write_and_phases_spread_subscribers() {
         let hub = EventHub::new(0);
         let ns = NamespaceName::new("a").unwrap();
+        let created = Instant::now();
         let (mut early, mut late) = (live(&hub, &ns, 0.1), live(&hub, &ns, 0.9));
         for i in 0..200 {
             hub.publish(&ns, gone(&ns, i));
@@ -390,8 +436,74 @@ mod tests {
         );
         assert!(a.iter().all(|g| g.0 == a[0].0), "one write");
         assert!(b.iter().all(|g| g.0 == b[0].0), "one write");
-        assert_eq!((a[0].0 - origin()).as_millis() % 20, 2);
-        assert_eq!((b[0].0 - origin()).as_millis() % 20, 18);
+        assert_eq!((a[0].0 - created).as_millis() % 20, 2);
+        assert_eq!((b[0].0 - created).as_millis() % 20, 18);
+    }
+
+    /// Visited as the paced writer does (at the instants it asks for): events published
+    /// 4 ms apart go out once per window at the subscriber's phase, all of them in order; a
+    /// quiet subscriber is visited once per window and writes nothing until a keep-alive is
+    /// due.
+    #[tokio::test(start_paused = true)]
+    async fn visits_write_once_per_window_at_the_phase_and_keep_alive_when_quiet() {
+        let hub = Arc::new(EventHub::new(0));
+        let ns = NamespaceName::new("a").unwrap();
+        let mut sub = live(&hub, &ns, 0.5);
+        let start = Instant::now();
+        let mut at = start;
+        let (mut writes, mut ids, mut keep_alives, mut quiet_visits) = (vec![], vec![], 0, 0);
+        let mut published = 0;
+        while at < start + KEEP_ALIVE + Duration::from_secs(1) {
+            // Publish what is due by the visit, 4 ms apart for the first 400 ms.
+            while published < 100 && start + Duration::from_millis(4 * published) <= at {
+                hub.publish(&ns, gone(&ns, published as usize));
+                published += 1;
+            }
+            tokio::time::sleep_until(at).await;
+            let next = match sub.visit(at) {
+                Visit::Write(bytes, next) => {
+                    let text = String::from_utf8(bytes.to_vec()).unwrap();
+                    if text == std::str::from_utf8(KEEP_ALIVE_FRAME).unwrap() {
+                        keep_alives += 1;
+                    } else {
+                        writes.push(at);
+                        ids.extend(
+                            text.lines()
+                                .filter_map(|l| l.strip_prefix("id: "))
+                                .map(|id| id.parse::<u64>().unwrap()),
+                        );
+                    }
+                    next
+                }
+                Visit::Wait(next) => {
+                    if published == 100 {
+                        quiet_visits += 1;
+                    }
+                    next
+                }
+                Visit::End => panic!("ended with the hub alive"),
+            };
+            assert!(next > at, "visited again at once without more to write");
+            at = next;
+        }
+        assert_eq!(ids, (1..=100).collect::<Vec<_>>());
+        assert!(writes.len() <= 23, "{} writes", writes.len());
+        // The first visit is at the hand-in (the writer's), the next ones at slots.
+        let slotted = &writes[1..];
+        assert!(
+            slotted
+                .windows(2)
+                .all(|w| w[1] - w[0] >= Duration::from_millis(20))
+        );
+        for w in slotted {
+            assert_eq!((*w - start).as_millis() % 20, 10);
+        }
+        // Quiet for about 15 s at one visit per 20 ms window.
+        assert!(
+            (700..=800).contains(&quiet_visits),
+            "{quiet_visits} quiet visits"
+        );
+        assert_eq!(keep_alives, 1);
     }
 
     #[test]
@@ -408,19 +520,34 @@ mod tests {
     }
 
     #[test]
-    fn slots_are_a_window_apart_at_the_subscribers_phase() {
+    fn slots_are_a_window_apart_from_the_last_one() {
+        let t0 = Instant::now();
         let w = Duration::from_millis(100);
-        let start = origin() + Duration::from_secs(7) + Duration::from_millis(3);
-        let a = next_slot(start, w, 0.25);
-        // The first instant 25 ms into a window: 7.025 s after the origin.
-        assert_eq!(a - origin(), Duration::from_millis(7_025));
-        // Exactly on a slot: that slot; just after: the next one.
-        assert_eq!(next_slot(a, w, 0.25), a);
-        assert_eq!(next_slot(a + Duration::from_millis(1), w, 0.25), a + w);
-        // Another phase, the same window: another instant.
+        let first = t0 + Duration::from_millis(25);
+        // Before the first slot: it; on a slot or just after: the next one.
+        assert_eq!(slot_after(first, w, t0), first);
+        assert_eq!(slot_after(first, w, first), first + w);
         assert_eq!(
-            next_slot(start, w, 0.75) - origin(),
-            Duration::from_millis(7_075)
+            slot_after(first, w, first + Duration::from_millis(1)),
+            first + w
         );
+        assert_eq!(slot_after(first, w, first + w * 7 + w / 2), first + w * 8);
+    }
+
+    /// The window grows by 25 µs (one subscriber more at 40,000 writes/s) on a server up
+    /// for a day: the next slot is still one window after the last, not anywhere in the
+    /// window (as with slots counted from the server's start: 86,400 s / 100 ms windows
+    /// times 25 µs moved it by 86 windows' worth).
+    #[tokio::test(start_paused = true)]
+    async fn a_window_change_moves_only_the_slots_after_it() {
+        let hub = EventHub::new(0);
+        let ns = NamespaceName::new("a").unwrap();
+        let mut sub = live(&hub, &ns, 0.5);
+        tokio::time::advance(Duration::from_secs(86_400)).await;
+        let now = Instant::now();
+        let last = sub.slot_after(now);
+        assert!(last > now && last - now <= Duration::from_millis(20));
+        sub.pacing.min_window = Duration::from_millis(20) + Duration::from_micros(25);
+        assert_eq!(sub.slot_after(last), last + sub.pacing.min_window);
     }
 }

@@ -156,6 +156,12 @@ impl Feed {
         self.wake.changed().await.is_ok()
     }
 
+    /// Whether an event may have been published since the last [`take`](Self::take) (or
+    /// this feed's creation), without waiting; `None` when the hub is gone.
+    pub fn pending(&self) -> Option<bool> {
+        self.wake.has_changed().ok()
+    }
+
     /// Takes the events after the cursor, up to about `max_bytes` of frames (at least one
     /// event), and moves the cursor past them.
     pub fn take(&mut self, max_bytes: usize) -> Taken {
