@@ -26,7 +26,10 @@
 //! - writes long-lived responses (event streams, see [`detachable`]) itself, after hyper
 //!   has parsed the request and let go of the connection: hyper keeps 16 KiB of buffers
 //!   per connection (8 KiB read, 8 KiB for response heads) for as long as a response
-//!   lasts, which for thousands of event streams was most of the server's memory;
+//!   lasts, which for thousands of event streams was most of the server's memory; a
+//!   paced one ([`detachable_paced`]) on plain TCP is written by the loop's paced writers
+//!   ([`paced`](super::paced), a task per worker thread), the connection only reading to
+//!   notice its client leave and writing what a slow client could not take at once;
 //! - at shutdown stops accepting and lets each connection finish its request (graceful);
 //! - with TLS ([`serve_tls`]), does each handshake in the connection's task within
 //!   [`HttpLimits::header_timeout`]; over-cap clients are closed without a 503 (it would
@@ -223,8 +226,9 @@ impl Handed {
         } = self;
         match (body, writer) {
             (Detached::Paced(first, paced), Some((writer, tcp))) => {
-                let first = first.concat();
-                io.write_all_buf(&mut Buf::chain(&head[..], framed(first.into(), http10)))
+                // The replay as one chunk of the shared frames.
+                let first = Frames(first.into());
+                io.write_all_buf(&mut Buf::chain(&head[..], framed(first, http10)))
                     .await?;
                 io.flush().await?;
                 drop(head);
@@ -358,18 +362,52 @@ impl Handed {
 /// `bytes` as the body's next part: a chunk (size line, bytes, CRLF), or as they are
 /// when the body is close-delimited (HTTP/1.0); nothing for no bytes (an empty chunk
 /// would end the body).
-pub(super) fn framed(bytes: Bytes, http10: bool) -> impl Buf {
-    let size = if http10 || bytes.is_empty() {
+pub(super) fn framed<B: Buf>(bytes: B, http10: bool) -> impl Buf {
+    let empty = !bytes.has_remaining();
+    let size = if http10 || empty {
         String::new()
     } else {
-        format!("{:x}\r\n", bytes.len())
+        format!("{:x}\r\n", bytes.remaining())
     };
-    let end: &'static [u8] = if http10 || bytes.is_empty() {
-        b""
-    } else {
-        b"\r\n"
-    };
+    let end: &'static [u8] = if http10 || empty { b"" } else { b"\r\n" };
     Buf::chain(Buf::chain(Bytes::from(size), bytes), end)
+}
+
+/// Shared frames as one [`Buf`] (written with one vectored write, not copied).
+struct Frames(std::collections::VecDeque<Bytes>);
+
+impl Buf for Frames {
+    fn remaining(&self) -> usize {
+        self.0.iter().map(Bytes::len).sum()
+    }
+    fn chunk(&self) -> &[u8] {
+        self.0
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[], |b| &b[..])
+    }
+    fn chunks_vectored<'a>(&'a self, dst: &mut [io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, b) in dst.iter_mut().zip(self.0.iter().filter(|b| !b.is_empty())) {
+            *slot = io::IoSlice::new(b);
+            n += 1;
+        }
+        n
+    }
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 {
+            let front = self.0.front_mut().expect("advance past the end");
+            let k = cnt.min(front.len());
+            front.advance(k);
+            cnt -= k;
+            if front.is_empty() {
+                self.0.pop_front();
+            }
+        }
+        while self.0.front().is_some_and(Bytes::is_empty) {
+            self.0.pop_front();
+        }
+    }
 }
 
 /// What hyper reads and writes; its writes are discarded once a response is taken from it
@@ -797,9 +835,9 @@ impl AsyncRead for Watched {
             match self.io.poll_read_ready(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => match self.io.try_read(buf.initialize_unfilled()) {
+                // (Into the unfilled part as it is: nothing zeroed first.)
+                Poll::Ready(Ok(())) => match self.io.try_read_buf(buf) {
                     Ok(n) => {
-                        buf.advance(n);
                         if n > 0 {
                             self.activity.read();
                         }
@@ -1052,9 +1090,13 @@ mod tests {
         addr: std::net::SocketAddr,
         shutdown: CancellationToken,
         task: tokio::task::JoinHandle<io::Result<()>>,
+        /// Visits of the paced routes' sources by the writer.
+        visits: Arc<AtomicUsize>,
     }
 
     async fn start(limits: HttpLimits) -> Running {
+        let visits = Arc::new(AtomicUsize::new(0));
+        let (v1, v2, v3) = (visits.clone(), visits.clone(), visits.clone());
         let router = Router::new()
             .route("/health", get(|| async { "ok" }))
             .route(
@@ -1120,23 +1162,25 @@ mod tests {
             // The same three, paced: written by the writer task on plain TCP.
             .route(
                 "/paced",
-                get(|| async { paced_response(vec![], Chunks::new(&[b"a", b"bb"], None, ())) }),
+                get(move || async move {
+                    paced_response(vec![], Chunks::new(&[b"a", b"bb"], None, (), v1))
+                }),
             )
             .route(
                 "/paced-forever",
-                get(|| async {
+                get(move || async move {
                     let quiet = Some(Bytes::new());
                     paced_response(
                         vec![Bytes::from_static(b"hello")],
-                        Chunks::new(&[], quiet, ()),
+                        Chunks::new(&[], quiet, (), v2),
                     )
                 }),
             )
             .route(
                 "/paced-flood",
-                get(|| async {
+                get(move || async move {
                     let flood = Some(Bytes::from(vec![b'x'; 1 << 20]));
-                    paced_response(vec![], Chunks::new(&[], flood, ()))
+                    paced_response(vec![], Chunks::new(&[], flood, (), v3))
                 }),
             );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1147,6 +1191,7 @@ mod tests {
             addr,
             shutdown,
             task,
+            visits,
         }
     }
 
@@ -1163,26 +1208,58 @@ mod tests {
         resp
     }
 
+    #[test]
+    fn frames_are_written_as_one_chunk_across_their_boundaries() {
+        let frames = || {
+            Frames(
+                [&b"ab"[..], b"", b"cde"]
+                    .map(Bytes::from_static)
+                    .into_iter()
+                    .collect(),
+            )
+        };
+        let mut all = framed(frames(), false);
+        assert_eq!(all.remaining(), 10);
+        assert_eq!(&all.copy_to_bytes(10)[..], b"5\r\nabcde\r\n");
+        let mut f = frames();
+        let mut slices = [io::IoSlice::new(&[]); 4];
+        assert_eq!(f.chunks_vectored(&mut slices), 2);
+        f.advance(3);
+        assert_eq!((f.remaining(), f.chunk()), (2, &b"de"[..]));
+        f.advance(2);
+        assert!(!f.has_remaining());
+        assert!(!framed(Frames(Default::default()), false).has_remaining());
+    }
+
     /// A paced source: its chunks one visit (1 ms) apart, then `then` forever (an empty
-    /// one: quiet; `None`: the end). `G` is dropped with it.
+    /// one: quiet; `None`: the end). `G` is dropped with it; `visits` counts the writer's
+    /// visits (the paced path was taken, not the stream's).
     struct Chunks<G> {
         chunks: std::collections::VecDeque<Bytes>,
         then: Option<Bytes>,
-        _guard: G,
+        guard: G,
+        visits: Arc<AtomicUsize>,
     }
 
     impl<G: Send + 'static> Chunks<G> {
-        fn new(chunks: &[&'static [u8]], then: Option<Bytes>, guard: G) -> Self {
+        fn new(
+            chunks: &[&'static [u8]],
+            then: Option<Bytes>,
+            guard: G,
+            visits: Arc<AtomicUsize>,
+        ) -> Self {
             Chunks {
                 chunks: chunks.iter().map(|c| Bytes::from_static(c)).collect(),
                 then,
-                _guard: guard,
+                guard,
+                visits,
             }
         }
     }
 
     impl<G: Send + 'static> Paced for Chunks<G> {
         fn visit(&mut self, now: Instant) -> Visit {
+            self.visits.fetch_add(1, Ordering::SeqCst);
             match (self.chunks.pop_front(), &self.then) {
                 (Some(c), _) => Visit::Write(c, now + Duration::from_millis(1)),
                 (None, None) => Visit::End,
@@ -1197,9 +1274,14 @@ mod tests {
                 Some(b) if b.is_empty() => Box::pin(futures_util::stream::pending()),
                 Some(b) => Box::pin(futures_util::stream::repeat(b)),
             };
-            Box::pin(futures_util::StreamExt::chain(
-                futures_util::stream::iter(self.chunks),
-                rest,
+            let guard = self.guard;
+            Box::pin(futures_util::StreamExt::map(
+                futures_util::StreamExt::chain(futures_util::stream::iter(self.chunks), rest),
+                // The guard lives as long as the stream.
+                move |b| {
+                    let _ = &guard;
+                    b
+                },
             ))
         }
     }
@@ -1440,6 +1522,10 @@ mod tests {
             assert!(head.contains("\r\ntransfer-encoding: chunked"), "{text}");
             assert!(head.contains("\r\nconnection: close"), "{text}");
             assert_eq!(body, "1\r\na\r\n2\r\nbb\r\n0\r\n\r\n", "{path}");
+            if path == "/paced" {
+                // Written by the writer: three visits (two chunks, the end).
+                assert_eq!(srv.visits.swap(0, Ordering::SeqCst), 3);
+            }
 
             let mut s = TcpStream::connect(srv.addr).await.unwrap();
             s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
@@ -1450,6 +1536,9 @@ mod tests {
             assert!(head.contains("\r\nconnection: close"), "{text}");
             assert!(!head.contains("transfer-encoding"), "{text}");
             assert_eq!(body, "abb", "{path}");
+            if path == "/paced" {
+                assert_eq!(srv.visits.swap(0, Ordering::SeqCst), 3);
+            }
 
             let mut s = TcpStream::connect(srv.addr).await.unwrap();
             s.write_all(
@@ -1491,6 +1580,10 @@ mod tests {
             let r =
                 tokio::time::timeout(Duration::from_secs(60), stalled.read_to_end(&mut sink)).await;
             assert!(r.is_ok(), "{kind}: the stalled stream was never closed");
+            if kind == "paced" {
+                // The flood's first visit, the quiet stream's first.
+                assert!(srv.visits.load(Ordering::SeqCst) >= 2);
+            }
             srv.shutdown.cancel();
             // The reading client gets the rest, then the last chunk, then EOF.
             let rest = read_all(&mut reader).await;
@@ -1507,6 +1600,8 @@ mod tests {
         // Counts the streams alive (plus this test's and the route's own).
         let live = Arc::new(());
         let (route_live, paced_live) = (live.clone(), live.clone());
+        let visits = Arc::new(AtomicUsize::new(0));
+        let route_visits = visits.clone();
         let router = Router::new()
             .route(
                 "/watched",
@@ -1530,7 +1625,8 @@ mod tests {
                     let guard = paced_live.clone();
                     async move {
                         let first = vec![Bytes::from_static(b"hello")];
-                        paced_response(first, Chunks::new(&[], Some(Bytes::new()), guard))
+                        let visits = route_visits.clone();
+                        paced_response(first, Chunks::new(&[], Some(Bytes::new()), guard, visits))
                     }
                 }),
             );
@@ -1547,6 +1643,10 @@ mod tests {
             let n = s.read(&mut buf).await.unwrap();
             assert!(String::from_utf8_lossy(&buf[..n]).contains("hello"));
             assert_eq!(Arc::strong_count(&live), 4, "{path}: one stream");
+            if path == "/watched-paced" {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                assert_eq!(visits.load(Ordering::SeqCst), 1, "the writer has it");
+            }
             drop(s);
             for _ in 0..100 {
                 if Arc::strong_count(&live) == 3 {

@@ -144,7 +144,12 @@ impl Writer {
     /// an error when the writer dropped it (the socket failed).
     pub fn add(&self, sub: Sub, at: Instant) -> oneshot::Receiver<Back> {
         let (tx, rx) = oneshot::channel();
-        match self.inbox.lock().unwrap().as_mut() {
+        match self
+            .inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
             Some(inbox) => inbox.push((sub, tx, at)),
             None => {
                 let _ = tx.send(Back::Stop(sub));
@@ -156,7 +161,7 @@ impl Writer {
     }
 
     /// Marks a stream closing (see [`Sub::closing`]): it comes back ([`Back::Stop`])
-    /// within [`SWEEP`], not at its next visit, so that a client gone frees its subscriber
+    /// within 10 ms (a sweep), not at its next visit, so that a client gone frees its subscriber
     /// slot at once.
     pub fn close(&self, closing: &AtomicBool) {
         closing.store(true, Ordering::Release);
@@ -166,10 +171,13 @@ impl Writer {
 
     /// Writes the streams handed in until `shutdown`, then gives every one back.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        // However the task ends (a panic too), streams handed in later come back at once
+        // instead of waiting in an inbox no one reads.
+        let _stopped = Stopped(self.clone());
         let mut heap: BinaryHeap<Due> = BinaryHeap::new();
         let mut n = 0u64;
         let mut swept = Instant::now();
-        loop {
+        while !shutdown.is_cancelled() {
             let handed = std::mem::take(self.inbox.lock().unwrap().as_mut().expect("running"));
             for (sub, back, at) in handed {
                 n += 1;
@@ -178,7 +186,9 @@ impl Writer {
             }
             let sweep_at = (self.closed.load(Ordering::Acquire) > 0).then_some(swept + SWEEP);
             if sweep_at.is_some_and(|at| at <= Instant::now()) {
-                self.closed.store(0, Ordering::Release);
+                // (A close counted after this swap is swept next time: its flag is set
+                // before it is counted.)
+                self.closed.swap(0, Ordering::AcqRel);
                 swept = Instant::now();
                 // In place: no allocation per sweep.
                 let mut all = std::mem::take(&mut heap).into_vec();
@@ -191,20 +201,20 @@ impl Writer {
                 }
                 continue;
             }
+            // At most a batch of what is due now, then the inbox and sweeps again: a stream
+            // with more to write is due again at once, and must not keep the others out.
+            let until = Instant::now();
             let mut visited = 0;
-            while heap.peek().is_some_and(|d| d.at <= Instant::now()) {
-                if shutdown.is_cancelled() {
-                    break;
-                }
+            while visited < BATCH && heap.peek().is_some_and(|d| d.at <= until) {
                 let due = heap.pop().expect("peeked");
                 if let Some(again) = visit(due, Instant::now()) {
                     heap.push(again);
                 }
                 visited += 1;
-                if visited == BATCH {
-                    visited = 0;
-                    tokio::task::yield_now().await;
-                }
+            }
+            if visited == BATCH {
+                tokio::task::yield_now().await;
+                continue;
             }
             let next = match (heap.peek().map(|d| d.at), sweep_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -216,10 +226,28 @@ impl Writer {
                 _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {}
             }
         }
-        let inbox = self.inbox.lock().unwrap().take().unwrap_or_default();
         for due in heap.into_vec() {
             let _ = due.held.back.send(Back::Stop(due.held.sub));
         }
+    }
+}
+
+/// Stops taking streams when the writer's task ends: what is waiting in the inbox, or is
+/// handed in later, is given back.
+struct Stopped(Arc<Writer>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("event stream writer failed; its streams end (clients reconnect)");
+        }
+        let inbox = self
+            .0
+            .inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
         for (sub, back, _) in inbox {
             let _ = back.send(Back::Stop(sub));
         }
@@ -280,12 +308,10 @@ mod tests {
     struct Script {
         chunks: VecDeque<Bytes>,
         gap: Duration,
-        visits: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl Paced for Script {
         fn visit(&mut self, now: Instant) -> Visit {
-            self.visits.fetch_add(1, Ordering::SeqCst);
             match self.chunks.pop_front() {
                 Some(b) if b.is_empty() => Visit::Wait(now + self.gap),
                 Some(b) => Visit::Write(b, now + self.gap),
@@ -311,7 +337,6 @@ mod tests {
             paced: Box::new(Script {
                 chunks: chunks.into(),
                 gap,
-                visits: Arc::default(),
             }),
             http10: false,
             closing: closing.clone(),
@@ -410,6 +435,62 @@ mod tests {
         assert!(got == expected, "bytes lost or reordered");
         shutdown.cancel();
         task.await.unwrap();
+    }
+
+    /// Always due, never writing (like a subscriber with events always waiting).
+    struct Busy;
+
+    impl Paced for Busy {
+        fn visit(&mut self, now: Instant) -> Visit {
+            Visit::Wait(now)
+        }
+        fn into_stream(self: Box<Self>) -> DetachedStream {
+            Box::pin(futures_util::stream::pending())
+        }
+    }
+
+    /// Streams due again at once do not keep the writer from the ones handed in after
+    /// them, nor from closing (the loop was bounded by nothing).
+    #[tokio::test]
+    async fn streams_always_due_do_not_shut_out_new_ones_or_closes() {
+        let writer = Arc::new(Writer::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(writer.clone().run(shutdown.clone()));
+        let (io, mut client) = pair().await;
+        let mut busy = vec![];
+        for _ in 0..3 {
+            let closing = Arc::new(AtomicBool::new(false));
+            let sub = Sub {
+                io: io.clone(),
+                paced: Box::new(Busy),
+                http10: false,
+                closing: closing.clone(),
+            };
+            busy.push((writer.add(sub, Instant::now()), closing));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (s, _) = sub(&io, vec![Bytes::from_static(b"new")], Duration::ZERO);
+        let back = writer.add(s, Instant::now());
+        assert_eq!(read_n(&mut client, 8).await, b"3\r\nnew\r\n");
+        assert!(matches!(back.await, Ok(Back::End(_))));
+        let (back, closing) = busy.pop().unwrap();
+        writer.close(&closing);
+        let r = tokio::time::timeout(Duration::from_secs(5), back).await;
+        assert!(matches!(r, Ok(Ok(Back::Stop(_)))));
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn streams_handed_in_after_the_writer_stopped_come_back_at_once() {
+        let writer = Arc::new(Writer::default());
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        writer.clone().run(shutdown).await;
+        let (io, _client) = pair().await;
+        let (s, _) = sub(&io, vec![], Duration::ZERO);
+        let r = tokio::time::timeout(Duration::from_secs(5), writer.add(s, Instant::now())).await;
+        assert!(matches!(r, Ok(Ok(Back::Stop(_)))));
     }
 
     #[tokio::test]

@@ -17,9 +17,11 @@
 //! costs a bounded number of writes per second (see [`Pacing`]). Subscribers are capped
 //! (`--sse-max-subscribers`): beyond the cap a client gets 503 `too_many_subscribers`.
 //!
-//! The accept loop writes each stream itself once hyper has parsed the request (see
-//! [`detachable`](super::accept::detachable)): hyper's buffers are not kept for the
-//! stream's whole life.
+//! Once hyper has parsed the request, the stream leaves hyper (see
+//! [`detachable_paced`](super::accept::detachable_paced)): on plain TCP a subscriber is a
+//! [`Paced`] source visited at its slots by the accept loop's paced writer
+//! ([`paced`](super::paced)), with TLS a stream its connection writes. Hyper's buffers are
+//! not kept for the stream's whole life.
 
 use std::time::Duration;
 
@@ -67,16 +69,16 @@ const MAX_WRITE: usize = 16 * 1024;
 
 /// How often each subscriber is written to.
 ///
-/// A write costs the server about the same whatever it carries (a wake-up, a system call,
-/// a TCP segment: 15-20 µs of CPU measured on loopback), so what fan-out costs is writes
+/// A write costs the server about the same whatever it carries (a system call, a TCP
+/// segment: about 10 µs of CPU measured on loopback), so what fan-out costs is writes
 /// per second, not events: each subscriber is written to at most once per *window*, with
 /// everything published since its last write. The window is `min_window`, stretched so
 /// that all subscribers together make at most `writes_per_sec` writes: 20,000 subscribers
 /// at 40,000 writes/s get a write every 500 ms at most, under any churn.
 ///
-/// Each subscriber writes in its own phase of the window (random), so writes are spread
-/// over time rather than 20,000 at once after every event: no burst holds up the requests
-/// (heartbeats) queued behind it.
+/// Each subscriber writes in its own phase of the window (random at first, then a window
+/// after its last slot), so writes are spread over time rather than 20,000 at once after
+/// every event: no burst holds up the requests (heartbeats) queued behind it.
 #[derive(Debug, Clone, Copy)]
 pub struct Pacing {
     /// The subscriber cap (for the number of subscribers: cap minus free permits).
@@ -202,7 +204,9 @@ impl Live {
 
 impl Paced for Live {
     /// At each of the subscriber's slots: what was published since the last write, or a
-    /// keep-alive when due; back to back while more events wait.
+    /// keep-alive when due; back to back while more events wait. A keep-alive due before the
+    /// next slot (a window longer than [`KEEP_ALIVE`]) gets a visit of its own, which does
+    /// not move the slots.
     fn visit(&mut self, now: Instant) -> Visit {
         let Some(published) = self.feed.pending() else {
             return Visit::End;
@@ -210,15 +214,19 @@ impl Paced for Live {
         if (published || self.more)
             && let Some(bytes) = self.take(now)
         {
-            let at = if self.more { now } else { self.slot_after(now) };
+            let at = if self.more {
+                now
+            } else {
+                self.slot_after(now).min(self.ping)
+            };
             return Visit::Write(bytes, at);
         }
-        let at = self.slot_after(now);
         if now >= self.ping {
             self.ping = now + KEEP_ALIVE;
+            let at = self.slot_after(now).min(self.ping);
             return Visit::Write(Bytes::from_static(KEEP_ALIVE_FRAME), at);
         }
-        Visit::Wait(at)
+        Visit::Wait(self.slot_after(now).min(self.ping))
     }
 
     fn into_stream(self: Box<Self>) -> DetachedStream {
@@ -532,6 +540,38 @@ mod tests {
             first + w
         );
         assert_eq!(slot_after(first, w, first + w * 7 + w / 2), first + w * 8);
+    }
+
+    /// With a window longer than the keep-alive interval (few writes per second for many
+    /// subscribers), keep-alives still go out every 15 s, between slots, and do not move
+    /// them.
+    #[tokio::test(start_paused = true)]
+    async fn keep_alives_are_not_held_back_by_a_long_window() {
+        let hub = EventHub::new(0);
+        let ns = NamespaceName::new("a").unwrap();
+        let mut sub = live(&hub, &ns, 0.5);
+        sub.pacing.min_window = Duration::from_secs(40);
+        let start = Instant::now();
+        let slot = sub.slot;
+        let mut at = start;
+        let mut pings = vec![];
+        while at < start + Duration::from_secs(50) {
+            tokio::time::sleep_until(at).await;
+            at = match sub.visit(at) {
+                Visit::Write(bytes, next) => {
+                    assert_eq!(&bytes[..], KEEP_ALIVE_FRAME);
+                    pings.push(at - start);
+                    next
+                }
+                Visit::Wait(next) => next,
+                Visit::End => panic!("ended"),
+            };
+        }
+        let s = Duration::from_secs;
+        assert_eq!(pings, vec![s(15), s(30), s(45)]);
+        // The first slot (10 ms in: phase 0.5 of the 20 ms window it was made with), then
+        // one 40 s window after it, whatever the keep-alives in between.
+        assert_eq!(sub.slot, slot + s(40) * 2);
     }
 
     /// The window grows by 25 µs (one subscriber more at 40,000 writes/s) on a server up
