@@ -1198,7 +1198,11 @@ mod tests {
     fn detached_response(
         stream: impl futures_util::Stream<Item = Bytes> + Send + 'static,
     ) -> axum::response::Response {
-        let (body, detach) = detachable(stream);
+        event_stream(detachable(stream))
+    }
+
+    /// A `text/event-stream` answer the connection may take.
+    fn event_stream((body, detach): (Body, Detach)) -> axum::response::Response {
         let mut resp = axum::response::Response::new(body);
         resp.headers_mut().insert(
             axum::http::header::CONTENT_TYPE,
@@ -1287,14 +1291,7 @@ mod tests {
     }
 
     fn paced_response(first: Vec<Bytes>, paced: impl Paced) -> axum::response::Response {
-        let (body, detach) = detachable_paced(first, Box::new(paced));
-        let mut resp = axum::response::Response::new(body);
-        resp.headers_mut().insert(
-            axum::http::header::CONTENT_TYPE,
-            axum::http::HeaderValue::from_static("text/event-stream"),
-        );
-        resp.extensions_mut().insert(detach);
-        resp
+        event_stream(detachable_paced(first, Box::new(paced)))
     }
 
     /// Reads until EOF (or an error such as a reset); the text read.

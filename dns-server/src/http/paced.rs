@@ -323,6 +323,14 @@ mod tests {
         }
     }
 
+    /// A writer running until the token is cancelled.
+    fn running() -> (Arc<Writer>, CancellationToken, tokio::task::JoinHandle<()>) {
+        let writer = Arc::new(Writer::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(writer.clone().run(shutdown.clone()));
+        (writer, shutdown, task)
+    }
+
     async fn pair() -> (Arc<TcpStream>, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -366,9 +374,7 @@ mod tests {
 
     #[tokio::test]
     async fn streams_are_written_as_chunks_at_their_instants_then_come_back_at_the_end() {
-        let writer = Arc::new(Writer::default());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(writer.clone().run(shutdown.clone()));
+        let (writer, shutdown, task) = running();
         let (io, mut client) = pair().await;
         let chunks = [&b"one"[..], b"", b"three"]
             .map(Bytes::from_static)
@@ -387,9 +393,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_the_socket_cannot_take_goes_back_with_every_byte_not_written() {
-        let writer = Arc::new(Writer::default());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(writer.clone().run(shutdown.clone()));
+        let (writer, shutdown, task) = running();
         let (io, client) = pair().await;
         // 64 MiB in 1 MiB chunks without reading: more than the socket buffers hold.
         let chunks: Vec<Bytes> = (0..64u8)
@@ -453,9 +457,7 @@ mod tests {
     /// them, nor from closing (the loop was bounded by nothing).
     #[tokio::test]
     async fn streams_always_due_do_not_shut_out_new_ones_or_closes() {
-        let writer = Arc::new(Writer::default());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(writer.clone().run(shutdown.clone()));
+        let (writer, shutdown, task) = running();
         let (io, mut client) = pair().await;
         let mut busy = vec![];
         for _ in 0..3 {
@@ -495,9 +497,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_takes_a_stream_back_at_once_and_shutdown_returns_all() {
-        let writer = Arc::new(Writer::default());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(writer.clone().run(shutdown.clone()));
+        let (writer, shutdown, task) = running();
         let (io, _client) = pair().await;
         let quiet = || vec![Bytes::new(); 1000];
         let (a, closing) = sub(&io, quiet(), Duration::from_millis(10));
