@@ -61,7 +61,7 @@ pub struct Sub {
     pub paced: Box<dyn Paced>,
     /// Close-delimited (HTTP/1.0) instead of chunked.
     pub http10: bool,
-    /// Set by the connection to take its stream back at the next visit.
+    /// Set by the connection ([`Writer::close`]) to take its stream back.
     pub closing: Arc<AtomicBool>,
 }
 
@@ -119,6 +119,14 @@ struct Due {
 struct Held {
     sub: Sub,
     back: oneshot::Sender<Back>,
+}
+
+impl Held {
+    /// Gives the stream back to its connection, saying why.
+    fn give_back(self, why: impl FnOnce(Sub) -> Back) {
+        let Held { sub, back } = self;
+        let _ = back.send(why(sub));
+    }
 }
 
 impl PartialEq for Due {
@@ -197,7 +205,7 @@ impl Writer {
                     .collect();
                 heap = BinaryHeap::from(all);
                 for due in gone {
-                    let _ = due.held.back.send(Back::Stop(due.held.sub));
+                    (*due.held).give_back(Back::Stop);
                 }
                 continue;
             }
@@ -227,7 +235,7 @@ impl Writer {
             }
         }
         for due in heap.into_vec() {
-            let _ = due.held.back.send(Back::Stop(due.held.sub));
+            (*due.held).give_back(Back::Stop);
         }
     }
 }
@@ -258,14 +266,12 @@ impl Drop for Stopped {
 fn visit(mut due: Due, now: Instant) -> Option<Due> {
     let held = &mut *due.held;
     if held.sub.closing.load(Ordering::Acquire) {
-        let Held { sub, back } = *due.held;
-        let _ = back.send(Back::Stop(sub));
+        (*due.held).give_back(Back::Stop);
         return None;
     }
     let (bytes, at) = match held.sub.paced.visit(now) {
         Visit::End => {
-            let Held { sub, back } = *due.held;
-            let _ = back.send(Back::End(sub));
+            (*due.held).give_back(Back::End);
             return None;
         }
         Visit::Wait(at) => {
@@ -292,8 +298,7 @@ fn visit(mut due: Due, now: Instant) -> Option<Due> {
         }
     }
     let rest = buf.copy_to_bytes(buf.remaining());
-    let Held { sub, back } = *due.held;
-    let _ = back.send(Back::Blocked(sub, rest, at));
+    (*due.held).give_back(|sub| Back::Blocked(sub, rest, at));
     None
 }
 

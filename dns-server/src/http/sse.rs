@@ -149,6 +149,12 @@ impl Live {
         self.pacing.window(subscribers)
     }
 
+    /// The paced writer's next visit after `now`: the next slot, or the keep-alive if due
+    /// before it.
+    fn next_visit(&mut self, now: Instant) -> Instant {
+        self.slot_after(now).min(self.ping)
+    }
+
     /// This subscriber's first slot after `after` (see [`slot_after`]), now its last.
     fn slot_after(&mut self, after: Instant) -> Instant {
         self.slot = slot_after(self.slot, self.window(), after);
@@ -214,19 +220,14 @@ impl Paced for Live {
         if (published || self.more)
             && let Some(bytes) = self.take(now)
         {
-            let at = if self.more {
-                now
-            } else {
-                self.slot_after(now).min(self.ping)
-            };
+            let at = if self.more { now } else { self.next_visit(now) };
             return Visit::Write(bytes, at);
         }
         if now >= self.ping {
             self.ping = now + KEEP_ALIVE;
-            let at = self.slot_after(now).min(self.ping);
-            return Visit::Write(Bytes::from_static(KEEP_ALIVE_FRAME), at);
+            return Visit::Write(Bytes::from_static(KEEP_ALIVE_FRAME), self.next_visit(now));
         }
-        Visit::Wait(self.slot_after(now).min(self.ping))
+        Visit::Wait(self.next_visit(now))
     }
 
     fn into_stream(self: Box<Self>) -> DetachedStream {
@@ -280,19 +281,11 @@ pub async fn events(
     } else {
         sub.replay.iter().map(|(_, p)| p.frame()).collect()
     };
-    let state = Live {
+    let mut state = Live {
         feed: sub.live,
         ns,
         ping: Instant::now() + KEEP_ALIVE,
-        // The first slot in the first window, at random: subscribers are spread over it.
-        slot: Instant::now()
-            + s.sse_pacing
-                .window(
-                    s.sse_pacing
-                        .cap
-                        .saturating_sub(s.sse_permits.available_permits()),
-                )
-                .mul_f64(rand::random::<f64>()),
+        slot: Instant::now(),
         more: false,
         busy: false,
         wakes: 0,
@@ -301,6 +294,8 @@ pub async fn events(
         _permit: permit,
         shutdown: s.shutdown.clone(),
     };
+    // The first slot in the first window, at random: subscribers are spread over it.
+    state.slot += state.window().mul_f64(rand::random::<f64>());
     // Written by the connection (or the paced writer), without hyper's per-connection
     // buffers.
     let (body, detach) = super::accept::detachable_paced(head, Box::new(state));
