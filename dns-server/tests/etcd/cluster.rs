@@ -94,6 +94,9 @@ impl Cluster {
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", &self.token])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            // The default from etcd 3.5 on: a member that returns does not depose a
+            // healthy leader by calling an election before it hears from it.
+            .args(["--pre-vote=true"])
             .args(["--logger", "zap", "--log-level", "warn"])
             .stdout(Stdio::null())
             .stderr(log)
