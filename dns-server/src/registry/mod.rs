@@ -21,7 +21,7 @@ mod etcd;
 pub mod events;
 pub mod preserve;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -144,9 +144,21 @@ pub struct TreeNode {
     /// The registered parent is not (or no longer) registered, or part of a cycle.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub orphan: bool,
+    /// This node is [`TREE_DEPTH`] levels deep: its children are not nested here but
+    /// listed at the top level, each with [`continues`](Self::continues) naming it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cut: bool,
+    /// A top-level entry that belongs under this (registered) parent, whose node was cut.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continues: Option<MembraneId>,
     /// Children, sorted by id.
     pub children: Vec<TreeNode>,
 }
+
+/// Most levels of one tree in `GET /v1/namespaces/{ns}/tree`: deeper parent chains go on
+/// in top-level entries, so that building, serializing and dropping a tree never recurse
+/// deeper than this whatever chain registrations form.
+pub const TREE_DEPTH: usize = 32;
 
 /// Counts for `/status` and `/v1/stats`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -1483,14 +1495,16 @@ impl Registry {
                 let ttl = ttl_of(&ns.settings, &e.inst.registration);
                 let eviction = eviction_of(&ns.settings, &e.inst.registration);
                 let silent = now.saturating_duration_since(e.last_heartbeat);
+                // Neither marked nor evicted while a write of it is in flight: that write
+                // decides (a re-registration replaces the entry with a passing one, so a
+                // `stale` queued behind it would contradict it; a removal removes it). The
+                // next sweep looks again.
+                let in_flight = ns_staged || staged_ids.is_some_and(|m| m.contains_key(id));
+                if in_flight {
+                    continue;
+                }
                 if e.state == HealthState::Stale {
-                    // Not while a write of it is in flight: that write decides (a
-                    // re-registration keeps it; an eviction already queued removes it).
-                    if can_evict
-                        && now.saturating_duration_since(e.state_since) >= eviction
-                        && !ns_staged
-                        && !staged_ids.is_some_and(|m| m.contains_key(id))
-                    {
+                    if can_evict && now.saturating_duration_since(e.state_since) >= eviction {
                         evict.push(id.clone());
                     }
                 } else if silent >= ttl {
@@ -1777,36 +1791,65 @@ impl Registry {
                 _ => roots.push((id, e.inst.registration.parent.is_some())),
             }
         }
-        let mut seen = HashSet::new();
-        fn build<'a>(
-            id: &'a MembraneId,
-            orphan: bool,
+        /// Builds the subtree of `id`, `depth` levels deep; the children of a node at the
+        /// last level go to `cut` (to be listed at the top level).
+        struct Walk<'a, 'b> {
             ns: &'a Ns,
-            children: &BTreeMap<&'a MembraneId, Vec<&'a MembraneId>>,
-            seen: &mut HashSet<&'a MembraneId>,
-        ) -> TreeNode {
-            seen.insert(id);
-            let mut kids = Vec::new();
-            for k in children.get(id).into_iter().flatten() {
-                if !seen.contains(*k) {
-                    kids.push(build(k, false, ns, children, seen));
+            children: &'b BTreeMap<&'a MembraneId, Vec<&'a MembraneId>>,
+            seen: HashSet<&'a MembraneId>,
+            cut: VecDeque<&'a MembraneId>,
+        }
+        impl<'a> Walk<'a, '_> {
+            fn build(&mut self, id: &'a MembraneId, orphan: bool, depth: usize) -> TreeNode {
+                self.seen.insert(id);
+                let mut node = TreeNode {
+                    id: id.clone(),
+                    state: self.ns.membranes[id].state,
+                    orphan,
+                    cut: false,
+                    continues: None,
+                    children: Vec::new(),
+                };
+                for k in self.children.get(id).into_iter().flatten() {
+                    if self.seen.contains(*k) {
+                        continue;
+                    }
+                    if depth + 1 >= TREE_DEPTH {
+                        self.seen.insert(k);
+                        self.cut.push_back(k);
+                        node.cut = true;
+                    } else {
+                        let child = self.build(k, false, depth + 1);
+                        node.children.push(child);
+                    }
+                }
+                node
+            }
+            /// Lists the cut subtrees (and theirs) at the top level.
+            fn drain_cut(&mut self, out: &mut Vec<TreeNode>) {
+                while let Some(k) = self.cut.pop_front() {
+                    let mut node = self.build(k, false, 0);
+                    node.continues = self.ns.membranes[k].inst.registration.parent.clone();
+                    out.push(node);
                 }
             }
-            TreeNode {
-                id: id.clone(),
-                state: ns.membranes[id].state,
-                orphan,
-                children: kids,
-            }
         }
-        let mut out: Vec<TreeNode> = roots
-            .into_iter()
-            .map(|(id, orphan)| build(id, orphan, ns, &children, &mut seen))
-            .collect();
+        let mut walk = Walk {
+            ns,
+            children: &children,
+            seen: HashSet::new(),
+            cut: VecDeque::new(),
+        };
+        let mut out = Vec::new();
+        for (id, orphan) in roots {
+            out.push(walk.build(id, orphan, 0));
+        }
+        walk.drain_cut(&mut out);
         // Parent cycles have no root: show each cycle from its smallest id.
         for id in ns.membranes.keys() {
-            if !seen.contains(id) {
-                out.push(build(id, true, ns, &children, &mut seen));
+            if !walk.seen.contains(id) {
+                out.push(walk.build(id, true, 0));
+                walk.drain_cut(&mut out);
             }
         }
         Ok(out)

@@ -330,6 +330,70 @@ async fn events_follow_commit_order_and_resume() {
     assert_eq!(resumed.replay[0].0, s2);
 }
 
+/// A parent chain far deeper than [`TREE_DEPTH`] (any join-token holder can register one)
+/// comes back as trees at most that deep, each cut subtree listed at the top level under
+/// the parent it continues, every membrane exactly once.
+#[tokio::test]
+async fn deep_parent_chains_are_cut_into_bounded_trees() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    let n = ns("deep");
+    let chain = 3 * TREE_DEPTH + 5;
+    let name = |i: usize| id(&format!("m{i:04}"));
+    let regs = (0..chain).map(|i| {
+        let r = r.clone();
+        let (n, m) = (n.clone(), name(i));
+        let parent = i.checked_sub(1).map(name);
+        async move {
+            r.register(
+                &open_caller(),
+                &n,
+                &m,
+                Registration {
+                    parent,
+                    ..reg(None)
+                },
+            )
+            .await
+            .unwrap()
+        }
+    });
+    futures_util::future::join_all(regs).await;
+    let tree = r.tree(&n).unwrap();
+
+    fn depth(t: &TreeNode) -> usize {
+        1 + t.children.iter().map(depth).max().unwrap_or(0)
+    }
+    fn walk<'a>(t: &'a TreeNode, out: &mut Vec<&'a TreeNode>) {
+        out.push(t);
+        t.children.iter().for_each(|c| walk(c, out));
+    }
+    assert!(tree.iter().all(|t| depth(t) <= TREE_DEPTH));
+    let mut all = Vec::new();
+    tree.iter().for_each(|t| walk(t, &mut all));
+    let mut ids: Vec<_> = all.iter().map(|t| t.id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, (0..chain).map(name).collect::<Vec<_>>());
+    // The root, then one continuation per cut, each naming the node that was cut.
+    assert_eq!(tree.len(), chain.div_ceil(TREE_DEPTH));
+    assert_eq!(
+        (tree[0].id.clone(), tree[0].continues.clone()),
+        (name(0), None)
+    );
+    for (k, t) in tree.iter().enumerate().skip(1) {
+        assert_eq!(t.id, name(k * TREE_DEPTH));
+        assert_eq!(t.continues, Some(name(k * TREE_DEPTH - 1)));
+        assert!(!t.orphan);
+    }
+    let cut: Vec<_> = all.iter().filter(|t| t.cut).map(|t| t.id.clone()).collect();
+    assert_eq!(
+        cut,
+        (1..tree.len())
+            .map(|k| name(k * TREE_DEPTH - 1))
+            .collect::<Vec<_>>()
+    );
+}
+
 #[tokio::test]
 async fn tree_and_filters() {
     let dir = tempfile::tempdir().unwrap();
@@ -1150,6 +1214,52 @@ async fn nothing_is_visible_before_its_commit() {
     let mut kinds: Vec<_> = events.iter().map(|(_, e)| e.kind()).collect();
     kinds.sort();
     assert_eq!(kinds, ["deregistered", "registered", "registered"]);
+}
+
+/// A membrane silent past its TTL re-registers (its agent restarted) while the sweep runs:
+/// the sweep leaves it to the registration in flight, so subscribers do not get a `stale`
+/// after the `registered` that made it passing (nothing would ever correct it).
+#[tokio::test(start_paused = true)]
+async fn the_sweep_leaves_a_membrane_with_a_write_in_flight_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (r, _t) = open(&path);
+    let (n, m) = (ns("a"), id("x"));
+    let first = r
+        .register(&open_caller(), &n, &m, reg(Some(10)))
+        .await
+        .unwrap();
+    let mut sub = r.events().subscribe(&n, None);
+    tokio::time::advance(Duration::from_secs(11)).await;
+
+    let gate = CommitGate::hold(&path);
+    let again = {
+        let (r, n, m) = (r.clone(), n.clone(), m.clone());
+        let caller = Caller {
+            secret: Some(first.instance_secret.clone()),
+            ..open_caller()
+        };
+        tokio::spawn(async move { r.register(&caller, &n, &m, reg(Some(10))).await })
+    };
+    queued(&r, 2).await;
+    r.sweep();
+    gate.release();
+    assert!(!again.await.unwrap().unwrap().created);
+    // Writes are published in the order they were queued: once a later one is answered,
+    // whatever the sweep queued is published too.
+    r.register(&open_caller(), &ns("b"), &id("later"), reg(None))
+        .await
+        .unwrap();
+
+    assert_eq!(r.get(&n, &m).unwrap().state, HealthState::Passing);
+    let super::events::Taken::Events { events, .. } = sub.live.take(usize::MAX) else {
+        panic!("no events");
+    };
+    let kinds: Vec<_> = events.iter().map(|(_, e)| e.kind()).collect();
+    assert_eq!(kinds, ["registered"]);
+    // The next sweep finds it passing and fresh.
+    r.sweep();
+    assert_eq!(r.get(&n, &m).unwrap().state, HealthState::Passing);
 }
 
 /// The shared list views serialize exactly as the owned ones (the v1 list answer).
