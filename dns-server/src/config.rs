@@ -218,6 +218,18 @@ pub struct ServerArgs {
           default_value = "10s", value_parser = humantime::parse_duration)]
     pub self_preservation_window: Duration,
 
+    /// Most namespaces the registry holds; creating one more is answered 503
+    /// `registry_full`.
+    #[arg(long, env = "MEMBRANE_MAX_NAMESPACES", value_name = "N",
+          default_value_t = crate::registry::DEFAULT_MAX_NAMESPACES)]
+    pub max_namespaces: usize,
+
+    /// Most membranes the registry holds, all namespaces together; registering one more is
+    /// answered 503 `registry_full` (agents retry). Updates of registered ones always pass.
+    #[arg(long, env = "MEMBRANE_MAX_MEMBRANES", value_name = "N",
+          default_value_t = crate::registry::DEFAULT_MAX_MEMBRANES)]
+    pub max_membranes: usize,
+
     /// Time allowed for in-flight requests at shutdown, e.g. 10s.
     #[arg(long, env = "MEMBRANE_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "10s",
           value_parser = humantime::parse_duration)]
@@ -437,6 +449,8 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Self-preservation rule of the health sweep.
     pub self_preservation: crate::registry::preserve::PreservationConfig,
+    /// Caps on namespaces and membranes.
+    pub limits: crate::registry::Limits,
     /// Shutdown grace.
     pub shutdown_grace: Duration,
     /// HTTP connection cap and timeouts.
@@ -599,6 +613,14 @@ impl TryFrom<ServerArgs> for Config {
                 return Err(invalid(format!("{flag} must be between 1 and 1000000")));
             }
         }
+        for (flag, n) in [
+            ("--max-namespaces", a.max_namespaces),
+            ("--max-membranes", a.max_membranes),
+        ] {
+            if !(1..=10_000_000).contains(&n) {
+                return Err(invalid(format!("{flag} must be between 1 and 10000000")));
+            }
+        }
         for (flag, d) in [
             ("--http-header-timeout", a.http_header_timeout),
             ("--http-idle-timeout", a.http_idle_timeout),
@@ -728,6 +750,10 @@ impl TryFrom<ServerArgs> for Config {
                 min_silent: a.self_preservation_min,
                 window: a.self_preservation_window,
             },
+            limits: crate::registry::Limits {
+                namespaces: a.max_namespaces,
+                membranes: a.max_membranes,
+            },
             shutdown_grace: a.shutdown_grace,
             http_limits: crate::http::HttpLimits {
                 max_connections: a.http_max_connections,
@@ -797,6 +823,23 @@ mod tests {
         assert!(err(&["--sse-max-subscribers=0"]).contains("--sse-max-subscribers"));
         assert!(err(&["--sse-batch-ms=10001"]).contains("--sse-batch-ms"));
         assert!(Cli::try_parse_from(["dns-server", "--sse-batch-ms=-1"]).is_err());
+    }
+
+    #[test]
+    fn registry_limits() {
+        let c = Config::try_from(args(&["--data-dir", "/tmp/x"])).unwrap();
+        assert_eq!(c.limits, crate::registry::Limits::default());
+        let c = Config::try_from(args(&["--max-namespaces=3", "--max-membranes=40"])).unwrap();
+        assert_eq!(
+            c.limits,
+            crate::registry::Limits {
+                namespaces: 3,
+                membranes: 40
+            }
+        );
+        assert!(err(&["--max-namespaces=0"]).contains("--max-namespaces"));
+        assert!(err(&["--max-membranes=0"]).contains("--max-membranes"));
+        assert!(err(&["--max-membranes=10000001"]).contains("--max-membranes"));
     }
 
     #[test]

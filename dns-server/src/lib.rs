@@ -237,6 +237,7 @@ pub async fn run(
         }
     };
     registry.set_self_preservation(config.self_preservation);
+    registry.set_limits(config.limits);
     let dns_config = config.dns.clone();
     let mut catalog = dns::Catalog::new(dns_config.clone())
         .map_err(|e| config::ConfigError::Invalid(e.to_string()))?

@@ -16,6 +16,7 @@ mod etcd {
     mod agent_failover;
     pub mod cluster;
     mod failover;
+    mod limits;
     mod liveness;
     mod propagation;
     mod unreachable;

@@ -55,6 +55,8 @@ impl From<RegistryError> for ApiError {
             Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
             Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            // A 5xx: agents retry (and try other replicas) until room is made.
+            Full(_) => (StatusCode::SERVICE_UNAVAILABLE, "registry_full"),
             StoreUnreachable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unreachable"),
         };
         ApiError::new(status, code, e.to_string())

@@ -995,6 +995,31 @@ async fn a_stalled_subscriber_catches_up_from_the_history() {
 }
 
 #[tokio::test]
+async fn a_full_registry_answers_503_registry_full() {
+    let h = harness(None);
+    h.registry.set_limits(crate::registry::Limits {
+        namespaces: 1,
+        membranes: 1,
+    });
+    let (s, _) = h.call(Method::PUT, M, Some(&reg_body(1)), &[]).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let other = "/v1/namespaces/cognitive-system/membranes/visual-worker-2";
+    let resp = h.call(Method::PUT, other, Some(&reg_body(2)), &[]).await;
+    assert_error(&resp, StatusCode::SERVICE_UNAVAILABLE, "registry_full");
+    let resp = h
+        .call(
+            Method::POST,
+            "/v1/namespaces",
+            Some(r#"{"name": "other"}"#),
+            &[],
+        )
+        .await;
+    assert_error(&resp, StatusCode::SERVICE_UNAVAILABLE, "registry_full");
+    assert_eq!(h.registry.counts().membranes, 1);
+    assert_eq!(h.registry.counts().namespaces, 1);
+}
+
+#[tokio::test]
 async fn sse_subscribers_are_capped_with_a_clear_503() {
     let h = harness(None);
     h.call(Method::PUT, M, Some(&reg_body(1)), &[]).await;

@@ -264,6 +264,7 @@ impl Registry {
             detached: Default::default(),
             // Not applied with etcd: staleness comes from lease expiry in etcd.
             preserve: Mutex::new(super::Preservation::default()),
+            limits: Mutex::new(super::Limits::default()),
         }
     }
 
@@ -768,14 +769,12 @@ impl Registry {
         req: CreateNamespace,
     ) -> Result<NamespaceView, RegistryError> {
         let (ns, token) = Self::new_ns(req.description, req.settings);
-        if self
-            .state
-            .lock()
-            .unwrap()
-            .namespaces
-            .contains_key(&req.name)
         {
-            return Err(RegistryError::NamespaceExists(req.name));
+            let st = self.state.lock().unwrap();
+            if st.namespaces.contains_key(&req.name) {
+                return Err(RegistryError::NamespaceExists(req.name));
+            }
+            self.limits().check(&st, true, false)?;
         }
         let key = e.store.ns_key(&req.name);
         let write = CondWrite::new().unchanged(key.clone(), 0).put(
@@ -903,6 +902,8 @@ impl Registry {
                     None => return Err(RegistryError::NamespaceNotFound(ns_name.clone())),
                 };
                 let secret = Self::choose_secret(caller, ns_name, id, existing)?;
+                self.limits()
+                    .check(&st, new_ns.is_some(), existing.is_none())?;
                 let registered_at = existing.map(|x| x.registered_at).unwrap_or(now);
                 let prev = existing.map(|x| (x.seq, x.live));
                 let entry = Entry::registered(0, id, &reg, &secret, registered_at);

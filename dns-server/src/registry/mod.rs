@@ -77,6 +77,9 @@ pub enum RegistryError {
     /// The store failed; writes are refused until a restart.
     #[error("the registry store is unavailable; writes are refused (see the server log)")]
     Unavailable,
+    /// Creating this would take the registry past one of its [`Limits`].
+    #[error("{0}")]
+    Full(String),
     /// The shared store (etcd) cannot be reached or did not commit in time; this replica
     /// keeps serving reads and DNS from its copy.
     #[error("{0}")]
@@ -557,6 +560,57 @@ enum Backend {
     Etcd(Arc<etcd::EtcdBackend>),
 }
 
+/// Caps on what writers can make the registry hold (memory, store, DNS): a join-token
+/// holder, or anyone in open mode, could otherwise register without end. Checked against
+/// the committed state when a write creates a namespace or membrane; writes in flight at
+/// the same moment (and, with etcd, on other replicas) can pass it by their number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most namespaces.
+    pub namespaces: usize,
+    /// Most membranes, all namespaces together.
+    pub membranes: usize,
+}
+
+/// Default of `--max-namespaces`.
+pub const DEFAULT_MAX_NAMESPACES: usize = 10_000;
+/// Default of `--max-membranes`: five times the fleet the server is benchmarked with.
+pub const DEFAULT_MAX_MEMBRANES: usize = 100_000;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            namespaces: DEFAULT_MAX_NAMESPACES,
+            membranes: DEFAULT_MAX_MEMBRANES,
+        }
+    }
+}
+
+impl Limits {
+    /// Refuses a write that creates a namespace (`new_ns`) and/or a membrane
+    /// (`new_membrane`) when `st` already holds the most allowed.
+    fn check(&self, st: &State, new_ns: bool, new_membrane: bool) -> Result<(), RegistryError> {
+        if new_ns && st.namespaces.len() >= self.namespaces {
+            return Err(RegistryError::Full(format!(
+                "the registry holds its maximum of {} namespaces (--max-namespaces); delete \
+                 unused ones or raise the limit",
+                self.namespaces
+            )));
+        }
+        if new_membrane {
+            let held: usize = st.namespaces.values().map(|n| n.membranes.len()).sum();
+            if held >= self.membranes {
+                return Err(RegistryError::Full(format!(
+                    "the registry holds its maximum of {} membranes (--max-membranes); \
+                     deregister unused ones or raise the limit",
+                    self.membranes
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The registry. Share it as `Arc<Registry>`.
 pub struct Registry {
     state: Arc<Mutex<State>>,
@@ -573,6 +627,8 @@ pub struct Registry {
     detached: std::sync::atomic::AtomicU64,
     /// Self-preservation state of the health sweep.
     preserve: Mutex<Preservation>,
+    /// Caps on namespaces and membranes.
+    limits: Mutex<Limits>,
 }
 
 fn to_ms(t: SystemTime) -> i64 {
@@ -701,6 +757,7 @@ impl Registry {
             failed: Arc::new(AtomicBool::new(false)),
             detached: Default::default(),
             preserve: Mutex::new(Preservation::new(PreservationConfig::default())),
+            limits: Mutex::new(Limits::default()),
         };
         if !first.is_empty() {
             let mut st = registry.state.lock().unwrap();
@@ -718,6 +775,15 @@ impl Registry {
     /// Sets the self-preservation rule of the health sweep (see [`preserve`]).
     pub fn set_self_preservation(&self, cfg: PreservationConfig) {
         self.preserve.lock().unwrap().set_config(cfg);
+    }
+
+    /// Sets the caps on namespaces and membranes.
+    pub fn set_limits(&self, limits: Limits) {
+        *self.limits.lock().unwrap() = limits;
+    }
+
+    fn limits(&self) -> Limits {
+        *self.limits.lock().unwrap()
     }
 
     /// Self-preservation as of the last sweep (for `/status`).
@@ -981,6 +1047,7 @@ impl Registry {
             if st.staged_ns(&req.name).is_some() {
                 return Err(RegistryError::NamespaceExists(req.name));
             }
+            self.limits().check(&st, true, false)?;
             let (ns, token) = Self::new_ns(req.description, req.settings);
             let mut view = ns_view(&req.name, &ns);
             view.join_token = Some(token);
@@ -1138,18 +1205,23 @@ impl Registry {
             self.check_writable()?;
             let mut ops = Vec::with_capacity(2);
             let mut changes = Vec::with_capacity(2);
-            match st.staged_ns(ns_name) {
-                Some(ns) => Self::check_join(caller, ns_name, ns)?,
+            let new_ns = match st.staged_ns(ns_name) {
+                Some(ns) => {
+                    Self::check_join(caller, ns_name, ns)?;
+                    false
+                }
                 None if caller.open => {
                     // Open mode: registering into an unknown namespace creates it.
                     let (ns, _token) = Self::new_ns(String::new(), NamespaceSettings::default());
                     ops.push(Op::PutNamespace(ns.stored(ns_name)));
                     changes.push(Change::PutNs(ns_name.clone(), ns));
+                    true
                 }
                 None => return Err(RegistryError::NamespaceNotFound(ns_name.clone())),
-            }
+            };
             let existing = st.staged_membrane(ns_name, id);
             let secret = Self::choose_secret(caller, ns_name, id, existing)?;
+            self.limits().check(&st, new_ns, existing.is_none())?;
             let now = SystemTime::now();
             let created = existing.is_none();
             let registered_at = existing.map(|e| e.registered_at).unwrap_or(now);

@@ -330,6 +330,67 @@ async fn events_follow_commit_order_and_resume() {
     assert_eq!(resumed.replay[0].0, s2);
 }
 
+/// What writers can make the registry hold is capped: one membrane or namespace past the
+/// limits is refused (and nothing changes), updates of registered ones still pass, and
+/// room made by a deregistration is usable again.
+#[tokio::test]
+async fn namespaces_and_membranes_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _t) = open(&dir.path().join("db"));
+    r.set_limits(Limits {
+        namespaces: 2,
+        membranes: 3,
+    });
+    let oc = open_caller();
+    let a = ns("a");
+    for m in ["x", "y", "z"] {
+        r.register(&oc, &a, &id(m), reg(None)).await.unwrap();
+    }
+    let full = |e: Result<RegisterResponse, RegistryError>| match e {
+        Err(RegistryError::Full(m)) => m,
+        other => panic!("not refused as full: {other:?}"),
+    };
+    let m = full(r.register(&oc, &a, &id("w"), reg(None)).await);
+    assert!(
+        m.contains("maximum of 3 membranes") && m.contains("--max-membranes"),
+        "{m}"
+    );
+    assert!(r.get(&a, &id("w")).is_err());
+    assert_eq!(r.counts().membranes, 3);
+    // An update is not a new membrane.
+    let takeover = Caller {
+        replace: true,
+        ..open_caller()
+    };
+    assert!(
+        !r.register(&takeover, &a, &id("x"), reg(Some(99)))
+            .await
+            .unwrap()
+            .created
+    );
+    r.deregister(&oc, &a, &id("y")).await.unwrap();
+    r.register(&oc, &a, &id("w"), reg(None)).await.unwrap();
+
+    // Namespaces: created explicitly or by an open-mode registration.
+    r.deregister(&oc, &a, &id("w")).await.unwrap();
+    let create = |name: &str| CreateNamespace {
+        name: ns(name),
+        description: String::new(),
+        settings: NamespaceSettings::default(),
+    };
+    r.create_namespace(&Caller::admin(), create("b"))
+        .await
+        .unwrap();
+    let e = r.create_namespace(&Caller::admin(), create("c")).await;
+    assert!(
+        matches!(&e, Err(RegistryError::Full(m)) if m.contains("--max-namespaces")),
+        "{e:?}"
+    );
+    full(r.register(&oc, &ns("d"), &id("x"), reg(None)).await);
+    assert!(r.get_namespace(&ns("c")).is_err() && r.get_namespace(&ns("d")).is_err());
+    assert_eq!(r.counts().namespaces, 2);
+}
+
 /// A parent chain far deeper than [`TREE_DEPTH`] (any join-token holder can register one)
 /// comes back as trees at most that deep, each cut subtree listed at the top level under
 /// the parent it continues, every membrane exactly once.
