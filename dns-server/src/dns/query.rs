@@ -22,6 +22,10 @@ use std::sync::Arc;
 pub(crate) const EDNS_PAYLOAD: u16 = 1232;
 /// Largest DNS message over TCP.
 pub(crate) const TCP_MAX: usize = 65_535;
+/// SIG resource record type (SIG(0) signed requests, RFC 2931).
+const SIG: u16 = 24;
+/// Bytes of an OPT record without options: root owner, type, payload, TTL, RDLENGTH.
+const OPT_FIXED: usize = 11;
 
 pub(crate) mod rcode {
     pub const FORMERR: u16 = 1;
@@ -175,8 +179,27 @@ fn scan_opt(req: &[u8]) -> Option<ReqEdns> {
     Some(parse_opt(be16(req, j + 2), ttl, &req[j + 10..end]).unwrap_or_else(|e| e))
 }
 
+/// The OPT record of a request without a question when it is the only record there and
+/// carries a well-formed COOKIE (RFC 7873 5.4: a query for a server cookie).
+fn cookie_only(req: &[u8]) -> Option<ReqEdns> {
+    let (j, end) = opt_range(req)?;
+    if be16(req, 10) != 1 || j != 13 || end != req.len() {
+        return None;
+    }
+    let ttl = u32::from_be_bytes([req[j + 4], req[j + 5], req[j + 6], req[j + 7]]);
+    parse_opt(be16(req, j + 2), ttl, &req[j + 10..end])
+        .ok()
+        .filter(|e| e.cookie.is_some())
+}
+
 /// Where the OPT record of the additional section lies: from its TYPE to its end.
 fn opt_range(req: &[u8]) -> Option<(usize, usize)> {
+    additional_range(req, |t| t == rtype::OPT)
+}
+
+/// Where the first record of the additional section whose type `want` accepts lies: from
+/// its TYPE to its end.
+fn additional_range(req: &[u8], want: impl Fn(u16) -> bool) -> Option<(usize, usize)> {
     let (qd, an, ns, ar) = (be16(req, 4), be16(req, 6), be16(req, 8), be16(req, 10));
     let mut i = 12;
     for _ in 0..qd {
@@ -195,7 +218,7 @@ fn opt_range(req: &[u8]) -> Option<(usize, usize)> {
         if end > req.len() {
             return None;
         }
-        if k >= before && be16(req, j) == rtype::OPT {
+        if k >= before && want(be16(req, j)) {
             return Some((j, end));
         }
         i = end;
@@ -215,6 +238,21 @@ fn parse(req: &[u8]) -> Result<Parsed<'_>, ParseError> {
     let opcode = (flags >> 11) & 0xF;
     let (qd, an, ns, ar) = (be16(req, 4), be16(req, 6), be16(req, 8), be16(req, 10));
     let not_supported = Some((edns::ede::NOT_SUPPORTED, "opcode not supported"));
+    if qd == 0
+        && opcode == 0
+        && an == 0
+        && ns == 0
+        && let Some(e) = cookie_only(req)
+    {
+        // RFC 7873 5.4: no question but a COOKIE asks for a server cookie: NOERROR (the
+        // reply's OPT carries one).
+        return Err(ParseError::Fail {
+            rcode: if e.version > 0 { rcode::BADVERS } else { 0 },
+            question: None,
+            edns: Some(e),
+            ede: None,
+        });
+    }
     if qd != 1 {
         let (rcode, ede) = if opcode != 0 {
             (rcode::NOTIMP, not_supported)
@@ -331,7 +369,7 @@ fn parse(req: &[u8]) -> Result<Parsed<'_>, ParseError> {
             }
             // SIG(0), and TSIG on a request xfr.rs could not take (a compressed question
             // name, another opcode, several questions): not supported.
-            250 | 24 => {
+            super::tsig::TSIG | SIG => {
                 return Err(fail(
                     rcode::NOTIMP,
                     p.edns.or_else(|| scan_opt(req)),
@@ -345,7 +383,9 @@ fn parse(req: &[u8]) -> Result<Parsed<'_>, ParseError> {
 }
 
 /// Re-encodes a request the minimal parser could not read (a compressed question name) in
-/// plain form, using hickory-proto's full parser. None: not a valid single-question message.
+/// plain form, using hickory-proto's full parser: the question, the OPT and a signature
+/// (TSIG, SIG(0)), which [`parse`] then answers NOTIMP rather than the request being
+/// answered unsigned. None: not a valid single-question message.
 fn canonicalize(req: &[u8]) -> Option<Vec<u8>> {
     use hickory_proto::op::Message;
     let msg = Message::from_vec(req).ok()?;
@@ -353,9 +393,11 @@ fn canonicalize(req: &[u8]) -> Option<Vec<u8>> {
         return None;
     };
     let opt = opt_range(req);
+    let sig = additional_range(req, |t| t == super::tsig::TSIG || t == SIG);
+    let ar = u8::from(opt.is_some()) + u8::from(sig.is_some());
     let mut out = Vec::with_capacity(req.len());
     out.extend_from_slice(&req[..4]);
-    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(opt.is_some())]);
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, ar]);
     for label in q.name().iter() {
         out.push(label.len() as u8);
         out.extend_from_slice(label);
@@ -363,8 +405,8 @@ fn canonicalize(req: &[u8]) -> Option<Vec<u8>> {
     out.push(0);
     out.extend_from_slice(&u16::from(q.query_type()).to_be_bytes());
     out.extend_from_slice(&u16::from(q.query_class()).to_be_bytes());
-    if let Some((j, end)) = opt {
-        // The OPT as sent (options, DO bit), owned by the root.
+    // The OPT as sent (options, DO bit), then the signature, both owned by the root.
+    for (j, end) in opt.into_iter().chain(sig) {
         out.push(0);
         out.extend_from_slice(&req[j..end]);
     }
@@ -549,6 +591,23 @@ impl Catalog {
         s: &mut Scratch,
         shard: &Shard,
     ) -> Option<Outcome> {
+        self.respond_reserving(req, tcp, 0, peer, out, s, shard)
+    }
+
+    /// [`Catalog::respond`] with the answer kept `reserve` bytes under the size limit:
+    /// room for a record appended afterwards (the TSIG of a signed answer), so that the
+    /// whole still fits the client's UDP limit or a TCP message.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn respond_reserving(
+        &self,
+        req: &[u8],
+        tcp: bool,
+        reserve: usize,
+        peer: IpAddr,
+        out: &mut Vec<u8>,
+        s: &mut Scratch,
+        shard: &Shard,
+    ) -> Option<Outcome> {
         out.clear();
         let fail = |s: &mut Scratch,
                     out: &mut Vec<u8>,
@@ -577,7 +636,7 @@ impl Catalog {
             }
         };
         let mut res = match parse(req) {
-            Ok(p) => Some(self.answer(&p, tcp, peer, out, s)),
+            Ok(p) => Some(self.answer(&p, tcp, reserve, peer, out, s)),
             Err(ParseError::Drop) => None,
             Err(ParseError::Fail {
                 rcode,
@@ -590,7 +649,7 @@ impl Catalog {
             }
             Err(ParseError::Slow) => match canonicalize(req) {
                 Some(c) => match parse(&c) {
-                    Ok(p) => Some(self.answer(&p, tcp, peer, out, s)),
+                    Ok(p) => Some(self.answer(&p, tcp, reserve, peer, out, s)),
                     Err(ParseError::Fail {
                         rcode,
                         question,
@@ -618,11 +677,15 @@ impl Catalog {
             match self.rrl.check(peer, self.started.elapsed().as_secs()) {
                 Verdict::Send => {}
                 Verdict::Slip => {
-                    // Header and question only (plus OPT): no larger than the query.
+                    // Header and question only, plus a bare OPT (payload, extended rcode,
+                    // DO; no NSID, cookie or EDE): no larger than the query.
                     out.truncate(12 + o.qlen);
                     out[2] |= 0x02;
                     out[6..12].copy_from_slice(&[0, 0, 0, 0, 0, u8::from(!s.opt.is_empty())]);
-                    out.extend_from_slice(&s.opt);
+                    if let Some(fixed) = s.opt.get(..OPT_FIXED - 2) {
+                        out.extend_from_slice(fixed);
+                        out.extend_from_slice(&[0, 0]);
+                    }
                     shard.add(Counter::RateLimited);
                     res = Some(Outcome {
                         truncated: true,
@@ -647,10 +710,12 @@ impl Catalog {
         res
     }
 
+    /// The answer to `p`, at most the transport's limit less `reserve` bytes.
     fn answer(
         &self,
         p: &Parsed<'_>,
         tcp: bool,
+        reserve: usize,
         peer: IpAddr,
         out: &mut Vec<u8>,
         s: &mut Scratch,
@@ -754,7 +819,8 @@ impl Catalog {
             usize::from(e.payload.clamp(512, EDNS_PAYLOAD))
         } else {
             512
-        };
+        }
+        .saturating_sub(reserve);
         let opt_count = u16::from(!s.opt.is_empty());
         let base = 12 + qlen + s.opt.len();
         let budget = limit.saturating_sub(base);
@@ -1133,6 +1199,136 @@ mod tests {
         tokio::time::advance(std::time::Duration::from_secs(1)).await;
         let o = catalog.respond(&q, false, victim, &mut out, &mut s, shard);
         assert!(!o.unwrap().truncated);
+    }
+
+    /// Zone `ns.` with the one membrane `m1` (10.0.0.1).
+    fn one_membrane() -> crate::snapshot::NamespaceSnapshot {
+        use std::sync::Arc;
+
+        use shared::model::Registration;
+        use shared::{MembraneId, NamespaceName, NamespaceSettings};
+
+        crate::snapshot::NamespaceSnapshot {
+            name: NamespaceName::new("ns").unwrap(),
+            settings: NamespaceSettings::default(),
+            instances: vec![Arc::new(crate::snapshot::Instance {
+                id: MembraneId::new("m1").unwrap(),
+                registration: Arc::new(Registration {
+                    addresses: vec![std::net::IpAddr::from([10, 0, 0, 1])],
+                    ..Default::default()
+                }),
+            })],
+            serial: 1,
+        }
+    }
+
+    /// A slipped (TC) reply carries a bare OPT, DO copied and no options: the NSID (up to
+    /// 128 bytes) and server cookie of the full answer would make it several times the
+    /// query.
+    #[tokio::test(start_paused = true)]
+    async fn slipped_replies_carry_a_bare_opt() {
+        use crate::dns::{Catalog, DnsConfig, RateLimit};
+
+        let catalog = Catalog::new(DnsConfig {
+            nsid: Some("n".repeat(edns::NSID_MAX)),
+            rate_limit: RateLimit {
+                responses_per_second: 1,
+                slip: 1,
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        catalog.update(&one_membrane());
+        let shard = Shard::default();
+        let mut s = Scratch::new(0);
+        let mut out = Vec::new();
+        // NSID asked for, a client cookie, DO set.
+        let mut options = vec![0, 3, 0, 0, 0, 10, 0, 8];
+        options.extend_from_slice(&[7; 8]);
+        let mut q = raw_query("m1.ns.", rtype::A, &options);
+        let flags_at = q.len() - options.len() - 4;
+        q[flags_at] |= 0x80;
+        let victim: IpAddr = "192.0.2.10".parse().unwrap();
+        let o = catalog.respond(&q, false, victim, &mut out, &mut s, &shard);
+        assert!(!o.unwrap().truncated);
+        assert!(out.len() > q.len() + edns::NSID_MAX, "{}", out.len());
+        let o = catalog.respond(&q, false, victim, &mut out, &mut s, &shard);
+        assert!(o.unwrap().truncated);
+        assert!(out.len() <= q.len(), "{} > {}", out.len(), q.len());
+        assert_eq!(&out[6..12], &[0, 0, 0, 0, 0, 1], "the OPT alone");
+        let opt = &out[out.len() - 11..];
+        assert_eq!(&opt[..3], &[0, 0, 41]);
+        assert_eq!(opt[7] & 0x80, 0x80, "DO copied");
+        assert_eq!(&opt[9..], &[0, 0], "no options");
+    }
+
+    /// RFC 7873 5.4: a QUERY without a question but with a COOKIE asks for a server
+    /// cookie: NOERROR, with one. Without a COOKIE it stays FORMERR.
+    #[test]
+    fn a_cookie_without_a_question_gets_a_server_cookie() {
+        use crate::dns::{Catalog, DnsConfig};
+
+        let catalog = Catalog::new(DnsConfig::default()).unwrap();
+        let (shard, mut s, mut out) = (Shard::default(), Scratch::new(0), Vec::new());
+        let only_opt = |options: &[u8]| {
+            let mut q = vec![0x55, 0x66, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+            q.extend_from_slice(&[0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0]);
+            q.extend_from_slice(&(options.len() as u16).to_be_bytes());
+            q.extend_from_slice(options);
+            q
+        };
+        let mut cookie = vec![0, 10, 0, 8];
+        cookie.extend_from_slice(&[7; 8]);
+        let o = catalog.respond(&only_opt(&cookie), false, LOCAL, &mut out, &mut s, &shard);
+        assert_eq!(o.map(|o| o.rcode), Some(0));
+        assert_eq!(&out[4..12], &[0, 0, 0, 0, 0, 0, 0, 1]);
+        // The OPT: COOKIE, the client cookie and an RFC 9018 server cookie.
+        assert_eq!(&out[12 + 11..12 + 15], &[0, 10, 0, 24]);
+        assert_eq!(&out[12 + 15..12 + 23], &[7; 8]);
+        let mut back = vec![0, 10, 0, 24];
+        back.extend_from_slice(&out[12 + 15..12 + 39]);
+        // Sent back: still NOERROR, and it proves the source.
+        let o = catalog.respond(&only_opt(&back), false, LOCAL, &mut out, &mut s, &shard);
+        assert_eq!(o.map(|o| (o.rcode, o.verified)), Some((0, true)));
+        // No COOKIE, or a malformed one: FORMERR.
+        for options in [
+            &[][..],
+            &[0, 3, 0, 0],
+            &[0, 10, 0, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        ] {
+            let o = catalog.respond(&only_opt(options), false, LOCAL, &mut out, &mut s, &shard);
+            assert_eq!(o.map(|o| o.rcode), Some(rcode::FORMERR), "{options:?}");
+        }
+    }
+
+    /// A TSIG-signed query with a compressed question name (which xfr.rs cannot take) is
+    /// answered NOTIMP like any signed request it cannot take, not answered unsigned.
+    #[test]
+    fn signed_query_with_a_compressed_name_gets_notimp() {
+        use crate::dns::tsig::{Signer, TsigKey};
+        use crate::dns::{Catalog, DnsConfig};
+
+        let catalog = Catalog::new(DnsConfig::default()).unwrap();
+        catalog.update(&one_membrane());
+        let (shard, mut s, mut out) = (Shard::default(), Scratch::new(0), Vec::new());
+        // `m1.ns.` A, the name ending in a pointer to offset 10 (ARCOUNT's high byte: 0,
+        // the root), then an OPT.
+        let mut q = vec![1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1];
+        q.extend_from_slice(b"\x02m1\x02ns\xC0\x0A\x00\x01\x00\x01");
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0, 0, 0]);
+        let o = catalog.respond(&q, false, LOCAL, &mut out, &mut s, &shard);
+        assert_eq!(o.map(|o| o.rcode), Some(0), "unsigned: answered");
+        let key: TsigKey = "k:hmac-sha256:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+            .parse()
+            .unwrap();
+        Signer::for_request(&key, 0).sign(&mut q);
+        assert!(crate::dns::xfr::scan(&q).is_none(), "not for xfr.rs");
+        let o = catalog.respond(&q, false, LOCAL, &mut out, &mut s, &shard);
+        assert_eq!(o.map(|o| o.rcode), Some(rcode::NOTIMP));
+        let m = hickory_proto::op::Message::from_vec(&out).unwrap();
+        assert!(m.answers.is_empty());
+        assert_eq!(m.queries[0].name().to_ascii(), "m1.ns.");
+        assert_eq!(&out[6..12], &[0, 0, 0, 0, 0, 1], "the OPT, no signature");
     }
 
     fn shuffle_counts(weights: &[u16], rounds: usize) -> Vec<Vec<usize>> {

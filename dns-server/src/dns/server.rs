@@ -425,7 +425,16 @@ async fn tcp_conn(
         // A client that stops reading is busy (never closed to make room): each message and
         // the flush get the read timeout, so it cannot hold its slot for long.
         for m in msgs {
-            let n = (m.len() as u16).to_be_bytes();
+            let Some(n) = length_prefix(m) else {
+                // Answers are built to fit; a wrong prefix would garble this answer and
+                // every one after it on the connection, so close it instead.
+                tracing::error!(
+                    %peer,
+                    len = m.len(),
+                    "dns tcp: answer longer than a TCP message, closing"
+                );
+                return;
+            };
             let write = async {
                 w.write_all(&n).await?;
                 w.write_all(m).await
@@ -440,6 +449,12 @@ async fn tcp_conn(
         }
         drop(permit);
     }
+}
+
+/// The two-byte length sent before a message over TCP (RFC 1035 4.2.2); None for a
+/// message longer than the 65,535 bytes it can say.
+fn length_prefix(m: &[u8]) -> Option<[u8; 2]> {
+    u16::try_from(m.len()).ok().map(u16::to_be_bytes)
 }
 
 /// Runs a write for at most `limit`, giving up when `close` is cancelled: false when it
@@ -469,6 +484,16 @@ mod tests {
 
     fn busy(slot: &Slot) {
         slot.conn.idle_since.store(BUSY, Ordering::Relaxed);
+    }
+
+    /// A message longer than a TCP message has no length prefix (it never gets one that
+    /// wrapped around and would desynchronise the connection).
+    #[test]
+    fn no_length_prefix_for_an_oversized_message() {
+        assert_eq!(length_prefix(&[0; 300]), Some([1, 44]));
+        assert_eq!(length_prefix(&vec![0; TCP_MAX]), Some([0xFF, 0xFF]));
+        assert_eq!(length_prefix(&vec![0; TCP_MAX + 1]), None);
+        assert_eq!(length_prefix(&vec![0; TCP_MAX + 67]), None);
     }
 
     #[tokio::test(start_paused = true)]

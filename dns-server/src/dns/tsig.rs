@@ -49,6 +49,14 @@ impl Algorithm {
         }
     }
 
+    /// Length of its MAC.
+    fn mac_len(self) -> usize {
+        match self {
+            Algorithm::HmacSha256 => 32,
+            Algorithm::HmacSha512 => 64,
+        }
+    }
+
     fn mac(self, key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
         match self {
             Algorithm::HmacSha256 => hmac::<Sha256>(key, parts),
@@ -342,6 +350,16 @@ impl Signer {
         self.error
     }
 
+    /// Bytes the TSIG record [`Signer::sign`] appends takes: the key name, type to
+    /// RDLENGTH (10), the algorithm name, time, fudge and MAC size (10), the MAC, original
+    /// id, error and other length (6), other data (the server's time with BADTIME). An
+    /// answer built to be signed leaves this much room under its size limit.
+    pub(crate) fn record_len(&self) -> usize {
+        let other = if self.error == error::BADTIME { 6 } else { 0 };
+        let alg = self.key.algorithm.wire().len();
+        self.key.name.len() + 10 + alg + 10 + self.key.algorithm.mac_len() + 6 + other
+    }
+
     /// Signs `msg` (a complete message without TSIG) and appends the TSIG record. The first
     /// message covers every TSIG variable, the following ones only the timers.
     pub(crate) fn sign(&mut self, msg: &mut Vec<u8>) {
@@ -498,6 +516,7 @@ mod tests {
         req.extend_from_slice(b"\x02ns\x00\x00\xfc\x00\x01");
         let at = req.len();
         Signer::for_request(&key, 1_000_000).sign(&mut req);
+        assert_eq!(req.len() - at, Signer::for_request(&key, 0).record_len());
         assert!(verify(&req, at, std::slice::from_ref(&key), 1_000_100).is_ok());
         assert_eq!(
             verify(&req, at, &[other], 1_000_000).unwrap_err(),
@@ -507,12 +526,20 @@ mod tests {
                 alg: Algorithm::HmacSha256.wire()
             }
         );
-        assert_eq!(
-            verify(&req, at, std::slice::from_ref(&key), 2_000_000)
-                .unwrap()
-                .error(),
-            error::BADTIME
-        );
+        let mut late = verify(&req, at, std::slice::from_ref(&key), 2_000_000).unwrap();
+        assert_eq!(late.error(), error::BADTIME);
+        // The length a signature takes, known before signing (BADTIME adds the time).
+        let mut resp = req[..at].to_vec();
+        let (n, want) = (resp.len(), late.record_len());
+        late.sign(&mut resp);
+        assert_eq!(resp.len() - n, want);
+        let k512: TsigKey = "k:hmac-sha512:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+            .parse()
+            .unwrap();
+        let mut signer = Signer::for_request(&k512, 1_000_000);
+        let want = signer.record_len();
+        signer.sign(&mut resp);
+        assert_eq!(resp.len() - n - late.record_len(), want);
         for i in 2..at {
             let mut t = req.clone();
             t[i] ^= 1;

@@ -321,12 +321,19 @@ fn error_reply(req: &[u8], r: &Request, rcode: u16, ede: Option<(u16, &'static s
     m
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Zone versions [`encode`]d on this thread (tests: which requests render a whole zone).
+    static ENCODED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Every record of a zone version, uncompressed: the SOA, and the others in name order.
 fn encode(snap: &NamespaceSnapshot, naming: &records::Naming) -> (Vec<u8>, Vec<Vec<u8>>) {
+    #[cfg(test)]
+    ENCODED.with(|n| n.set(n.get() + 1));
     let z = records::zone_data(snap, naming);
+    let soa = encode_soa(snap, naming);
     let mut w = Writer::new(&[]);
-    let (s, e) = w.record(&z.apex, z.ttl, &z.soa);
-    let soa = w.out[s..e].to_vec();
     let mut rest = Vec::new();
     for (owner, data) in &z.nodes {
         for (t, set) in data {
@@ -341,6 +348,18 @@ fn encode(snap: &NamespaceSnapshot, naming: &records::Naming) -> (Vec<u8>, Vec<V
         }
     }
     (soa, rest)
+}
+
+/// The SOA record of a zone version, uncompressed (the rest of the zone not rendered).
+fn encode_soa(snap: &NamespaceSnapshot, naming: &records::Naming) -> Vec<u8> {
+    let mut w = Writer::new(&[]);
+    let apex = naming.apex(snap.name.as_str());
+    w.record(
+        &apex,
+        snap.settings.record_ttl,
+        &records::soa_of(snap, naming),
+    );
+    w.out
 }
 
 /// Packs records into messages of at most [`MESSAGE_BYTES`] of records each.
@@ -450,14 +469,16 @@ impl Catalog {
         }
         let ordinary = r.qtype != rtype::AXFR && r.qtype != rtype::IXFR;
         let mut msgs = if ordinary {
-            // A signed ordinary query: answered as if unsigned, then signed.
+            // A signed ordinary query: answered as if unsigned, with room left for the
+            // signature (a TCP message holds at most 65,535 bytes), then signed.
             let at = r.tsig_at?;
             let mut plain = req[..at].to_vec();
             let ar = be16(&plain, 10) - 1;
             plain[10..12].copy_from_slice(&ar.to_be_bytes());
+            let reserve = signer.as_ref().map_or(0, Signer::record_len);
             let mut out = Vec::new();
             if self
-                .respond(&plain, tcp, peer, &mut out, s, shard)
+                .respond_reserving(&plain, tcp, reserve, peer, &mut out, s, shard)
                 .is_none()
             {
                 // Dropped (rate limiting, or nothing to answer): send nothing. Returning
@@ -474,8 +495,9 @@ impl Catalog {
                 sg.sign(m);
             }
             if !tcp && msgs.iter().any(|m| m.len() > r.udp_limit) {
-                // The signature pushed the answer over the client's limit: TC, signed
-                // afresh (over the request's MAC), so that it retries over TCP.
+                // The signature pushed the answer over the client's limit (answers are
+                // built with room for it; this is the safety net): TC, signed afresh (over
+                // the request's MAC), so that it retries over TCP.
                 let mut tc = start(req, r, 0, true, 0);
                 tc[2] |= 0x02;
                 let Ok(mut fresh) = tsig::verify(req, r.tsig_at?, &cfg.keys, now) else {
@@ -528,28 +550,30 @@ impl Catalog {
         else {
             return fail(rcode::NOTAUTH, (ede::NOT_AUTHORITATIVE, ""));
         };
+        let client = r.client_serial.unwrap_or_default();
+        if r.qtype == rtype::IXFR && (!super::serial::gt(cur.serial, client) || !tcp) {
+            // Up to date, or over UDP: the current SOA only, the zone not rendered (over
+            // UDP this runs in the receive loop, for a source address that may be forged).
+            let soa = encode_soa(&cur, &self.naming);
+            return pack(req, r, std::iter::once(soa.as_slice()));
+        }
         let (soa, rest) = encode(&cur, &self.naming);
-        if r.qtype == rtype::IXFR {
-            let client = r.client_serial.unwrap_or_default();
-            if !super::serial::gt(cur.serial, client) || !tcp {
-                // Up to date, or over UDP: the current SOA only.
-                return pack(req, r, std::iter::once(soa.as_slice()));
-            }
-            if let Some(old) = old {
-                let (old_soa, old_rest) = encode(&old, &self.naming);
-                let before: HashSet<&[u8]> = old_rest.iter().map(Vec::as_slice).collect();
-                let after: HashSet<&[u8]> = rest.iter().map(Vec::as_slice).collect();
-                let deleted = old_rest.iter().filter(|x| !after.contains(x.as_slice()));
-                let added = rest.iter().filter(|x| !before.contains(x.as_slice()));
-                tracing::debug!(%peer, from = client, to = cur.serial, "dns: IXFR");
-                let seq = std::iter::once(soa.as_slice())
-                    .chain(std::iter::once(old_soa.as_slice()))
-                    .chain(deleted.map(Vec::as_slice))
-                    .chain(std::iter::once(soa.as_slice()))
-                    .chain(added.map(Vec::as_slice))
-                    .chain(std::iter::once(soa.as_slice()));
-                return pack(req, r, seq);
-            }
+        if r.qtype == rtype::IXFR
+            && let Some(old) = old
+        {
+            let (old_soa, old_rest) = encode(&old, &self.naming);
+            let before: HashSet<&[u8]> = old_rest.iter().map(Vec::as_slice).collect();
+            let after: HashSet<&[u8]> = rest.iter().map(Vec::as_slice).collect();
+            let deleted = old_rest.iter().filter(|x| !after.contains(x.as_slice()));
+            let added = rest.iter().filter(|x| !before.contains(x.as_slice()));
+            tracing::debug!(%peer, from = client, to = cur.serial, "dns: IXFR");
+            let seq = std::iter::once(soa.as_slice())
+                .chain(std::iter::once(old_soa.as_slice()))
+                .chain(deleted.map(Vec::as_slice))
+                .chain(std::iter::once(soa.as_slice()))
+                .chain(added.map(Vec::as_slice))
+                .chain(std::iter::once(soa.as_slice()));
+            return pack(req, r, seq);
         }
         tracing::debug!(%peer, kind, serial = cur.serial, records = rest.len() + 1, "dns: full zone transfer");
         let seq = std::iter::once(soa.as_slice())
@@ -874,6 +898,85 @@ mod tests {
         let m = Message::from_vec(&tcp[0]).unwrap();
         assert_eq!(m.answers.len(), 28);
         assert!(tcp[0].len() > 512);
+    }
+
+    /// A signed answer over TCP for an RRset far over 64 KB (3,000 SRV records) leaves room
+    /// for its signature: the message with the TSIG record still fits the TCP length
+    /// prefix (65,535 bytes) and verifies, with either algorithm.
+    #[test]
+    fn signed_tcp_answers_leave_room_for_the_signature() {
+        use shared::ServiceName;
+        use shared::model::{Proto, ServiceSpec};
+
+        const KEY512: &str = "xfr-key:hmac-sha512:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let keys: Vec<TsigKey> = [KEY, KEY512].iter().map(|k| k.parse().unwrap()).collect();
+        let c = Catalog::new(DnsConfig::default())
+            .unwrap()
+            .with_transfer(TransferConfig {
+                keys: keys.clone(),
+                allow: vec![],
+                notify: vec![],
+            });
+        let mut huge = snap(&[]);
+        huge.instances = (0..3000u16)
+            .map(|i| {
+                Arc::new(Instance {
+                    id: MembraneId::new(&format!("i{i:04}")).unwrap(),
+                    registration: Arc::new(Registration {
+                        addresses: vec![IpAddr::from([10, 2, (i / 250) as u8, (i % 250) as u8])],
+                        services: vec![ServiceSpec {
+                            name: ServiceName::new("api").unwrap(),
+                            proto: Proto::Tcp,
+                            port: 8000,
+                            priority: 0,
+                            weight: 1,
+                        }],
+                        ..Default::default()
+                    }),
+                })
+            })
+            .collect();
+        c.update(&huge);
+        let (mut s, shard) = (Scratch::new(0), Shard::default());
+        let peer = "198.51.100.7".parse().unwrap();
+        for (key, mac) in keys.iter().zip([32, 64]) {
+            let mut q = vec![1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+            q.extend_from_slice(b"\x04_api\x04_tcp\x02ns\x00\x00\x21\x00\x01");
+            let mut signer = Signer::for_request(key, unix_now());
+            signer.sign(&mut q);
+            let tcp = c.respond_special(&q, true, peer, &mut s, &shard).unwrap();
+            let m = &tcp[0];
+            assert!(m.len() <= 65_535, "{:?}: {} bytes", key.algorithm, m.len());
+            assert!(signer.verify_response(m, m.len() - (TSIG_LEN - 32 + mac)));
+            let parsed = Message::from_vec(m).unwrap();
+            assert!(!parsed.metadata.truncation);
+            assert!(parsed.answers.len() > 1000, "{}", parsed.answers.len());
+        }
+    }
+
+    /// An IXFR over UDP, or from a client already up to date, is answered with the current
+    /// SOA without rendering the zone (over UDP this runs in the receive loop); only a
+    /// transfer over TCP renders it.
+    #[test]
+    fn ixfr_renders_the_zone_only_for_a_transfer() {
+        let c = catalog(&["127.0.0.1"]);
+        c.update(&snap(&[1, 2])); // serial 100
+        c.update(&snap(&[2, 3])); // 101
+        let encoded = || ENCODED.with(std::cell::Cell::get);
+        let before = encoded();
+        for (serial, tcp) in [(100, false), (7, false), (101, false), (101, true)] {
+            let msgs = ask(&c, &request(rtype::IXFR, Some(serial)), tcp, "127.0.0.1");
+            assert_eq!(records(&msgs).1, ["SOA 101"], "{serial} {tcp}");
+            assert_eq!(
+                encoded(),
+                before,
+                "{serial} tcp={tcp}: the zone was rendered"
+            );
+        }
+        // A real transfer: the current and the client's version.
+        let msgs = ask(&c, &request(rtype::IXFR, Some(100)), true, "127.0.0.1");
+        assert!(records(&msgs).1.len() > 3);
+        assert_eq!(encoded(), before + 2);
     }
 
     /// A signed query that rate limiting drops is not sent on to the ordinary path (which
