@@ -1543,10 +1543,12 @@ impl Registry {
         self.metrics
             .self_preservation
             .set(i64::from(preserve.active()));
-        let mut ops = Vec::new();
-        let mut events = Vec::new();
-        let mut dirty = Vec::new();
-        let mut changes = Vec::new();
+        // Stale marks (events only) and evictions (store writes) go to the store as two
+        // submissions: after a store failure a write is refused, events only are not, and
+        // a mark is applied in memory already (its event must not be lost with a write).
+        let mut marks = Vec::new();
+        let mut marked_ns = Vec::new();
+        let mut evictions = Write::default();
         let State {
             namespaces,
             next_seq,
@@ -1557,7 +1559,6 @@ impl Registry {
                 continue;
             }
             let mut evict = Vec::new();
-            let mut changed = false;
             let mut marked = 0;
             let released = preserve.released_at(ns_name);
             // A namespace change in flight (deletion) removes its membranes anyway.
@@ -1585,7 +1586,6 @@ impl Registry {
                     e.state = HealthState::Stale;
                     let expired = e.last_heartbeat + ttl;
                     e.state_since = released.map_or(expired, |r| r.max(expired));
-                    changed = true;
                     marked += 1;
                     self.metrics.state_change(HealthState::Stale);
                     tracing::info!(
@@ -1595,7 +1595,7 @@ impl Registry {
                         silent_ms = silent.as_millis() as u64,
                         "membrane stale: no heartbeat within its TTL"
                     );
-                    events.push((
+                    marks.push((
                         ns_name.clone(),
                         Event::StateChanged {
                             namespace: ns_name.clone(),
@@ -1606,22 +1606,25 @@ impl Registry {
                 }
             }
             preserve.record(now, ns_name, marked);
+            let mut evicted = false;
             for id in evict {
                 let Some(e) = ns.membranes.get(&id) else {
                     continue;
                 };
-                changed = true;
+                evicted = true;
                 self.metrics.evictions.inc();
                 tracing::info!(namespace = %ns_name, id = %id, "evicted after eviction delay");
-                ops.push(Op::DeleteMembrane {
+                evictions.ops.push(Op::DeleteMembrane {
                     seq: *next_seq,
                     namespace: ns_name.clone(),
                     id: id.clone(),
                     supersedes: e.seq,
                 });
-                changes.push(Change::Membrane(ns_name.clone(), id.clone(), None));
+                evictions
+                    .changes
+                    .push(Change::Membrane(ns_name.clone(), id.clone(), None));
                 *next_seq += 1;
-                events.push((
+                evictions.events.push((
                     ns_name.clone(),
                     Event::Deregistered {
                         namespace: ns_name.clone(),
@@ -1630,22 +1633,27 @@ impl Registry {
                     },
                 ));
             }
-            if changed {
+            if marked > 0 || evicted {
                 ns.serial = ns.serial.wrapping_add(1);
-                dirty.push(ns_name.clone());
+            }
+            if marked > 0 {
+                marked_ns.push(ns_name.clone());
+            }
+            if evicted {
+                evictions.dirty.push(ns_name.clone());
             }
         }
         drop(preserve);
-        if !events.is_empty() {
-            self.submit_detached(
-                &mut st,
-                Write {
-                    ops,
-                    changes,
-                    events,
-                    dirty,
-                },
-            );
+        if !marks.is_empty() {
+            let write = Write {
+                events: marks,
+                dirty: marked_ns,
+                ..Default::default()
+            };
+            self.submit_detached(&mut st, write);
+        }
+        if !evictions.events.is_empty() {
+            self.submit_detached(&mut st, evictions);
         }
     }
 

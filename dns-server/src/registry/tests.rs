@@ -615,6 +615,50 @@ async fn health_events_go_on_after_a_store_failure() {
     assert_eq!(ids, ["quiet"], "DNS serves the passing one only");
 }
 
+/// The store fails on the very commit that holds a sweep's eviction: the stale marks of
+/// that sweep (applied in memory already) still reach subscribers and DNS.
+#[tokio::test(start_paused = true)]
+async fn stale_marks_survive_a_failing_eviction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (r, _t) = open(&path);
+    let (n, oc) = (ns("a"), open_caller());
+    // `boom` (TTL 10 s) goes stale at 10 s and is due for eviction 60 s later, when
+    // `quiet` (TTL 70 s) goes stale.
+    r.register(&oc, &n, &id("boom"), reg(Some(10)))
+        .await
+        .unwrap();
+    r.register(&oc, &n, &id("quiet"), reg(Some(70)))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(11)).await;
+    r.sweep();
+    r.flush().await;
+    let at = r.events().revision();
+    // Evicting `boom` writes its tombstone: that commit fails.
+    inject_store_failure(&path);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    r.sweep();
+    r.flush().await;
+    assert!(r.store_failed());
+    let frames: Vec<String> = r
+        .events()
+        .subscribe(&n, Some(at))
+        .replay
+        .iter()
+        .map(|(_, p)| String::from_utf8(p.frame().to_vec()).unwrap())
+        .collect();
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert!(frames[0].contains(r#""id":"quiet""#) && frames[0].contains(r#""state":"stale""#));
+    assert_eq!(r.get(&n, &id("quiet")).unwrap().state, HealthState::Stale);
+    assert!(
+        r.snapshot(&n).unwrap().instances.is_empty(),
+        "both out of DNS"
+    );
+    // The eviction was not committed: `boom` stays, stale.
+    assert_eq!(r.get(&n, &id("boom")).unwrap().state, HealthState::Stale);
+}
+
 #[tokio::test]
 async fn open_mode_same_instance_is_the_one_holding_the_secret() {
     let dir = tempfile::tempdir().unwrap();
