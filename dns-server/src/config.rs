@@ -218,6 +218,13 @@ pub struct ServerArgs {
           default_value = "10s", value_parser = humantime::parse_duration)]
     pub self_preservation_window: Duration,
 
+    /// Self-preservation: longest hold of one namespace (or of the registry) without a
+    /// break; then the silence is taken as real (stale-marking and evictions resume there)
+    /// until it recovers once. 0 = no limit (as in Eureka).
+    #[arg(long, env = "MEMBRANE_SELF_PRESERVATION_MAX_HOLD", value_name = "DURATION",
+          default_value = "15m", value_parser = humantime::parse_duration)]
+    pub self_preservation_max_hold: Duration,
+
     /// Most namespaces the registry holds; creating one more is answered 503
     /// `registry_full`.
     #[arg(long, env = "MEMBRANE_MAX_NAMESPACES", value_name = "N",
@@ -598,6 +605,14 @@ impl TryFrom<ServerArgs> for Config {
                 "--self-preservation-window must be between 1s and 1h",
             ));
         }
+        if !a.self_preservation_max_hold.is_zero()
+            && a.self_preservation_max_hold < a.self_preservation_window
+        {
+            return Err(invalid(
+                "--self-preservation-max-hold must be 0 (no limit) or at least \
+                 --self-preservation-window",
+            ));
+        }
         if a.sse_batch_ms > 10_000 {
             return Err(invalid("--sse-batch-ms must be at most 10000 (10 s)"));
         }
@@ -749,6 +764,7 @@ impl TryFrom<ServerArgs> for Config {
                 threshold: a.self_preservation_threshold,
                 min_silent: a.self_preservation_min,
                 window: a.self_preservation_window,
+                max_hold: a.self_preservation_max_hold,
             },
             limits: crate::registry::Limits {
                 namespaces: a.max_namespaces,
@@ -862,6 +878,11 @@ mod tests {
         assert!(err(&["--self-preservation-threshold=-0.1"]).contains("threshold"));
         assert!(err(&["--self-preservation-min=0"]).contains("--self-preservation-min"));
         assert!(err(&["--self-preservation-window=0s"]).contains("--self-preservation-window"));
+        let c = Config::try_from(args(&["--self-preservation-max-hold=0"])).unwrap();
+        assert_eq!(c.self_preservation.max_hold, Duration::ZERO);
+        let c = Config::try_from(args(&["--self-preservation-max-hold=1h"])).unwrap();
+        assert_eq!(c.self_preservation.max_hold, Duration::from_secs(3600));
+        assert!(err(&["--self-preservation-max-hold=5s"]).contains("max-hold"));
     }
 
     #[test]

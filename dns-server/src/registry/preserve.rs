@@ -13,6 +13,10 @@
 //! and evicts nothing. As heartbeats come back the burst shrinks; once the rule no longer
 //! holds, normal sweeping resumes and whatever is still silent goes stale then, with its
 //! full eviction delay still ahead.
+//!
+//! A hold is bounded: a scope held for `max_hold` without a break is released (a real mass
+//! death, say a host with many membranes of one namespace, must not stay in DNS for ever)
+//! and not held again until it stops being suspect once.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
@@ -31,7 +35,12 @@ pub struct PreservationConfig {
     pub min_silent: usize,
     /// How long stale marks count towards a burst.
     pub window: Duration,
+    /// Longest hold of one scope without a break; zero: no limit.
+    pub max_hold: Duration,
 }
+
+/// Default of `--self-preservation-max-hold`.
+pub const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(15 * 60);
 
 impl Default for PreservationConfig {
     fn default() -> Self {
@@ -39,6 +48,7 @@ impl Default for PreservationConfig {
             threshold: 0.15,
             min_silent: 10,
             window: Duration::from_secs(10),
+            max_hold: DEFAULT_MAX_HOLD,
         }
     }
 }
@@ -88,6 +98,12 @@ pub struct PreservationStatus {
     pub min_silent: usize,
     /// The rule's settings.
     pub window_seconds: f64,
+    /// The rule's settings (0: no limit).
+    pub max_hold_seconds: u64,
+    /// Scopes released after `max_hold` that are still suspect (not held again until they
+    /// recover); `"*"`: the whole registry.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub released_after_max_hold: Vec<String>,
 }
 
 /// The rule's memory between sweeps.
@@ -102,6 +118,10 @@ pub struct Preservation {
     /// When a namespace's hold last ended: its silent membranes go stale then, and their
     /// eviction delay counts from then, not from their TTL expiry during the hold.
     released: HashMap<NamespaceName, Instant>,
+    /// Since when each scope has been suspect without a break (`None`: the registry).
+    suspect_since: HashMap<Option<NamespaceName>, Instant>,
+    /// Scopes held for `max_hold`, released while still suspect.
+    spent: BTreeSet<Option<NamespaceName>>,
 }
 
 fn suspect(cfg: &PreservationConfig, passing: usize, silent: usize, marked: usize) -> bool {
@@ -150,12 +170,17 @@ impl Preservation {
             passing += c.passing;
             silent += c.silent;
             all_marked += m;
-            if suspect(&self.cfg, c.passing, c.silent, m) {
+            let scope = Some(ns.clone());
+            if self.bounded(now, scope, suspect(&self.cfg, c.passing, c.silent, m)) {
                 hold.namespaces.insert(ns.clone());
                 held += c.silent;
             }
         }
-        hold.global = suspect(&self.cfg, passing, silent, all_marked);
+        hold.global = self.bounded(now, None, suspect(&self.cfg, passing, silent, all_marked));
+        self.suspect_since
+            .retain(|s, _| s.as_ref().is_none_or(|ns| census.contains_key(ns)));
+        self.spent
+            .retain(|s| s.as_ref().is_none_or(|ns| census.contains_key(ns)));
         if hold.global {
             held = silent;
         }
@@ -203,6 +228,32 @@ impl Preservation {
         hold
     }
 
+    /// Whether `scope` (a namespace, `None`: the registry), `suspect` at this sweep, is
+    /// held: not once it has been suspect for `max_hold` without a break, until it is not
+    /// suspect at some sweep.
+    fn bounded(&mut self, now: Instant, scope: Option<NamespaceName>, suspect: bool) -> bool {
+        if !suspect {
+            self.suspect_since.remove(&scope);
+            self.spent.remove(&scope);
+            return false;
+        }
+        if self.spent.contains(&scope) {
+            return false;
+        }
+        let since = *self.suspect_since.entry(scope.clone()).or_insert(now);
+        if self.cfg.max_hold.is_zero() || now.saturating_duration_since(since) < self.cfg.max_hold {
+            return true;
+        }
+        tracing::warn!(
+            scope = scope.as_ref().map_or("*", |n| n.as_str()),
+            held_for_s = now.saturating_duration_since(since).as_secs(),
+            "self-preservation: held for --self-preservation-max-hold and heartbeats did not \
+             come back; taking the silence as real: stale-marking and evictions resume there"
+        );
+        self.spent.insert(scope);
+        false
+    }
+
     /// Counts `n` membranes of `ns` marked stale at `now` towards later bursts.
     pub fn record(&mut self, now: Instant, ns: &NamespaceName, n: usize) {
         if n > 0 {
@@ -236,6 +287,12 @@ impl Preservation {
             threshold: self.cfg.threshold,
             min_silent: self.cfg.min_silent,
             window_seconds: self.cfg.window.as_secs_f64(),
+            max_hold_seconds: self.cfg.max_hold.as_secs(),
+            released_after_max_hold: self
+                .spent
+                .iter()
+                .map(|s| s.as_ref().map_or("*".to_string(), |n| n.to_string()))
+                .collect(),
         }
     }
 }
@@ -266,6 +323,70 @@ mod tests {
             ..cfg
         };
         assert!(!suspect(&off, 100, 100, 0));
+    }
+
+    /// A hold ends after `max_hold` even while the silence lasts (a real mass death), is
+    /// not taken up again while it lasts, and protects again after a recovery.
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_is_released_after_max_hold_until_the_scope_recovers() {
+        let mut p = Preservation::new(PreservationConfig {
+            max_hold: Duration::from_secs(600),
+            ..Default::default()
+        });
+        let (a, b) = (ns("a"), ns("b"));
+        // `a`: 50 of 100 silent; `b`: 1 of 1,000 (the registry as a whole not suspect).
+        let census = |silent| {
+            HashMap::from([
+                (
+                    a.clone(),
+                    Census {
+                        passing: 100,
+                        silent,
+                    },
+                ),
+                (
+                    b.clone(),
+                    Census {
+                        passing: 1000,
+                        silent: 1,
+                    },
+                ),
+            ])
+        };
+        let start = Instant::now();
+        assert!(p.decide(start, &census(50)).holds(&a));
+        let h = p.decide(start + Duration::from_secs(599), &census(50));
+        assert!(h.holds(&a) && !h.global && !h.holds(&b));
+        let released = start + Duration::from_secs(600);
+        assert!(!p.decide(released, &census(50)).holds(&a));
+        assert_eq!(
+            p.released_at(&a),
+            Some(released),
+            "eviction delays count from here"
+        );
+        assert_eq!(p.status(released).released_after_max_hold, ["a"]);
+        // Still suspect (the marks of the release count too): not held again.
+        p.record(released, &a, 50);
+        let later = released + Duration::from_secs(1);
+        assert!(!p.decide(later, &census(0)).holds(&a));
+        // Recovered once: a new burst is held again, for up to `max_hold`.
+        let calm = later + Duration::from_secs(20);
+        assert!(!p.decide(calm, &census(0)).holds(&a));
+        assert!(p.status(calm).released_after_max_hold.is_empty());
+        assert!(
+            p.decide(calm + Duration::from_secs(1), &census(30))
+                .holds(&a)
+        );
+        // No limit: held for as long as it lasts.
+        let mut q = Preservation::new(PreservationConfig {
+            max_hold: Duration::ZERO,
+            ..Default::default()
+        });
+        assert!(q.decide(start, &census(50)).holds(&a));
+        assert!(
+            q.decide(start + Duration::from_secs(86_400), &census(50))
+                .holds(&a)
+        );
     }
 
     #[tokio::test(start_paused = true)]
