@@ -11,6 +11,10 @@
 //! `{"ok":true,"result":...}` or `{"ok":false,"error":{"code":"...","message":"..."}}`.
 //! New commands (`send`, `recv`, ...) are new `cmd` variants; an agent that does not know a
 //! command answers `unknown_command`, so old agents fail clearly with new clients.
+//!
+//! Bounds: at most [`MAX_CONNECTIONS`] connections at once (beyond, the connection gets
+//! one `busy` answer and is closed); a connection is closed after 60 s without a request
+//! line, or once an answer waited 60 s for the client to read it.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -29,6 +33,12 @@ use tokio_util::sync::CancellationToken;
 const MAX_LINE: u64 = 24 * 1024 * 1024;
 /// An idle connection is closed after this long.
 const IDLE: Duration = Duration::from_secs(60);
+/// A connection whose client does not take an answer within this long (it pipelines
+/// requests and never reads) is closed.
+const WRITE_TIMEOUT: Duration = IDLE;
+/// Most control connections served at once; beyond, a connection is answered `busy` and
+/// closed (each holds a task, a descriptor and buffers).
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// A control request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,8 +206,9 @@ fn peer_allowed(stream: &UnixStream) -> Result<bool, std::io::Error> {
     Ok(cred.uid() == me || cred.uid() == 0)
 }
 
-/// Accepts connections until `cancel`.
+/// Accepts connections until `cancel`, at most [`MAX_CONNECTIONS`] at once.
 pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, cancel: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -210,9 +221,18 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, cancel: 
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                max = MAX_CONNECTIONS,
+                "control connection refused: too many open"
+            );
+            refuse_busy(stream);
+            continue;
+        };
         let handler = handler.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = cancel.cancelled() => {}
                 r = connection(stream, handler) => if let Err(e) = r {
@@ -223,24 +243,55 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, cancel: 
     }
 }
 
+/// Answers a connection over [`MAX_CONNECTIONS`] with one `busy` line, without waiting
+/// (a fresh socket's buffer takes it), and closes it.
+fn refuse_busy(stream: UnixStream) {
+    use std::io::Write;
+    let mut line = serde_json::to_vec(&Response::err(
+        "busy",
+        format!(
+            "the agent serves at most {MAX_CONNECTIONS} control connections at once; \
+             try again later"
+        ),
+    ))
+    .expect("json");
+    line.push(b'\n');
+    // Non-blocking: a client that does not read cannot hold the accept loop.
+    if let Ok(s) = stream.into_std() {
+        let _ = (&s).write(&line);
+    }
+}
+
+/// `w.write_all(bytes)`, given up after [`WRITE_TIMEOUT`].
+async fn write_timed<W: AsyncWriteExt + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, w.write_all(bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the client took no answer for {WRITE_TIMEOUT:?}"),
+        )),
+    }
+}
+
 async fn connection<H: Handler>(stream: UnixStream, handler: Arc<H>) -> std::io::Result<()> {
     let allowed = peer_allowed(&stream)?;
     let (r, mut w) = stream.into_split();
     if !allowed {
         tracing::warn!("control connection from another user refused");
-        write_line(
-            &mut w,
-            &Response::err("forbidden", "peer user is not the agent's user"),
-        )
-        .await?;
-        return Ok(());
+        let mut line = serde_json::to_vec(&Response::err(
+            "forbidden",
+            "peer user is not the agent's user",
+        ))
+        .expect("json");
+        line.push(b'\n');
+        return write_timed(&mut w, &line).await;
     }
     // Pipelining: `send` requests run concurrently (at most MAX_IN_FLIGHT per connection),
     // any other request once every earlier one finished; answers go back in request order,
     // several per write when they are ready together.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Answer>(MAX_IN_FLIGHT);
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         async fn resolve(a: Answer, out: &mut Vec<u8>) {
             let resp = match a {
                 Answer::Ready(r) => r,
@@ -274,14 +325,14 @@ async fn connection<H: Handler>(stream: UnixStream, handler: Arc<H>) -> std::io:
                     Err(_) => break,
                 }
             }
-            w.write_all(&out).await?;
+            write_timed(&mut w, &out).await?;
             out.clear();
         }
         w.flush().await
     });
     let mut reader = BufReader::with_capacity(64 * 1024, r);
     let mut line = Vec::new();
-    let result = async {
+    let reading = async {
         loop {
             line.clear();
             let n = match tokio::time::timeout(
@@ -336,8 +387,12 @@ async fn connection<H: Handler>(stream: UnixStream, handler: Arc<H>) -> std::io:
                 return Ok(());
             }
         }
-    }
-    .await;
+    };
+    let result = tokio::select! {
+        r = reading => r,
+        // The writer gave up (the client takes no answers): so does the reader.
+        w = &mut writer => return w.map_err(std::io::Error::other)?,
+    };
     drop(tx);
     let w = writer.await.map_err(std::io::Error::other)?;
     result.and(w)
@@ -572,6 +627,89 @@ mod tests {
         );
         // 600 sends of up to 30 ms, 256 at a time: well under one after another (9 s).
         assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+        cancel.cancel();
+    }
+
+    /// One request on `s`, its answer line (a refused connection may be closed before the
+    /// request is written: its answer is read all the same).
+    async fn exchange(s: &mut UnixStream) -> String {
+        let _ = s.write_all(b"{\"cmd\":\"status\"}\n").await;
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while matches!(s.read(&mut b).await, Ok(1)) && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        String::from_utf8(line).unwrap()
+    }
+
+    /// Connections beyond the cap are answered `busy` and closed; a closed connection
+    /// frees its place.
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_refused_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::state::control_socket(dir.path());
+        let listener = bind(&path).await.unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve(listener, Arc::new(Echo), cancel.clone()));
+        let mut open = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut s = UnixStream::connect(&path).await.unwrap();
+            let l = exchange(&mut s).await;
+            assert!(l.contains("\"ok\":true"), "{l}");
+            open.push(s);
+        }
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        let l = exchange(&mut s).await;
+        assert!(l.contains("\"code\":\"busy\""), "{l}");
+        assert!(l.contains("at most 64"), "{l}");
+        // Closed (reset: the request was left unread).
+        assert!(matches!(s.read(&mut [0u8; 1]).await, Ok(0) | Err(_)));
+        // One leaves: the next is served (once its connection ended, at once).
+        drop(open.pop());
+        let mut served = false;
+        for _ in 0..500 {
+            let mut s = UnixStream::connect(&path).await.unwrap();
+            if exchange(&mut s).await.contains("\"ok\":true") {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(served, "a place freed");
+        cancel.cancel();
+    }
+
+    /// Answers of a megabyte each.
+    struct Big;
+    impl Handler for Big {
+        async fn handle(&self, _: Request) -> Response {
+            Response::ok(Value::String("x".repeat(1 << 20)))
+        }
+    }
+
+    /// A client that pipelines requests and never reads its answers: the connection is
+    /// closed once an answer waited [`WRITE_TIMEOUT`], not held forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_no_answers_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::state::control_socket(dir.path());
+        let listener = bind(&path).await.unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve(listener, Arc::new(Big), cancel.clone()));
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        let n = 8;
+        s.write_all(&b"{\"cmd\":\"status\"}\n".repeat(n))
+            .await
+            .unwrap();
+        tokio::time::sleep(WRITE_TIMEOUT + Duration::from_secs(1)).await;
+        // What the socket buffered before the agent gave up, then the end.
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        let answers = got.iter().filter(|&&b| b == b'\n').count();
+        assert!(
+            answers < n,
+            "{answers} answers of {n}: the agent waited for the client"
+        );
         cancel.cancel();
     }
 }

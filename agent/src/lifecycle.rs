@@ -640,6 +640,7 @@ impl<R: RegistryApi> Lifecycle<R> {
     async fn command(&mut self, cmd: Command) -> Option<Option<(Instant, Due)>> {
         match cmd {
             Command::Register { parent, reply } => {
+                let before = self.cfg.registration.parent.clone();
                 if let Some(p) = parent {
                     self.cfg.registration.parent = p;
                 }
@@ -654,6 +655,18 @@ impl<R: RegistryApi> Lifecycle<R> {
                         let at = self.next_heartbeat();
                         self.schedule(at);
                         Some(Some((at, Due::Heartbeat)))
+                    }
+                    // Still on the registry as registered before (a refused change, e.g.
+                    // a rotated join token: heartbeats need only the instance secret):
+                    // nothing changes, heartbeats go on; retrying the change would stop
+                    // them and let the membrane expire.
+                    Err(e) if self.on_server => {
+                        self.cfg.registration.parent = before;
+                        let _ = reply.send(Err(format!(
+                            "{}; still registered as before, heartbeating",
+                            e.explain()
+                        )));
+                        None
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e.explain()));

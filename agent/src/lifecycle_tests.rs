@@ -426,6 +426,71 @@ async fn commands_deregister_pause_and_register_with_new_parent() {
     assert_eq!(re.parent.as_deref(), Some("perception"));
 }
 
+/// `agent register --parent x` refused while registered (the namespace's join token was
+/// rotated; heartbeats need only the instance secret): the caller gets the error, the
+/// membrane stays registered with its old parent and keeps heartbeating, instead of the
+/// agent retrying the refused registration until the membrane expires.
+#[tokio::test(start_paused = true)]
+async fn a_refused_reregistration_command_changes_nothing_and_heartbeats_go_on() {
+    let fake = Fake::new(|k, n| match (k, n) {
+        (Kind::Register, 1) => Err(api(403, "join token rotated")),
+        _ => Ok(()),
+    });
+    let r = start(&fake, config(0.0));
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let (tx, rx) = oneshot::channel();
+    r.commands
+        .send(Command::Register {
+            parent: Some(Some(MembraneId::new("perception").unwrap())),
+            reply: tx,
+        })
+        .await
+        .unwrap();
+    let e = rx.await.unwrap().unwrap_err();
+    assert!(e.contains("join token rotated"), "{e}");
+    assert!(e.contains("still registered"), "{e}");
+    {
+        let s = r.status.lock().unwrap();
+        assert_eq!(s.phase, Phase::Registered);
+        assert!(
+            s.last_error
+                .as_deref()
+                .unwrap()
+                .contains("join token rotated")
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(37)).await;
+    assert_eq!(r.status.lock().unwrap().phase, Phase::Registered);
+    // A registration afterwards (no parent change) sends the old parent, not the refused.
+    let (tx, rx) = oneshot::channel();
+    r.commands
+        .send(Command::Register {
+            parent: None,
+            reply: tx,
+        })
+        .await
+        .unwrap();
+    assert_eq!(rx.await.unwrap().unwrap()["registered"], true);
+    stop(r).await.unwrap();
+    assert_eq!(
+        fake.times(Kind::Register),
+        [0, 15, 52],
+        "the refused registration is not retried"
+    );
+    assert_eq!(
+        fake.times(Kind::Heartbeat),
+        [10, 20, 30, 40, 50],
+        "heartbeats on their schedule"
+    );
+    let parents: Vec<Option<String>> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.kind == Kind::Register)
+        .map(|c| c.parent)
+        .collect();
+    assert_eq!(parents, [None, Some("perception".into()), None]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn heartbeat_command_when_not_registered_says_so() {
     let fake = Fake::new(|k, _| {

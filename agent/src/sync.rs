@@ -105,7 +105,7 @@ impl Pacing {
         self.jitter.apply(d)
     }
 
-    /// A stream was established: the next failure starts from the minimum again.
+    /// A stream delivered its first frame: the next failure starts from the minimum again.
     pub fn connected(&mut self) {
         self.reconnect.reset();
     }
@@ -255,11 +255,14 @@ async fn round(
             );
         }
     }
-    pacing.connected();
     *was_live = true;
     let mut body = resp.into_body();
     let mut parser = SseParser::new();
     let mut silent_at = Instant::now() + cfg.idle_timeout;
+    // The reconnection backoff is reset by the stream's first frame (an event or a
+    // keep-alive), not by its headers: a registry or proxy answering 200 and closing at
+    // once (or sending anything but SSE) is retried with a growing delay, not every second.
+    let mut streaming = false;
     loop {
         let frame = tokio::select! {
             f = body.frame() => f,
@@ -274,6 +277,9 @@ async fn round(
                     &format!("registry asked for a resync; cache refreshed with {n} membranes"),
                     serde_json::Value::Null,
                 );
+                // The stream was not read during the list (which may take long): its
+                // silence counts from now.
+                silent_at = Instant::now() + cfg.idle_timeout;
                 continue;
             }
         };
@@ -286,6 +292,9 @@ async fn round(
             continue;
         };
         for ev in parser.feed(data) {
+            // An event over the parser's caps (a stream that never ends its event, or
+            // garbage): the stream lost it; reconnect, resuming after the cache's revision.
+            let ev = ev.map_err(|e| SyncError::Stream(e.to_string()))?;
             let id = ev.id.as_deref().and_then(|s| s.trim().parse::<u64>().ok());
             let event = match serde_json::from_str::<Event>(&ev.data) {
                 Ok(e) => e,
@@ -315,6 +324,10 @@ async fn round(
                 Applied::Changed => tracing::debug!(kind = event.kind(), ?id, "cache updated"),
                 Applied::Skipped => {}
             }
+        }
+        if !streaming && parser.frames() > 0 {
+            streaming = true;
+            pacing.connected();
         }
     }
 }
@@ -369,6 +382,11 @@ mod tests {
     enum Answer {
         /// A JSON body with this status.
         Json(u16, String),
+        /// A JSON body with this status, after this long.
+        Slow(Duration, u16, String),
+        /// An event stream's head with this epoch, then these bytes alone (not even the
+        /// first keep-alive), then closed.
+        Bare(u64, String),
         /// An event stream: head with this epoch, then `parts` (each written once the
         /// registry saw at least that many list requests), then held open or closed.
         Stream {
@@ -412,6 +430,20 @@ mod tests {
                         n
                     };
                     match respond(&req, lists) {
+                        Answer::Slow(delay, status, body) => {
+                            tokio::time::sleep(delay).await;
+                            let r = format!(
+                                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            );
+                            let _ = s.write_all(r.as_bytes()).await;
+                        }
+                        Answer::Bare(epoch, body) => {
+                            let h = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nmembrane-event-epoch: {epoch}\r\nconnection: close\r\n\r\n{body}"
+                            );
+                            let _ = s.write_all(h.as_bytes()).await;
+                        }
                         Answer::Json(status, body) => {
                             let r = format!(
                                 "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -802,6 +834,179 @@ mod tests {
         attempts(8).await;
         let other: Vec<Duration> = seen.lock().unwrap().iter().map(|r| r.at - t1).collect();
         assert_ne!(times[1..4], other[1..4], "jitter differs between agents");
+    }
+
+    /// Reconnection times (from `t0`) of `run` against the registry at `url` for 120 s.
+    async fn stream_openings(url: &str, seen: &Mutex<Vec<Seen>>) -> Vec<Duration> {
+        let start = CancellationToken::new();
+        start.cancel();
+        let cancel = CancellationToken::new();
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let task = tokio::spawn(run(
+            Arc::new(client(url)),
+            ns(),
+            Arc::new(Cache::open(dir.path(), ns())),
+            Arc::new(Activity::disabled()),
+            SyncConfig {
+                seed: Some(7),
+                max_backoff: Duration::from_secs(16),
+                ..Default::default()
+            },
+            start,
+            cancel.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        let seen = seen.lock().unwrap();
+        seen.iter()
+            .filter(|r| r.is_events())
+            .map(|r| r.at - t0)
+            .collect()
+    }
+
+    /// A registry (or proxy) that answers the stream's head and closes at once, or sends
+    /// bytes that end no frame: the backoff is not reset by the head, reconnections slow
+    /// down like refusals do. One that sends a frame first (a keep-alive) did stream: the
+    /// backoff starts again.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_closed_before_its_first_frame_does_not_reset_the_backoff() {
+        for body in ["", "data: no end\n"] {
+            let (url, seen) = fake(Box::new(move |req, _| {
+                if req.is_events() {
+                    Answer::Bare(900, body.into())
+                } else {
+                    Answer::Json(200, list_body(vec![], 1, 900))
+                }
+            }))
+            .await;
+            let times = stream_openings(&url, &seen).await;
+            let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+            assert!(gaps.len() >= 7, "{body:?}: {gaps:?}");
+            for (gap, base) in gaps.iter().zip([1u64, 2, 4, 8, 16, 16, 16]) {
+                let base = Duration::from_secs(base);
+                assert!(
+                    *gap >= base / 2 && *gap <= base * 3 / 2,
+                    "{body:?}: gap {gap:?} outside ±50 % of {base:?}: {gaps:?}"
+                );
+            }
+        }
+
+        let (url, seen) = fake(Box::new(|req, _| {
+            if req.is_events() {
+                Answer::Stream {
+                    epoch: 900,
+                    parts: vec![],
+                    hold: false,
+                }
+            } else {
+                Answer::Json(200, list_body(vec![], 1, 900))
+            }
+        }))
+        .await;
+        let times = stream_openings(&url, &seen).await;
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.len() >= 80, "{gaps:?}");
+        assert!(
+            gaps.iter().all(|g| *g <= Duration::from_millis(1500)),
+            "each stream streamed: the backoff starts again: {gaps:?}"
+        );
+    }
+
+    /// The idle deadline counts from the end of a resync's list, not from the last byte
+    /// before it: a list longer than the idle timeout does not make the stream silent.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_counts_from_the_end_of_a_resync_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), ns());
+        cache.replace(vec![view("cog", "a", "s", "x")], Some(5), Some(900));
+        // Longer than the idle timeout, within the client's request timeout (10 s).
+        let list_time = Duration::from_secs(8);
+        let (url, seen) = fake(Box::new(move |req, _| {
+            if req.is_events() {
+                Answer::Stream {
+                    epoch: 900,
+                    parts: vec![(0, sse(6, &Event::Resync { namespace: ns() }))],
+                    // Open, the first keep-alive 15 s after the head.
+                    hold: true,
+                }
+            } else {
+                Answer::Slow(
+                    list_time,
+                    200,
+                    list_body(vec![view("cog", "b", "s", "x")], 9, 900),
+                )
+            }
+        }))
+        .await;
+        let cfg = SyncConfig {
+            idle_timeout: Duration::from_secs(5),
+            ..seeded()
+        };
+        let r = round(
+            &client(&url),
+            &ns(),
+            &cache,
+            &Activity::disabled(),
+            &cfg,
+            &mut Pacing::new(&cfg),
+            &mut false,
+        )
+        .await;
+        let ended = Instant::now();
+        assert!(
+            matches!(r, Err(SyncError::Stream(ref m)) if m.contains("silent")),
+            "{r:?}"
+        );
+        let listed = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|r| r.is_list())
+            .expect("the resync's list")
+            .at;
+        assert!(
+            ended >= listed + list_time + cfg.idle_timeout,
+            "dropped {:?} after the list ended, before the idle timeout",
+            ended - (listed + list_time)
+        );
+        let (data, _) = cache.snapshot();
+        assert_eq!(data.membranes.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    /// A stream sending `data:` lines without ever ending the event: the parser's cap
+    /// gives up on it and the round ends with an error (a reconnection), instead of the
+    /// agent holding the growing event.
+    #[tokio::test(start_paused = true)]
+    async fn an_event_that_never_ends_drops_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), ns());
+        cache.replace(vec![view("cog", "a", "s", "x")], Some(5), Some(900));
+        let line = format!("data: {}\n", "x".repeat(1000));
+        let endless = line.repeat(crate::sse::MAX_EVENT / 1000 + 10);
+        let (url, _) = fake(Box::new(move |req, _| {
+            if req.is_events() {
+                Answer::Stream {
+                    epoch: 900,
+                    parts: vec![(0, endless.clone())],
+                    hold: false,
+                }
+            } else {
+                Answer::Json(200, list_body(vec![], 9, 900))
+            }
+        }))
+        .await;
+        let r = one_round(&url, &cache).await;
+        assert!(
+            matches!(r, Err(SyncError::Stream(ref m)) if m.contains("larger than")),
+            "{r:?}"
+        );
+        assert_eq!(
+            cache.resume_point(),
+            Some((5, Some(900))),
+            "nothing applied"
+        );
     }
 
     #[tokio::test]
