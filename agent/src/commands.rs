@@ -350,8 +350,10 @@ const LOG_BATCH: usize = 1024;
 /// removed. A file that is not a message for this membrane is moved to `bad/` (once, and
 /// logged; never printed): a symbolic link or special file, one over the size limit, one
 /// not in the message format, one whose name is not its header's id (else it would be
-/// printed again and again), one addressed to another membrane. `true` when more may be
-/// waiting.
+/// printed again and again), one addressed to another membrane, one whose `sent_at` or
+/// `expires_at` is too far in the future (as over ipc/tcp: [`relay::wire::check_times`]),
+/// one this user may not read (another user's 0600 file, mode 000). `true` when more may
+/// be waiting.
 fn take_batch(
     md: &Maildir,
     info: &RelayInfo,
@@ -362,6 +364,7 @@ fn take_batch(
     let full = ids.len() > max;
     let mut out = Vec::new();
     let limit = info.max_message_bytes + shared::envelope::HEADER_ROOM;
+    let now = util::unix_millis(SystemTime::now());
     for id in ids.into_iter().take(max) {
         let (_, in_cur) = md.state_of(id);
         if in_cur {
@@ -379,12 +382,19 @@ fn take_batch(
                 e.body.len(),
                 info.max_message_bytes
             ),
-            Ok(e) => {
-                out.push(e);
-                continue;
-            }
+            Ok(e) => match relay::wire::check_times(e.sent_at, e.expires_at, now) {
+                Ok(()) => {
+                    out.push(e);
+                    continue;
+                }
+                Err(why) => why,
+            },
             Err(ReadError::NotFound) => continue,
             Err(ReadError::Unsafe(why)) => why,
+            // Not ours to read, now or later: it would stop every `recv` here.
+            Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                format!("cannot be read: {e}")
+            }
             Err(ReadError::Io(e)) => return Err(e),
         };
         let to = md.quarantine(id)?;

@@ -28,9 +28,17 @@ pub fn fd_limit() -> u64 {
         .map_or(1024, |(soft, _)| soft)
 }
 
-/// RFC 3339 (UTC, seconds) rendering of a wall-clock time.
+/// RFC 3339 (UTC, seconds) rendering of a wall-clock time. A time RFC 3339 cannot show
+/// (before 1970 or past the year 9999, e.g. a peer's made-up `sent_at`) is rendered as its
+/// milliseconds since the Unix epoch instead (`humantime` would panic).
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    /// 10000-01-01T00:00:00Z, in seconds since the epoch.
+    const YEAR_10000: u64 = 253_402_300_800;
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) if d.as_secs() < YEAR_10000 => humantime::format_rfc3339_seconds(t).to_string(),
+        Ok(d) => d.as_millis().to_string(),
+        Err(e) => format!("-{}", e.duration().as_millis()),
+    }
 }
 
 /// RFC 3339 rendering of now.
@@ -140,7 +148,8 @@ pub fn fsync_dir(p: &Path) -> std::io::Result<()> {
     std::fs::File::open(p)?.sync_all()
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename) with `mode`.
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the
+/// directory: the new file survives a power loss once this returns) with `mode`.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -154,7 +163,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
         f.write_all(bytes)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => fsync_dir(dir),
+        _ => fsync_dir(Path::new(".")),
+    }
 }
 
 #[cfg(test)]

@@ -22,5 +22,8 @@ mod relay;
 #[path = "cli/relay_security.rs"]
 mod relay_security;
 
+#[path = "cli/recv_bad_files.rs"]
+mod recv_bad_files;
+
 #[path = "cli/tls.rs"]
 mod tls;

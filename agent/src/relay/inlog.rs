@@ -428,6 +428,29 @@ mod tests {
         log.store(&refs).unwrap()
     }
 
+    /// A message made durable is stored once, though the next segment could not be
+    /// started: before, the commit failed, the ids were forgotten and the sender's retry
+    /// was stored again.
+    #[test]
+    fn a_failed_rotation_after_a_durable_commit_stores_a_retry_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let now = 1_700_000_100_000;
+        let mut log = InboxLog::open(root, 0, true, now).unwrap();
+        let mut e = envelope(1, "");
+        e.body = vec![b'x'; SEGMENT_BYTES as usize]; // fills the segment: rotation is due
+        e.expires_at = Some(now + 60_000);
+        let big = (e.id, e.encode(), e.sent_at, e.expires_at);
+        log.log.faults.rotate = true;
+        let refs = [(big.0, &big.1[..], big.2, big.3)];
+        assert_eq!(log.store(&refs).unwrap(), vec![Stored::New]);
+        // The sender's retry (as after a lost ACK) is a duplicate.
+        assert_eq!(log.store(&refs).unwrap(), vec![Stored::Duplicate]);
+        log.log.faults.rotate = false;
+        store(&mut log, &[msg(2, now + 60_000)]);
+        assert_eq!(pending_count(root), 2);
+    }
+
     #[test]
     fn taken_position_survives_and_ids_are_remembered_until_expiry() {
         let dir = tempfile::tempdir().unwrap();

@@ -415,6 +415,19 @@ mod tests {
         assert_eq!(message_json(&bin)["body_base64"], "/wA=");
     }
 
+    /// A `sent_at` past the year 9999 (a peer's made-up header) is shown as its number of
+    /// milliseconds: the RFC 3339 formatter panicked on it, stopping `agent recv`.
+    #[test]
+    fn a_sending_time_rfc3339_cannot_show_is_printed_as_a_number() {
+        let mut e = maildir::tests::envelope(1, "x");
+        e.sent_at = 300_000_000_000_000;
+        assert_eq!(message_json(&e)["sent_at"], "300000000000000");
+        e.sent_at = 253_402_300_799_000; // the last second of 9999
+        assert_eq!(message_json(&e)["sent_at"], "9999-12-31T23:59:59Z");
+        e.sent_at = u64::MAX;
+        assert_eq!(message_json(&e)["sent_at"], u64::MAX.to_string());
+    }
+
     #[tokio::test]
     async fn watcher_reports_arrivals_and_drops_taken_duplicates() {
         let dir = tempfile::tempdir().unwrap();

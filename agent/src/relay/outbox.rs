@@ -98,7 +98,8 @@ pub struct Outbox<R: Routes> {
     cfg: OutboxConfig,
     activity: Arc<Activity>,
     workers: Mutex<HashMap<MembraneId, Arc<Lane>>>,
-    waiters: Mutex<HashMap<MessageId, Waiter>>,
+    /// Who waits for each message's outcome (`send --wait`; several for a resubmitted id).
+    waiters: Mutex<HashMap<MessageId, Vec<Waiter>>>,
     spool_tx: mpsc::Sender<SpoolReq>,
     cancel: CancellationToken,
     clock: (SystemTime, tokio::time::Instant),
@@ -161,7 +162,9 @@ impl<R: Routes> Outbox<R> {
 
     /// Stores messages durably in the spool (one group commit) and queues them for
     /// delivery. With `wait`, also returns receivers that complete when each is
-    /// acknowledged (or fails for good).
+    /// acknowledged (or fails for good). They are registered before the spool answers: a
+    /// resubmitted id already queued may be delivered, and its waiters told, before this
+    /// task runs again.
     pub async fn submit(
         self: &Arc<Self>,
         envs: Vec<Envelope>,
@@ -200,25 +203,47 @@ impl<R: Routes> Outbox<R> {
                 )
             })
             .collect();
-        let (reply, rx) = oneshot::channel();
-        self.spool_tx
-            .send(SpoolReq {
-                msgs,
-                events,
-                reply,
-            })
-            .await
-            .map_err(|_| "the agent is shutting down".to_string())?;
-        let stored = rx
-            .await
-            .map_err(|_| "the agent is shutting down".to_string())??;
         let mut rxs = Vec::new();
-        for (e, st) in envs.into_iter().zip(stored) {
-            if wait {
+        if wait {
+            let mut waiters = self.waiters.lock().unwrap();
+            for e in &envs {
                 let (tx, rx) = oneshot::channel();
-                self.waiters.lock().unwrap().insert(e.id, tx);
+                let list = waiters.entry(e.id).or_default();
+                list.retain(|w| !w.is_closed());
+                list.push(tx);
                 rxs.push(rx);
             }
+        }
+        let spooled = async {
+            let (reply, rx) = oneshot::channel();
+            self.spool_tx
+                .send(SpoolReq {
+                    msgs,
+                    events,
+                    reply,
+                })
+                .await
+                .map_err(|_| "the agent is shutting down".to_string())?;
+            rx.await
+                .map_err(|_| "the agent is shutting down".to_string())?
+        };
+        let stored = match spooled.await {
+            Ok(s) => s,
+            Err(e) => {
+                drop(rxs);
+                let mut waiters = self.waiters.lock().unwrap();
+                for e in &envs {
+                    if let Some(list) = waiters.get_mut(&e.id) {
+                        list.retain(|w| !w.is_closed());
+                        if list.is_empty() {
+                            waiters.remove(&e.id);
+                        }
+                    }
+                }
+                return Err(e);
+            }
+        };
+        for (e, st) in envs.into_iter().zip(stored) {
             // Already in the spool (a client's retry with the same id): already queued.
             if st == Stored::New {
                 self.enqueue(e);
@@ -245,8 +270,8 @@ impl<R: Routes> Outbox<R> {
     }
 
     fn finish(&self, id: MessageId, r: Result<(), String>) {
-        if let Some(w) = self.waiters.lock().unwrap().remove(&id) {
-            let _ = w.send(r);
+        for w in self.waiters.lock().unwrap().remove(&id).unwrap_or_default() {
+            let _ = w.send(r.clone());
         }
     }
 
@@ -517,8 +542,28 @@ impl Spool {
         Ok(out)
     }
 
+    /// The spooler's group commit: marks `done` ids, stores `msgs` (see [`Spool::store`]),
+    /// then collects segments. Once the messages are durable they are reported stored: a
+    /// failure of the housekeeping after that is only logged (it is tried again next time).
+    fn commit_batch(
+        &mut self,
+        done: Vec<MessageId>,
+        msgs: &[(MessageId, &[u8])],
+    ) -> std::io::Result<Vec<Stored>> {
+        for id in done {
+            self.done(id);
+        }
+        let stored = self.store(msgs)?;
+        if let Err(e) = self.collect() {
+            tracing::warn!(error = %e, "outbox housekeeping failed; will retry");
+        }
+        Ok(stored)
+    }
+
     /// Removes the oldest segments without pending messages; compacts the oldest one when
-    /// too many are retained.
+    /// too many are retained. On error, every pending message is still in a retained
+    /// segment: one copied forward by a compaction that failed stays pointed at (and
+    /// counted in) the segment it came from, which is kept.
     fn collect(&mut self) -> std::io::Result<()> {
         let active = self.log.active();
         if self.per_seg.range(..active).count() > KEEP_SEGMENTS
@@ -527,7 +572,7 @@ impl Spool {
         {
             let path = seglog::segment_path(self.log.dir(), oldest);
             let (records, _) = seglog::read_segment(&path, oldest)?;
-            let mut moved = 0;
+            let mut moved = Vec::new();
             for r in records {
                 if r.kind != MSG {
                     continue;
@@ -538,15 +583,25 @@ impl Spool {
                 };
                 if self.live.get(&id) == Some(&oldest) {
                     self.append(&id, &r.payload);
-                    moved += 1;
+                    moved.push(id);
                 }
             }
-            self.log.commit()?;
+            let to = self.log.active();
+            if let Err(e) = self.log.commit() {
+                // The copies were dropped: the messages are only in `oldest` still.
+                for id in &moved {
+                    self.live.insert(*id, oldest);
+                }
+                if let Some(n) = self.per_seg.get_mut(&to) {
+                    *n = n.saturating_sub(moved.len());
+                }
+                return Err(e);
+            }
             self.per_seg.insert(oldest, 0);
             self.per_seg.entry(self.log.active()).or_default();
             tracing::debug!(
                 segment = oldest,
-                messages = moved,
+                messages = moved.len(),
                 "outbox segment compacted"
             );
         }
@@ -567,8 +622,8 @@ impl Spool {
 fn write_dead_letter(dir: &std::path::Path, e: &Envelope) -> std::io::Result<PathBuf> {
     crate::state::prepare_dir(dir)?;
     let dest = dir.join(e.id.to_string());
+    // Durable once this returns: `write_atomic` syncs the file and then the folder.
     util::write_atomic(&dest, &e.encode(), 0o600)?;
-    util::fsync_dir(dir)?;
     Ok(dest)
 }
 
@@ -595,16 +650,12 @@ async fn spooler<R: Routes>(
         }
         let done = std::mem::take(&mut *ob.done.lock().unwrap());
         let (sp, reqs, r) = tokio::task::spawn_blocking(move || {
-            for id in done {
-                spool.done(id);
-            }
             let all: Vec<(MessageId, &[u8])> = reqs
                 .iter()
                 .flat_map(|r| r.msgs.iter().map(|(id, b)| (*id, &b[..])))
                 .collect();
             let r = spool
-                .store(&all)
-                .and_then(|st| spool.collect().map(|()| st))
+                .commit_batch(done, &all)
                 .map_err(|e| format!("outbox: {e}"));
             (spool, reqs, r)
         })
@@ -790,6 +841,28 @@ mod tests {
         assert_eq!(log.matches("\"event\":\"delivered\"").count(), 3, "{log}");
     }
 
+    /// Two `send --wait` of the same id (a client retrying while the first still waits):
+    /// both learn the outcome (before: the second waiter replaced the first, which
+    /// reported a failure at once though the message was then delivered).
+    #[tokio::test(start_paused = true)]
+    async fn every_waiter_of_a_resubmitted_id_learns_the_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, md, es) = setup(dir.path(), None);
+        let first = ob.submit(es[..1].to_vec(), true).await.unwrap();
+        let second = ob.submit(es[..1].to_vec(), true).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        md.create().unwrap();
+        for w in first.into_iter().chain(second) {
+            tokio::time::timeout(Duration::from_secs(60), w)
+                .await
+                .expect("the waiter is told")
+                .expect("the waiter is kept")
+                .unwrap();
+        }
+        assert_eq!(md.list_new().unwrap(), vec![es[0].id]);
+        assert!(ob.waiters.lock().unwrap().is_empty());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn expired_messages_go_to_the_dead_letter_folder() {
         let dir = tempfile::tempdir().unwrap();
@@ -873,6 +946,47 @@ mod tests {
         );
         assert_eq!(pending[0], stuck);
         assert_eq!(sp.live.len(), 1);
+    }
+
+    /// A compaction whose commit fails (ENOSPC, EIO) after the messages it copied were
+    /// stored: the store is reported done (before: an error to every submitter of a
+    /// durable batch), and the copied messages stay in the old segment, which is kept
+    /// (before: they pointed at the dropped copies, the old segment was removed by the
+    /// next collection, and they were lost at the next restart).
+    #[test]
+    fn a_failed_compaction_keeps_the_only_copy_and_does_not_fail_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("outbox");
+        let (mut sp, _) = Spool::open(&d, 4096).unwrap();
+        let stuck = envelope(0, &"s".repeat(1000));
+        sp.store(&[(stuck.id, &stuck.encode())]).unwrap();
+        let oldest = sp.live[&stuck.id];
+        // Delivered messages fill segments until the oldest (holding `stuck`) is due to be
+        // compacted by the next collection.
+        let mut n = 1;
+        while sp.per_seg.range(..sp.log.active()).count() <= KEEP_SEGMENTS {
+            let e = envelope(n, &"m".repeat(1000));
+            sp.store(&[(e.id, &e.encode())]).unwrap();
+            sp.done(e.id);
+            n += 1;
+        }
+        let e = envelope(n, "new");
+        // The batch is made durable; the compaction's commit then fails.
+        sp.log.faults.syncs.extend([false, true]);
+        assert_eq!(
+            sp.commit_batch(Vec::new(), &[(e.id, &e.encode())]).unwrap(),
+            vec![Stored::New]
+        );
+        assert_eq!(sp.live[&stuck.id], oldest);
+        assert!(seglog::segment_path(&d, oldest).exists());
+        // The disk works again: the next collection copies it forward.
+        sp.commit_batch(vec![e.id], &[]).unwrap();
+        assert_ne!(sp.live[&stuck.id], oldest);
+        assert!(!seglog::segment_path(&d, oldest).exists());
+        sp.store(&[]).unwrap(); // the last done mark
+        drop(sp);
+        let (_, pending) = Spool::open(&d, 4096).unwrap();
+        assert_eq!(pending, vec![stuck]);
     }
 
     #[test]

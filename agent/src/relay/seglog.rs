@@ -159,6 +159,20 @@ pub struct SegLog {
     len: u64,
     max_segment: u64,
     buf: Vec<u8>,
+    /// Failure injection (tests).
+    #[cfg(test)]
+    pub(crate) faults: Faults,
+}
+
+/// Failures a test makes a [`SegLog`] report, as a failing disk (ENOSPC, EIO) would.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    /// Outcomes of the next commits that write something, in turn (`true`: its
+    /// `fdatasync` fails, after the write); commits past the list succeed.
+    pub(crate) syncs: std::collections::VecDeque<bool>,
+    /// Starting a new segment fails.
+    pub(crate) rotate: bool,
 }
 
 impl SegLog {
@@ -190,18 +204,26 @@ impl SegLog {
                 len: 0,
                 max_segment,
                 buf: Vec::new(),
+                #[cfg(test)]
+                faults: Faults::default(),
             },
             all,
         ))
     }
 
+    /// Creates segment `n` (durably named). On error no file is left behind, so creating
+    /// it can be tried again.
     fn create_segment(dir: &Path, n: u64) -> std::io::Result<File> {
+        let path = segment_path(dir, n);
         let f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(segment_path(dir, n))?;
-        crate::util::fsync_dir(dir)?;
+            .open(&path)?;
+        if let Err(e) = crate::util::fsync_dir(dir) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         Ok(f)
     }
 
@@ -230,6 +252,10 @@ impl SegLog {
     /// Writes the appended records and makes them durable (one `fdatasync`); then starts a
     /// new segment if this one is full. On error the records are dropped and the segment
     /// is cut back to its committed length (the caller reports every one of them failed).
+    /// Once the records are durable this returns `Ok`: should the new segment fail to
+    /// start, appending goes on in this one and the next commit tries again (an error
+    /// would have the caller report durable records failed, and their senders send them
+    /// again).
     pub fn commit(&mut self) -> std::io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
@@ -238,6 +264,11 @@ impl SegLog {
             .file
             .write_all_at(&self.buf, self.len)
             .and_then(|()| self.file.sync_data());
+        #[cfg(test)]
+        let r = r.and_then(|()| match self.faults.syncs.pop_front() {
+            Some(true) => Err(std::io::Error::other("injected fdatasync failure")),
+            _ => Ok(()),
+        });
         if let Err(e) = r {
             self.buf.clear();
             let _ = self.file.set_len(self.len);
@@ -245,14 +276,20 @@ impl SegLog {
         }
         self.len += self.buf.len() as u64;
         self.buf.clear();
-        if self.len >= self.max_segment {
-            self.rotate()?;
+        if self.len >= self.max_segment
+            && let Err(e) = self.rotate()
+        {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot start a new segment; will retry");
         }
         Ok(())
     }
 
-    /// Starts a new segment.
+    /// Starts a new segment. On error nothing changed (appending goes on in this one).
     pub fn rotate(&mut self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.faults.rotate {
+            return Err(std::io::Error::other("injected failure to start a segment"));
+        }
         let n = self.seg + 1;
         self.file = Self::create_segment(&self.dir, n)?;
         self.seg = n;
@@ -321,6 +358,29 @@ mod tests {
         assert_eq!(recs.len(), 6, "5 before the bad one, 1 in the next segment");
         assert_eq!(recs[5].payload, b"later");
         assert!(p2.exists());
+    }
+
+    /// Records made durable are reported so even when the next segment cannot be started
+    /// (before: an error, the caller reported them failed and their senders sent them
+    /// again); starting it is retried by the next commit.
+    #[test]
+    fn a_failure_to_start_the_next_segment_does_not_fail_a_durable_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = SegLog::open(dir.path(), 1000).unwrap();
+        let first = log.active();
+        log.faults.rotate = true;
+        log.append(1, &[1; 1000]);
+        log.commit().expect("the records are durable");
+        assert_eq!(log.active(), first, "still appending to the full segment");
+        log.append(1, &[2; 10]);
+        log.commit().unwrap();
+        log.faults.rotate = false;
+        log.append(1, &[3; 10]);
+        log.commit().unwrap();
+        assert_eq!(log.active(), first + 1, "retried by the next commit");
+        let (_, recs) = SegLog::open(dir.path(), 1000).unwrap();
+        assert_eq!(recs.len(), 3);
+        assert_eq!(recs[2].payload, vec![3; 10]);
     }
 
     #[test]

@@ -22,6 +22,20 @@ use crate::activity::Activity;
 /// Largest batch handed to one group commit.
 const MAX_COMMIT: usize = 4096;
 
+/// A group commit takes no more requests once it holds this many bytes of messages.
+const MAX_COMMIT_BYTES: usize = 16 * 1024 * 1024;
+
+/// Bytes of received messages an inbox holds between its connections and its disk (handed
+/// to the committer and not yet committed, over every connection): past it, connections
+/// wait before handing more, so they stop reading and their senders wait (TCP flow
+/// control) instead of a slow disk filling the agent's memory.
+pub const INBOX_BYTES: usize = 64 * 1024 * 1024;
+
+// A message of the largest body fits in the budget (else its connection would wait for
+// ever), and the budget in a semaphore's permits.
+const _: () = assert!(super::MAX_BODY_LIMIT + envelope::HEADER_ROOM <= INBOX_BYTES);
+const _: () = assert!(INBOX_BYTES <= u32::MAX as usize);
+
 /// How far in the future a message's `sent_at` may be (clock skew between hosts).
 pub const MAX_CLOCK_SKEW_MS: u64 = 3_600_000;
 
@@ -76,7 +90,11 @@ struct Incoming {
 
 struct CommitReq {
     msgs: Vec<Incoming>,
+    /// Bytes of `msgs`.
+    bytes: usize,
     reply: oneshot::Sender<Result<Vec<Stored>, String>>,
+    /// Their share of [`INBOX_BYTES`], given back when the request is dropped (committed).
+    _held: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The receiving side: validates messages, stores them in the membrane's Maildir as group
@@ -91,6 +109,10 @@ pub struct Inbox {
     namespace: NamespaceName,
     max_body: usize,
     commits: mpsc::Sender<CommitReq>,
+    /// Bytes of messages that may be handed to the committer and not yet committed: the
+    /// size of `budget`.
+    budget_bytes: usize,
+    budget: Arc<tokio::sync::Semaphore>,
     /// Bumped after each stored batch.
     pub arrivals: watch::Sender<u64>,
     /// Set on a TCP inbox: messages must carry their sender's signature, checked against
@@ -114,6 +136,26 @@ impl Inbox {
         Arc<Inbox>,
         impl std::future::Future<Output = ()> + Send + 'static,
     ) {
+        Inbox::with_budget(maildir, log, id, namespace, max_body, activity, INBOX_BYTES)
+    }
+
+    /// [`Inbox::new`] holding at most `budget_bytes` of messages on their way to the disk
+    /// (at least one largest message).
+    fn with_budget(
+        maildir: Maildir,
+        log: Option<InboxLog>,
+        id: MembraneId,
+        namespace: NamespaceName,
+        max_body: usize,
+        activity: Arc<Activity>,
+        budget_bytes: usize,
+    ) -> (
+        Arc<Inbox>,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let budget_bytes = budget_bytes
+            .min(INBOX_BYTES)
+            .max(max_body + envelope::HEADER_ROOM);
         let (tx, rx) = mpsc::channel(1024);
         let (arrivals, _) = watch::channel(0);
         let inbox = Arc::new(Inbox {
@@ -123,6 +165,8 @@ impl Inbox {
             namespace,
             max_body,
             commits: tx,
+            budget_bytes,
+            budget: Arc::new(tokio::sync::Semaphore::new(budget_bytes)),
             arrivals,
             keys: std::sync::OnceLock::new(),
             unauthenticated: std::sync::atomic::AtomicU64::new(0),
@@ -184,28 +228,8 @@ impl Inbox {
             ));
         }
         let now = crate::util::unix_millis(std::time::SystemTime::now());
-        // The id of a stored message is remembered until it expires: a far expiry (or
-        // sending time) would pin it, and the memory, for ever.
-        if meta.sent_at > now.saturating_add(MAX_CLOCK_SKEW_MS) {
-            return Err(refuse(
-                "bad_message",
-                format!(
-                    "sent_at is more than {} s in the future",
-                    MAX_CLOCK_SKEW_MS / 1000
-                ),
-            ));
-        }
-        if meta.expires_at.is_some_and(|x| {
-            x > now.saturating_add(super::MAX_MESSAGE_TTL.as_millis() as u64 + MAX_CLOCK_SKEW_MS)
-        }) {
-            return Err(refuse(
-                "bad_message",
-                format!(
-                    "expires_at is more than {} s in the future",
-                    super::MAX_MESSAGE_TTL.as_secs()
-                ),
-            ));
-        }
+        check_times(meta.sent_at, meta.expires_at, now)
+            .map_err(|why| refuse("bad_message", why))?;
         if self.expiring && inlog::forget_at(meta.sent_at, meta.expires_at, 0) <= now {
             return Err(refuse(
                 "expired",
@@ -214,6 +238,29 @@ impl Inbox {
         }
         Ok(meta)
     }
+}
+
+/// Checks a message's times against the clock (`now`, ms since the epoch): why it is
+/// refused, if it is. The id of a stored message is remembered until it expires: a far
+/// expiry (or sending time) would pin it, and the memory, for ever; such times are also
+/// beyond what can be shown (RFC 3339 stops at the year 9999). Used for frames
+/// ([`Inbox::check`]) and for the files of a shared-volume Maildir (`agent recv`).
+pub fn check_times(sent_at: u64, expires_at: Option<u64>, now: u64) -> Result<(), String> {
+    if sent_at > now.saturating_add(MAX_CLOCK_SKEW_MS) {
+        return Err(format!(
+            "sent_at is more than {} s in the future",
+            MAX_CLOCK_SKEW_MS / 1000
+        ));
+    }
+    if expires_at.is_some_and(|x| {
+        x > now.saturating_add(super::MAX_MESSAGE_TTL.as_millis() as u64 + MAX_CLOCK_SKEW_MS)
+    }) {
+        return Err(format!(
+            "expires_at is more than {} s in the future",
+            super::MAX_MESSAGE_TTL.as_secs()
+        ));
+    }
+    Ok(())
 }
 
 enum Store {
@@ -271,12 +318,14 @@ async fn committer(
                 continue;
             }
         };
+        let mut n = first.msgs.len();
+        let mut bytes = first.bytes;
         let mut reqs = vec![first];
-        let mut n = reqs[0].msgs.len();
-        while n < MAX_COMMIT {
+        while n < MAX_COMMIT && bytes < MAX_COMMIT_BYTES {
             match rx.try_recv() {
                 Ok(r) => {
                     n += r.msgs.len();
+                    bytes += r.bytes;
                     reqs.push(r);
                 }
                 Err(_) => break,
@@ -531,7 +580,8 @@ async fn authenticated(
 /// One connection: the reader validates frames and hands batches to the committer; the
 /// writer sends ACK/NACK in order as commits finish. Reading goes on while a commit runs,
 /// so the next commit gets a bigger batch. A peer that stops reading is closed once a write
-/// makes no progress for `frame_deadline`; queued refusals are bounded by [`ANSWER_BYTES`].
+/// makes no progress for `frame_deadline`; queued refusals are bounded by [`ANSWER_BYTES`],
+/// messages on their way to the disk by the inbox's [`INBOX_BYTES`] (reading waits).
 async fn connection<S>(
     stream: S,
     inbox: Arc<Inbox>,
@@ -656,15 +706,35 @@ async fn connection<S>(
         if !now.is_empty() && !refuse(now).await {
             break;
         }
-        if !batch.is_empty() {
-            let ids: Vec<MessageId> = batch.iter().map(|m| m.id).collect();
+        // Handed to the committer in parts within the inbox's byte budget, each waiting for
+        // its share (holding none while it waits, so connections cannot starve each other).
+        let mut batch = batch.into_iter().peekable();
+        while batch.peek().is_some() {
+            let mut msgs = Vec::new();
+            let mut bytes = 0;
+            while let Some(m) =
+                batch.next_if(|m| msgs.is_empty() || bytes + m.bytes.len() <= inbox.budget_bytes)
+            {
+                bytes += m.bytes.len();
+                msgs.push(m);
+            }
+            let ids: Vec<MessageId> = msgs.iter().map(|m| m.id).collect();
             let (reply, done) = oneshot::channel();
             let handed = async {
-                inbox
-                    .commits
-                    .send(CommitReq { msgs: batch, reply })
+                // A message is at most `max_frame` bytes, within the budget: this ends.
+                let held = inbox
+                    .budget
+                    .clone()
+                    .acquire_many_owned(bytes.clamp(1, inbox.budget_bytes) as u32)
                     .await
                     .ok()?;
+                let req = CommitReq {
+                    msgs,
+                    bytes,
+                    reply,
+                    _held: held,
+                };
+                inbox.commits.send(req).await.ok()?;
                 tx.send(Answer::Later(ids, done)).await.ok()
             };
             let handed = tokio::select! {
@@ -672,7 +742,7 @@ async fn connection<S>(
                 r = handed => r,
             };
             if handed.is_none() {
-                break;
+                break 'outer;
             }
         }
         if !reader.in_frame() {
@@ -1216,6 +1286,85 @@ mod tests {
                 other => panic!("kind {kind}: {other:?}"),
             }
         }
+    }
+
+    /// Connections streaming messages to an inbox whose disk does not keep up (here: its
+    /// committer not started yet) wait once the inbox holds its byte budget, so their
+    /// senders stop (before: every message read was queued for the committer, bounded only
+    /// by a count of requests); once the disk goes on, every message is stored and acked.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_inbox_holds_its_byte_budget_and_senders_wait() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const BUDGET: usize = 64 * 1024;
+        const CONNS: u64 = 3;
+        const PER_CONN: u64 = 1000;
+        let dir = tempfile::tempdir().unwrap();
+        let md = Maildir::new(dir.path().join("inbox"));
+        md.create().unwrap();
+        let (inbox, committer) = Inbox::with_budget(
+            md.clone(),
+            None,
+            "b".parse().unwrap(),
+            "ns".parse().unwrap(),
+            2000,
+            Arc::new(Activity::disabled()),
+            BUDGET,
+        );
+        let written = Arc::new(AtomicUsize::new(0));
+        let mut total = 0;
+        let mut clients = Vec::new();
+        for c in 0..CONNS {
+            let (client, h) = open_connection(&inbox, Limits::default());
+            let (mut rd, mut wr) = tokio::io::split(client);
+            let frames: Vec<Vec<u8>> = (0..PER_CONN)
+                .map(|n| {
+                    let mut f = Vec::new();
+                    Frame::Msg(envelope(c * PER_CONN + n, &"x".repeat(1000)).encode())
+                        .encode_into(&mut f);
+                    f
+                })
+                .collect();
+            total += frames.iter().map(Vec::len).sum::<usize>();
+            let w = written.clone();
+            let writer = tokio::spawn(async move {
+                for f in frames {
+                    wr.write_all(&f).await.unwrap();
+                    w.fetch_add(f.len(), Ordering::SeqCst);
+                }
+                wr
+            });
+            let reader = tokio::spawn(async move {
+                let (mut buf, mut chunk, mut acks) = (Vec::new(), vec![0u8; 4096], 0);
+                while acks < PER_CONN {
+                    let n = rd.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "closed after {acks} acks");
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(f) = Frame::take(&mut buf, 1 << 20).unwrap() {
+                        assert!(matches!(f, Frame::Ack(_)), "{f:?}");
+                        acks += 1;
+                    }
+                }
+            });
+            clients.push((writer, reader, h));
+        }
+        // Everything that can move has moved (time only advances when all tasks wait).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Taken in: the budget, plus per connection a batch read, the read buffer and the
+        // stream's own buffer (64 KiB each).
+        let taken = written.load(Ordering::SeqCst);
+        let bound = BUDGET + CONNS as usize * 4 * 64 * 1024;
+        assert!(taken <= bound, "{taken} bytes taken in of {total}");
+        assert!(bound < total / 2);
+        assert_eq!(inbox.budget.available_permits(), 0);
+        tokio::spawn(committer);
+        for (writer, reader, h) in clients {
+            let wr = writer.await.unwrap();
+            reader.await.unwrap();
+            drop(wr);
+            h.await.unwrap();
+        }
+        assert_eq!(md.list_new().unwrap().len(), (CONNS * PER_CONN) as usize);
+        assert_eq!(inbox.budget.available_permits(), BUDGET);
     }
 
     /// A connection task (no sender authentication) on an in-memory stream: the client end
