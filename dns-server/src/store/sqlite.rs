@@ -202,7 +202,21 @@ fn prepare_file(path: &Path) -> Result<(), StoreError> {
             }
             return Ok(());
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // SQLite would apply a leftover log to the new file: the half of a database
+            // moved away without its `-wal` would come back in pieces.
+            let [_, wal, _] = companions(path);
+            if wal.exists() {
+                return Err(StoreError::Unusable {
+                    path: wal.display().to_string(),
+                    reason: format!(
+                        "the write-ahead log of a database that is gone remains ({} is \
+                         missing; move its -wal and -shm files with it)",
+                        path.display()
+                    ),
+                });
+            }
+        }
         Err(e) => return Err(io(path)(e)),
     }
     let mut tmp = path.as_os_str().to_owned();
@@ -748,6 +762,11 @@ fn writer_loop(
     // which drops every staged (uncommitted) change then, matches the disk exactly.
     let mut broken = false;
     let mut idle_trim = true;
+    // Garbage is deleted oldest first, a tombstone after the rows it removes. Once a
+    // collection failed, its rows are forgotten: deleting newer ones (a tombstone above
+    // all) could leave an older row the newest of its membrane, alive again at the next
+    // start. So collection stops until a restart, which finds all garbage again.
+    let mut collect = true;
     loop {
         // Collect garbage only while no write is waiting.
         let first = match rx.try_recv() {
@@ -773,10 +792,15 @@ fn writer_loop(
                 }
                 continue;
             }
-            Err(mpsc::TryRecvError::Empty) if !garbage.is_empty() => {
+            Err(mpsc::TryRecvError::Empty) if collect && !garbage.is_empty() => {
                 if let Err(e) = collect_garbage(&mut conn, &mut garbage) {
                     // Harmless to keep: superseded rows only cost space until next start.
-                    tracing::warn!(error = %e, "store garbage collection failed");
+                    tracing::warn!(
+                        error = %e,
+                        "store garbage collection failed; superseded rows are kept until \
+                         the next start"
+                    );
+                    collect = false;
                     garbage.clear();
                 }
                 continue;
@@ -804,6 +828,9 @@ fn writer_loop(
         } else {
             commit(&mut conn, &batch, &mut garbage, &mut numbering)
         };
+        if !collect {
+            garbage.clear();
+        }
         if let Err(e) = &result
             && !broken
         {
@@ -1002,6 +1029,72 @@ mod tests {
         // Past every row still on disk (collected rows may already be gone, so 5 or 6).
         assert!(loaded.next_seq > 4, "{}", loaded.next_seq);
         wait_rows(&path, 1);
+        drop(w);
+        t.join();
+    }
+
+    /// The database moved away without its write-ahead log: the next start refuses
+    /// rather than let SQLite apply that log to a fresh file.
+    #[test]
+    fn a_log_left_without_its_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        {
+            let (_, w, t) = open(&path).unwrap();
+            submit_wait(&w, vec![Op::PutNamespace(ns("a"))]).unwrap();
+            // Like a crash: the log is not checkpointed into the file.
+            std::mem::forget(w);
+            std::mem::forget(t);
+        }
+        let wal = dir.path().join("r.db-wal");
+        assert!(wal.exists());
+        std::fs::rename(&path, dir.path().join("moved.db")).unwrap();
+        let err = open(&path).err().expect("refused").to_string();
+        assert!(
+            err.contains("r.db-wal") && err.contains("write-ahead log"),
+            "{err}"
+        );
+        assert!(!path.exists(), "nothing created");
+        // Moved away together: a fresh, empty registry.
+        std::fs::rename(&wal, dir.path().join("moved.db-wal")).unwrap();
+        let (loaded, w, t) = open(&path).unwrap();
+        assert!(loaded.namespaces.is_empty());
+        drop(w);
+        t.join();
+    }
+
+    /// A garbage collection fails (its rows forgotten), writes go on: no later collection
+    /// may delete a tombstone and leave an older row of its membrane the newest on disk
+    /// (a deregistered membrane back at the next start).
+    #[test]
+    fn a_failed_collection_never_brings_a_removed_membrane_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        {
+            let (_, w, t) = open(&path).unwrap();
+            submit_wait(&w, vec![Op::PutNamespace(ns("a"))]).unwrap();
+            submit_wait(&w, vec![put(1, "a", "x", None)]).unwrap();
+            // Deleting row 1 fails (an I/O error, say); writes still commit.
+            let other = Connection::open(&path).unwrap();
+            other
+                .execute_batch(
+                    "CREATE TRIGGER keep1 BEFORE DELETE ON membranes WHEN OLD.seq = 1
+                     BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+                )
+                .unwrap();
+            submit_wait(&w, vec![put(2, "a", "x", Some(1))]).unwrap();
+            // The idle writer tries (and fails) to collect row 1 before the next write.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            submit_wait(&w, vec![del(3, "a", "x", 2)]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(w);
+            t.join();
+            other.execute_batch("DROP TRIGGER keep1").unwrap();
+        }
+        let (loaded, w, t) = open(&path).unwrap();
+        assert!(loaded.membranes.is_empty(), "{:?}", loaded.membranes);
+        // The next start collects everything.
+        wait_rows(&path, 0);
         drop(w);
         t.join();
     }
