@@ -57,7 +57,8 @@ fn registry_url() -> String {
     format!("http://dns-server:{HTTP_PORT}")
 }
 
-/// The `MEMBRANE_*` environment of a membrane's agent, in a stable order.
+/// The `MEMBRANE_*` environment of a membrane's agent, in a stable order. Raw: the
+/// manifests pass the values through [`literal`].
 pub fn agent_env(m: &MembraneView, ns: &str) -> Vec<(String, String)> {
     let r = &m.registration;
     let mut env = vec![
@@ -111,7 +112,7 @@ pub fn agent_env(m: &MembraneView, ns: &str) -> Vec<(String, String)> {
 }
 
 /// `agent run` plus one `--meta KEY=VALUE` per metadata entry (no environment variable
-/// carries metadata).
+/// carries metadata). Raw: the manifests pass it through [`literal`].
 fn agent_command(m: &MembraneView) -> Vec<String> {
     let mut cmd = vec!["agent".to_string(), "run".to_string()];
     for (k, v) in &m.registration.metadata {
@@ -119,6 +120,19 @@ fn agent_command(m: &MembraneView) -> Vec<String> {
         cmd.push(format!("{k}={v}"));
     }
     cmd
+}
+
+/// `v` with every `$` doubled, for a string that comes from a registration (metadata
+/// values, the TCP endpoint address): docker compose interpolates `$VAR` and `${VAR}` in
+/// every value of the file, quoted or not, and kubelet expands `$(VAR)` in a container's
+/// `command` and `env` values from the container's environment; both read `$$` as a
+/// literal `$`. Registered text thus reaches the agent as registered, never as one of the
+/// operator's variables (`${AWS_SECRET_ACCESS_KEY}`) or an error (`${X:?boom}`), while the
+/// file's own `${MEMBRANE_HTTP_PORT:-8765}` are left to interpolation. Every `$` rather
+/// than only `$(` for kubelet too: it reduces any `$$` to `$`, so a registered `$$(X)`
+/// escaped as `$$$(X)` would still expand `X`.
+fn literal(v: &str) -> String {
+    v.replace('$', "$$")
 }
 
 fn app_command(opts: &ExportOptions) -> Option<Yaml> {
@@ -253,10 +267,10 @@ pub fn compose(membranes: &[MembraneView], opts: &ExportOptions) -> String {
             map([
                 ("image", s(&opts.image)),
                 ("user", s(&user)),
-                ("command", strs(agent_command(m))),
+                ("command", strs(agent_command(m).iter().map(|a| literal(a)))),
                 (
                     "environment",
-                    Yaml::Map(env.into_iter().map(|(k, v)| (k, s(v))).collect()),
+                    Yaml::Map(env.into_iter().map(|(k, v)| (k, s(literal(&v)))).collect()),
                 ),
                 ("volumes", mounts),
                 // docker compose stops dependents first: the registry outlives the agents.
@@ -557,8 +571,16 @@ pub fn kubernetes(membranes: &[MembraneView], opts: &ExportOptions) -> String {
         let agent = map([
             ("name", s("agent")),
             ("image", s(&opts.image)),
-            ("command", strs(agent_command(m))),
-            ("env", env_list(agent_env(m, ns))),
+            ("command", strs(agent_command(m).iter().map(|a| literal(a)))),
+            (
+                "env",
+                env_list(
+                    agent_env(m, ns)
+                        .into_iter()
+                        .map(|(k, v)| (k, literal(&v)))
+                        .collect(),
+                ),
+            ),
             ("volumeMounts", mounts),
             ("securityContext", container_security()),
             (
@@ -651,6 +673,106 @@ mod tests {
             agent_command(&ms[0]),
             ["agent", "run", "--meta", "version=1.2"]
         );
+    }
+
+    /// What docker compose makes of `text`: `$$` is a literal `$`, `$NAME` and `${...}`
+    /// are interpolated (here as `<VAR>`).
+    fn compose_interpolate(text: &str) -> String {
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(a) = after.strip_prefix('$') {
+                out.push('$');
+                rest = a;
+            } else if let Some(end) = after.strip_prefix('{').and_then(|a| a.find('}')) {
+                out.push_str("<VAR>");
+                rest = &after[end + 2..];
+            } else if after.starts_with(|c: char| c == '_' || c.is_ascii_alphabetic()) {
+                let end = after
+                    .find(|c: char| c != '_' && !c.is_ascii_alphanumeric())
+                    .unwrap_or(after.len());
+                out.push_str("<VAR>");
+                rest = &after[end..];
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// What kubelet makes of `text` in a command or an env value (its `$(NAME)` expansion,
+    /// `third_party/forked/golang/expansion`): `$$` is a literal `$`, `$(NAME)` is expanded
+    /// (here to `<VAR>`), any other `$` is kept.
+    fn kubelet_expand(text: &str) -> String {
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(a) = after.strip_prefix('$') {
+                out.push('$');
+                rest = a;
+            } else if let Some(end) = after.strip_prefix('(').and_then(|a| a.find(')')) {
+                out.push_str("<VAR>");
+                rest = &after[end + 2..];
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+
+    #[test]
+    fn registered_dollars_reach_the_agent_as_registered() {
+        let ms = vec![membrane(
+            r#"{"id":"m","namespace":"ns","addresses":[],"services":[],"capabilities":[],
+            "tags":[],"metadata":{"x":"${AWS_SECRET_ACCESS_KEY}","y":"$HOME","z":"$(SECRET)",
+            "w":"$$(X)","e":"${X:?boom}","t":"1$"},
+            "endpoint":{"mode":"tcp","address":"h:$(P)${Q}"},"state":"passing",
+            "registered_at":"2026-01-01T00:00:00Z","last_heartbeat":"2026-01-01T00:00:00Z"}"#,
+        )];
+        let registered = [
+            "\"--meta\"",
+            "\"x=${AWS_SECRET_ACCESS_KEY}\"",
+            "\"y=$HOME\"",
+            "\"z=$(SECRET)\"",
+            "\"w=$$(X)\"",
+            "\"e=${X:?boom}\"",
+            "\"t=1$\"",
+            "\"0.0.0.0:$(P)${Q}\"",
+        ];
+        let opts = ExportOptions::new("ns");
+        let c = compose(&ms, &opts);
+        assert!(c.contains("\"x=$${AWS_SECRET_ACCESS_KEY}\""), "{c}");
+        assert!(c.contains("MEMBRANE_LISTEN: \"0.0.0.0:$$(P)$${Q}\""), "{c}");
+        let seen = compose_interpolate(&c);
+        for r in registered {
+            assert!(seen.contains(r), "{r} as compose reads it:\n{seen}");
+        }
+        // Only the file's own variables are interpolated: the header's two, the ports' three.
+        assert!(
+            c.contains("\"127.0.0.1:${MEMBRANE_HTTP_PORT:-8765}:8765/tcp\""),
+            "{c}"
+        );
+        assert!(
+            c.contains("\"127.0.0.1:${MEMBRANE_DNS_PORT:-5353}:5353/udp\""),
+            "{c}"
+        );
+        assert_eq!(seen.matches("<VAR>").count(), 5, "{seen}");
+
+        let k = kubernetes(&ms, &opts);
+        assert!(k.contains("\"z=$$(SECRET)\""), "{k}");
+        let seen = kubelet_expand(&k);
+        for r in registered {
+            assert!(seen.contains(r), "{r} as kubelet reads it:\n{seen}");
+        }
+        assert!(!seen.contains("<VAR>"), "{seen}");
     }
 
     #[test]

@@ -32,9 +32,41 @@ pub fn strs<S: Into<String>>(items: impl IntoIterator<Item = S>) -> Yaml {
     Yaml::Seq(items.into_iter().map(|i| Yaml::Str(i.into())).collect())
 }
 
-/// A double-quoted scalar (JSON string syntax is a subset of YAML's double-quoted style).
+/// Whether `c` must be written as an escape: outside YAML's printable set (YAML 1.2 §5.1:
+/// x9, xA, xD, x20-x7E, x85, xA0-xD7FF, xE000-xFFFD, x10000-x10FFFF), which makes the whole
+/// stream unreadable, or a line break to YAML 1.1 readers (x85, x2028, x2029), which fold it
+/// into a space inside a quoted scalar.
+fn needs_escape(c: char) -> bool {
+    let printable = matches!(
+        c,
+        '\t' | '\n' | '\r'
+            | '\u{20}'..='\u{7e}'
+            | '\u{85}'
+            | '\u{a0}'..='\u{d7ff}'
+            | '\u{e000}'..='\u{fffd}'
+            | '\u{10000}'..
+    );
+    !printable || matches!(c, '\u{85}' | '\u{2028}' | '\u{2029}')
+}
+
+/// A double-quoted scalar (JSON string syntax is a subset of YAML's double-quoted style),
+/// with every character [`needs_escape`] written as `\uXXXX`.
 pub fn quote(v: &str) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into())
+    let json = serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into());
+    if !json.chars().any(needs_escape) {
+        return json;
+    }
+    // JSON escapes are ASCII, so no escaped character is part of one.
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if needs_escape(c) {
+            // All of them are in the Basic Multilingual Plane.
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Words a YAML 1.1 or 1.2 reader would not take as a plain string.
@@ -130,6 +162,25 @@ mod tests {
             out,
             "plain: \"yes\"\n\"on\": \"x\"\n\"1abc\": 3\nk: \"a \\\"b\\\"\\n: #c\"\nlist:\n  - \"-1\"\n  - \"null\"\nempty: []\nnested:\n  - a: \"1\"\n    b: true\n"
         );
+    }
+
+    #[test]
+    fn characters_outside_the_printable_set_are_escaped() {
+        let raw = "a\u{7f}\u{80}\u{85}\u{9f}\u{2028}\u{2029}\u{fffe}\u{ffff}b";
+        assert_eq!(
+            quote(raw),
+            "\"a\\u007f\\u0080\\u0085\\u009f\\u2028\\u2029\\ufffe\\uffffb\""
+        );
+        // Printable characters stay as they are, including outside the BMP.
+        let printable = "é\u{a0}\u{d7ff}\u{e000}\u{fffd}\u{10000}😀\u{10ffff}";
+        assert_eq!(quote(printable), format!("\"{printable}\""));
+        // The output is still a JSON string (a subset of YAML's double-quoted style) that
+        // reads back as the input.
+        for v in [raw, printable, "x\u{0}\t\"\\\u{1b}"] {
+            let q = quote(v);
+            assert!(!q.chars().any(needs_escape), "{q}");
+            assert_eq!(serde_json::from_str::<String>(&q).unwrap(), v);
+        }
     }
 
     #[test]

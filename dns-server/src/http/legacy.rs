@@ -75,7 +75,7 @@ pub struct LegacyRegister {
     #[serde(default)]
     tags: Vec<String>,
     #[serde(default)]
-    metadata: Option<BTreeMap<String, Value>>,
+    metadata: Option<LegacyMetadata>,
     #[serde(default, alias = "communication_mode")]
     mode: Option<String>,
     #[serde(default, alias = "location")]
@@ -96,6 +96,39 @@ pub struct LegacyRegister {
     /// As `registered_at`.
     #[serde(default, rename = "last_heartbeat")]
     _last_heartbeat: Option<IgnoredAny>,
+}
+
+/// The `metadata` of a legacy registration: any JSON values (non-strings are kept as their
+/// JSON text), keyed by string. A key given twice is refused (422, as by `/v1`'s
+/// [`shared::model::Metadata`]) rather than silently keeping the last.
+struct LegacyMetadata(BTreeMap<String, Value>);
+
+impl<'de> Deserialize<'de> for LegacyMetadata {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = LegacyMetadata;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<LegacyMetadata, A::Error> {
+                let mut m = BTreeMap::new();
+                while let Some((k, v)) = a.next_entry::<String, Value>()? {
+                    if m.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!(
+                            "metadata key {k:?} given twice"
+                        )));
+                    }
+                    m.insert(k, v);
+                }
+                Ok(LegacyMetadata(m))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 fn field_err(field: &str, e: impl ToString) -> ApiError {
@@ -141,6 +174,7 @@ impl LegacyRegister {
         };
         let mut metadata: BTreeMap<String, String> = self
             .metadata
+            .map(|m| m.0)
             .unwrap_or_default()
             .into_iter()
             .map(|(k, v)| {

@@ -332,3 +332,40 @@ async fn an_id_in_two_namespaces_is_ambiguous_without_a_namespace() {
     );
     assert_eq!(h.get("/discover/m").await.1["namespace"], "default");
 }
+
+#[tokio::test]
+async fn legacy_register_refuses_a_metadata_key_given_twice() {
+    let h = harness(None);
+    for path in ["/register", "/api/register", "/api/membranes/register"] {
+        let resp = h
+            .call(
+                Method::POST,
+                path,
+                Some(r#"{"id":"a","metadata":{"k":"1","k":"2"}}"#),
+                &[],
+            )
+            .await;
+        assert_error(&resp, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field");
+        assert!(
+            resp.1["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("metadata key \"k\" given twice")),
+            "{path}: {}",
+            resp.1
+        );
+    }
+    assert_eq!(h.get("/list").await.1, json!([]));
+    assert_eq!(h.get("/v1/namespaces").await.1["namespaces"], json!([]));
+    // Distinct keys, of any JSON type, still register.
+    let (s, v) = h
+        .call(
+            Method::POST,
+            "/api/register",
+            Some(r#"{"id":"a","metadata":{"k":"1","n":2}}"#),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (_, v) = h.get("/api/services/a").await;
+    assert_eq!(v["metadata"], json!({"k": "1", "n": "2"}), "{v}");
+}
