@@ -96,7 +96,8 @@ pub struct RunArgs {
     /// Parent membrane id in the hierarchy.
     #[arg(long, env = "MEMBRANE_PARENT")]
     pub parent: Option<String>,
-    /// Registry URL(s), http:// only; several (comma-separated or repeated) for failover:
+    /// Registry URL(s), http:// or https:// (https needs --registry-ca); several
+    /// (comma-separated or repeated) for failover:
     /// the agent moves to the next one when one does not answer.
     #[arg(
         long = "registry-url",
