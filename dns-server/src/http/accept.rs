@@ -654,6 +654,7 @@ impl Table {
             idle_since: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
             head_started: AtomicU64::new(NONE),
             write_blocked: AtomicU64::new(NONE),
+            progress: AtomicU64::new(0),
             changed: Notify::new(),
             close: shutdown.child_token(),
         });
@@ -692,12 +693,18 @@ struct Activity {
     /// Milliseconds since `start` since when writes have been pending (the client is not
     /// reading), or [`NONE`].
     write_blocked: AtomicU64,
+    /// Bytes written since `write_blocked` (partial writes of a client reading slowly).
+    progress: AtomicU64,
     changed: Notify,
     /// Cancelled to close the connection now (made room for another, or shutdown).
     close: CancellationToken,
 }
 
 const NONE: u64 = u64::MAX;
+
+/// Bytes a client reading a response slowly must take per header timeout (see
+/// [`Activity::wrote`]): 1.6 KB/s with the default 10 s.
+const MIN_PROGRESS: u64 = 16 * 1024;
 
 impl Activity {
     fn now_ms(&self) -> u64 {
@@ -722,13 +729,25 @@ impl Activity {
         }
     }
 
-    /// A write returned `r`: pending writes start the stall clock, progress stops it.
-    fn wrote<T>(&self, r: &Poll<io::Result<T>>) {
+    /// A write of `offered` bytes returned `r`: a pending write starts the stall clock;
+    /// it stops once a write takes everything offered (the client reads as fast as it is
+    /// sent) or [`MIN_PROGRESS`] bytes went out since it started. A client that reads a
+    /// few bytes now and then, just often enough to unblock each write, still has its
+    /// connection closed after the header timeout, instead of holding the slot for as long
+    /// as a large response lasts at its pace.
+    fn wrote(&self, r: &Poll<io::Result<usize>>, offered: usize) {
         let blocked = self.write_blocked.load(Ordering::SeqCst);
         match r {
             Poll::Pending if blocked == NONE => {
+                self.progress.store(0, Ordering::SeqCst);
                 self.write_blocked.store(self.now_ms(), Ordering::SeqCst);
                 self.changed.notify_one();
+            }
+            Poll::Ready(Ok(n)) if blocked != NONE && *n < offered => {
+                let sent = self.progress.fetch_add(*n as u64, Ordering::SeqCst) + *n as u64;
+                if sent >= MIN_PROGRESS {
+                    self.write_blocked.store(NONE, Ordering::SeqCst);
+                }
             }
             Poll::Ready(_) if blocked != NONE => self.write_blocked.store(NONE, Ordering::SeqCst),
             _ => {}
@@ -808,6 +827,7 @@ impl Watched {
     fn poll_write_with(
         &self,
         cx: &mut Context<'_>,
+        offered: usize,
         f: impl Fn(&TcpStream) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         let r = loop {
@@ -820,7 +840,7 @@ impl Watched {
                 },
             }
         };
-        self.activity.wrote(&r);
+        self.activity.wrote(&r, offered);
         r
     }
 }
@@ -857,7 +877,7 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, |io| io.try_write(buf))
+        self.poll_write_with(cx, buf.len(), |io| io.try_write(buf))
     }
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         // A socket has nothing to flush.
@@ -876,7 +896,8 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, |io| io.try_write_vectored(bufs))
+        let offered = bufs.iter().map(|b| b.len()).sum();
+        self.poll_write_with(cx, offered, |io| io.try_write_vectored(bufs))
     }
     fn is_write_vectored(&self) -> bool {
         true
@@ -1422,6 +1443,59 @@ mod tests {
         drop(stalled);
         srv.shutdown.cancel();
         srv.task.await.unwrap().unwrap();
+    }
+
+    /// A client that takes a few bytes of a large response now and then (each write
+    /// unblocked, partly) is closed the header timeout after its writes first blocked,
+    /// unless it takes [`MIN_PROGRESS`] bytes meanwhile; one that takes what is offered
+    /// stops the clock.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_reading_a_trickle_is_closed_after_the_header_timeout() {
+        let activity = Arc::new(Activity {
+            start: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(NONE),
+            write_blocked: AtomicU64::new(NONE),
+            progress: AtomicU64::new(0),
+            changed: Notify::new(),
+            close: CancellationToken::new(),
+        });
+        let _busy = activity.begin();
+        let watchdog = {
+            let a = activity.clone();
+            tokio::spawn(async move { a.expired(LIMITS).await })
+        };
+        let step = LIMITS.header_timeout / 4;
+        let offered = 1 << 20;
+        // Blocked, then 2 KiB taken every quarter timeout: not enough.
+        activity.wrote(&Poll::Pending, offered);
+        for _ in 0..3 {
+            tokio::time::sleep(step).await;
+            activity.wrote(&Poll::Ready(Ok(2048)), offered);
+            activity.wrote(&Poll::Pending, offered);
+            assert!(!watchdog.is_finished());
+        }
+        tokio::time::sleep(step + Duration::from_millis(10)).await;
+        assert!(watchdog.is_finished(), "a trickle kept the slot");
+
+        // Enough bytes, or everything offered, stop the clock.
+        let _busy = activity.begin();
+        activity.write_blocked.store(NONE, Ordering::SeqCst);
+        let watchdog = {
+            let a = activity.clone();
+            tokio::spawn(async move { a.expired(LIMITS).await })
+        };
+        for _ in 0..8 {
+            activity.wrote(&Poll::Pending, offered);
+            tokio::time::sleep(step).await;
+            activity.wrote(&Poll::Ready(Ok(MIN_PROGRESS as usize)), offered);
+            activity.wrote(&Poll::Pending, 100);
+            tokio::time::sleep(step).await;
+            activity.wrote(&Poll::Ready(Ok(100)), 100);
+        }
+        assert!(!watchdog.is_finished(), "closed a client that reads");
+        watchdog.abort();
     }
 
     #[tokio::test(start_paused = true)]
