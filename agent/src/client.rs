@@ -34,6 +34,9 @@ pub enum ClientError {
         url: String,
         /// What went wrong.
         reason: String,
+        /// The request may have reached a registry (no answer in time, a connection lost
+        /// mid-request), so it may have been applied; `false`: never sent (no connection).
+        sent: bool,
     },
     /// Something answered, but not like a membrane registry.
     #[error("{url} does not answer like a membrane registry: {reason}")]
@@ -63,6 +66,16 @@ impl ClientError {
         match self {
             ClientError::Api { status, .. } => Some(*status),
             _ => None,
+        }
+    }
+
+    /// Whether the request may have been applied despite this error: it was sent and no
+    /// registry refused it clearly (no answer, a 5xx, an answer unlike the registry's).
+    pub fn maybe_applied(&self) -> bool {
+        match self {
+            ClientError::Unreachable { sent, .. } => *sent,
+            ClientError::Api { status, .. } => *status >= 500,
+            ClientError::NotRegistry { .. } => true,
         }
     }
 
@@ -207,6 +220,7 @@ impl HttpRegistry {
         let unreachable = |reason: String| ClientError::Unreachable {
             url: url.to_string(),
             reason,
+            sent: false,
         };
         let slot = self.urls.iter().position(|u| std::ptr::eq(u, url));
         let known = slot.and_then(|i| self.last_addr.lock().unwrap_or_else(|e| e.into_inner())[i]);
@@ -321,10 +335,12 @@ impl HttpRegistry {
             .map_err(|_| ClientError::Unreachable {
                 url: url.to_string(),
                 reason: format!("no answer within {:?}", self.request_timeout),
+                sent: true,
             })?
             .map_err(|e| ClientError::Unreachable {
                 url: url.to_string(),
                 reason: e.to_string(),
+                sent: true,
             })
     }
 
@@ -339,6 +355,8 @@ impl HttpRegistry {
         let n = self.urls.len();
         let start = self.current.load(Ordering::Relaxed);
         let mut worst: Option<ClientError> = None;
+        // Whether some URL may have applied the request (reported with the worst error).
+        let mut applied = false;
         for k in 0..n {
             let idx = (start + k) % n;
             let url = &self.urls[idx];
@@ -355,10 +373,12 @@ impl HttpRegistry {
                 .map_err(|_| ClientError::Unreachable {
                     url: url.to_string(),
                     reason: "the answer stalled".into(),
+                    sent: true,
                 })?
                 .map_err(|e| ClientError::Unreachable {
                     url: url.to_string(),
                     reason: format!("reading the answer: {e}"),
+                    sent: true,
                 })?
                 .to_bytes();
                 classify(url, status, json, bytes)
@@ -371,6 +391,7 @@ impl HttpRegistry {
                 }
                 Err(e) if failover(&e) => {
                     tracing::debug!(url = %url, error = %e, "registry URL failed; trying the next");
+                    applied |= e.maybe_applied();
                     worst = Some(match worst {
                         Some(w) if severity(&w) > severity(&e) => w,
                         _ => e,
@@ -382,7 +403,11 @@ impl HttpRegistry {
                 }
             }
         }
-        Err(worst.expect("at least one URL"))
+        let mut worst = worst.expect("at least one URL");
+        if let ClientError::Unreachable { sent, .. } = &mut worst {
+            *sent |= applied;
+        }
+        Err(worst)
     }
 
     fn membrane_path(ns: &NamespaceName, id: &MembraneId) -> String {
@@ -611,6 +636,7 @@ fn classify(
         return Err(ClientError::Unreachable {
             url: url.to_string(),
             reason: format!("HTTP {} from a proxy", status.as_u16()),
+            sent: true,
         });
     }
     Err(ClientError::NotRegistry {

@@ -265,6 +265,9 @@ pub struct Lifecycle<R> {
     activity: Arc<Activity>,
     secret: Option<String>,
     on_server: bool,
+    /// A registration was sent whose outcome is unknown (no answer, or a 5xx: the registry
+    /// may have committed it): shutdown deregisters then too (a 404 is fine).
+    maybe_on_server: bool,
     ever_registered: bool,
     jitter: Jitter,
     backoff: Backoff,
@@ -311,6 +314,7 @@ impl<R: RegistryApi> Lifecycle<R> {
             activity,
             secret,
             on_server: false,
+            maybe_on_server: false,
             ever_registered: false,
             jitter,
             backoff,
@@ -408,6 +412,7 @@ impl<R: RegistryApi> Lifecycle<R> {
                     }
                 }
                 self.on_server = true;
+                self.maybe_on_server = false;
                 let url = self.registry.url();
                 tracing::info!(id = %self.cfg.id, namespace = %self.cfg.namespace, %url, created = resp.created, "registered");
                 self.activity.record(
@@ -437,7 +442,10 @@ impl<R: RegistryApi> Lifecycle<R> {
                     }
                 }
             }
-            Err(e) => self.failed("register", e),
+            Err(e) => {
+                self.maybe_on_server |= e.maybe_applied();
+                self.failed("register", e)
+            }
         }
         r
     }
@@ -490,6 +498,7 @@ impl<R: RegistryApi> Lifecycle<R> {
         match &r {
             Ok(()) => {
                 self.on_server = false;
+                self.maybe_on_server = false;
                 tracing::info!("deregistered");
                 self.activity.record(
                     "deregistered",
@@ -497,7 +506,10 @@ impl<R: RegistryApi> Lifecycle<R> {
                     Value::Null,
                 );
             }
-            Err(e) if e.status() == Some(404) => self.on_server = false,
+            Err(e) if e.status() == Some(404) => {
+                self.on_server = false;
+                self.maybe_on_server = false;
+            }
             Err(e) => self.failed("deregister", e),
         }
         match r {
@@ -539,9 +551,17 @@ impl<R: RegistryApi> Lifecycle<R> {
                 cmd = commands.recv(), if commands_open => match cmd {
                     None => commands_open = false,
                     Some(cmd) => {
+                        let command = self.command(cmd);
+                        tokio::pin!(command);
                         let outcome = tokio::select! {
-                            _ = cancel.cancelled() => break Ok(()),
-                            o = self.command(cmd) => o,
+                            o = &mut command => o,
+                            _ = cancel.cancelled() => {
+                                // As for a step: a registration in flight must be known
+                                // to be removed.
+                                deadline = Some(Instant::now() + grace);
+                                let _ = tokio::time::timeout(grace, &mut command).await;
+                                break Ok(());
+                            }
                         };
                         if let Some(next) = outcome {
                             due = next;
@@ -571,7 +591,7 @@ impl<R: RegistryApi> Lifecycle<R> {
         };
         self.set_status(|s| s.phase = Phase::Stopping);
         let deadline = deadline.unwrap_or_else(|| Instant::now() + self.cfg.shutdown_grace);
-        if result.is_ok() && self.on_server {
+        if result.is_ok() && (self.on_server || self.maybe_on_server) {
             match tokio::time::timeout_at(deadline, self.deregister()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {

@@ -130,6 +130,7 @@ fn unreachable() -> ClientError {
     ClientError::Unreachable {
         url: "http://fake".into(),
         reason: "connection refused".into(),
+        sent: false,
     }
 }
 
@@ -571,6 +572,58 @@ async fn a_registration_in_flight_at_shutdown_is_finished_then_removed() {
         "deregistered once the registration landed"
     );
     assert_eq!(t0.elapsed(), Duration::from_secs(1));
+}
+
+/// `agent register` in flight when the agent is told to stop: as for the lifecycle's own
+/// registration, it is let finish within the grace time, then removed.
+#[tokio::test(start_paused = true)]
+async fn a_register_command_in_flight_at_shutdown_is_finished_then_removed() {
+    let mut fake = Fake::new(|_, _| Ok(()));
+    Arc::get_mut(&mut fake).unwrap().register_delay = Duration::from_secs(2);
+    let r = start(&fake, config(0.0));
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let (tx, rx) = oneshot::channel();
+    r.commands
+        .send(Command::Deregister { reply: tx })
+        .await
+        .unwrap();
+    rx.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (tx, _rx) = oneshot::channel();
+    r.commands
+        .send(Command::Register {
+            parent: None,
+            reply: tx,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop(r).await.unwrap();
+    assert_eq!(fake.times(Kind::Register), [0, 20]);
+    assert_eq!(
+        fake.times(Kind::Deregister),
+        [15, 22],
+        "deregistered once the registration landed"
+    );
+}
+
+/// A registration sent whose answer never came (the registry may have committed it): the
+/// agent stops before a retry, and deregisters all the same (a 404 would be fine).
+#[tokio::test(start_paused = true)]
+async fn a_registration_without_an_answer_is_removed_at_shutdown() {
+    let fake = Fake::new(|k, _| match k {
+        Kind::Register => Err(ClientError::Unreachable {
+            url: "http://fake".into(),
+            reason: "no answer within 10s".into(),
+            sent: true,
+        }),
+        _ => Ok(()),
+    });
+    let r = start(&fake, config(0.0));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop(r).await.unwrap();
+    assert_eq!(fake.times(Kind::Register), [0]);
+    assert_eq!(fake.times(Kind::Deregister), [0]);
 }
 
 #[tokio::test(start_paused = true)]
