@@ -580,6 +580,11 @@ impl Catalog {
         verified
     }
 
+    /// Accounts one UDP response to `peer` with the rate limiter ([`super::rrl`]).
+    pub(crate) fn rate_limit(&self, peer: IpAddr) -> Verdict {
+        self.rrl.check(peer, self.started.elapsed().as_secs())
+    }
+
     /// Answers the request `req` from `peer` into `out` (cleared first). None: send
     /// nothing.
     pub(crate) fn respond(
@@ -674,7 +679,7 @@ impl Catalog {
             && let Some(o) = res
             && !o.verified
         {
-            match self.rrl.check(peer, self.started.elapsed().as_secs()) {
+            match self.rate_limit(peer) {
                 Verdict::Send => {}
                 Verdict::Slip => {
                     // Header and question only, plus a bare OPT (payload, extended rcode,

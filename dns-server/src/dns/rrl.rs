@@ -120,14 +120,35 @@ impl Limiter {
     fn hash(&self, ip: IpAddr) -> u64 {
         use std::hash::Hasher;
         let mut h = std::hash::SipHasher::new_with_keys(self.key.0, self.key.1);
-        match ip {
-            IpAddr::V4(a) => h.write(&a.octets()[..3]),
-            IpAddr::V6(a) => {
+        match prefix(ip) {
+            Prefix::V4(p) => h.write(&p),
+            Prefix::V6(p) => {
                 h.write(&[6]);
-                h.write(&a.octets()[..7]);
+                h.write(&p);
             }
         }
         h.finish()
+    }
+}
+
+/// The network a source address is counted by: its IPv4 /24 or IPv6 /56.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Prefix {
+    V4([u8; 3]),
+    V6([u8; 7]),
+}
+
+/// The prefix of `ip` (an IPv4 client of a dual-stack socket, ::ffff:a.b.c.d, by its /24).
+pub(crate) fn prefix(ip: IpAddr) -> Prefix {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            Prefix::V4([o[0], o[1], o[2]])
+        }
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            Prefix::V6([o[0], o[1], o[2], o[3], o[4], o[5], o[6]])
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use super::Catalog;
 use super::edns::{OptExtras, ede, write_opt};
 use super::query::Scratch;
 use super::records::{self, WireName, rtype};
+use super::rrl::Verdict;
 use super::stats::{Counter, Shard};
 use super::tsig::{self, Failure, Signer, TsigKey};
 use super::wire::{Writer, be16, skip_name};
@@ -321,6 +322,15 @@ fn error_reply(req: &[u8], r: &Request, rcode: u16, ede: Option<(u16, &'static s
     m
 }
 
+/// The reply to `r` sent in place of one over the rate limit, every `slip`-th: header (TC,
+/// `rcode`) and question, and a bare OPT when the request had one; no larger than the
+/// request, unsigned (the client retries over TCP).
+fn slipped(req: &[u8], r: &Request, rcode: u16) -> Vec<u8> {
+    let mut m = error_reply(req, r, rcode, None);
+    m[2] |= 0x02;
+    m
+}
+
 #[cfg(test)]
 thread_local! {
     /// Zone versions [`encode`]d on this thread (tests: which requests render a whole zone).
@@ -407,9 +417,11 @@ impl Catalog {
         self.respond_scanned(req, scan(req)?, tcp, peer, s, shard)
     }
 
-    /// Answers `req`, which [`scan`] read as `r`: the messages to send, in order (none: a
-    /// signed query whose answer rate limiting dropped; it must not go on to the ordinary
-    /// path, which would answer it NOTIMP).
+    /// Answers `req`, which [`scan`] read as `r`: the messages to send, in order (none: an
+    /// answer rate limiting dropped; a signed query must not go on to the ordinary path,
+    /// which would answer it NOTIMP). Over UDP every reply passes the rate limiter, the
+    /// refusals, TSIG errors and SOA-only IXFR answers made here as much as the answers of
+    /// [`Catalog::respond`], so that a spoofed flood draws them no faster than any other.
     pub(crate) fn respond_scanned(
         &self,
         req: &[u8],
@@ -419,7 +431,7 @@ impl Catalog {
         s: &mut Scratch,
         shard: &Shard,
     ) -> Option<Vec<Vec<u8>>> {
-        let (msgs, counted) = self.special(req, &r, tcp, peer, s, shard)?;
+        let (mut msgs, counted) = self.special(req, &r, tcp, peer, s, shard)?;
         if !counted {
             shard.add(if tcp {
                 Counter::QueriesTcp
@@ -427,6 +439,23 @@ impl Catalog {
                 Counter::QueriesUdp
             });
             let rcode = msgs.first().map_or(0, |m| u16::from(m[3] & 0xF));
+            // Answers of `respond` (counted) were rate limited there; no cookie here proves
+            // the source.
+            if !tcp && !msgs.is_empty() {
+                match self.rate_limit(peer) {
+                    Verdict::Send => {}
+                    Verdict::Slip => {
+                        shard.add(Counter::RateLimited);
+                        shard.add(Counter::Truncated);
+                        msgs = vec![slipped(req, &r, rcode)];
+                    }
+                    Verdict::Drop => {
+                        shard.add(Counter::RateLimited);
+                        shard.add(Counter::Dropped);
+                        return Some(Vec::new());
+                    }
+                }
+            }
             shard.add(Counter::for_rcode(rcode));
         }
         Some(msgs)
@@ -1012,6 +1041,72 @@ mod tests {
                 Some(vec![]),
                 "dropped, not handed to the ordinary path"
             );
+        }
+    }
+
+    /// Over UDP the replies made here (AXFR's NOTIMP, a refused transfer, a TSIG error,
+    /// IXFR's SOA) pass the rate limiter like every other answer: a spoofed flood of them
+    /// draws `rate` replies per second and then, every `slip`-th, a truncated one no larger
+    /// than the query.
+    #[test]
+    fn udp_replies_made_here_are_rate_limited() {
+        let c = Catalog::new(DnsConfig {
+            rate_limit: crate::dns::RateLimit {
+                responses_per_second: 5,
+                slip: 2,
+            },
+            ..DnsConfig::default()
+        })
+        .unwrap()
+        .with_transfer(TransferConfig {
+            keys: vec![KEY.parse().unwrap()],
+            allow: vec!["192.0.2.0/24".parse().unwrap()],
+            notify: vec![],
+        });
+        c.update(&snap(&[1, 2]));
+        // With an OPT (EDNS payload 1232), whose reply carries the extended error text.
+        let with_opt = |mut m: Vec<u8>| {
+            m[11] += 1;
+            m.extend_from_slice(&[0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0, 0, 0]);
+            m
+        };
+        let forged = {
+            let bad: TsigKey = "xfr-key:hmac-sha256:AQECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+                .parse()
+                .unwrap();
+            let mut m = with_opt(request(rtype::AXFR, None));
+            Signer::for_request(&bad, unix_now()).sign(&mut m);
+            m
+        };
+        let cases = [
+            (with_opt(request(rtype::AXFR, None)), "198.51.100.1", 4),
+            (with_opt(request(rtype::IXFR, Some(7))), "198.51.101.1", 5),
+            (forged, "198.51.102.1", 9),
+            (with_opt(request(rtype::IXFR, Some(7))), "192.0.2.9", 0),
+        ];
+        for (req, peer, rcode) in cases {
+            let (mut s, shard) = (Scratch::new(0), Shard::default());
+            let peer: IpAddr = peer.parse().unwrap();
+            let (mut full, mut slipped, mut dropped) = (0, 0, 0);
+            for _ in 0..20 {
+                let msgs = c
+                    .respond_special(&req, false, peer, &mut s, &shard)
+                    .unwrap();
+                let Some(m) = msgs.first() else {
+                    dropped += 1;
+                    continue;
+                };
+                assert_eq!(msgs.len(), 1);
+                let msg = Message::from_vec(m).unwrap();
+                assert_eq!(u16::from(msg.metadata.response_code), rcode, "{peer}");
+                if msg.metadata.truncation {
+                    assert!(msg.answers.is_empty() && m.len() <= req.len(), "{peer}");
+                    slipped += 1;
+                } else {
+                    full += 1;
+                }
+            }
+            assert_eq!((full, slipped, dropped), (5, 7, 8), "{peer}");
         }
     }
 
