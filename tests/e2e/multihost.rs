@@ -232,7 +232,7 @@ fn scenario(ns: &Netns, srv: &str, a: &str, b: &str, d: &dyn Fn(&str) -> PathBuf
         for n in [srv, a, b] {
             wait_for(
                 &format!("{id} in DNS from {n}"),
-                Duration::from_secs(2),
+                Duration::from_secs(10),
                 || (dig_in(ns, n, &format!("{id}.multi")) == [*ip]).then_some(()),
             );
         }
@@ -289,7 +289,7 @@ fn scenario(ns: &Netns, srv: &str, a: &str, b: &str, d: &dyn Fn(&str) -> PathBuf
     );
     wait_for(
         "alpha out of DNS (still registered: no deregistration without DNS?)",
-        Duration::from_secs(2),
+        Duration::from_secs(10),
         || dig_in(ns, srv, "alpha.multi").is_empty().then_some(()),
     );
     assert_eq!(dig_in(ns, srv, "beta.multi"), ["169.254.70.3"]);

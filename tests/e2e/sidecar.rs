@@ -64,7 +64,7 @@ fn agents_appear_in_dns_and_leave_on_sigterm() {
     let srv = if srv.len() == 2 {
         srv
     } else {
-        wait_for("both workers in DNS", Duration::from_secs(2), || {
+        wait_for("both workers in DNS", Duration::from_secs(10), || {
             let srv = server.dig("SRV", "_visual._tcp.cognitive-system").unwrap();
             (srv.len() == 2).then_some(srv)
         })
@@ -92,10 +92,14 @@ fn agents_appear_in_dns_and_leave_on_sigterm() {
     let status = agents[1].terminate();
     assert!(status.success(), "{status:?}");
     // (The zone is rebuilt milliseconds after the deregistration is answered.)
-    wait_for("visual-worker-1 out of DNS", Duration::from_secs(2), || {
-        let srv = server.dig("SRV", "_visual._tcp.cognitive-system").unwrap();
-        (srv == ["0 10 7102 visual-worker-2.cognitive-system."]).then_some(())
-    });
+    wait_for(
+        "visual-worker-1 out of DNS",
+        Duration::from_secs(10),
+        || {
+            let srv = server.dig("SRV", "_visual._tcp.cognitive-system").unwrap();
+            (srv == ["0 10 7102 visual-worker-2.cognitive-system."]).then_some(())
+        },
+    );
 
     // A killed agent leaves its membrane to go stale after the TTL: out of DNS, still listed.
     let _ = agents[2].child.kill();
@@ -106,11 +110,15 @@ fn agents_appear_in_dns_and_leave_on_sigterm() {
     });
     // DNS follows once the stale marking is published and the zone rebuilt (milliseconds
     // after the API shows it).
-    wait_for("visual-worker-2 out of DNS", Duration::from_secs(2), || {
-        server
-            .dig("SRV", "_visual._tcp.cognitive-system")
-            .unwrap()
-            .is_empty()
-            .then_some(())
-    });
+    wait_for(
+        "visual-worker-2 out of DNS",
+        Duration::from_secs(10),
+        || {
+            server
+                .dig("SRV", "_visual._tcp.cognitive-system")
+                .unwrap()
+                .is_empty()
+                .then_some(())
+        },
+    );
 }

@@ -166,11 +166,12 @@ fn registry_restarted_empty_gets_the_membrane_back_within_a_heartbeat() {
     let data = tmp.path().join("data");
     let server = Server::start(&data, 0, &[]);
     let port = server.port;
-    let agent = Agent::start(
-        &quick("w1", "cog", &server.url()),
-        &tmp.path().join("a"),
-        &[],
-    );
+    // Retries at most 1 s apart while the registry is away (however long its restart
+    // takes on a slow machine).
+    let mut args = quick("w1", "cog", &server.url());
+    let at = args.iter().position(|a| a == "--max-backoff").unwrap();
+    args[at + 1] = "1s".into();
+    let agent = Agent::start(&args, &tmp.path().join("a"), &[]);
     agent.wait_registered();
     server.stop();
     std::fs::remove_dir_all(&data).unwrap();

@@ -1,8 +1,6 @@
 //! The protocol rules: AA, NXDOMAIN/NODATA with SOA, REFUSED, FORMERR/NOTIMP, EDNS0, TC
 //! and TCP, ANY, case, SRV order, TTLs, the suffix, and live updates.
 
-use std::time::{Duration, Instant};
-
 use dns_server::dns::{DnsConfig, NsHost};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
@@ -400,12 +398,10 @@ async fn changes_are_visible_at_once() {
             ..Default::default()
         },
     ));
-    let t = Instant::now();
+    // (How long a rebuild takes is measured by `benches/dns_serve.rs`, not here.)
     srv.catalog.update(&snapshot("cog", 18, insts));
-    let rebuild = t.elapsed();
     let m = udp(srv.addr, "_visual._tcp.cog.", RecordType::SRV).await;
     assert_eq!(m.answers.len(), 3);
-    assert!(rebuild < Duration::from_millis(50), "{rebuild:?}");
     let m = udp(srv.addr, "cog.", RecordType::SOA).await;
     assert!(texts(&m.answers)[0].contains(" 18 "));
 

@@ -93,7 +93,9 @@ impl Cluster {
             .args(["--initial-cluster", &initial.join(",")])
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", &self.token])
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            // Elections take a second of silence from the leader: a loaded 2-core CI
+            // machine (three members fsyncing to one disk) can stall one for half that.
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             // The default from etcd 3.5 on: a member that returns does not depose a
             // healthy leader by calling an election before it hears from it.
             .args(["--pre-vote=true"])

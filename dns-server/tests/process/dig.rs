@@ -27,7 +27,7 @@ pub(super) fn dig(server: &Server, args: &[&str]) -> Option<String> {
 /// [`dig`] until `done` holds for its output or 2 s pass (then the last output): the zone
 /// is rebuilt a few milliseconds after the API answers a write (TTL 5 s).
 fn dig_until(server: &Server, args: &[&str], done: impl Fn(&str) -> bool) -> Option<String> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let out = dig(server, args)?;
         if done(&out) || std::time::Instant::now() > deadline {
@@ -142,7 +142,7 @@ async fn stale_membrane_leaves_srv_answers() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--sweep-interval", "50ms"]);
     let http = Http::new(server.url());
-    let body = r#"{"addresses":["10.0.0.1"],"services":[{"name":"svc","port":1}],"ttl_seconds":1}"#;
+    let body = r#"{"addresses":["10.0.0.1"],"services":[{"name":"svc","port":1}],"ttl_seconds":3}"#;
     http.call("PUT", "/v1/namespaces/ns/membranes/short", Some(body))
         .await
         .unwrap();
@@ -158,12 +158,19 @@ async fn stale_membrane_leaves_srv_answers() {
         return;
     };
     assert_eq!(out.lines().count(), 2, "{out}");
-    tokio::time::sleep(std::time::Duration::from_millis(1400)).await;
-    let (_, v) = http
-        .call("GET", "/v1/namespaces/ns/membranes/short", None)
-        .await
-        .unwrap();
-    assert_eq!(v["state"], "stale");
+    // Stale once its 3 s TTL ran out (polled: the sweep runs every 50 ms).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (_, v) = http
+            .call("GET", "/v1/namespaces/ns/membranes/short", None)
+            .await
+            .unwrap();
+        if v["state"] == "stale" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never stale: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     // DNS follows once the change is published and the zone rebuilt (milliseconds).
     let settled = |want: &'static str| {
         let server = &server;

@@ -39,7 +39,17 @@ async fn acknowledged_registrations_survive_sigkill() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Killed in the middle of the writes, once enough were acknowledged (polled: how many
+    // commits a second the machine does is not this test's business).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().len() <= 150 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} registrations acknowledged in 30 s",
+            acked.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     server.kill9();
     for w in writers {
         w.await.unwrap();

@@ -43,6 +43,27 @@ pub async fn soa_serial(dns: SocketAddr, zone: &str) -> u32 {
     panic!("no SOA for {zone} from {dns}");
 }
 
+/// Waits (10 s at most) until `name` has an A record over UDP: the zone rebuild that follows
+/// an API answer is asynchronous.
+pub async fn wait_served(dns: SocketAddr, name: &str) {
+    let mut m = Message::query();
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        sock.send_to(&m.to_vec().unwrap(), dns).await.unwrap();
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf)).await
+            && Message::from_vec(&buf[..n]).is_ok_and(|r| !r.answers.is_empty())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{name} not served by {dns} within 10 s");
+}
+
 pub async fn register(http: &Http, ns: &str, id: &str, ip: &str, port: u16) {
     let body = format!(r#"{{"addresses":["{ip}"],"services":[{{"name":"web","port":{port}}}]}}"#);
     let (s, v) = http
@@ -130,7 +151,8 @@ async fn zone_transfers_need_tsig_or_the_allow_list() {
     let http = Http::new(server.url());
     register(&http, "xfr", "m1", "10.0.0.1", 8001).await;
     register(&http, "xfr", "m2", "10.0.0.2", 8002).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_served(server.dns, "m1.xfr.").await;
+    wait_served(server.dns, "m2.xfr.").await;
     let Some(open) = dig(server.dns, &["xfr.", "AXFR"]) else {
         return;
     };
@@ -190,7 +212,7 @@ async fn zone_transfers_need_tsig_or_the_allow_list() {
     let server = Server::start(dir.path(), &["--xfr-allow", "127.0.0.0/8"]);
     let http = Http::new(server.url());
     register(&http, "xfr", "m1", "10.0.0.1", 8001).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_served(server.dns, "m1.xfr.").await;
     let allowed = dig(server.dns, &["xfr.", "AXFR"]).unwrap();
     assert!(
         allowed.contains("10.0.0.1") && allowed.contains("XFR size"),
