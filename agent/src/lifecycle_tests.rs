@@ -190,6 +190,16 @@ fn start(fake: &Arc<Fake>, cfg: LifecycleConfig) -> Running {
     }
 }
 
+/// Sends the command `make` builds (around its reply channel) and waits for the answer.
+async fn ask(
+    r: &Running,
+    make: impl FnOnce(oneshot::Sender<Result<Value, String>>) -> Command,
+) -> Result<Value, String> {
+    let (tx, rx) = oneshot::channel();
+    r.commands.send(make(tx)).await.unwrap();
+    rx.await.unwrap()
+}
+
 async fn stop(r: Running) -> Result<(), LifecycleError> {
     r.cancel.cancel();
     r.handle.await.unwrap()
@@ -387,32 +397,21 @@ async fn commands_deregister_pause_and_register_with_new_parent() {
     let fake = Fake::new(|_, _| Ok(()));
     let r = start(&fake, config(0.0));
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let (tx, rx) = oneshot::channel();
-    r.commands
-        .send(Command::Deregister { reply: tx })
-        .await
-        .unwrap();
-    let v = rx.await.unwrap().unwrap();
+    let answer = ask(&r, |reply| Command::Deregister { reply }).await;
+    let v = answer.unwrap();
     assert_eq!(v["deregistered"], true);
     assert_eq!(r.status.lock().unwrap().phase, Phase::Deregistered);
     tokio::time::sleep(Duration::from_secs(45)).await;
-    let (tx, rx) = oneshot::channel();
-    r.commands
-        .send(Command::Register {
-            parent: Some(Some(MembraneId::new("perception").unwrap())),
-            reply: tx,
-        })
-        .await
-        .unwrap();
-    let v = rx.await.unwrap().unwrap();
+    let answer = ask(&r, |reply| Command::Register {
+        parent: Some(Some(MembraneId::new("perception").unwrap())),
+        reply,
+    })
+    .await;
+    let v = answer.unwrap();
     assert_eq!(v["registered"], true);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let (tx, rx) = oneshot::channel();
-    r.commands
-        .send(Command::Heartbeat { reply: tx })
-        .await
-        .unwrap();
-    assert_eq!(rx.await.unwrap().unwrap()["heartbeat"], "ok");
+    let answer = ask(&r, |reply| Command::Heartbeat { reply }).await;
+    assert_eq!(answer.unwrap()["heartbeat"], "ok");
     tokio::time::sleep(Duration::from_secs(12)).await;
     stop(r).await.unwrap();
     assert_eq!(fake.times(Kind::Register), [0, 60]);
@@ -439,15 +438,12 @@ async fn a_refused_reregistration_command_changes_nothing_and_heartbeats_go_on()
     });
     let r = start(&fake, config(0.0));
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let (tx, rx) = oneshot::channel();
-    r.commands
-        .send(Command::Register {
-            parent: Some(Some(MembraneId::new("perception").unwrap())),
-            reply: tx,
-        })
-        .await
-        .unwrap();
-    let e = rx.await.unwrap().unwrap_err();
+    let answer = ask(&r, |reply| Command::Register {
+        parent: Some(Some(MembraneId::new("perception").unwrap())),
+        reply,
+    })
+    .await;
+    let e = answer.unwrap_err();
     assert!(e.contains("join token rotated"), "{e}");
     assert!(e.contains("still registered"), "{e}");
     {
@@ -463,15 +459,12 @@ async fn a_refused_reregistration_command_changes_nothing_and_heartbeats_go_on()
     tokio::time::sleep(Duration::from_secs(37)).await;
     assert_eq!(r.status.lock().unwrap().phase, Phase::Registered);
     // A registration afterwards (no parent change) sends the old parent, not the refused.
-    let (tx, rx) = oneshot::channel();
-    r.commands
-        .send(Command::Register {
-            parent: None,
-            reply: tx,
-        })
-        .await
-        .unwrap();
-    assert_eq!(rx.await.unwrap().unwrap()["registered"], true);
+    let answer = ask(&r, |reply| Command::Register {
+        parent: None,
+        reply,
+    })
+    .await;
+    assert_eq!(answer.unwrap()["registered"], true);
     stop(r).await.unwrap();
     assert_eq!(
         fake.times(Kind::Register),
@@ -503,12 +496,8 @@ async fn heartbeat_command_when_not_registered_says_so() {
     });
     let r = start(&fake, config(0.0));
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let (tx, rx) = oneshot::channel();
-    r.commands
-        .send(Command::Heartbeat { reply: tx })
-        .await
-        .unwrap();
-    let e = rx.await.unwrap().unwrap_err();
+    let answer = ask(&r, |reply| Command::Heartbeat { reply }).await;
+    let e = answer.unwrap_err();
     assert!(e.contains("not registered"), "{e}");
     stop(r).await.unwrap();
 }
@@ -582,12 +571,8 @@ async fn a_register_command_in_flight_at_shutdown_is_finished_then_removed() {
     Arc::get_mut(&mut fake).unwrap().register_delay = Duration::from_secs(2);
     let r = start(&fake, config(0.0));
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let (tx, rx) = oneshot::channel();
-    r.commands
-        .send(Command::Deregister { reply: tx })
-        .await
-        .unwrap();
-    rx.await.unwrap().unwrap();
+    let answer = ask(&r, |reply| Command::Deregister { reply }).await;
+    answer.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (tx, _rx) = oneshot::channel();
     r.commands

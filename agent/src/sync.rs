@@ -398,6 +398,28 @@ mod tests {
 
     type Respond = Box<dyn Fn(&Seen, usize) -> Answer + Send + Sync>;
 
+    /// A registry whose event stream (epoch `epoch`) sends `parts` and closes, and whose
+    /// list answers `list` (at `rev`, same epoch).
+    fn stream_or_list(
+        epoch: u64,
+        parts: Vec<(usize, String)>,
+        list: Vec<shared::model::MembraneView>,
+        rev: u64,
+    ) -> Respond {
+        let body = list_body(list, rev, epoch);
+        Box::new(move |req, _| {
+            if req.is_events() {
+                Answer::Stream {
+                    epoch,
+                    parts: parts.clone(),
+                    hold: false,
+                }
+            } else {
+                Answer::Json(200, body.clone())
+            }
+        })
+    }
+
     /// A raw HTTP/1.1 registry on loopback; `respond` gets each request and how many lists
     /// came before it.
     async fn fake(respond: Respond) -> (String, Arc<Mutex<Vec<Seen>>>) {
@@ -591,18 +613,7 @@ mod tests {
             ),
         ]
         .concat();
-        let (url, seen) = fake(Box::new(move |req, _| {
-            if req.is_events() {
-                Answer::Stream {
-                    epoch: 900,
-                    parts: vec![(0, replay.clone())],
-                    hold: false,
-                }
-            } else {
-                Answer::Json(200, list_body(vec![], 99, 900))
-            }
-        }))
-        .await;
+        let (url, seen) = fake(stream_or_list(900, vec![(0, replay)], vec![], 99)).await;
         one_round(&url, &cache).await.unwrap();
         let seen = seen.lock().unwrap().clone();
         assert!(
@@ -653,24 +664,12 @@ mod tests {
                 state: HealthState::Stale,
             },
         );
-        let (url, seen) = fake(Box::new(move |req, _| {
-            if req.is_events() {
-                Answer::Stream {
-                    epoch: 900,
-                    parts: vec![(0, before.clone()), (1, after.clone())],
-                    hold: false,
-                }
-            } else {
-                Answer::Json(
-                    200,
-                    list_body(
-                        vec![view("cog", "b", "s", "x"), view("cog", "c", "s", "x")],
-                        9,
-                        900,
-                    ),
-                )
-            }
-        }))
+        let (url, seen) = fake(stream_or_list(
+            900,
+            vec![(0, before), (1, after)],
+            vec![view("cog", "b", "s", "x"), view("cog", "c", "s", "x")],
+            9,
+        ))
         .await;
         let t0 = Instant::now();
         let task = {
@@ -720,17 +719,12 @@ mod tests {
         cache.replace(vec![view("cog", "a", "s", "x")], Some(5), Some(900));
         // The registry restarted (epoch 901): its numbering is another; event 6 of the
         // new epoch says nothing about the cache's 5.
-        let (url, seen) = fake(Box::new(move |req, _| {
-            if req.is_events() {
-                Answer::Stream {
-                    epoch: 901,
-                    parts: vec![(1, String::new())],
-                    hold: false,
-                }
-            } else {
-                Answer::Json(200, list_body(vec![view("cog", "z", "s", "x")], 2, 901))
-            }
-        }))
+        let (url, seen) = fake(stream_or_list(
+            901,
+            vec![(1, String::new())],
+            vec![view("cog", "z", "s", "x")],
+            2,
+        ))
         .await;
         let t0 = Instant::now();
         one_round(&url, &cache).await.unwrap();
@@ -893,18 +887,7 @@ mod tests {
             }
         }
 
-        let (url, seen) = fake(Box::new(|req, _| {
-            if req.is_events() {
-                Answer::Stream {
-                    epoch: 900,
-                    parts: vec![],
-                    hold: false,
-                }
-            } else {
-                Answer::Json(200, list_body(vec![], 1, 900))
-            }
-        }))
-        .await;
+        let (url, seen) = fake(stream_or_list(900, vec![], vec![], 1)).await;
         let times = stream_openings(&url, &seen).await;
         let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
         assert!(gaps.len() >= 80, "{gaps:?}");
@@ -985,18 +968,7 @@ mod tests {
         cache.replace(vec![view("cog", "a", "s", "x")], Some(5), Some(900));
         let line = format!("data: {}\n", "x".repeat(1000));
         let endless = line.repeat(crate::sse::MAX_EVENT / 1000 + 10);
-        let (url, _) = fake(Box::new(move |req, _| {
-            if req.is_events() {
-                Answer::Stream {
-                    epoch: 900,
-                    parts: vec![(0, endless.clone())],
-                    hold: false,
-                }
-            } else {
-                Answer::Json(200, list_body(vec![], 9, 900))
-            }
-        }))
-        .await;
+        let (url, _) = fake(stream_or_list(900, vec![(0, endless)], vec![], 9)).await;
         let r = one_round(&url, &cache).await;
         assert!(
             matches!(r, Err(SyncError::Stream(ref m)) if m.contains("larger than")),

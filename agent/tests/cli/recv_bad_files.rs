@@ -7,6 +7,8 @@ use std::process::{Command, Output, Stdio};
 
 use shared::envelope::{Envelope, MessageId};
 
+use crate::support::ids_printed;
+
 const NOW_MS: u64 = 1_700_000_000_000;
 
 /// A state directory whose `relay.json` names membrane `b` of `ns` on a shared volume
@@ -75,16 +77,15 @@ fn recv_as(state: &Path, id: Option<u32>) -> Output {
     cmd.output().unwrap()
 }
 
-fn ids_printed(out: &Output) -> Vec<String> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
+/// The ids a successful `recv` printed.
+fn printed(out: &Output) -> Vec<String> {
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ids_printed(out)
 }
 
 /// `dir` and every directory below it.
@@ -126,13 +127,7 @@ fn far_future_times_are_set_aside_and_recv_goes_on() {
         plant(&root, e);
     }
     let out = recv(&state);
-    assert!(
-        out.status.success(),
-        "{:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(ids_printed(&out), vec![good.id.to_string()]);
+    assert_eq!(printed(&out), vec![good.id.to_string()]);
     let mut bad = vec![far_sent.id.to_string(), far_expiry.id.to_string()];
     bad.sort();
     assert_eq!(names(&root.join("bad")), bad);
@@ -141,8 +136,7 @@ fn far_future_times_are_set_aside_and_recv_goes_on() {
     let next = msg(4, "next");
     plant(&root, &next);
     let out = recv(&state);
-    assert!(out.status.success(), "{:?}", out.status);
-    assert_eq!(ids_printed(&out), vec![next.id.to_string()]);
+    assert_eq!(printed(&out), vec![next.id.to_string()]);
 }
 
 /// A file the membrane's user cannot read (mode 000) in `new/`: `read_new` failed with a
@@ -167,15 +161,8 @@ fn an_unreadable_file_is_set_aside_and_recv_goes_on() {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o000)).unwrap();
     plant(&root, &good);
     let out = recv(&state);
-    assert!(
-        out.status.success(),
-        "{:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(ids_printed(&out), vec![good.id.to_string()]);
+    assert_eq!(printed(&out), vec![good.id.to_string()]);
     assert_eq!(names(&root.join("bad")), vec![locked.id.to_string()]);
     let out = recv(&state);
-    assert!(out.status.success(), "{:?}", out.status);
-    assert!(ids_printed(&out).is_empty());
+    assert!(printed(&out).is_empty());
 }

@@ -52,18 +52,6 @@ fn recv_bounded(dir: &Path, timeout: Duration) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn ids_printed(out: &Output) -> Vec<String> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
-}
-
 fn maildir_of(shared_root: &Path, id: &str) -> PathBuf {
     shared_root.join("shared/relay").join(id)
 }

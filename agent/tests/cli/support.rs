@@ -478,3 +478,16 @@ impl Agent {
         signal(&self.child, nix::sys::signal::Signal::SIGKILL);
     }
 }
+
+/// The ids of the messages `agent recv --json` printed (one JSON object a line).
+pub fn ids_printed(out: &std::process::Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}

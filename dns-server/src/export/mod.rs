@@ -675,9 +675,11 @@ mod tests {
         );
     }
 
-    /// What docker compose makes of `text`: `$$` is a literal `$`, `$NAME` and `${...}`
-    /// are interpolated (here as `<VAR>`).
-    fn compose_interpolate(text: &str) -> String {
+    /// What an interpolator makes of `text`, each variable shown as `<VAR>`: `$$` is a
+    /// literal `$`; `$` + `open` … `close` is a variable, and so is `$NAME` when `bare`;
+    /// any other `$` is kept. Docker compose: `{`, `}`, bare names; kubelet's `$(NAME)`
+    /// in a command or env value (`third_party/forked/golang/expansion`): `(`, `)`.
+    fn interpolate(text: &str, open: char, close: char, bare: bool) -> String {
         let mut out = String::new();
         let mut rest = text;
         while let Some(i) = rest.find('$') {
@@ -686,39 +688,15 @@ mod tests {
             if let Some(a) = after.strip_prefix('$') {
                 out.push('$');
                 rest = a;
-            } else if let Some(end) = after.strip_prefix('{').and_then(|a| a.find('}')) {
+            } else if let Some(end) = after.strip_prefix(open).and_then(|a| a.find(close)) {
                 out.push_str("<VAR>");
                 rest = &after[end + 2..];
-            } else if after.starts_with(|c: char| c == '_' || c.is_ascii_alphabetic()) {
+            } else if bare && after.starts_with(|c: char| c == '_' || c.is_ascii_alphabetic()) {
                 let end = after
                     .find(|c: char| c != '_' && !c.is_ascii_alphanumeric())
                     .unwrap_or(after.len());
                 out.push_str("<VAR>");
                 rest = &after[end..];
-            } else {
-                out.push('$');
-                rest = after;
-            }
-        }
-        out.push_str(rest);
-        out
-    }
-
-    /// What kubelet makes of `text` in a command or an env value (its `$(NAME)` expansion,
-    /// `third_party/forked/golang/expansion`): `$$` is a literal `$`, `$(NAME)` is expanded
-    /// (here to `<VAR>`), any other `$` is kept.
-    fn kubelet_expand(text: &str) -> String {
-        let mut out = String::new();
-        let mut rest = text;
-        while let Some(i) = rest.find('$') {
-            out.push_str(&rest[..i]);
-            let after = &rest[i + 1..];
-            if let Some(a) = after.strip_prefix('$') {
-                out.push('$');
-                rest = a;
-            } else if let Some(end) = after.strip_prefix('(').and_then(|a| a.find(')')) {
-                out.push_str("<VAR>");
-                rest = &after[end + 2..];
             } else {
                 out.push('$');
                 rest = after;
@@ -751,7 +729,7 @@ mod tests {
         let c = compose(&ms, &opts);
         assert!(c.contains("\"x=$${AWS_SECRET_ACCESS_KEY}\""), "{c}");
         assert!(c.contains("MEMBRANE_LISTEN: \"0.0.0.0:$$(P)$${Q}\""), "{c}");
-        let seen = compose_interpolate(&c);
+        let seen = interpolate(&c, '{', '}', true);
         for r in registered {
             assert!(seen.contains(r), "{r} as compose reads it:\n{seen}");
         }
@@ -768,7 +746,7 @@ mod tests {
 
         let k = kubernetes(&ms, &opts);
         assert!(k.contains("\"z=$$(SECRET)\""), "{k}");
-        let seen = kubelet_expand(&k);
+        let seen = interpolate(&k, '(', ')', false);
         for r in registered {
             assert!(seen.contains(r), "{r} as kubelet reads it:\n{seen}");
         }

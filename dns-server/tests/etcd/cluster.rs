@@ -146,6 +146,27 @@ impl Cluster {
         etcd_client::Client::connect(eps, None).await.unwrap()
     }
 
+    /// The keys under `prefix` in etcd.
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        let resp = self
+            .client()
+            .await
+            .get(
+                prefix,
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            )
+            .await
+            .unwrap();
+        resp.kvs()
+            .iter()
+            .map(|k| k.key_str().unwrap().to_string())
+            .collect()
+    }
+
     async fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

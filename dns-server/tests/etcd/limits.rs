@@ -46,23 +46,7 @@ async fn a_full_replica_refuses_new_membranes_and_namespaces() {
         "{v}"
     );
     assert_eq!(a.ids("full").await, ["m1", "m2"]);
-    let mut c = cluster.client().await;
-    let keys = c
-        .get(
-            "/",
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only(),
-            ),
-        )
-        .await
-        .unwrap();
-    let keys: Vec<_> = keys
-        .kvs()
-        .iter()
-        .map(|k| k.key_str().unwrap().to_string())
-        .collect();
+    let keys = cluster.keys("/").await;
     assert!(
         keys.iter()
             .all(|k| !k.contains("m3") && !k.contains("other")),
