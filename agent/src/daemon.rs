@@ -40,6 +40,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
     let _lock = state::lock(&cfg.state_dir)
         .await
         .map_err(AgentError::runtime)?;
+    state::check_secret(&cfg.state_dir, &cfg.namespace, &cfg.id).map_err(AgentError::runtime)?;
     crate::relay::auth::load(&cfg.state_dir);
     // The agent's relay key pair: its public key goes into the registration.
     let identity = crate::relay::auth::Identity::load_or_create(&cfg.state_dir).map_err(|e| {

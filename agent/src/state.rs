@@ -87,11 +87,43 @@ pub struct StoredSecret {
     pub secret: String,
 }
 
-/// The secret stored for `ns`/`id` in `dir`, if any (a secret of another membrane is ignored).
+/// The secret stored for `ns`/`id` in `dir`, if any (a secret of another membrane is ignored:
+/// [`check_secret`] refuses to start on one).
 pub fn load_secret(dir: &Path, ns: &NamespaceName, id: &MembraneId) -> Option<String> {
     let bytes = std::fs::read(dir.join(SECRET_FILE)).ok()?;
     let s: StoredSecret = serde_json::from_slice(&bytes).ok()?;
     (s.namespace == *ns && s.id == *id).then_some(s.secret)
+}
+
+/// Checks that the secret file in `dir`, if there is one, is readable and belongs to
+/// `ns`/`id`. Else an error naming it: the agent would otherwise pick a new secret and
+/// overwrite the only proof of an existing registration.
+pub fn check_secret(dir: &Path, ns: &NamespaceName, id: &MembraneId) -> Result<(), String> {
+    let path = dir.join(SECRET_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let s: StoredSecret = serde_json::from_slice(&bytes).map_err(|e| {
+        format!(
+            "{} is not an instance secret ({e}); restore it, or remove it to register as a \
+             new instance (the registry then refuses the old one's id until it is evicted, or \
+             use --replace)",
+            path.display()
+        )
+    })?;
+    if s.namespace != *ns || s.id != *id {
+        return Err(format!(
+            "{} holds the instance secret of membrane {} in namespace {}, not {id} in {ns}: \
+             give each membrane a state directory of its own (or remove the file if that \
+             membrane is gone)",
+            path.display(),
+            s.id,
+            s.namespace
+        ));
+    }
+    Ok(())
 }
 
 /// A new instance secret: 32 random bytes from the kernel, hex. The agent picks it before
@@ -143,6 +175,30 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// A secret file that cannot be read, is not one, or is another membrane's, is never
+    /// silently replaced: the agent refuses to start, naming it.
+    #[test]
+    fn a_secret_file_that_is_not_ours_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ns, id) = (
+            NamespaceName::new("cog").unwrap(),
+            MembraneId::new("a").unwrap(),
+        );
+        assert_eq!(check_secret(dir.path(), &ns, &id), Ok(()), "none yet");
+        save_secret(dir.path(), &ns, &id, "s3cret").unwrap();
+        assert_eq!(check_secret(dir.path(), &ns, &id), Ok(()));
+        let other = MembraneId::new("b").unwrap();
+        let e = check_secret(dir.path(), &ns, &other).unwrap_err();
+        assert!(e.contains("membrane a in namespace cog, not b"), "{e}");
+        std::fs::write(dir.path().join(SECRET_FILE), b"x").unwrap();
+        let e = check_secret(dir.path(), &ns, &id).unwrap_err();
+        assert!(e.contains("is not an instance secret"), "{e}");
+        std::fs::remove_file(dir.path().join(SECRET_FILE)).unwrap();
+        std::fs::create_dir(dir.path().join(SECRET_FILE)).unwrap();
+        let e = check_secret(dir.path(), &ns, &id).unwrap_err();
+        assert!(e.contains("cannot read"), "{e}");
     }
 
     #[test]

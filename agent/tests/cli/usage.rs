@@ -204,6 +204,30 @@ fn wrong_token_is_refused_with_the_servers_message() {
     agent.wait_registered();
 }
 
+/// A state directory whose secret file is unreadable JSON: the agent does not make a new
+/// secret over it (the only proof of an existing registration) but stops, naming it.
+#[test]
+fn a_broken_secret_file_stops_the_agent_and_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("a");
+    std::fs::create_dir_all(&state).unwrap();
+    let secret = state.join("secret.json");
+    std::fs::write(&secret, b"{\"namespace\":\"cog\",\"id\":").unwrap();
+    let agent = Agent::start(&quick("w1", "cog", "http://127.0.0.1:9"), &state, &[]);
+    let st = agent.wait(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(1));
+    let log = std::fs::read_to_string(tmp.path().join("a.stderr.log")).unwrap();
+    assert!(
+        log.contains("secret.json") && log.contains("is not an instance secret"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read(&secret).unwrap(),
+        b"{\"namespace\":\"cog\",\"id\":",
+        "kept as it was"
+    );
+}
+
 #[test]
 fn a_url_that_is_not_a_registry_is_refused() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
