@@ -738,6 +738,13 @@ impl TryFrom<ServerArgs> for Config {
                 "--notify {bad}: needs a specific address and a port"
             )));
         }
+        if !a.notify.is_empty() && keys.is_empty() && allow.is_empty() {
+            // Zone transfers are off: a secondary could not fetch what it is told of.
+            return Err(invalid(
+                "--notify needs --tsig-key (or --tsig-key-file) or --xfr-allow: secondaries \
+                 must be able to transfer the zones they are notified of",
+            ));
+        }
         let tls = match (&a.tls_cert, &a.tls_key) {
             (Some(c), Some(k)) => Some(crate::http::tls::server_config(c, k).map_err(invalid)?),
             (None, None) => None,
@@ -940,6 +947,10 @@ mod tests {
         assert!(err(&["--xfr-allow", "10.0.0.0/40"]).contains("prefix"));
         assert!(err(&["--notify", "0.0.0.0:53"]).contains("--notify"));
         assert!(err(&["--notify", "127.0.0.1:0"]).contains("--notify"));
+        let e = err(&["--notify", "127.0.0.1:5300"]);
+        assert!(e.contains("--tsig-key") && e.contains("--xfr-allow"), "{e}");
+        let c = Config::try_from(args(&["--notify", "127.0.0.1:5300", "--xfr-allow", "::1"]));
+        assert_eq!(c.unwrap().transfer.notify.len(), 1);
     }
 
     #[test]

@@ -270,10 +270,13 @@ pub async fn events(
             "too many event stream subscribers; retry later or poll the membrane list",
         )
     })?;
+    // A position that is not one of ours (not a number) is a lost one: `u64::MAX` is
+    // from the future, which gets `resync`, never a silent fresh start.
     let last_id = headers
         .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+        .map(|v| v.to_str().unwrap_or("?").trim())
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse::<u64>().unwrap_or(u64::MAX));
     let sub = s.registry.events().subscribe(&ns, last_id);
     let revision = s.registry.events().revision();
     let head: Vec<Bytes> = if sub.resync {

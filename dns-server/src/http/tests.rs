@@ -734,6 +734,11 @@ async fn events_stream_replays_after_last_event_id() {
     // A position from before this process: resync.
     let text = next_frame(&mut events(&h, Some("3".into())).await).await;
     assert!(text.contains("event: resync"), "{text}");
+    // Positions that are not ours (not a number, past u64): resync, not a silent start.
+    for bad in ["12a", "99999999999999999999", "-1"] {
+        let text = next_frame(&mut events(&h, Some(bad.into())).await).await;
+        assert!(text.contains("event: resync"), "{bad}: {text}");
+    }
 }
 
 /// The list's `revision` is where the event stream resumes: a change committed between the
