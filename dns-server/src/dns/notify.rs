@@ -120,8 +120,9 @@ impl Catalog {
 }
 
 /// Sends the NOTIFY of zone `ns` to `t` until a matching reply arrives or the tries are
-/// used up. A newer change of the zone meanwhile is sent at once (its serial), with fresh
-/// tries.
+/// used up. A newer change of the zone meanwhile is sent at once (its serial) as the next
+/// try: a zone that keeps changing for a secondary that never answers still ends its round
+/// after [`TRIES`] sends, and the secondary's other zones get their turn.
 async fn notify_zone(catalog: &Catalog, t: &Target, ns: &str) -> Result<(), String> {
     let addr = t.addr;
     let key = catalog.transfer.keys.first();
@@ -168,7 +169,6 @@ async fn notify_zone(catalog: &Catalog, t: &Target, ns: &str) -> Result<(), Stri
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(ns);
                     if again {
-                        (tries, timeout) = (0, FIRST_TIMEOUT);
                         continue 'tries;
                     }
                     // Another zone: its turn comes after this one.
@@ -233,6 +233,73 @@ mod tests {
     use shared::{NamespaceName, NamespaceSettings};
 
     const KEY: &str = "xfr-key:hmac-sha256:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    /// A secondary that never acknowledges zone `a`, which keeps changing: `a`'s rounds
+    /// still end after [`TRIES`] sends, so zone `b` of the same secondary is notified
+    /// meanwhile (it waited for `a` to go quiet, for ever if it never did).
+    #[tokio::test(start_paused = true)]
+    async fn a_zone_that_keeps_changing_does_not_starve_the_others() {
+        let peer = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let catalog = Arc::new(Catalog::new(DnsConfig::default()).unwrap().with_transfer(
+            TransferConfig {
+                keys: vec![],
+                allow: vec!["127.0.0.0/8".parse().unwrap()],
+                notify: vec![peer.local_addr().unwrap()],
+            },
+        ));
+        let zone = |name: &str, serial| NamespaceSnapshot {
+            name: NamespaceName::new(name).unwrap(),
+            settings: NamespaceSettings::default(),
+            instances: vec![],
+            serial,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let secondary = {
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                loop {
+                    let (n, from) = peer.recv_from(&mut buf).await.unwrap();
+                    let name = buf[13..13 + usize::from(buf[12])].to_vec();
+                    // `b` is acknowledged, `a` never.
+                    if name == b"b" {
+                        let mut reply = buf[..n].to_vec();
+                        reply[2] |= 0x80;
+                        peer.send_to(&reply, from).await.unwrap();
+                    }
+                    let _ = tx.send(name);
+                }
+            })
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_notify(catalog.clone(), shutdown.clone()));
+        catalog.update(&zone("a", 1));
+        assert_eq!(rx.recv().await.unwrap(), b"a");
+        catalog.update(&zone("b", 1));
+        // `a` changes every 300 ms for a minute; `b` must get its NOTIFY meanwhile.
+        let mut serial = 1;
+        let mut got_b = false;
+        let mut sent_a = 1;
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            serial += 1;
+            catalog.update(&zone("a", serial));
+            while let Ok(name) = rx.try_recv() {
+                got_b |= name == b"b";
+                sent_a += usize::from(name == b"a");
+            }
+            if got_b {
+                break;
+            }
+        }
+        assert!(
+            got_b,
+            "b never notified while a kept changing ({sent_a} NOTIFYs of a)"
+        );
+        shutdown.cancel();
+        task.await.unwrap();
+        secondary.abort();
+    }
 
     /// A silent secondary gets the NOTIFY again with a growing timeout; once it answers
     /// (signed) nothing more is sent. The NOTIFY carries the zone's SOA and our signature.
