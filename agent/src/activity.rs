@@ -81,40 +81,57 @@ impl Activity {
     }
 
     fn write(&self, slot: &mut Option<(File, u64)>, lines: &[u8]) -> std::io::Result<()> {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         // The size is tracked in memory and checked against the file (which `agent recv`
-        // appends to as well, and may rotate) every 64 KiB of our own writes.
-        if let Some((f, since)) = slot.as_mut()
-            && *since + lines.len() as u64 > CHECK_EVERY
+        // and `agent send` append to as well, and may rotate) every 64 KiB of our own
+        // writes, by opening the file again.
+        if slot
+            .as_ref()
+            .is_some_and(|(_, since)| *since + lines.len() as u64 > CHECK_EVERY)
         {
-            let on_disk = std::fs::metadata(&self.path);
-            let same = on_disk
-                .as_ref()
-                .ok()
-                .is_some_and(|m| m.ino() == f.metadata().map(|m| m.ino()).unwrap_or(0));
-            let len = on_disk.map(|m| m.len()).unwrap_or(0);
-            if !same {
-                *slot = None;
-            } else if len + lines.len() as u64 > MAX_LOG_BYTES {
-                *slot = None;
-                std::fs::rename(&self.path, rotated(&self.path))?;
-            } else {
-                *since = next_check(len);
-            }
+            *slot = None;
         }
         if slot.is_none() {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&self.path)?;
-            let len = f.metadata()?.len();
+            let (f, len) = self.open(lines.len() as u64)?;
             *slot = Some((f, next_check(len)));
         }
         let (f, since) = slot.as_mut().expect("opened");
         f.write_all(lines)?;
         *since += lines.len() as u64;
         Ok(())
+    }
+
+    /// Opens the log for appending `incoming` bytes, and its size: a non-empty file that
+    /// `incoming` would push past [`MAX_LOG_BYTES`] is first rotated to `activity.log.1`
+    /// (a short-lived `agent recv` or `agent send` writes once per process, so this is its
+    /// only check). Processes rotate under an exclusive `flock` of the file, and only the
+    /// file still at the path, so two of them never both rotate (which would overwrite the
+    /// rotated part with a nearly empty log). After a few rounds of others filling the new
+    /// file at once, it appends anyway.
+    fn open(&self, incoming: u64) -> std::io::Result<(File, u64)> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let mut attempts = 0;
+        loop {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&self.path)?;
+            let len = f.metadata()?.len();
+            attempts += 1;
+            if len == 0 || len + incoming <= MAX_LOG_BYTES || attempts > 3 {
+                return Ok((f, len));
+            }
+            let locked = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| std::io::Error::from(e))?;
+            let ino = locked.metadata()?.ino();
+            match std::fs::metadata(&self.path) {
+                // Still over the limit: nobody rotated it while we waited for the lock.
+                Ok(m) if m.ino() == ino && m.len() + incoming > MAX_LOG_BYTES => {
+                    std::fs::rename(&self.path, rotated(&self.path))?;
+                }
+                _ => {}
+            }
+        }
     }
 }
 
@@ -152,5 +169,32 @@ mod tests {
         }
         assert!(rotated(&path).exists());
         assert!(std::fs::metadata(&path).unwrap().len() <= MAX_LOG_BYTES);
+    }
+
+    #[test]
+    fn short_lived_writers_rotate_a_full_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("activity.log");
+        // Left near the limit by an earlier process.
+        let line = format!("{}\n", "o".repeat(99));
+        std::fs::write(&path, line.repeat((MAX_LOG_BYTES / 100) as usize)).unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        // One record per process, like `agent recv` or a direct `agent send`.
+        Activity::new(path.clone()).record("received", &"x".repeat(200), Value::Null);
+        assert_eq!(std::fs::metadata(rotated(&path)).unwrap().len(), before);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("\"received\""));
+        // Many of them, alternating with a long-lived writer: the log stays bounded.
+        let daemon = Activity::new(path.clone());
+        let big = "x".repeat(4000);
+        for _ in 0..600 {
+            Activity::new(path.clone()).record("received", &big, Value::Null);
+            daemon.record("e", &big, Value::Null);
+            for p in [path.clone(), rotated(&path)] {
+                let len = std::fs::metadata(&p).unwrap().len();
+                assert!(len <= MAX_LOG_BYTES + CHECK_EVERY, "{}: {len}", p.display());
+            }
+        }
     }
 }

@@ -260,7 +260,8 @@ pub struct LocalArgs {
     /// Membrane id, to find the default state directory.
     #[arg(long, env = "MEMBRANE_ID")]
     pub id: Option<String>,
-    /// Seconds to wait for the agent's answer.
+    /// Time to wait for the agent's answer, e.g. 30s, 2m (a duration: a bare number is
+    /// refused).
     #[arg(long, default_value = "30s")]
     pub timeout: String,
 }

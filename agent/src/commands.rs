@@ -543,13 +543,31 @@ async fn query(
     )
 }
 
-/// Prints the activity log (the rotated part first), then follows it if asked.
+/// The most `agent log` reads of each part of the log: its end (a log grown by an older
+/// agent, which did not rotate it from short-lived commands, can be larger).
+const LOG_READ_LIMIT: u64 = 2 * activity::MAX_LOG_BYTES;
+
+/// Prints the activity log (the rotated part first), then follows it if asked. Bytes that
+/// are not UTF-8 (a torn write) are shown replaced; a part that exists but cannot be read
+/// is an error.
 async fn log(dir: &Path, lines: Option<usize>, follow: bool) -> Result<(), AgentError> {
     let path = dir.join(state::ACTIVITY_LOG);
     let mut text = String::new();
     for p in [activity::rotated(&path), path.clone()] {
-        if let Ok(t) = std::fs::read_to_string(&p) {
-            text.push_str(&t);
+        match read_tail(&p, LOG_READ_LIMIT) {
+            Ok(b) => {
+                if !text.is_empty() && !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                text.push_str(&String::from_utf8_lossy(&b));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(AgentError::runtime(format!(
+                    "cannot read the activity log {}: {e}",
+                    p.display()
+                )));
+            }
         }
     }
     if text.is_empty() && !follow && !path.exists() {
@@ -603,8 +621,47 @@ async fn log(dir: &Path, lines: Option<usize>, follow: bool) -> Result<(), Agent
             rest = &rest[i + 1..];
         }
         partial.drain(..consumed);
+        if partial.len() as u64 > LOG_READ_LIMIT {
+            partial.clear(); // a line that never ends
+        }
         if out.flush().is_err() {
             return Ok(()); // stdout closed
         }
+    }
+}
+
+/// The last `max` bytes of the file at `path`, from the first line that starts in them.
+fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    // From the byte before, to see whether the first line starts there.
+    let start = len.saturating_sub(max).saturating_sub(1);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.take(max + 1).read_to_end(&mut buf)?;
+    if start > 0 {
+        let cut = buf
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(buf.len(), |i| i + 1);
+        buf.drain(..cut);
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_tail_keeps_whole_lines_of_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("activity.log");
+        std::fs::write(&p, b"aaaa\nbbbb\ncccc\n").unwrap();
+        assert_eq!(read_tail(&p, 100).unwrap(), b"aaaa\nbbbb\ncccc\n");
+        assert_eq!(read_tail(&p, 10).unwrap(), b"bbbb\ncccc\n");
+        assert_eq!(read_tail(&p, 9).unwrap(), b"cccc\n");
+        assert_eq!(read_tail(&p, 11).unwrap(), b"bbbb\ncccc\n");
+        assert_eq!(read_tail(&p, 16).unwrap(), b"aaaa\nbbbb\ncccc\n");
     }
 }

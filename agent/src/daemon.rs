@@ -31,9 +31,11 @@ use crate::{state, sync, systemd, util};
 /// Runs the agent until SIGTERM/SIGINT; an error when the registry refuses the first
 /// registration or the state directory is unusable.
 pub async fn run(cfg: RunConfig) -> Result<(), AgentError> {
-    state::prepare_dir(&cfg.state_dir).map_err(|e| crate::config::ConfigError::Invalid {
-        flag: "--state-dir",
-        message: format!("cannot create {}: {e}", cfg.state_dir.display()),
+    state::prepare_private_dir(&cfg.state_dir).map_err(|e| {
+        crate::config::ConfigError::Invalid {
+            flag: "--state-dir",
+            message: format!("cannot use {}: {e}", cfg.state_dir.display()),
+        }
     })?;
     let nofile = crate::util::raise_fd_limit();
     tracing::debug!(nofile, "open file limit");

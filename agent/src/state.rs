@@ -76,6 +76,37 @@ pub fn prepare_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
+/// Creates the agent's own state directory like [`prepare_dir`]; one that exists must
+/// belong to the effective user (another user could read its secret or swap its files) or
+/// to root (a volume a container runtime made, such as a Kubernetes `emptyDir`), and one of
+/// ours loses any group and other permissions. Not for the folders other agents share
+/// (the relay's volume), which [`prepare_dir`] leaves as they are.
+pub fn prepare_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    prepare_dir(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    let me = nix::unistd::geteuid();
+    if meta.uid() != me.as_raw() && meta.uid() != 0 {
+        let name = |uid: u32| match nix::unistd::User::from_uid(uid.into()) {
+            Ok(Some(u)) => format!("{} (uid {uid})", u.name),
+            _ => format!("uid {uid}"),
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is owned by {}, not by this agent's user {}",
+                dir.display(),
+                name(meta.uid()),
+                name(me.as_raw())
+            ),
+        ));
+    }
+    if meta.uid() == me.as_raw() && meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// The stored instance secret of one membrane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredSecret {
@@ -208,6 +239,39 @@ mod tests {
         let sub = dir.path().join("a/b");
         prepare_dir(&sub).unwrap();
         let mode = std::fs::metadata(&sub).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn private_dir_must_be_ours_and_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Made beforehand, open to everyone (`--state-dir /tmp/x`).
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        prepare_private_dir(&open).unwrap();
+        let mode = std::fs::metadata(&open).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // Another user's: refused, naming it and its owner (chown needs root, as in CI).
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let other = if me == 65534 { 65533 } else { 65534 };
+        if std::os::unix::fs::chown(&theirs, Some(other), None).is_ok() {
+            let e = prepare_private_dir(&theirs).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+            let msg = e.to_string();
+            assert!(msg.contains(theirs.to_str().unwrap()), "{msg}");
+            assert!(msg.contains(&format!("uid {other}")), "{msg}");
+            let mode = std::fs::metadata(&theirs).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o777, "left alone");
+        }
+        // Created here: 0700 as before.
+        let new = dir.path().join("a/b");
+        prepare_private_dir(&new).unwrap();
+        let mode = std::fs::metadata(&new).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
     }
 }

@@ -150,15 +150,23 @@ pub fn fsync_dir(p: &Path) -> std::io::Result<()> {
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the
 /// directory: the new file survives a power loss once this returns) with `mode`.
+///
+/// The temporary file (`path` with the extension `tmp`) is always a new file made here: a
+/// leftover one (a crash, another mode, a symbolic link) is removed first, never reused
+/// or followed. Writers of one `path` must not run at the same time.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     {
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
@@ -209,6 +217,31 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn atomic_write_makes_a_new_temporary_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.json");
+        let tmp = dir.path().join("f.tmp");
+        // A leftover temporary file with a wider mode.
+        std::fs::write(&tmp, b"old").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_atomic(&p, b"one", 0o600).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"one");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A symbolic link in its place: not followed.
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"untouched").unwrap();
+        std::os::unix::fs::symlink(&target, &tmp).unwrap();
+        write_atomic(&p, b"two", 0o600).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
     }
 
     #[test]

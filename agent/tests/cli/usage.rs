@@ -182,6 +182,10 @@ fn help_explains_itself() {
     let out = run_agent(&["--help"]);
     let h = String::from_utf8_lossy(&out.stdout);
     assert!(h.contains("Exit codes") && h.contains("discover"), "{h}");
+    // --timeout takes a duration (a bare number is refused): the help says so.
+    let out = run_agent(&["status", "--help"]);
+    let h = String::from_utf8_lossy(&out.stdout);
+    assert!(h.contains("e.g. 30s") && !h.contains("Seconds"), "{h}");
 }
 
 #[test]
@@ -202,6 +206,30 @@ fn wrong_token_is_refused_with_the_servers_message() {
     args.extend(["--token".to_string(), join]);
     let agent = Agent::start(&args, &tmp.path().join("b"), &[]);
     agent.wait_registered();
+}
+
+/// A state directory another user (not root) owns: `agent run` stops with exit 64 naming
+/// it (that user could read its secret or swap its files).
+#[test]
+fn a_state_directory_of_another_user_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        // chown needs root (CI runs as root).
+        assert!(std::env::var("CI").is_err(), "needs root on CI");
+        eprintln!("SKIP a_state_directory_of_another_user_is_refused: needs root to chown");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("a");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(65_534), Some(65_534)).unwrap();
+    let agent = Agent::start(&quick("w1", "cog", "http://127.0.0.1:9"), &state, &[]);
+    let st = agent.wait(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(64));
+    let log = std::fs::read_to_string(tmp.path().join("a.stderr.log")).unwrap();
+    assert!(
+        log.contains("--state-dir") && log.contains("uid 65534"),
+        "{log}"
+    );
 }
 
 /// A state directory whose secret file is unreadable JSON: the agent does not make a new
@@ -313,6 +341,37 @@ fn subcommands_without_an_agent_fail_clearly() {
     let out = run_agent(&["discover", "--state-dir", dir]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("--registry-url"), "{}", stderr(&out));
+}
+
+#[test]
+fn log_reports_an_unreadable_log_and_shows_a_torn_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let path = tmp.path().join("activity.log");
+    // A log that cannot be read (a directory in its place: root reads any file).
+    std::fs::create_dir(&path).unwrap();
+    let out = run_agent(&["log", "--state-dir", dir]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot read the activity log") && stderr(&out).contains(dir),
+        "{}",
+        stderr(&out)
+    );
+    // A torn write left bytes that are not UTF-8: the lines around them still show.
+    std::fs::remove_dir(&path).unwrap();
+    std::fs::write(
+        &path,
+        b"{\"event\":\"first\"}\n{\"event\":\"to\xe2\x82\n{\"event\":\"last\"}\n",
+    )
+    .unwrap();
+    let out = run_agent(&["log", "--state-dir", dir]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("\"first\"") && text.contains("\"last\""),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 3, "{text}");
 }
 
 #[test]
