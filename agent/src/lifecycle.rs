@@ -680,7 +680,7 @@ impl<R: RegistryApi> Lifecycle<R> {
                     // a rotated join token: heartbeats need only the instance secret):
                     // nothing changes, heartbeats go on; retrying the change would stop
                     // them and let the membrane expire.
-                    Err(e) if self.on_server => {
+                    Err(e) if self.on_server && !e.maybe_applied() && !e.is_unreachable() => {
                         self.cfg.registration.parent = before;
                         let _ = reply.send(Err(format!(
                             "{}; still registered as before, heartbeating",

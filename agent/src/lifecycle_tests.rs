@@ -430,6 +430,42 @@ async fn commands_deregister_pause_and_register_with_new_parent() {
 /// rotated; heartbeats need only the instance secret): the caller gets the error, the
 /// membrane stays registered with its old parent and keeps heartbeating, instead of the
 /// agent retrying the refused registration until the membrane expires.
+/// `agent register --parent x` that gets no answer (it may have been applied): the change
+/// is not dropped as if refused, the agent retries it until it lands.
+#[tokio::test(start_paused = true)]
+async fn a_reregistration_command_without_an_answer_is_retried() {
+    let fake = Fake::new(|k, n| match (k, n) {
+        (Kind::Register, 1) => Err(ClientError::Unreachable {
+            url: "http://fake".into(),
+            reason: "no answer within 10s".into(),
+            sent: true,
+        }),
+        _ => Ok(()),
+    });
+    let r = start(&fake, config(0.0));
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let answer = ask(&r, |reply| Command::Register {
+        parent: Some(Some(MembraneId::new("perception").unwrap())),
+        reply,
+    })
+    .await;
+    assert!(answer.is_err());
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    stop(r).await.unwrap();
+    let parents: Vec<_> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.kind == Kind::Register)
+        .map(|c| c.parent)
+        .collect();
+    assert!(parents.len() >= 3, "{parents:?}");
+    assert_eq!(
+        parents[2].as_deref(),
+        Some("perception"),
+        "retried as asked"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_refused_reregistration_command_changes_nothing_and_heartbeats_go_on() {
     let fake = Fake::new(|k, n| match (k, n) {

@@ -163,11 +163,14 @@ async fn notify_zone(catalog: &Catalog, t: &Target, ns: &str) -> Result<(), Stri
             let r = tokio::select! {
                 r = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)) => r,
                 _ = t.wake.notified() => {
-                    let again = t
-                        .pending
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(ns);
+                    // With no try left the change stays queued: the next round sends it,
+                    // after the secondary's other zones.
+                    let again = tries < TRIES
+                        && t
+                            .pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(ns);
                     if again {
                         continue 'tries;
                     }
@@ -253,7 +256,7 @@ mod tests {
             instances: vec![],
             serial,
         };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, Vec<u8>)>();
         let secondary = {
             let peer = peer.clone();
             tokio::spawn(async move {
@@ -267,14 +270,14 @@ mod tests {
                         reply[2] |= 0x80;
                         peer.send_to(&reply, from).await.unwrap();
                     }
-                    let _ = tx.send(name);
+                    let _ = tx.send((name, buf[..n].to_vec()));
                 }
             })
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run_notify(catalog.clone(), shutdown.clone()));
         catalog.update(&zone("a", 1));
-        assert_eq!(rx.recv().await.unwrap(), b"a");
+        assert_eq!(rx.recv().await.unwrap().0, b"a");
         catalog.update(&zone("b", 1));
         // `a` changes every 300 ms for a minute; `b` must get its NOTIFY meanwhile.
         let mut serial = 1;
@@ -284,7 +287,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(300)).await;
             serial += 1;
             catalog.update(&zone("a", serial));
-            while let Ok(name) = rx.try_recv() {
+            while let Ok((name, _)) = rx.try_recv() {
                 got_b |= name == b"b";
                 sent_a += usize::from(name == b"a");
             }
@@ -299,6 +302,50 @@ mod tests {
         shutdown.cancel();
         task.await.unwrap();
         secondary.abort();
+    }
+
+    /// A change made while a silent secondary's round is on its last try is not lost: it
+    /// stays queued and the next round announces it.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_during_the_last_try_is_announced_by_the_next_round() {
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let catalog = Arc::new(Catalog::new(DnsConfig::default()).unwrap().with_transfer(
+            TransferConfig {
+                keys: vec![],
+                allow: vec!["127.0.0.0/8".parse().unwrap()],
+                notify: vec![peer.local_addr().unwrap()],
+            },
+        ));
+        let zone = |serial| NamespaceSnapshot {
+            name: NamespaceName::new("a").unwrap(),
+            settings: NamespaceSettings::default(),
+            instances: vec![],
+            serial,
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_notify(catalog.clone(), shutdown.clone()));
+        catalog.update(&zone(1));
+        let mut buf = [0u8; 1024];
+        // The round's tries (never answered), then a change during the last one's wait.
+        for _ in 0..TRIES {
+            tokio::time::timeout(Duration::from_secs(120), peer.recv_from(&mut buf))
+                .await
+                .expect("a NOTIFY")
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        catalog.update(&zone(2));
+        loop {
+            let (n, _) = tokio::time::timeout(Duration::from_secs(120), peer.recv_from(&mut buf))
+                .await
+                .expect("the change announced")
+                .unwrap();
+            if buf[..n].windows(4).any(|w| w == 2u32.to_be_bytes()) {
+                break;
+            }
+        }
+        shutdown.cancel();
+        task.await.unwrap();
     }
 
     /// A silent secondary gets the NOTIFY again with a growing timeout; once it answers
