@@ -66,6 +66,14 @@ impl Fake {
         self.calls.lock().unwrap().clone()
     }
 
+    /// The registrations made, in order.
+    fn registers(&self) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.kind == Kind::Register)
+            .collect()
+    }
+
     fn times(&self, kind: Kind) -> Vec<u64> {
         self.calls()
             .iter()
@@ -131,6 +139,23 @@ fn unreachable() -> ClientError {
         url: "http://fake".into(),
         reason: "connection refused".into(),
         sent: false,
+    }
+}
+
+/// A registration sent whose answer never came (it may have been applied).
+fn no_answer() -> ClientError {
+    ClientError::Unreachable {
+        url: "http://fake".into(),
+        reason: "no answer within 10s".into(),
+        sent: true,
+    }
+}
+
+/// `agent register --parent perception`.
+fn reparent(reply: oneshot::Sender<Result<Value, String>>) -> Command {
+    Command::Register {
+        parent: Some(Some(MembraneId::new("perception").unwrap())),
+        reply,
     }
 }
 
@@ -309,12 +334,7 @@ async fn heartbeat_404_reregisters_at_once_with_the_secret() {
     stop(r).await.unwrap();
     assert_eq!(fake.times(Kind::Register), [0, 20]);
     assert_eq!(fake.times(Kind::Heartbeat), [10, 20, 30]);
-    let re = fake
-        .calls()
-        .into_iter()
-        .filter(|c| c.kind == Kind::Register)
-        .nth(1)
-        .unwrap();
+    let re = fake.registers()[1].clone();
     assert_eq!(
         re.secret.as_deref(),
         Some("s1"),
@@ -402,11 +422,7 @@ async fn commands_deregister_pause_and_register_with_new_parent() {
     assert_eq!(v["deregistered"], true);
     assert_eq!(r.status.lock().unwrap().phase, Phase::Deregistered);
     tokio::time::sleep(Duration::from_secs(45)).await;
-    let answer = ask(&r, |reply| Command::Register {
-        parent: Some(Some(MembraneId::new("perception").unwrap())),
-        reply,
-    })
-    .await;
+    let answer = ask(&r, reparent).await;
     let v = answer.unwrap();
     assert_eq!(v["registered"], true);
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -417,12 +433,7 @@ async fn commands_deregister_pause_and_register_with_new_parent() {
     assert_eq!(fake.times(Kind::Register), [0, 60]);
     assert_eq!(fake.times(Kind::Heartbeat), [10, 65, 75]);
     assert_eq!(fake.times(Kind::Deregister), [15, 77]);
-    let re = fake
-        .calls()
-        .into_iter()
-        .filter(|c| c.kind == Kind::Register)
-        .nth(1)
-        .unwrap();
+    let re = fake.registers()[1].clone();
     assert_eq!(re.parent.as_deref(), Some("perception"));
 }
 
@@ -435,29 +446,16 @@ async fn commands_deregister_pause_and_register_with_new_parent() {
 #[tokio::test(start_paused = true)]
 async fn a_reregistration_command_without_an_answer_is_retried() {
     let fake = Fake::new(|k, n| match (k, n) {
-        (Kind::Register, 1) => Err(ClientError::Unreachable {
-            url: "http://fake".into(),
-            reason: "no answer within 10s".into(),
-            sent: true,
-        }),
+        (Kind::Register, 1) => Err(no_answer()),
         _ => Ok(()),
     });
     let r = start(&fake, config(0.0));
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let answer = ask(&r, |reply| Command::Register {
-        parent: Some(Some(MembraneId::new("perception").unwrap())),
-        reply,
-    })
-    .await;
+    let answer = ask(&r, reparent).await;
     assert!(answer.is_err());
     tokio::time::sleep(Duration::from_secs(30)).await;
     stop(r).await.unwrap();
-    let parents: Vec<_> = fake
-        .calls()
-        .into_iter()
-        .filter(|c| c.kind == Kind::Register)
-        .map(|c| c.parent)
-        .collect();
+    let parents: Vec<_> = fake.registers().into_iter().map(|c| c.parent).collect();
     assert!(parents.len() >= 3, "{parents:?}");
     assert_eq!(
         parents[2].as_deref(),
@@ -474,11 +472,7 @@ async fn a_refused_reregistration_command_changes_nothing_and_heartbeats_go_on()
     });
     let r = start(&fake, config(0.0));
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let answer = ask(&r, |reply| Command::Register {
-        parent: Some(Some(MembraneId::new("perception").unwrap())),
-        reply,
-    })
-    .await;
+    let answer = ask(&r, reparent).await;
     let e = answer.unwrap_err();
     assert!(e.contains("join token rotated"), "{e}");
     assert!(e.contains("still registered"), "{e}");
@@ -512,12 +506,7 @@ async fn a_refused_reregistration_command_changes_nothing_and_heartbeats_go_on()
         [10, 20, 30, 40, 50],
         "heartbeats on their schedule"
     );
-    let parents: Vec<Option<String>> = fake
-        .calls()
-        .into_iter()
-        .filter(|c| c.kind == Kind::Register)
-        .map(|c| c.parent)
-        .collect();
+    let parents: Vec<Option<String>> = fake.registers().into_iter().map(|c| c.parent).collect();
     assert_eq!(parents, [None, Some("perception".into()), None]);
 }
 
@@ -633,11 +622,7 @@ async fn a_register_command_in_flight_at_shutdown_is_finished_then_removed() {
 #[tokio::test(start_paused = true)]
 async fn a_registration_without_an_answer_is_removed_at_shutdown() {
     let fake = Fake::new(|k, _| match k {
-        Kind::Register => Err(ClientError::Unreachable {
-            url: "http://fake".into(),
-            reason: "no answer within 10s".into(),
-            sent: true,
-        }),
+        Kind::Register => Err(no_answer()),
         _ => Ok(()),
     });
     let r = start(&fake, config(0.0));
@@ -679,12 +664,7 @@ async fn replace_is_asked_until_the_first_registration_succeeds_only() {
     let r = start(&fake, cfg);
     tokio::time::sleep(Duration::from_secs(25)).await;
     stop(r).await.unwrap();
-    let replace: Vec<bool> = fake
-        .calls()
-        .into_iter()
-        .filter(|c| c.kind == Kind::Register)
-        .map(|c| c.replace)
-        .collect();
+    let replace: Vec<bool> = fake.registers().iter().map(|c| c.replace).collect();
     // The failed first attempt and its retry ask; the re-registration after 404 does not.
     assert_eq!(replace, [true, true, false]);
 }
@@ -702,12 +682,7 @@ async fn the_secret_is_picked_and_stored_before_the_first_registration() {
     let r = start(&fake, cfg.clone());
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop(r).await.unwrap();
-    let regs: Vec<_> = fake
-        .calls()
-        .into_iter()
-        .filter(|c| c.kind == Kind::Register)
-        .map(|c| c.secret)
-        .collect();
+    let regs: Vec<_> = fake.registers().into_iter().map(|c| c.secret).collect();
     let picked = regs[0]
         .clone()
         .expect("a secret with the first registration");

@@ -520,14 +520,18 @@ mod tests {
     }
 
     async fn one_round(url: &str, cache: &Cache) -> Result<(), SyncError> {
-        let cfg = seeded();
+        round_with(url, cache, &seeded()).await
+    }
+
+    /// One [`round`] against `url` with `cfg`.
+    async fn round_with(url: &str, cache: &Cache, cfg: &SyncConfig) -> Result<(), SyncError> {
         round(
             &client(url),
             &ns(),
             cache,
             &Activity::disabled(),
-            &cfg,
-            &mut Pacing::new(&cfg),
+            cfg,
+            &mut Pacing::new(cfg),
             &mut false,
         )
         .await
@@ -927,16 +931,7 @@ mod tests {
             idle_timeout: Duration::from_secs(5),
             ..seeded()
         };
-        let r = round(
-            &client(&url),
-            &ns(),
-            &cache,
-            &Activity::disabled(),
-            &cfg,
-            &mut Pacing::new(&cfg),
-            &mut false,
-        )
-        .await;
+        let r = round_with(&url, &cache, &cfg).await;
         let ended = Instant::now();
         assert!(
             matches!(r, Err(SyncError::Stream(ref m)) if m.contains("silent")),
@@ -1014,16 +1009,7 @@ mod tests {
             ..Default::default()
         };
         let t0 = std::time::Instant::now();
-        let r = round(
-            &client(&url),
-            &ns(),
-            &cache,
-            &Activity::disabled(),
-            &cfg,
-            &mut Pacing::new(&cfg),
-            &mut false,
-        )
-        .await;
+        let r = round_with(&url, &cache, &cfg).await;
         assert!(
             matches!(r, Err(SyncError::Stream(ref m)) if m.contains("silent")),
             "{r:?}"

@@ -13,6 +13,13 @@ fn open(path: &Path) -> (Arc<Registry>, sqlite::WriterThread) {
     )
 }
 
+/// A registry on a fresh store in a temporary directory (kept while the first is held).
+fn fresh() -> (tempfile::TempDir, Arc<Registry>, sqlite::WriterThread) {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, t) = open(&dir.path().join("db"));
+    (dir, r, t)
+}
+
 fn ns(s: &str) -> NamespaceName {
     NamespaceName::new(s).unwrap()
 }
@@ -52,8 +59,7 @@ fn secured(bearer: Option<&str>, secret: Option<&str>) -> Caller {
 
 #[tokio::test(start_paused = true)]
 async fn passing_stale_passing_evicted() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let (n, m) = (ns("cognitive-system"), id("perception"));
     let resp = r
         .register(&open_caller(), &n, &m, reg(Some(30)))
@@ -112,8 +118,7 @@ fn committed(cond: impl Fn() -> bool) {
 
 #[tokio::test(start_paused = true)]
 async fn namespace_ttl_applies_when_membrane_has_none() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let n = ns("fast");
     r.create_namespace(
         &Caller::admin(),
@@ -141,8 +146,7 @@ async fn namespace_ttl_applies_when_membrane_has_none() {
 
 #[tokio::test(start_paused = true)]
 async fn reregistration_after_stale_is_passing_and_keeps_registered_at() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let (n, m) = (ns("a"), id("x"));
     let first = r
         .register(&open_caller(), &n, &m, reg(Some(10)))
@@ -163,8 +167,7 @@ async fn reregistration_after_stale_is_passing_and_keeps_registered_at() {
 
 #[tokio::test]
 async fn secured_mode_checks_tokens_and_secrets() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let n = ns("secure");
     // Unknown namespace is not auto-created when secured.
     let e = r
@@ -259,8 +262,7 @@ async fn secured_mode_checks_tokens_and_secrets() {
 
 #[tokio::test]
 async fn delete_namespace_needs_force_when_not_empty() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let n = ns("a");
     r.register(&open_caller(), &n, &id("x"), reg(None))
         .await
@@ -313,8 +315,7 @@ async fn restart_reloads_everything_passing() {
 
 #[tokio::test]
 async fn events_follow_commit_order_and_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let n = ns("a");
     let mut sub = r.events().subscribe(&n, None);
     r.register(&open_caller(), &n, &id("x"), reg(None))
@@ -335,8 +336,7 @@ async fn events_follow_commit_order_and_resume() {
 /// room made by a deregistration is usable again.
 #[tokio::test]
 async fn namespaces_and_membranes_are_capped() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     r.set_limits(Limits {
         namespaces: 2,
         membranes: 3,
@@ -396,8 +396,7 @@ async fn namespaces_and_membranes_are_capped() {
 /// the parent it continues, every membrane exactly once.
 #[tokio::test]
 async fn deep_parent_chains_are_cut_into_bounded_trees() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let n = ns("deep");
     let chain = 3 * TREE_DEPTH + 5;
     let name = |i: usize| id(&format!("m{i:04}"));
@@ -457,8 +456,7 @@ async fn deep_parent_chains_are_cut_into_bounded_trees() {
 
 #[tokio::test]
 async fn tree_and_filters() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let n = ns("cognitive-system");
     let mk = |parent: Option<&str>, cap: &str| Registration {
         parent: parent.map(id),
@@ -768,8 +766,7 @@ async fn activity_is_logged_one_line_each_with_fields() {
     let _second = tracing::Dispatch::new(tracing_subscriber::registry());
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let (n, m) = (ns("cog"), id("m"));
     r.register(&open_caller(), &n, &m, reg(Some(30)))
         .await
@@ -845,8 +842,7 @@ async fn state_of(r: &Registry, n: &NamespaceName, m: &MembraneId) -> Option<Hea
 
 #[tokio::test(start_paused = true)]
 async fn mass_silence_holds_stale_marking_and_evictions_until_heartbeats_recover() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let n = ns("fleet");
     let ids = fleet(&r, &n, "m", 100).await;
     // The whole fleet falls silent (say the registry was overloaded): well past TTL and
@@ -893,8 +889,7 @@ async fn mass_silence_holds_stale_marking_and_evictions_until_heartbeats_recover
 
 #[tokio::test(start_paused = true)]
 async fn a_single_silent_membrane_still_goes_stale_and_is_evicted() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let n = ns("fleet");
     let ids = fleet(&r, &n, "m", 100).await;
     let alive: Vec<_> = ids[1..].iter().map(|m| (n.clone(), m.clone())).collect();
@@ -916,8 +911,7 @@ async fn a_single_silent_membrane_still_goes_stale_and_is_evicted() {
 
 #[tokio::test(start_paused = true)]
 async fn a_silent_namespace_is_held_while_others_sweep_normally() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let (a, b) = (ns("quiet"), ns("busy"));
     fleet(&r, &a, "a", 50).await;
     let ids = fleet(&r, &b, "b", 400).await;
@@ -935,8 +929,7 @@ async fn a_silent_namespace_is_held_while_others_sweep_normally() {
 
 #[tokio::test(start_paused = true)]
 async fn a_rolling_silence_within_the_window_is_a_burst_too() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let n = ns("fleet");
     let ids = fleet(&r, &n, "m", 100).await;
     // 12 go silent, then 12 more 5 s later: neither batch alone is over 15 %; together,
@@ -1370,8 +1363,7 @@ async fn the_sweep_leaves_a_membrane_with_a_write_in_flight_alone() {
 /// The shared list views serialize exactly as the owned ones (the v1 list answer).
 #[tokio::test]
 async fn shared_list_views_serialize_like_membrane_views() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let n = ns("cog");
     let mut full = reg(Some(30));
     full.parent = Some(id("root"));
@@ -1419,8 +1411,7 @@ fn next_event(feed: &mut events::Feed) -> Option<String> {
 /// membrane; an e2e test caught it about one run in three.)
 #[tokio::test(start_paused = true)]
 async fn health_changes_nobody_awaits_are_always_published() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _t) = open(&dir.path().join("db"));
+    let (_dir, r, _t) = fresh();
     let (n, m, oc) = (ns("a"), id("m"), open_caller());
     r.register(&oc, &n, &m, reg(Some(1))).await.unwrap();
     let mut sub = r.events().subscribe(&n, None);
