@@ -290,6 +290,28 @@ impl Serialize for Metadata {
     }
 }
 
+/// The entries of a metadata object, sorted by key; a key given twice is an error (a JSON
+/// parser would silently keep the last one). Values of any deserializable type: strings
+/// for [`Metadata`], any JSON for the registry's compatibility routes.
+pub fn metadata_entries<'de, A, V>(mut a: A) -> Result<Vec<(String, V)>, A::Error>
+where
+    A: serde::de::MapAccess<'de>,
+    V: Deserialize<'de>,
+{
+    let mut v: Vec<(String, V)> = Vec::with_capacity(a.size_hint().unwrap_or(0).min(64));
+    while let Some(entry) = a.next_entry::<String, V>()? {
+        v.push(entry);
+    }
+    v.sort_by(|x, y| x.0.cmp(&y.0));
+    if let Some(w) = v.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(serde::de::Error::custom(format!(
+            "metadata key {:?} given twice",
+            w[0].0
+        )));
+    }
+    Ok(v)
+}
+
 impl<'de> Deserialize<'de> for Metadata {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -298,22 +320,8 @@ impl<'de> Deserialize<'de> for Metadata {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("an object of string values")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<Metadata, A::Error> {
-                let mut v: Vec<(String, String)> =
-                    Vec::with_capacity(a.size_hint().unwrap_or(0).min(64));
-                while let Some((k, val)) = a.next_entry::<String, String>()? {
-                    v.push((k, val));
-                }
-                v.sort_by(|x, y| x.0.cmp(&y.0));
-                if let Some(w) = v.windows(2).find(|w| w[0].0 == w[1].0) {
-                    return Err(serde::de::Error::custom(format!(
-                        "metadata key {:?} given twice",
-                        w[0].0
-                    )));
-                }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Metadata, A::Error> {
+                let mut v = metadata_entries(a)?;
                 v.shrink_to_fit();
                 Ok(Metadata(v))
             }

@@ -113,18 +113,10 @@ impl<'de> Deserialize<'de> for LegacyMetadata {
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
-                mut a: A,
+                a: A,
             ) -> Result<LegacyMetadata, A::Error> {
-                let mut m = BTreeMap::new();
-                while let Some((k, v)) = a.next_entry::<String, Value>()? {
-                    if m.contains_key(&k) {
-                        return Err(serde::de::Error::custom(format!(
-                            "metadata key {k:?} given twice"
-                        )));
-                    }
-                    m.insert(k, v);
-                }
-                Ok(LegacyMetadata(m))
+                let entries = shared::model::metadata_entries::<A, Value>(a)?;
+                Ok(LegacyMetadata(entries.into_iter().collect()))
             }
         }
         d.deserialize_map(V)
