@@ -342,7 +342,7 @@ fn encode(snap: &NamespaceSnapshot, naming: &records::Naming) -> (Vec<u8>, Vec<V
     #[cfg(test)]
     ENCODED.with(|n| n.set(n.get() + 1));
     let z = records::zone_data(snap, naming);
-    let soa = encode_soa(snap, naming);
+    let soa = soa_record(&z.apex, z.ttl, &z.soa);
     let mut w = Writer::new(&[]);
     let mut rest = Vec::new();
     for (owner, data) in &z.nodes {
@@ -362,13 +362,18 @@ fn encode(snap: &NamespaceSnapshot, naming: &records::Naming) -> (Vec<u8>, Vec<V
 
 /// The SOA record of a zone version, uncompressed (the rest of the zone not rendered).
 fn encode_soa(snap: &NamespaceSnapshot, naming: &records::Naming) -> Vec<u8> {
-    let mut w = Writer::new(&[]);
     let apex = naming.apex(snap.name.as_str());
-    w.record(
+    soa_record(
         &apex,
         snap.settings.record_ttl,
         &records::soa_of(snap, naming),
-    );
+    )
+}
+
+/// One SOA record, uncompressed.
+fn soa_record(apex: &[u8], ttl: u32, soa: &records::RData) -> Vec<u8> {
+    let mut w = Writer::new(&[]);
+    w.record(apex, ttl, soa);
     w.out
 }
 
