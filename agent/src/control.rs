@@ -248,15 +248,13 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, cancel: 
 /// (a fresh socket's buffer takes it), and closes it.
 fn refuse_busy(stream: UnixStream) {
     use std::io::Write;
-    let mut line = serde_json::to_vec(&Response::err(
+    let line = json_line(&Response::err(
         "busy",
         format!(
             "the agent serves at most {MAX_CONNECTIONS} control connections at once; \
              try again later"
         ),
-    ))
-    .expect("json");
-    line.push(b'\n');
+    ));
     // Non-blocking: a client that does not read cannot hold the accept loop.
     if let Ok(s) = stream.into_std() {
         let _ = (&s).write(&line);
@@ -279,12 +277,10 @@ async fn connection<H: Handler>(stream: UnixStream, handler: Arc<H>) -> std::io:
     let (r, mut w) = stream.into_split();
     if !allowed {
         tracing::warn!("control connection from another user refused");
-        let mut line = serde_json::to_vec(&Response::err(
+        let line = json_line(&Response::err(
             "forbidden",
             "peer user is not the agent's user",
-        ))
-        .expect("json");
-        line.push(b'\n');
+        ));
         return write_timed(&mut w, &line).await;
     }
     // Pipelining: `send` requests run concurrently (at most MAX_IN_FLIGHT per connection),
@@ -435,13 +431,18 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
     })
 }
 
+/// `v` as one line of JSON, newline included.
+fn json_line<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(v).expect("json");
+    bytes.push(b'\n');
+    bytes
+}
+
 async fn write_line<W: AsyncWriteExt + Unpin, T: Serialize>(
     w: &mut W,
     v: &T,
 ) -> std::io::Result<()> {
-    let mut bytes = serde_json::to_vec(v).expect("json");
-    bytes.push(b'\n');
-    w.write_all(&bytes).await?;
+    w.write_all(&json_line(v)).await?;
     w.flush().await
 }
 

@@ -118,22 +118,24 @@ pub struct StoredSecret {
     pub secret: String,
 }
 
-/// The secret stored for `ns`/`id` in `dir`, if any (a secret of another membrane is ignored:
+/// The secret stored for `ns`/`id` in `dir`, if any (an unusable file counts as none:
 /// [`check_secret`] refuses to start on one).
 pub fn load_secret(dir: &Path, ns: &NamespaceName, id: &MembraneId) -> Option<String> {
-    let bytes = std::fs::read(dir.join(SECRET_FILE)).ok()?;
-    let s: StoredSecret = serde_json::from_slice(&bytes).ok()?;
-    (s.namespace == *ns && s.id == *id).then_some(s.secret)
+    check_secret(dir, ns, id).ok().flatten()
 }
 
-/// Checks that the secret file in `dir`, if there is one, is readable and belongs to
-/// `ns`/`id`. Else an error naming it: the agent would otherwise pick a new secret and
-/// overwrite the only proof of an existing registration.
-pub fn check_secret(dir: &Path, ns: &NamespaceName, id: &MembraneId) -> Result<(), String> {
+/// The secret file in `dir`: `None` when there is none, its secret when it is readable and
+/// belongs to `ns`/`id`; else an error naming it (the agent would otherwise pick a new
+/// secret and overwrite the only proof of an existing registration).
+pub fn check_secret(
+    dir: &Path,
+    ns: &NamespaceName,
+    id: &MembraneId,
+) -> Result<Option<String>, String> {
     let path = dir.join(SECRET_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
     let s: StoredSecret = serde_json::from_slice(&bytes).map_err(|e| {
@@ -154,7 +156,7 @@ pub fn check_secret(dir: &Path, ns: &NamespaceName, id: &MembraneId) -> Result<(
             s.namespace
         ));
     }
-    Ok(())
+    Ok(Some(s.secret))
 }
 
 /// A new instance secret: 32 random bytes from the kernel, hex. The agent picks it before
@@ -217,9 +219,12 @@ mod tests {
             NamespaceName::new("cog").unwrap(),
             MembraneId::new("a").unwrap(),
         );
-        assert_eq!(check_secret(dir.path(), &ns, &id), Ok(()), "none yet");
+        assert_eq!(check_secret(dir.path(), &ns, &id), Ok(None), "none yet");
         save_secret(dir.path(), &ns, &id, "s3cret").unwrap();
-        assert_eq!(check_secret(dir.path(), &ns, &id), Ok(()));
+        assert_eq!(
+            check_secret(dir.path(), &ns, &id),
+            Ok(Some("s3cret".into()))
+        );
         let other = MembraneId::new("b").unwrap();
         let e = check_secret(dir.path(), &ns, &other).unwrap_err();
         assert!(e.contains("membrane a in namespace cog, not b"), "{e}");
